@@ -1,0 +1,328 @@
+"""Aggregation rules over FAM states (method section 7).
+
+Each round the aggregator receives one FAM state per node that reported in time, as
+decoded by :mod:`shared.codec`: full-shape float32 tensors plus, per tensor, a bool
+``present`` vector saying which output rows the node actually sent (a node does not
+send rows its mask switched off). The rules here turn those updates into the next
+global state:
+
+* A row is combined only over the updates that sent it, so a node that switched a row
+  off does not drag that row towards whatever filler its decoder put there.
+* A row that no update sent keeps its value from ``previous`` (the last global state).
+* Thresholds are ordinary tensors here; they always travel, so they are always present.
+
+Rules (:data:`AGGREGATION_RULES`):
+
+``weighted`` (default)
+    Mean weighted by each node's number of training samples (FedAvg).
+``uniform``
+    Plain mean, each update weight 1 (the public code's rule, for comparison).
+``median``
+    Coordinate-wise median over the updates that sent the row (mean of the two middle
+    values for an even count). Unweighted.
+``trimmed_mean``
+    Coordinate-wise: sort the values of the updates that sent the row, drop
+    ``floor(trim_ratio * k)`` from each end (k = number of such updates), average the rest.
+    Unweighted.
+
+Memory: ``weighted`` and ``uniform`` are streaming. Each update is folded into a running
+float64 per-element weighted sum and a float64 per-row weight sum as it arrives and is
+then forgotten, so memory is two buffers the size of one state whatever the number of
+nodes. ``median`` and ``trimmed_mean`` cannot be computed from running sums: they keep
+every update (float32 values and bool row flags) until :meth:`Aggregator.result`, so
+their memory grows linearly with the number of updates (about 2.1 MB per D = 512 FAM
+update) and :meth:`Aggregator.result` briefly needs, one tensor at a time, a few copies
+of that tensor's stack over all updates (stack, sorted values, sort indices).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from shared.errors import FedMedCLIPError
+
+__all__ = [
+    "AGGREGATION_RULES",
+    "AggregationError",
+    "Aggregator",
+    "WeightedMeanAggregator",
+    "MedianAggregator",
+    "TrimmedMeanAggregator",
+    "make_aggregator",
+]
+
+AGGREGATION_RULES: tuple[str, ...] = ("weighted", "uniform", "median", "trimmed_mean")
+
+
+class AggregationError(FedMedCLIPError):
+    """Bad use of an aggregator: no updates, template mismatch, bad weight, NaN..."""
+
+
+class Aggregator:
+    """Base class: validation shared by every rule; subclasses fold and combine.
+
+    The first update fixes the template (names, shapes, order); every later update and
+    the ``previous`` state given to :meth:`result` must match it exactly.
+    """
+
+    def __init__(self) -> None:
+        self._template: dict[str, tuple[int, ...]] | None = None
+        self._count = 0
+
+    # -- public API ---------------------------------------------------------------
+
+    @property
+    def count(self) -> int:
+        """Number of updates added so far."""
+        return self._count
+
+    @property
+    def buffer_nbytes(self) -> int:
+        """Bytes of tensor memory the aggregator currently holds (for memory checks)."""
+        return sum(t.numel() * t.element_size() for t in self._buffers())
+
+    def add(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        present: Mapping[str, torch.Tensor] | None = None,
+        *,
+        num_samples: int = 1,
+    ) -> None:
+        """Add one node's update.
+
+        Args:
+            tensors: name -> tensor, full shapes (as :class:`shared.codec.DecodedState`
+                gives them). Values of rows not present are ignored.
+            present: name -> bool ``[shape[0]]``: rows this node sent. A name left out,
+                or ``present=None``, means every row was sent.
+            num_samples: the node's number of training samples (> 0); the weight of
+                the ``weighted`` rule, ignored by the others but still validated.
+        """
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
+            raise AggregationError(f"num_samples must be a positive int, got {num_samples!r}")
+        values = self._validate_tensors(tensors, "update")
+        rows = self._validate_present(present or {}, values)
+        self._fold(values, rows, num_samples)
+        self._count += 1
+
+    def result(self, previous: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Return the aggregated state (float32, template order); does not reset.
+
+        Args:
+            previous: the last global state; the source of rows no update sent.
+        """
+        if self._count == 0 or self._template is None:
+            raise AggregationError("no updates to aggregate")
+        prev = self._validate_tensors(previous, "previous state", define=False)
+        return self._combine(prev)
+
+    # -- for subclasses -------------------------------------------------------------
+
+    def _fold(self, values: dict[str, torch.Tensor], rows: dict[str, torch.Tensor], weight: int) -> None:
+        raise NotImplementedError
+
+    def _combine(self, previous: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _buffers(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    # -- validation -----------------------------------------------------------------
+
+    def _validate_tensors(
+        self, tensors: Mapping[str, torch.Tensor], what: str, *, define: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """Check names/shapes against the template (fixing it on first use) and finiteness."""
+        if not isinstance(tensors, Mapping):
+            raise AggregationError(f"{what} must be a mapping of name -> tensor")
+        out: dict[str, torch.Tensor] = {}
+        for name, t in tensors.items():
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise AggregationError(f"{what}: {name!r} is not a floating-point tensor")
+            if t.dim() == 0:
+                raise AggregationError(f"{what}: {name!r} is 0-d; tensors need a row axis")
+            out[name] = t.detach().to(device="cpu", dtype=torch.float32)
+        if self._template is None:
+            if not define:
+                raise AggregationError("no template yet")
+            if not out:
+                raise AggregationError(f"{what} holds no tensors")
+            self._template = {n: tuple(t.shape) for n, t in out.items()}
+        missing = [n for n in self._template if n not in out]
+        extra = [n for n in out if n not in self._template]
+        if missing or extra:
+            raise AggregationError(
+                f"{what} does not match the template: missing {missing}, extra {extra}"
+            )
+        for n, shape in self._template.items():
+            if tuple(out[n].shape) != shape:
+                raise AggregationError(
+                    f"{what}: {n!r} has shape {tuple(out[n].shape)}, template has {shape}"
+                )
+        return {n: out[n] for n in self._template}
+
+    def _validate_present(
+        self, present: Mapping[str, torch.Tensor], values: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Check row flags; default every row present; refuse NaN/Inf in sent rows."""
+        extra = [n for n in present if n not in values]
+        if extra:
+            raise AggregationError(f"present names tensors not in the update: {extra}")
+        rows: dict[str, torch.Tensor] = {}
+        for n, t in values.items():
+            p = present.get(n)
+            if p is None:
+                p = torch.ones(t.shape[0], dtype=torch.bool)
+            elif (
+                not isinstance(p, torch.Tensor)
+                or p.dtype != torch.bool
+                or tuple(p.shape) != (t.shape[0],)
+            ):
+                raise AggregationError(f"present[{n!r}] must be a bool tensor of shape ({t.shape[0]},)")
+            p = p.detach().cpu()
+            if not bool(torch.isfinite(t[p]).all()):
+                raise AggregationError(f"update tensor {n!r} holds NaN or Inf in a sent row")
+            rows[n] = p
+        return rows
+
+
+def _expand_rows(rows: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """``[rows]`` -> ``[rows, 1, ...]`` so a per-row vector broadcasts over a tensor."""
+    return rows.reshape(rows.shape[0], *([1] * (len(shape) - 1)))
+
+
+class WeightedMeanAggregator(Aggregator):
+    """Streaming (weighted or uniform) mean with per-row presence.
+
+    Keeps ``sum_k w_k * p_k,i * x_k`` (float64, full shape) and ``sum_k w_k * p_k,i``
+    (float64, per row): memory does not grow with the number of updates. float64 keeps
+    the running sums exact enough that folding order does not matter in practice.
+    """
+
+    def __init__(self, *, uniform: bool = False) -> None:
+        super().__init__()
+        self.uniform = uniform
+        self._sum: dict[str, torch.Tensor] = {}
+        self._weight: dict[str, torch.Tensor] = {}
+
+    def _fold(self, values: dict[str, torch.Tensor], rows: dict[str, torch.Tensor], weight: int) -> None:
+        w = 1.0 if self.uniform else float(weight)
+        for n, x in values.items():
+            p = rows[n]
+            if n not in self._sum:
+                self._sum[n] = torch.zeros(x.shape, dtype=torch.float64)
+                self._weight[n] = torch.zeros(x.shape[0], dtype=torch.float64)
+            pw = p.to(torch.float64) * w
+            # x * 0 would still be NaN for a NaN in an unsent row: select instead.
+            contrib = torch.where(_expand_rows(p, x.shape), x.to(torch.float64), 0.0)
+            self._sum[n].add_(contrib, alpha=w)
+            self._weight[n].add_(pw)
+
+    def _combine(self, previous: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for n, prev in previous.items():
+            wsum = self._weight[n]
+            seen = wsum > 0
+            mean = self._sum[n] / _expand_rows(torch.where(seen, wsum, 1.0), prev.shape)
+            out[n] = torch.where(_expand_rows(seen, prev.shape), mean.to(torch.float32), prev).clone()
+        return out
+
+    def _buffers(self) -> list[torch.Tensor]:
+        return [*self._sum.values(), *self._weight.values()]
+
+
+class _BufferingAggregator(Aggregator):
+    """Keeps every update; the robust rules need all values of a coordinate at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._values: list[dict[str, torch.Tensor]] = []
+        self._rows: list[dict[str, torch.Tensor]] = []
+
+    def _fold(self, values: dict[str, torch.Tensor], rows: dict[str, torch.Tensor], weight: int) -> None:
+        # Own copies: the caller may reuse or mutate its tensors after add().
+        self._values.append({n: t.clone() for n, t in values.items()})
+        self._rows.append({n: p.clone() for n, p in rows.items()})
+
+    def _buffers(self) -> list[torch.Tensor]:
+        return [t for d in (*self._values, *self._rows) for t in d.values()]
+
+    def _combine(self, previous: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for n, prev in previous.items():
+            stacked = torch.stack([v[n] for v in self._values])  # [N, rows, ...]
+            present = torch.stack([r[n] for r in self._rows])  # [N, rows]
+            k = present.sum(dim=0)  # [rows] updates that sent each row
+            mask = present.reshape(*present.shape, *([1] * (stacked.dim() - 2)))
+            # Unsent entries become +inf so that sorting puts them after every sent value:
+            # the first k[i] sorted entries of row i are exactly its sent values.
+            ordered = torch.where(mask, stacked, float("inf")).sort(dim=0).values
+            value = self._reduce_sorted(ordered, k)
+            seen = _expand_rows(k > 0, prev.shape)
+            out[n] = torch.where(seen, value, prev).clone()
+        return out
+
+    def _reduce_sorted(self, ordered: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Combine sorted values ``[N, rows, ...]`` whose first ``k[i]`` along dim 0 count."""
+        raise NotImplementedError
+
+
+class MedianAggregator(_BufferingAggregator):
+    """Coordinate-wise median over the updates that sent each row (buffers updates)."""
+
+    def _reduce_sorted(self, ordered: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        kk = k.clamp(min=1)
+        shape = (1, *ordered.shape[1:])
+        lo = _expand_rows((kk - 1) // 2, ordered.shape[1:]).unsqueeze(0).expand(shape)
+        hi = _expand_rows(kk // 2, ordered.shape[1:]).unsqueeze(0).expand(shape)
+        a = ordered.gather(0, lo)[0]
+        b = ordered.gather(0, hi)[0]
+        # Rows nobody sent gathered +inf; the caller replaces them with previous.
+        return torch.where(torch.isfinite(a) & torch.isfinite(b), (a + b) / 2, 0.0)
+
+
+class TrimmedMeanAggregator(_BufferingAggregator):
+    """Coordinate-wise trimmed mean over the updates that sent each row (buffers updates).
+
+    With ``trim_ratio`` r and k senders of a row, ``floor(r * k)`` values are dropped from
+    each end; r < 0.5 guarantees at least one value remains.
+    """
+
+    def __init__(self, trim_ratio: float = 0.1) -> None:
+        super().__init__()
+        if isinstance(trim_ratio, bool) or not isinstance(trim_ratio, (int, float)) or not (
+            0.0 <= float(trim_ratio) < 0.5
+        ) or math.isnan(float(trim_ratio)):
+            raise AggregationError(f"trim_ratio must be in [0, 0.5), got {trim_ratio!r}")
+        self.trim_ratio = float(trim_ratio)
+
+    def _reduce_sorted(self, ordered: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        g = torch.floor(k.to(torch.float64) * self.trim_ratio).to(torch.long)  # dropped per tail
+        idx = torch.arange(ordered.shape[0]).reshape(-1, *([1] * (ordered.dim() - 1)))
+        lo = _expand_rows(g, ordered.shape[1:]).unsqueeze(0)
+        hi = _expand_rows(k - g, ordered.shape[1:]).unsqueeze(0)
+        keep = (idx >= lo) & (idx < hi)
+        total = torch.where(keep, ordered, 0.0).sum(dim=0, dtype=torch.float64)
+        n_kept = _expand_rows((k - 2 * g).clamp(min=1), ordered.shape[1:])
+        return (total / n_kept).to(torch.float32)
+
+
+def make_aggregator(rule: str = "weighted", *, trim_ratio: float = 0.1) -> Aggregator:
+    """Build a fresh aggregator for one round.
+
+    Args:
+        rule: one of :data:`AGGREGATION_RULES`.
+        trim_ratio: fraction dropped from each tail by ``trimmed_mean`` (in [0, 0.5)).
+    """
+    if rule == "weighted":
+        return WeightedMeanAggregator(uniform=False)
+    if rule == "uniform":
+        return WeightedMeanAggregator(uniform=True)
+    if rule == "median":
+        return MedianAggregator()
+    if rule == "trimmed_mean":
+        return TrimmedMeanAggregator(trim_ratio)
+    raise AggregationError(f"unknown aggregation rule {rule!r}; expected one of {AGGREGATION_RULES}")

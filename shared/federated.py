@@ -1,0 +1,91 @@
+"""The steps of one federated round, free of any transport.
+
+Both the in-process simulation and the gRPC services call these, so a round over the wire does
+exactly what a simulated round does:
+
+node:        :func:`make_update`   load the global adapter, train locally, encode the adapter
+aggregator:  :func:`fold_update`   validate and decode an update, fold it into the running average
+aggregator:  :func:`publish_global` encode the new global; every party holds its *decoded* value
+
+The global a node trains from is always the decoded payload, and the aggregator keeps that same
+decoded value as its reference, so both sides stay bit-identical under lossy codecs and deltas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from shared.aggregation import Aggregator
+from shared.codec import DEFAULT_MAX_DECOMPRESSED_BYTES, DecodedState, EncodedPayload, decode_state, encode_state
+from shared.training import HospitalLearner, RoundStats
+
+
+def row_masks_of(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rows that are on in a masked adapter state: ``mean|W_i| >= k_i`` for weight and bias.
+
+    Works from the tensors alone (what the aggregator has), and agrees with MaskedLinear.
+    """
+    masks: dict[str, torch.Tensor] = {}
+    for name, threshold in state.items():
+        if not name.endswith(".threshold"):
+            continue
+        prefix = name[: -len(".threshold")]
+        weight = state.get(f"{prefix}.weight")
+        if weight is None:
+            continue
+        mask = weight.abs().mean(dim=1) >= threshold
+        masks[f"{prefix}.weight"] = mask
+        if f"{prefix}.bias" in state:
+            masks[f"{prefix}.bias"] = mask
+    return masks
+
+
+@dataclass(frozen=True)
+class WireConfig:
+    """How adapter states travel."""
+
+    codec: str = "int8"
+    delta: bool = False  # encode the difference to the last global instead of the state
+    drop_masked_rows: bool = True
+    max_decompressed_bytes: int = DEFAULT_MAX_DECOMPRESSED_BYTES
+
+
+def encode_adapter(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], wire: WireConfig) -> EncodedPayload:
+    return encode_state(state, codec=wire.codec, row_masks=row_masks_of(state) if wire.drop_masked_rows else None,
+                        reference=reference if wire.delta else None)
+
+
+def decode_adapter(payload: bytes, sha256: str | None, reference: Mapping[str, torch.Tensor],
+                   wire: WireConfig) -> DecodedState:
+    """Decode an adapter payload; rows not sent are filled from ``reference`` (the last global)."""
+    template = {name: tuple(t.shape) for name, t in reference.items()}
+    return decode_state(payload, sha256=sha256, template=template, reference=reference,
+                        max_decompressed_bytes=wire.max_decompressed_bytes)
+
+
+def make_update(learner: HospitalLearner, global_state: Mapping[str, torch.Tensor], features: torch.Tensor,
+                labels: torch.Tensor, round_index: int, wire: WireConfig) -> tuple[EncodedPayload, RoundStats]:
+    """A node's part of a round: start from the global adapter, train, encode what travels."""
+    learner.load_adapter_state(dict(global_state))
+    stats = learner.train_round(features, labels, round_index)
+    return encode_adapter(learner.adapter_state(), global_state, wire), stats
+
+
+def fold_update(aggregator: Aggregator, payload: bytes, sha256: str | None, global_state: Mapping[str, torch.Tensor],
+                num_samples: int, wire: WireConfig) -> DecodedState:
+    """The aggregator's part for one update: every byte is validated before it touches the average."""
+    decoded = decode_adapter(payload, sha256, global_state, wire)
+    aggregator.add(decoded.tensors, decoded.present, num_samples=num_samples)
+    return decoded
+
+
+def publish_global(aggregator: Aggregator, global_state: Mapping[str, torch.Tensor],
+                   wire: WireConfig) -> tuple[EncodedPayload, dict[str, torch.Tensor]]:
+    """Close a round: the new global's payload, and the decoded value every party will hold."""
+    new_state = aggregator.result(global_state)
+    payload = encode_adapter(new_state, global_state, wire)
+    decoded = decode_adapter(payload.data, payload.sha256, global_state, wire)
+    return payload, decoded.tensors

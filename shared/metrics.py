@@ -1,0 +1,38 @@
+"""Classification metrics of the evaluation protocol (method.md section 9)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, num_classes: int, *, ece_bins: int = 15) -> dict[str, float]:
+    """Accuracy, balanced accuracy, macro-F1 and expected calibration error of predicted probabilities.
+
+    Balanced accuracy and macro-F1 average over the classes present in ``labels`` (a class a
+    hospital never sees cannot be recalled); an empty set gives NaN everywhere.
+    """
+    n = len(labels)
+    if n == 0:
+        nan = float("nan")
+        return {"n": 0, "accuracy": nan, "balanced_accuracy": nan, "macro_f1": nan, "ece": nan}
+    conf, pred = probs.max(dim=-1)
+    correct = (pred == labels).float()
+    confusion = torch.zeros(num_classes, num_classes)
+    confusion.index_put_((labels.long(), pred.long()), torch.ones(n), accumulate=True)
+    support = confusion.sum(dim=1)
+    predicted = confusion.sum(dim=0)
+    tp = confusion.diag()
+    present = support > 0
+    recall = tp[present] / support[present]
+    precision = torch.where(predicted > 0, tp / predicted.clamp_min(1), torch.zeros_like(tp))
+    full_recall = torch.where(present, tp / support.clamp_min(1), torch.zeros_like(tp))
+    f1 = torch.where(precision + full_recall > 0, 2 * precision * full_recall / (precision + full_recall).clamp_min(1e-12),
+                     torch.zeros_like(tp))
+    edges = torch.linspace(0, 1, ece_bins + 1)
+    ece = torch.zeros(())
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        in_bin = (conf > lo) & (conf <= hi)
+        if in_bin.any():
+            ece += in_bin.float().mean() * (conf[in_bin].mean() - correct[in_bin].mean()).abs()
+    return {"n": n, "accuracy": float(correct.mean()), "balanced_accuracy": float(recall.mean()),
+            "macro_f1": float(f1[present].mean()), "ece": float(ece)}

@@ -1,0 +1,145 @@
+"""The trainable parts: MaskedLinear, the FAM, the private MLP, the FedCLIP adapter (method.md 3-4).
+
+Only the adapter (FAM or FedCLIP's) travels between hospitals; its state is
+:meth:`Adapter.travel_state` and the rows that are masked off are :meth:`Adapter.row_masks`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MaskedLinear(nn.Module):
+    """A linear layer whose output units switch off when their weights fall below a learned threshold.
+
+    Row score ``u_i = mean_j |W_ij|``; mask ``m_i = 1[u_i >= k_i]``; output ``(W * m) x + b * m``.
+    The hard step has no gradient, so the backward pass uses the derivative of
+    ``sigmoid((u_i - k_i) / tau)`` (a straight-through estimator): the threshold ``k`` and the
+    weights both receive gradient, and a unit whose output hurts the loss can be switched off.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, tau: float = 0.01, masked: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.tau = tau
+        self.masked = masked
+        layer = nn.Linear(in_features, out_features)  # nn.Linear's initialisation
+        self.weight = nn.Parameter(layer.weight.detach().clone())
+        self.bias = nn.Parameter(layer.bias.detach().clone())
+        self.threshold = nn.Parameter(torch.zeros(out_features), requires_grad=masked)
+
+    def row_scores(self) -> torch.Tensor:
+        return self.weight.abs().mean(dim=1)
+
+    def mask(self) -> torch.Tensor:
+        """The mask used in the forward pass: hard values, sigmoid gradient."""
+        if not self.masked:
+            return torch.ones(self.out_features, device=self.weight.device)
+        margin = self.row_scores() - self.threshold
+        hard = (margin >= 0).to(self.weight.dtype)
+        soft = torch.sigmoid(margin / self.tau)
+        return hard + soft - soft.detach()
+
+    def hard_mask(self) -> torch.Tensor:
+        """Which output rows are on (bool), as the forward pass sees them."""
+        with torch.no_grad():
+            if not self.masked:
+                return torch.ones(self.out_features, dtype=torch.bool, device=self.weight.device)
+            return self.row_scores() >= self.threshold
+
+    def keep_ratio(self) -> float:
+        return float(self.hard_mask().float().mean().item())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.mask()
+        return F.linear(x, self.weight * m[:, None], self.bias * m)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, masked={self.masked}, tau={self.tau}"
+
+
+class Adapter(nn.Module):
+    """Base of the travelling module: maps a raw image feature f to a unit-norm adapted feature."""
+
+    def travel_state(self) -> dict[str, torch.Tensor]:
+        """Every tensor that travels (weights, biases, thresholds), detached, float32, on the CPU."""
+        return {name: p.detach().to("cpu", torch.float32).clone() for name, p in self.named_parameters()}
+
+    def load_travel_state(self, state: dict[str, torch.Tensor]) -> None:
+        own = dict(self.named_parameters())
+        if set(own) != set(state):
+            raise ValueError(f"adapter state names differ: expected {sorted(own)}, got {sorted(state)}")
+        with torch.no_grad():
+            for name, param in own.items():
+                param.copy_(state[name].to(param.device, param.dtype))
+
+    def template(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(p.shape) for name, p in self.named_parameters()}
+
+    def keep_ratios(self) -> dict[str, float]:
+        return {prefix: m.keep_ratio() for prefix, m in self.named_modules() if isinstance(m, MaskedLinear)}
+
+
+class FAM(Adapter):
+    """Feature Adaptation Module: ``a = softmax(L2(relu(norm(L1 f))))``, ``f^ = a*f / ||a*f||``.
+
+    ``norm`` normalises each sample over its D features without affine parameters (what the
+    reference code's InstanceNorm1d does on a [B, D] tensor). About 526k parameters at D = 512.
+    """
+
+    def __init__(self, dim: int, *, masked: bool = True, tau: float = 0.01) -> None:
+        super().__init__()
+        self.fc1 = MaskedLinear(dim, dim, masked=masked, tau=tau)
+        self.fc2 = MaskedLinear(dim, dim, masked=masked, tau=tau)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(f)
+        h = F.layer_norm(h, (h.shape[-1],), eps=1e-5)
+        a = torch.softmax(self.fc2(F.relu(h)), dim=-1)
+        adapted = a * f
+        return adapted / adapted.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+class FedCLIPAdapter(Adapter):
+    """FedCLIP's attention adapter ``Linear-Tanh-Linear-Softmax``, for the baseline of that name."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, dim)
+        self.fc2 = nn.Linear(dim, dim)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        a = torch.softmax(self.fc2(torch.tanh(self.fc1(f))), dim=-1)
+        adapted = a * f
+        return adapted / adapted.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+class IdentityAdapter(Adapter):
+    """No adaptation: the L2-normalised raw feature (zero-shot CLIP, local MLP without FAM)."""
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return f / f.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+class PrivateMLP(nn.Module):
+    """``MaskedLinear(D,H) -> BatchNorm -> ReLU`` three times, then ``MaskedLinear(H,C)``. Never travels."""
+
+    def __init__(self, dim: int, num_classes: int, *, hidden: int = 512, masked: bool = True, tau: float = 0.01) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = dim
+        for _ in range(3):
+            layers += [MaskedLinear(width, hidden, masked=masked, tau=tau), nn.BatchNorm1d(hidden), nn.ReLU()]
+            width = hidden
+        layers.append(MaskedLinear(width, num_classes, masked=masked, tau=tau))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def clip_logits(adapted: torch.Tensor, text_features: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """FAM-CLIP logits ``s * f^ @ T.t()`` (T is L2-normalised)."""
+    return logit_scale * adapted @ text_features.t()

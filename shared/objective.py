@@ -1,0 +1,102 @@
+"""The local objective (method.md section 5) and the inference ensemble (section 8).
+
+``L = L_con + L_mlp + lambda * L_sim`` where L_sim is the adaptive-KL mutual distillation between
+the FAM-CLIP logits and the private MLP logits. Every term can be switched off (the paper's
+ablations), and the reference code's behaviours that method.md names are switches too:
+``contrastive="batch"`` (per-sample prompts inside the batch), ``kl="class"`` (softmax over the
+batch for each class column) and ``kl_weight="fixed"`` (w = 1/2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+CONTRASTIVE_MODES = ("class", "batch")
+KL_MODES = ("sample", "class")
+KL_WEIGHTS = ("adaptive", "fixed")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    use_con: bool = True
+    use_mlp: bool = True
+    use_sim: bool = True
+    lam: float = 0.04
+    tau: float = 2.0
+    contrastive: str = "class"
+    kl: str = "sample"
+    kl_weight: str = "adaptive"
+
+    def __post_init__(self) -> None:
+        for value, allowed, name in ((self.contrastive, CONTRASTIVE_MODES, "contrastive"),
+                                     (self.kl, KL_MODES, "kl"), (self.kl_weight, KL_WEIGHTS, "kl_weight")):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Shannon entropy of probability vectors along ``dim`` (nats)."""
+    return -(p * torch.log(p.clamp_min(1e-12))).sum(dim=dim)
+
+
+def kl_divergence(log_p: torch.Tensor, log_q: torch.Tensor, dim: int) -> torch.Tensor:
+    """Mean over the other axis of KL(p || q) along ``dim``, from log-probabilities."""
+    return (log_p.exp() * (log_p - log_q)).sum(dim=dim).mean()
+
+
+def mutual_kl(sim: torch.Tensor, z: torch.Tensor, cfg: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """L_sim and its weight w. Gradients flow into both heads; w itself is detached."""
+    dim = -1 if cfg.kl == "sample" else 0
+    log_pv = F.log_softmax(sim / cfg.tau, dim=dim)
+    log_pm = F.log_softmax(z / cfg.tau, dim=dim)
+    if cfg.kl_weight == "fixed":
+        w = torch.tensor(0.5, device=sim.device)
+    else:
+        with torch.no_grad():
+            h_v = entropy(log_pv.exp(), dim=dim).mean()
+            h_m = entropy(log_pm.exp(), dim=dim).mean()
+            w = h_v / (h_v + h_m).clamp_min(1e-12)
+    loss = w * kl_divergence(log_pm, log_pv, dim) + (1 - w) * kl_divergence(log_pv, log_pm, dim)
+    return loss, w
+
+
+def contrastive_loss(adapted: torch.Tensor, text: torch.Tensor, y: torch.Tensor, scale: float, mode: str) -> torch.Tensor:
+    """Image-to-class-prompt cross-entropy ("class") or the reference code's in-batch version ("batch")."""
+    if mode == "class":
+        return F.cross_entropy(scale * adapted @ text.t(), y)
+    logits = scale * adapted @ text[y].t()  # [B, B]: repeated classes become false negatives
+    return F.cross_entropy(logits, torch.arange(len(y), device=y.device))
+
+
+def local_loss(adapted: torch.Tensor, z: torch.Tensor | None, y: torch.Tensor, text: torch.Tensor, scale: float,
+               cfg: LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """The full objective for one batch; returns the loss and its terms for logging."""
+    sim = scale * adapted @ text.t()
+    total = torch.zeros((), device=adapted.device)
+    terms: dict[str, float] = {}
+    if cfg.use_con:
+        l_con = contrastive_loss(adapted, text, y, scale, cfg.contrastive)
+        total = total + l_con
+        terms["con"] = float(l_con.detach())
+    if z is not None and cfg.use_mlp:
+        l_mlp = F.cross_entropy(z, y)
+        total = total + l_mlp
+        terms["mlp"] = float(l_mlp.detach())
+    if z is not None and cfg.use_sim:
+        l_sim, w = mutual_kl(sim, z, cfg)
+        total = total + cfg.lam * l_sim
+        terms["sim"] = float(l_sim.detach())
+        terms["w"] = float(w)
+    return total, terms
+
+
+def ensemble_probs(sim: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Per-sample entropy-weighted mix: the less certain head gets less weight."""
+    p_f = torch.softmax(sim, dim=-1)
+    p_m = torch.softmax(z, dim=-1)
+    h_f, h_m = entropy(p_f), entropy(p_m)
+    w = (h_f / (h_f + h_m).clamp_min(1e-12)).unsqueeze(-1)
+    return (1 - w) * p_f + w * p_m

@@ -1,0 +1,360 @@
+"""In-process federation: N hospitals plus a held-out one, R rounds, one process.
+
+It drives the same round steps as the services (:mod:`shared.federated`): local training, the
+codec in both directions, streaming aggregation. Per round it validates every training hospital's
+ensemble on its val split and keeps the round with the best mean val accuracy; the test metrics
+of that round are the result (method.md section 9).
+
+Run: ``python -m shared.simulation --help`` (``make simulate``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from shared import __version__
+from shared.aggregation import AGGREGATION_RULES, make_aggregator
+from shared.backbone import BACKBONE_KINDS, Backbone, BackboneSpec, load_backbone
+from shared.codec import CODECS
+from shared.data import Dataset, HospitalData, build_federation, deduplicate, default_data_root, scan_image_folder, subset
+from shared.federated import WireConfig, fold_update, make_update, publish_global
+from shared.features import EncodeStats, encode_samples
+from shared.training import METHODS, HospitalLearner, MethodConfig, TrainConfig, build_adapter, get_method
+
+log = logging.getLogger("fedmedclip.simulation")
+
+METRIC_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "ece")
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """One simulated federation run."""
+
+    data_root: str = field(default_factory=lambda: str(default_data_root()))
+    per_class: int | None = None  # a stratified subset of the de-duplicated data (tests, quick demos)
+    n_hospitals: int = 4
+    alpha: float | None = 0.5  # Dirichlet label skew; None = iid
+    holdout: bool = True
+    rounds: int = 50
+    method: str = "fedmedclip"
+    wire: WireConfig = field(default_factory=WireConfig)
+    aggregation: str = "weighted"
+    seed: int = 0
+    backbone: BackboneSpec = field(default_factory=BackboneSpec)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cache_dir: str | None = ".cache/features"
+    device: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class Prepared:
+    """What every method of a benchmark shares: data, features, partition, prompts."""
+
+    dataset: Dataset
+    duplicates: dict
+    backbone: Backbone
+    features: torch.Tensor
+    labels: torch.Tensor
+    hospitals: list[HospitalData]
+    text: torch.Tensor
+    encode: EncodeStats
+    backbone_record: dict
+
+
+def prepare(cfg: SimConfig, backbone: Backbone | None = None) -> Prepared:
+    """Scan, de-duplicate, encode (cached) and partition the data for ``cfg``."""
+    ds = scan_image_folder(cfg.data_root)
+    ds, report = deduplicate(ds, cfg.data_root)
+    log.info("data: %d unique images after removing %d duplicates (%d groups, %d across top-level folders, "
+             "%d with conflicting labels)", len(ds.samples), report.n_removed, report.n_groups,
+             report.n_cross_folder_groups, report.n_conflicting_groups)
+    if cfg.per_class:
+        ds = subset(ds, cfg.per_class, seed=cfg.seed)
+    backbone = backbone or load_backbone(cfg.backbone, cfg.device)
+    features, enc = encode_samples(backbone, ds.samples, cfg.cache_dir, progress=cfg.progress)
+    hospitals = build_federation(ds, n_hospitals=cfg.n_hospitals, alpha=cfg.alpha, holdout=cfg.holdout, seed=cfg.seed,
+                                 partition="dirichlet" if cfg.alpha is not None else "iid")
+    dup = {k: v for k, v in asdict(report).items() if isinstance(v, (int, float, str))}
+    return Prepared(dataset=ds, duplicates=dup, backbone=backbone, features=features,
+                    labels=torch.from_numpy(ds.labels()), hospitals=hospitals,
+                    text=backbone.text_features(ds.class_names), encode=enc,
+                    backbone_record=backbone.record(ds.class_names))
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def _mean_metrics(rows: Sequence[dict]) -> dict[str, float]:
+    return {k: _mean([r[k] for r in rows]) for k in METRIC_KEYS}
+
+
+def run(cfg: SimConfig, prepared: Prepared | None = None) -> dict:
+    """Run the federation and return the report (also written when ``out_dir`` is given to :func:`main`)."""
+    t_start = time.perf_counter()
+    method = get_method(cfg.method)
+    torch.manual_seed(cfg.seed)
+    prep = prepared or prepare(cfg)
+    num_classes = len(prep.dataset.class_names)
+    dim = prep.features.shape[1]
+    training = [h for h in prep.hospitals if not h.held_out]
+    held_out = [h for h in prep.hospitals if h.held_out]
+
+    def part(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.from_numpy(np.array(idx, dtype=np.int64))  # a writable copy
+        return prep.features[index], prep.labels[index]
+
+    learners = [HospitalLearner(method, cfg.train, dim=dim, num_classes=num_classes, text_features=prep.text,
+                                logit_scale=prep.backbone.logit_scale, seed=cfg.seed, hospital_index=i,
+                                device=prep.backbone.device if cfg.device is None else cfg.device)
+                for i in range(len(training))]
+    global_state = build_adapter(method, dim, cfg.train, cfg.seed).travel_state()
+    rounds = cfg.rounds if method.trains else 1
+    history: list[dict] = []
+    for r in range(rounds):
+        t_round = time.perf_counter()
+        timings = {"local_train": 0.0, "codec": 0.0, "aggregate": 0.0, "validate": 0.0}
+        bytes_up = bytes_up_raw = bytes_down = bytes_down_raw = 0
+        aggregator = make_aggregator(cfg.aggregation)
+        for h, learner in zip(training, learners):
+            feats, labels = part(h.split.train)
+            if method.federated:
+                t0 = time.perf_counter()
+                payload, stats = make_update(learner, global_state, feats, labels, r, cfg.wire)
+                timings["local_train"] += stats.seconds
+                timings["codec"] += time.perf_counter() - t0 - stats.seconds
+                t0 = time.perf_counter()
+                fold_update(aggregator, payload.data, payload.sha256, global_state, len(h.split.train), cfg.wire)
+                timings["aggregate"] += time.perf_counter() - t0
+                bytes_up += payload.wire_nbytes
+                bytes_up_raw += payload.raw_nbytes
+            else:
+                timings["local_train"] += learner.train_round(feats, labels, r).seconds
+        if method.federated:
+            t0 = time.perf_counter()
+            payload, global_state = publish_global(aggregator, global_state, cfg.wire)
+            timings["aggregate"] += time.perf_counter() - t0
+            bytes_down = payload.wire_nbytes * len(training)
+            bytes_down_raw = payload.raw_nbytes * len(training)
+            for learner in learners:
+                learner.load_adapter_state(global_state)
+        t0 = time.perf_counter()
+        record = _evaluate_round(r, method, training, held_out, learners, part)
+        timings["validate"] = time.perf_counter() - t0
+        record.update(bytes_up=bytes_up, bytes_up_raw=bytes_up_raw, bytes_down=bytes_down,
+                      bytes_down_raw=bytes_down_raw, seconds=time.perf_counter() - t_round, timings=timings,
+                      keep_ratios=learners[0].keep_ratios() if learners else {})
+        history.append(record)
+        log.info("round %3d/%d  val acc %.4f  up %8.1f KB  down %8.1f KB  %.2fs", r + 1, rounds, record["mean_val_accuracy"],
+                 bytes_up / 1e3, bytes_down / 1e3, record["seconds"])
+    return _report(cfg, method, prep, history, time.perf_counter() - t_start)
+
+
+def _evaluate_round(r: int, method: MethodConfig, training: list[HospitalData], held_out: list[HospitalData],
+                    learners: list[HospitalLearner], part) -> dict:
+    clients: dict[str, dict] = {}
+    val_accs = []
+    for h, learner in zip(training, learners):
+        val = learner.evaluate(*part(h.split.val))
+        test = learner.evaluate(*part(h.split.test))
+        clients[h.name] = {"val": val, "test": test}
+        val_accs.append(val["accuracy"])
+        if method.use_mlp:  # both heads, to check the ensemble against them
+            feats, labels = part(h.split.test)
+            clients[h.name]["test_heads"] = {head: learner.evaluate(feats, labels, head=head)["accuracy"]
+                                             for head in ("clip", "mlp", "ensemble")}
+    for h in held_out:
+        feats, labels = part(h.split.test)
+        if method.federated or not learners or not method.trains:
+            # the global FAM and the class prompts alone: a hospital that never trained has no MLP
+            test = learners[0].evaluate(feats, labels, head="clip")
+        else:
+            # nothing global exists: the mean over the training hospitals' own models
+            test = _mean_metrics([learner.evaluate(feats, labels) for learner in learners])
+        clients[h.name] = {"test": test}
+    return {"round": r + 1, "mean_val_accuracy": _mean(val_accs), "clients": clients}
+
+
+def _report(cfg: SimConfig, method: MethodConfig, prep: Prepared, history: list[dict], wall: float) -> dict:
+    best = max(history, key=lambda rec: (rec["mean_val_accuracy"], -rec["round"]))
+    per_client = {name: c["test"] for name, c in best["clients"].items()}
+    avg = _mean_metrics(list(per_client.values()))  # the paper's AVG: training clients and the global one
+    rounds_after_first = history[1:] or history
+    return {
+        "version": __version__,
+        "method": method.name,
+        "method_description": method.description,
+        "best_round": best["round"],
+        "best_mean_val_accuracy": best["mean_val_accuracy"],
+        "test": per_client,
+        "avg": avg,
+        "test_heads": {name: c["test_heads"] for name, c in best["clients"].items() if "test_heads" in c},
+        "history": [{k: v for k, v in rec.items() if k != "clients"} | {
+            "test_accuracy": {n: c["test"]["accuracy"] for n, c in rec["clients"].items()}} for rec in history],
+        "bytes_per_round": {
+            "up": _mean([h["bytes_up"] for h in history]), "up_raw": _mean([h["bytes_up_raw"] for h in history]),
+            "down": _mean([h["bytes_down"] for h in history]), "down_raw": _mean([h["bytes_down_raw"] for h in history]),
+            "per_transfer": (_mean([h["bytes_up"] for h in history]) / max(1, len(prep.hospitals) - cfg.holdout)),
+        },
+        "timings": {
+            "encode_seconds": prep.encode.seconds, "encode_images": prep.encode.n_encoded,
+            "encode_cached": prep.encode.n_cached, "encode_images_per_second": prep.encode.images_per_second,
+            "encode_device": prep.encode.device,
+            "seconds_per_round": _mean([h["seconds"] for h in rounds_after_first]),
+            "phase_seconds_per_round": {k: _mean([h["timings"][k] for h in rounds_after_first])
+                                        for k in history[0]["timings"]},
+            "wall_seconds": wall,
+        },
+        "peak_rss_mb": _peak_rss_mb(),
+        "hospitals": [{"name": h.name, "held_out": h.held_out, "n": len(h.indices), "train": len(h.split.train),
+                       "val": len(h.split.val), "test": len(h.split.test),
+                       "class_counts": np.bincount(prep.labels[torch.from_numpy(np.array(h.indices, dtype=np.int64))].numpy(),
+                                                   minlength=len(prep.dataset.class_names)).tolist()}
+                      for h in prep.hospitals],
+        "classes": list(prep.dataset.class_names),
+        "duplicates": prep.duplicates,
+        "backbone": prep.backbone_record,
+        "config": _jsonable(asdict(cfg)),
+    }
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def write_outputs(report: dict, out_dir: Path) -> None:
+    """``report.json``, ``report.md`` and the two plots."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, allow_nan=True))
+    (out_dir / "report.md").write_text(render_markdown(report))
+    plot_history(report, out_dir)
+
+
+def render_markdown(report: dict) -> str:
+    b = report["backbone"]
+    lines = [f"# FedMedCLIP run: {report['method']}", "",
+             f"{report['method_description']}", "",
+             f"Backbone: {b['description']} (fingerprint `{b['fingerprint'][:16]}`)"
+             + ("" if b["is_clip"] else ". Not CLIP: zero-shot accuracy is chance by construction."), "",
+             f"Best round {report['best_round']} by mean val accuracy ({report['best_mean_val_accuracy']:.4f}); "
+             "test metrics at that round:", "",
+             "| client | accuracy | balanced acc. | macro-F1 | ECE |", "|---|---|---|---|---|"]
+    for name, m in list(report["test"].items()) + [("AVG", report["avg"])]:
+        lines.append(f"| {name} | {m['accuracy']:.4f} | {m['balanced_accuracy']:.4f} | {m['macro_f1']:.4f} | {m['ece']:.4f} |")
+    bpr, t = report["bytes_per_round"], report["timings"]
+    lines += ["", f"Bytes per round: up {bpr['up'] / 1e3:.1f} KB (raw {bpr['up_raw'] / 1e3:.1f} KB), "
+              f"down {bpr['down'] / 1e3:.1f} KB (raw {bpr['down_raw'] / 1e3:.1f} KB).",
+              f"Seconds per round: {t['seconds_per_round']:.3f} "
+              f"({', '.join(f'{k} {v:.3f}' for k, v in t['phase_seconds_per_round'].items())}); "
+              f"encode: {t['encode_images']} images in {t['encode_seconds']:.1f}s on {t['encode_device']}, "
+              f"{t['encode_cached']} from cache; wall {t['wall_seconds']:.1f}s.",
+              f"Duplicates removed: {report['duplicates'].get('n_removed')} "
+              f"({report['duplicates'].get('n_groups')} groups, {report['duplicates'].get('n_cross_folder_groups')} "
+              "across top-level folders).", ""]
+    return "\n".join(lines)
+
+
+def plot_history(report: dict, out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hist = report["history"]
+    rounds = [h["round"] for h in hist]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in hist[0]["test_accuracy"]:
+        ax.plot(rounds, [h["test_accuracy"][name] for h in hist], label=f"{name} (test)", marker="." if len(hist) < 30 else None)
+    ax.plot(rounds, [h["mean_val_accuracy"] for h in hist], "k--", label="mean val (selection)")
+    ax.axvline(report["best_round"], color="grey", lw=0.8)
+    ax.set(xlabel="round", ylabel="accuracy", title=f"{report['method']}: accuracy per round per hospital")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "accuracy.png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("bytes_up", "up (wire)"), ("bytes_up_raw", "up (raw fp32)"),
+                       ("bytes_down", "down (wire)"), ("bytes_down_raw", "down (raw fp32)")):
+        ax.plot(rounds, [h[key] / 1e6 for h in hist], label=label)
+    ax.set(xlabel="round", ylabel="MB per round", title=f"{report['method']}: bytes per round")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "bytes.png", dpi=120)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m shared.simulation", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = SimConfig()
+    p.add_argument("--data", default=d.data_root, help="image folder (ImageFolder layout, splits pooled)")
+    p.add_argument("--per-class", type=int, default=None, help="use a stratified subset of N images per class")
+    p.add_argument("--hospitals", type=int, default=d.n_hospitals, help="training hospitals")
+    p.add_argument("--alpha", type=float, default=d.alpha, help="Dirichlet label skew; 0 or less = iid")
+    p.add_argument("--no-holdout", action="store_true", help="no held-out 'global' hospital")
+    p.add_argument("--rounds", type=int, default=d.rounds)
+    p.add_argument("--method", default=d.method, choices=list(METHODS))
+    p.add_argument("--codec", default=d.wire.codec, choices=list(CODECS))
+    p.add_argument("--delta", action="store_true", help="send differences to the last global")
+    p.add_argument("--aggregation", default=d.aggregation, choices=list(AGGREGATION_RULES))
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--backbone", default=d.backbone.kind, choices=list(BACKBONE_KINDS))
+    p.add_argument("--arch", default=d.backbone.arch, help="open_clip architecture (--backbone openclip)")
+    p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or local checkpoint file")
+    p.add_argument("--lr-fam", type=float, default=d.train.lr_adapter)
+    p.add_argument("--lr-mlp", type=float, default=d.train.lr_mlp)
+    p.add_argument("--cache-dir", default=d.cache_dir)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--out", default="runs/simulation", help="output folder")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> SimConfig:
+    return SimConfig(data_root=args.data, per_class=args.per_class, n_hospitals=args.hospitals,
+                     alpha=args.alpha if args.alpha and args.alpha > 0 else None, holdout=not args.no_holdout,
+                     rounds=args.rounds, method=args.method, wire=WireConfig(codec=args.codec, delta=args.delta),
+                     aggregation=args.aggregation, seed=args.seed,
+                     backbone=BackboneSpec(kind=args.backbone, arch=args.arch, pretrained=args.pretrained),
+                     train=replace(TrainConfig(), lr_adapter=args.lr_fam, lr_mlp=args.lr_mlp),
+                     cache_dir=args.cache_dir, device=args.device, progress=not args.quiet)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    report = run(config_from_args(args))
+    out = Path(args.out)
+    write_outputs(report, out)
+    print(render_markdown(report))
+    print(f"report: {out / 'report.json'}, plots: {out / 'accuracy.png'}, {out / 'bytes.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

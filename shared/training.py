@@ -1,0 +1,262 @@
+"""Local training and evaluation of one hospital, on cached features.
+
+:class:`HospitalLearner` is what both the in-process simulation and the hospital-node daemon
+drive: load the global adapter, train one round, hand back the adapter state, evaluate. Methods
+and ablations are presets of :class:`MethodConfig` (see :data:`METHODS`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from shared.metrics import classification_metrics
+from shared.model import FAM, Adapter, FedCLIPAdapter, IdentityAdapter, PrivateMLP, clip_logits
+from shared.objective import LossConfig, ensemble_probs, local_loss
+
+ADAPTERS = ("fam", "fedclip", "none")
+HEADS = ("ensemble", "clip", "mlp")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """What one method trains, sends and predicts with."""
+
+    name: str
+    adapter: str = "fam"  # fam | fedclip | none
+    use_mlp: bool = True
+    federated: bool = True  # the adapter is averaged across hospitals
+    head: str = "ensemble"  # how a training hospital predicts
+    masked: bool = True  # MaskedLinear thresholds active
+    loss: LossConfig = field(default_factory=LossConfig)
+    trains: bool = True
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.adapter not in ADAPTERS:
+            raise ValueError(f"adapter must be one of {ADAPTERS}")
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}")
+        if self.head in ("ensemble", "mlp") and not self.use_mlp:
+            raise ValueError(f"{self.name}: head {self.head!r} needs the MLP")
+
+
+_ALL = LossConfig()
+METHODS: dict[str, MethodConfig] = {m.name: m for m in (
+    MethodConfig("fedmedclip", description="FAM + private MLP, L_con + L_mlp + lambda L_sim, ensemble (the paper)"),
+    MethodConfig("fedclip", adapter="fedclip", use_mlp=False, head="clip", masked=False,
+                 loss=replace(_ALL, use_mlp=False, use_sim=False),
+                 description="FedCLIP: Linear-Tanh-Linear-Softmax adapter, contrastive loss only"),
+    MethodConfig("local", adapter="none", federated=False, head="mlp", loss=replace(_ALL, use_con=False, use_sim=False),
+                 description="private MLP on the frozen features, no federation (ablation 'MLP only, local')"),
+    MethodConfig("zeroshot", adapter="none", use_mlp=False, federated=False, head="clip", trains=False,
+                 description="frozen image features against the class prompts, no training"),
+    MethodConfig("ablation_con_only", use_mlp=False, head="clip", loss=replace(_ALL, use_mlp=False, use_sim=False),
+                 description="FAM, contrastive loss only (ablation 'contrastive only')"),
+    MethodConfig("ablation_con_mlp", loss=replace(_ALL, use_sim=False),
+                 description="FAM + MLP without the KL term (ablation '+ MLP')"),
+    MethodConfig("ablation_no_aggregation", federated=False,
+                 description="all terms, each hospital keeps its own FAM (ablation 'no aggregation')"),
+    MethodConfig("ablation_unmasked", masked=False, description="all terms, plain linear layers (no learned masks)"),
+    MethodConfig("ref_batch_contrastive", loss=replace(_ALL, contrastive="batch"),
+                 description="reference code: per-sample prompts inside the batch"),
+    MethodConfig("ref_class_kl", loss=replace(_ALL, kl="class"),
+                 description="reference code: class-level KL (softmax over the batch)"),
+    MethodConfig("ref_fixed_weight", loss=replace(_ALL, kl_weight="fixed"),
+                 description="reference code: fixed KL weight 1/2 instead of the adaptive one"),
+)}
+
+
+def get_method(name: str) -> MethodConfig:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation defaults of method.md section 6."""
+
+    lr_adapter: float = 5e-4
+    lr_mlp: float = 1e-4
+    lr_decay: float = 0.97  # per round, both optimisers
+    batch_size: int = 32
+    local_epochs: int = 1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    weight_decay: float = 0.02
+    mlp_hidden: int = 512
+    mask_tau: float = 0.01
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    steps: int
+    seconds: float
+    loss: float
+    terms: dict[str, float]
+    keep_ratios: dict[str, float]
+
+
+def build_adapter(method: MethodConfig, dim: int, train: TrainConfig, seed: int) -> Adapter:
+    """The initial adapter; every hospital and the aggregator build it from the same seed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if method.adapter == "fam":
+            return FAM(dim, masked=method.masked, tau=train.mask_tau)
+        if method.adapter == "fedclip":
+            return FedCLIPAdapter(dim)
+        return IdentityAdapter()
+
+
+def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Thresholds, biases and norm parameters are not decayed (decay would pin thresholds at 0)."""
+    decay, no_decay = [], []
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        (decay if param.ndim >= 2 else no_decay).append(param)
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+            if g["params"]]
+
+
+class HospitalLearner:
+    """One hospital's trainable state: its copy of the adapter, its private MLP, their optimisers."""
+
+    def __init__(self, method: MethodConfig, train: TrainConfig, *, dim: int, num_classes: int,
+                 text_features: torch.Tensor, logit_scale: float, seed: int = 0, hospital_index: int = 0,
+                 device: str | torch.device = "cpu") -> None:
+        self.method, self.train_cfg = method, train
+        self.device = torch.device(device)
+        self.text = text_features.to(self.device, torch.float32)
+        self.scale = float(logit_scale)
+        self.num_classes = num_classes
+        self.adapter = build_adapter(method, dim, train, seed).to(self.device)
+        self.mlp: PrivateMLP | None = None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 1000 + 17 + hospital_index)
+            if method.use_mlp:
+                self.mlp = PrivateMLP(dim, num_classes, hidden=train.mlp_hidden, masked=method.masked,
+                                      tau=train.mask_tau).to(self.device)
+        self.generator = torch.Generator().manual_seed(seed * 1000 + hospital_index)
+        opt_kw = {"betas": train.betas, "eps": train.eps}
+        adapter_groups = _param_groups(self.adapter, train.weight_decay)
+        self.opt_adapter = torch.optim.AdamW(adapter_groups, lr=train.lr_adapter, **opt_kw) if adapter_groups else None
+        self.opt_mlp = torch.optim.AdamW(_param_groups(self.mlp, train.weight_decay), lr=train.lr_mlp, **opt_kw) \
+            if self.mlp is not None else None
+        self.rounds_trained = 0
+
+    # -- the adapter that travels ------------------------------------------------------------
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return self.adapter.travel_state()
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.adapter.load_travel_state(state)
+
+    # -- training ----------------------------------------------------------------------------
+    def train_round(self, features: torch.Tensor, labels: torch.Tensor, round_index: int) -> RoundStats:
+        """One round of local training (``local_epochs`` epochs) with the round's decayed rates."""
+        start = time.perf_counter()
+        if not self.method.trains or len(labels) == 0:
+            return RoundStats(0, 0.0, float("nan"), {}, self.adapter.keep_ratios())
+        decay = self.train_cfg.lr_decay ** round_index
+        for opt, base in ((self.opt_adapter, self.train_cfg.lr_adapter), (self.opt_mlp, self.train_cfg.lr_mlp)):
+            if opt is not None:
+                for group in opt.param_groups:
+                    group["lr"] = base * decay
+        self.adapter.train()
+        if self.mlp is not None:
+            self.mlp.train()
+        features = features.to(self.device, torch.float32)
+        labels = labels.to(self.device)
+        steps, loss_sum, term_sums = 0, 0.0, {}
+        for _ in range(self.train_cfg.local_epochs):
+            order = torch.randperm(len(labels), generator=self.generator).to(self.device)
+            for start_i in range(0, len(order), self.train_cfg.batch_size):
+                idx = order[start_i:start_i + self.train_cfg.batch_size]
+                if len(idx) < 2 and self.mlp is not None:
+                    continue  # BatchNorm cannot train on a single sample
+                f, y = features[idx], labels[idx]
+                adapted = self.adapter(f)
+                z = self.mlp(adapted) if self.mlp is not None else None
+                loss, terms = local_loss(adapted, z, y, self.text, self.scale, self.method.loss)
+                if not loss.requires_grad:
+                    continue
+                for opt in (self.opt_adapter, self.opt_mlp):
+                    if opt is not None:
+                        opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if self.method.adapter != "none" and self.opt_adapter is not None:
+                    self.opt_adapter.step()
+                if self.opt_mlp is not None:
+                    self.opt_mlp.step()
+                steps += 1
+                loss_sum += float(loss.detach())
+                for key, value in terms.items():
+                    term_sums[key] = term_sums.get(key, 0.0) + value
+        self.rounds_trained += 1
+        return RoundStats(steps=steps, seconds=time.perf_counter() - start, loss=loss_sum / max(steps, 1),
+                          terms={k: v / max(steps, 1) for k, v in term_sums.items()},
+                          keep_ratios=self.keep_ratios())
+
+    def keep_ratios(self) -> dict[str, float]:
+        ratios = {f"adapter.{k}": v for k, v in self.adapter.keep_ratios().items()}
+        if self.mlp is not None:
+            ratios.update({f"mlp.{k}": v for k, v in
+                           ((n, m.keep_ratio()) for n, m in self.mlp.named_modules() if hasattr(m, "keep_ratio"))})
+        return ratios
+
+    # -- inference ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def logits(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(FAM-CLIP logits, MLP logits or None) in eval mode."""
+        self.adapter.eval()
+        features = features.to(self.device, torch.float32)
+        adapted = self.adapter(features)
+        sim = clip_logits(adapted, self.text, self.scale)
+        z = None
+        if self.mlp is not None:
+            self.mlp.eval()
+            z = self.mlp(adapted)
+        return sim.cpu(), (z.cpu() if z is not None else None)
+
+    @torch.no_grad()
+    def predict_probs(self, features: torch.Tensor, head: str | None = None) -> torch.Tensor:
+        """Class probabilities with ``head`` (default: the method's own)."""
+        head = head or self.method.head
+        sim, z = self.logits(features)
+        if head == "clip":
+            return torch.softmax(sim, dim=-1)
+        if z is None:
+            raise ValueError(f"head {head!r} needs the private MLP, which method {self.method.name} does not have")
+        if head == "mlp":
+            return torch.softmax(z, dim=-1)
+        return ensemble_probs(sim, z)
+
+    def evaluate(self, features: torch.Tensor, labels: torch.Tensor, head: str | None = None) -> dict[str, float]:
+        if len(labels) == 0:
+            return classification_metrics(torch.zeros(0, self.num_classes), labels, self.num_classes)
+        return classification_metrics(self.predict_probs(features, head), labels.cpu(), self.num_classes)
+
+    # -- private state that stays on the node ------------------------------------------------
+    def private_state(self) -> dict:
+        """Everything needed to resume this hospital after a restart (MLP, optimisers, RNG)."""
+        return {"adapter": self.adapter.state_dict(), "mlp": self.mlp.state_dict() if self.mlp else None,
+                "opt_adapter": self.opt_adapter.state_dict() if self.opt_adapter else None,
+                "opt_mlp": self.opt_mlp.state_dict() if self.opt_mlp else None,
+                "generator": self.generator.get_state(), "rounds_trained": self.rounds_trained}
+
+    def load_private_state(self, state: dict) -> None:
+        self.adapter.load_state_dict(state["adapter"])
+        if self.mlp is not None and state["mlp"] is not None:
+            self.mlp.load_state_dict(state["mlp"])
+        if self.opt_adapter is not None and state["opt_adapter"] is not None:
+            self.opt_adapter.load_state_dict(state["opt_adapter"])
+        if self.opt_mlp is not None and state["opt_mlp"] is not None:
+            self.opt_mlp.load_state_dict(state["opt_mlp"])
+        self.generator.set_state(state["generator"])
+        self.rounds_trained = int(state["rounds_trained"])

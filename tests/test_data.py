@@ -1,0 +1,412 @@
+"""Tests of shared.data on the real brain tumor MRI set and on small synthetic trees."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shared.data import (
+    DataConfigError,
+    DataError,
+    Dataset,
+    EmptyDatasetError,
+    ManifestError,
+    MissingInputError,
+    Sample,
+    UnknownClassError,
+    UnreadableImageError,
+    build_federation,
+    deduplicate,
+    default_data_root,
+    dirichlet_partition,
+    load_image,
+    read_manifest,
+    scan_hospital_folders,
+    scan_image_folder,
+    split_indices,
+    subset,
+)
+from shared.errors import FedMedCLIPError
+
+CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
+# Training + Testing counts from the README's table (they sum to 7,019).
+README_COUNTS = {"glioma": 1621, "meningioma": 1645, "notumor": 1996, "pituitary": 1757}
+# Measured: one survivor per content hash; the set has no label conflicts.
+DEDUP_COUNTS = {"glioma": 1620, "meningioma": 1531, "notumor": 1702, "pituitary": 1740}
+# The README's "7,020 files" counts this Jupyter leftover, a third byte-identical
+# copy of Testing/meningioma/Te-me_0011.jpg in a hidden folder; scans skip it.
+CHECKPOINT = "Testing/meningioma/.ipynb_checkpoints/Te-me_0011-checkpoint.jpg"
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def brain(brain_tumor_root: Path) -> Dataset:
+    """The full pooled scan; hashing 7,020 files once per module keeps the suite fast."""
+    return scan_image_folder(brain_tumor_root)
+
+
+@pytest.fixture(scope="module")
+def brain_dedup(brain: Dataset):
+    return deduplicate(brain)
+
+
+def _write_image(path: Path, seed: int, mode: str = "RGB", size: int = 8) -> Path:
+    """A small image whose bytes differ per seed, so hashes differ."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    if mode == "L":
+        img = Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8), mode="L")
+    else:
+        img = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), mode="RGB")
+    fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else None
+    img.save(path, format=fmt)
+    return path
+
+
+def _image_folder(root: Path, counts: dict[str, int], start: int = 0) -> Path:
+    seed = start
+    for cls, n in counts.items():
+        for i in range(n):
+            _write_image(root / cls / f"{cls}_{i:03d}.png", seed)
+            seed += 1
+    return root
+
+
+# --------------------------------------------------------------------------- real data
+
+
+def test_default_data_root_sits_beside_the_repository(monkeypatch):
+    monkeypatch.delenv("FEDMEDCLIP_DATA", raising=False)
+    expected = Path(__file__).resolve().parents[2] / "shared" / "data" / "brain-tumor-mri"
+    assert default_data_root() == expected
+    monkeypatch.setenv("FEDMEDCLIP_DATA", "/somewhere/else")
+    assert default_data_root() == Path("/somewhere/else")
+
+
+def test_full_scan_pools_training_and_testing_into_7019_images_of_4_classes(brain, brain_tumor_root):
+    assert len(brain) == 7019  # 7,020 files minus the hidden notebook checkpoint
+    assert brain.class_names == CLASSES
+    assert brain.class_counts() == README_COUNTS
+    rel = [s.path.relative_to(brain_tumor_root.resolve()).as_posix() for s in brain]
+    assert rel == sorted(rel)
+    assert {r.split("/")[0] for r in rel} == {"Testing", "Training"}
+    assert all(CLASSES[s.label] == s.path.parent.name for s in brain)
+
+
+def _published_sums(root: Path) -> dict[Path, str]:
+    sums = {}
+    for line in (root / "SHA256SUMS").read_text().splitlines():
+        digest, name = line.split(maxsplit=1)
+        sums[(root / name.strip().lstrip("*")).resolve()] = digest
+    return sums
+
+
+def test_scan_hashes_match_published_sha256sums_except_hidden_checkpoint(brain, brain_tumor_root):
+    published = _published_sums(brain_tumor_root)
+    checkpoint = (brain_tumor_root / CHECKPOINT).resolve()
+    assert len(published) == 7020 and checkpoint in published
+    assert {s.path: s.sha256 for s in brain} == {p: h for p, h in published.items() if p != checkpoint}
+
+
+def test_deduplicate_finds_300_groups_426_copies_189_across_training_and_testing(brain_dedup):
+    _, report = brain_dedup
+    assert report.n_files == 7019
+    assert report.n_groups == 300
+    assert report.n_removed == 426
+    assert report.n_unique == 7019 - 426 == 6593
+    assert report.n_cross_folder_groups == 189
+    assert report.n_conflicting_groups == 0 and report.n_conflicting_files == 0
+    assert len(report.groups) == 300 and all(len(g) >= 2 for g in report.groups)
+    assert sum(len(g) - 1 for g in report.groups) == 426
+
+
+def test_deduplicate_matches_readme_427_when_the_checkpoint_copy_is_counted(brain, brain_tumor_root):
+    checkpoint = (brain_tumor_root / CHECKPOINT).resolve()
+    extra = Sample(checkpoint, CLASSES.index("meningioma"), _published_sums(brain_tumor_root)[checkpoint])
+    with_checkpoint = Dataset(brain.samples + (extra,), brain.class_names, brain.root)
+    _, report = deduplicate(with_checkpoint)
+    assert (report.n_files, report.n_groups, report.n_removed) == (7020, 300, 427)
+    assert report.n_cross_folder_groups == 189
+
+
+def test_deduplicated_set_has_each_hash_once_and_keeps_first_path(brain_dedup):
+    ds, report = brain_dedup
+    hashes = ds.hashes()
+    assert len(ds) == 6593 and len(set(hashes)) == len(hashes)
+    assert ds.class_counts() == DEDUP_COUNTS
+    kept = set(ds.paths())
+    for group in report.groups:
+        assert group[0] in kept and not (set(group[1:]) & kept)
+
+
+def test_federation_never_shares_an_image_between_splits_or_hospitals(brain_dedup):
+    ds, _ = brain_dedup
+    hashes = np.array(ds.hashes())
+    hospitals = build_federation(ds, n_hospitals=4, alpha=0.5, seed=3)
+    seen: set[str] = set()
+    for h in hospitals:
+        parts = [set(hashes[p]) for p in (h.split.train, h.split.val, h.split.test)]
+        for a, b in itertools.combinations(parts, 2):
+            assert not a & b, h.name
+        mine = set().union(*parts)
+        assert len(mine) == len(h.indices)
+        assert not mine & seen, h.name
+        seen |= mine
+    assert len(seen) == len(ds)
+
+
+def test_federation_refuses_a_dataset_that_still_has_duplicates(brain):
+    with pytest.raises(DataError, match="deduplicate"):
+        build_federation(brain, n_hospitals=3, alpha=1.0)
+
+
+def test_grayscale_mri_slice_loads_as_rgb(brain):
+    gray = next(s.path for s in brain if Image.open(s.path).mode == "L")
+    img = load_image(gray)
+    assert img.mode == "RGB" and img.size == (224, 224)
+    arr = np.asarray(img)
+    assert np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 1], arr[..., 2])
+
+
+# --------------------------------------------------------------------------- image conversion
+
+
+def test_load_image_converts_palette_alpha_and_16bit_to_rgb(tmp_path):
+    pal = Image.new("P", (4, 4), 0)
+    pal.putpalette([10, 20, 30] * 256)
+    pal.save(tmp_path / "p.png")
+    Image.new("RGBA", (4, 4), (200, 100, 50, 0)).save(tmp_path / "a.png")
+    Image.fromarray(np.array([[0, 1000], [2000, 4000]], dtype=np.uint16)).save(tmp_path / "i16.png")
+
+    assert load_image(tmp_path / "p.png").getpixel((0, 0)) == (10, 20, 30)
+    # Fully transparent pixels become black background, not their hidden colour.
+    assert load_image(tmp_path / "a.png").getpixel((0, 0)) == (0, 0, 0)
+    deep = np.asarray(load_image(tmp_path / "i16.png"))
+    assert deep.shape == (2, 2, 3) and deep.max() == 255 and deep.min() == 0
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def test_split_is_60_20_20_per_class_disjoint_and_covering():
+    labels = np.repeat(np.arange(4), [101, 57, 13, 250])
+    split = split_indices(labels, seed=7)
+    all_idx = np.concatenate([split.train, split.val, split.test])
+    assert len(all_idx) == len(labels) and len(np.unique(all_idx)) == len(labels)
+    for cls in range(4):
+        n = int((labels == cls).sum())
+        for part, frac in ((split.train, 0.6), (split.val, 0.2), (split.test, 0.2)):
+            assert abs(int((labels[part] == cls).sum()) - n * frac) <= 1
+
+
+def test_split_is_reproducible_per_seed_and_changes_with_seed():
+    labels = np.repeat(np.arange(3), 40)
+    a, b, c = split_indices(labels, seed=1), split_indices(labels, seed=1), split_indices(labels, seed=2)
+    assert all(np.array_equal(getattr(a, k), getattr(b, k)) for k in ("train", "val", "test"))
+    assert not np.array_equal(a.train, c.train)
+
+
+def test_split_rejects_fractions_that_do_not_sum_to_one():
+    with pytest.raises(DataConfigError):
+        split_indices(np.zeros(10, dtype=int), fractions=(0.5, 0.2, 0.2))
+
+
+# --------------------------------------------------------------------------- partitions
+
+
+def _labels_4x500() -> np.ndarray:
+    return np.repeat(np.arange(4), 500)
+
+
+def test_dirichlet_partition_is_disjoint_covering_and_respects_min_size():
+    labels = _labels_4x500()
+    parts = dirichlet_partition(labels, n_parts=5, alpha=0.1, seed=0, min_size=25)
+    joined = np.concatenate(parts)
+    assert len(joined) == len(labels) and np.array_equal(np.sort(joined), np.arange(len(labels)))
+    assert min(len(p) for p in parts) >= 25
+
+
+def test_dirichlet_partition_is_deterministic_per_seed():
+    labels = _labels_4x500()
+    a = dirichlet_partition(labels, 4, 0.5, seed=11)
+    b = dirichlet_partition(labels, 4, 0.5, seed=11)
+    c = dirichlet_partition(labels, 4, 0.5, seed=12)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+
+
+def test_smaller_alpha_gives_stronger_label_skew():
+    labels = _labels_4x500()
+
+    def mean_max_share(alpha: float) -> float:
+        shares = []
+        for seed in range(5):
+            for p in dirichlet_partition(labels, 5, alpha, seed=seed):
+                shares.append(np.bincount(labels[p], minlength=4).max() / len(p))
+        return float(np.mean(shares))
+
+    skewed, near_iid = mean_max_share(0.1), mean_max_share(100.0)
+    assert skewed > 0.6 and near_iid < 0.35 and skewed > near_iid + 0.25
+
+
+def test_dirichlet_partition_with_impossible_min_size_fails_clearly():
+    with pytest.raises(DataConfigError, match="at least 50"):
+        dirichlet_partition(np.zeros(100, dtype=int), n_parts=3, alpha=1.0, min_size=50)
+
+
+def test_build_federation_holds_out_a_test_only_global_hospital(tmp_path):
+    ds = scan_image_folder(_image_folder(tmp_path, {"a": 60, "b": 60, "c": 60}))
+    hospitals = build_federation(ds, n_hospitals=3, alpha=1.0, seed=0, min_size=10)
+    assert [h.name for h in hospitals] == ["hospital_1", "hospital_2", "hospital_3", "global"]
+    glob = hospitals[-1]
+    assert glob.held_out and len(glob.split.train) == 0 and len(glob.split.val) == 0
+    assert np.array_equal(glob.split.test, glob.indices)
+    for h in hospitals[:-1]:
+        assert not h.held_out
+        assert np.array_equal(np.sort(h.split.all()), h.indices)
+    assert np.array_equal(np.sort(np.concatenate([h.indices for h in hospitals])), np.arange(len(ds)))
+
+
+def test_iid_federation_without_holdout_gives_equal_sized_hospitals(tmp_path):
+    ds = scan_image_folder(_image_folder(tmp_path, {"a": 30, "b": 30}))
+    hospitals = build_federation(ds, n_hospitals=4, alpha=None, holdout=False, partition="iid")
+    assert [len(h.indices) for h in hospitals] == [15, 15, 15, 15]
+    assert not any(h.held_out for h in hospitals)
+    with pytest.raises(DataConfigError):
+        build_federation(ds, n_hospitals=2, alpha=None)  # dirichlet needs alpha
+
+
+def test_subset_takes_per_class_samples_reproducibly(brain_dedup):
+    ds, _ = brain_dedup
+    small = subset(ds, per_class=5, seed=1)
+    assert small.class_counts() == {c: 5 for c in CLASSES}
+    assert subset(ds, per_class=5, seed=1) == small
+
+
+# --------------------------------------------------------------------------- layouts and manifests
+
+
+def test_scan_pools_split_folders_and_matches_extensions_case_insensitively(tmp_path):
+    _write_image(tmp_path / "train" / "cat" / "x.JPG", 1)
+    _write_image(tmp_path / "train" / "dog" / "y.png", 2)
+    _write_image(tmp_path / "test" / "dog" / "z.Tiff", 3)
+    (tmp_path / "train" / "dog" / "notes.txt").write_text("not an image")
+    ds = scan_image_folder(tmp_path)
+    assert ds.class_names == ("cat", "dog")
+    assert [s.path.name for s in ds] == ["z.Tiff", "x.JPG", "y.png"]  # sorted by relative path
+    assert ds.labels().tolist() == [1, 0, 1]
+
+
+def test_scan_uses_the_federation_label_space_and_rejects_unknown_classes(tmp_path):
+    root = _image_folder(tmp_path / "site", {"b": 2})
+    ds = scan_image_folder(root, class_names=["a", "b", "c"])
+    assert ds.class_names == ("a", "b", "c") and set(ds.labels().tolist()) == {1}
+    with pytest.raises(UnknownClassError, match="'b'") as err:
+        scan_image_folder(root, class_names=["a", "c"])
+    assert str(root.resolve()) in str(err.value)
+
+
+def test_hospital_folders_share_the_union_label_space(tmp_path):
+    _image_folder(tmp_path / "site_b", {"flu": 2, "ok": 1}, start=0)
+    _image_folder(tmp_path / "site_a" / "Training", {"covid": 1, "ok": 2}, start=10)
+    sites = scan_hospital_folders(tmp_path)
+    assert [name for name, _ in sites] == ["site_a", "site_b"]
+    assert all(ds.class_names == ("covid", "flu", "ok") for _, ds in sites)
+    assert sites[0][1].class_counts() == {"covid": 1, "flu": 0, "ok": 2}
+
+
+def test_manifest_resolves_relative_paths_against_its_folder_and_root(tmp_path):
+    _write_image(tmp_path / "imgs" / "a.png", 1)
+    _write_image(tmp_path / "imgs" / "b.png", 2)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label,site\nimgs/b.png,tumor,x\nimgs/a.png,healthy,x\n")
+    ds = read_manifest(manifest)
+    assert ds.class_names == ("healthy", "tumor")
+    assert [(s.path.name, s.label) for s in ds] == [("a.png", 0), ("b.png", 1)]
+
+    elsewhere = tmp_path / "lists" / "m.csv"
+    elsewhere.parent.mkdir()
+    elsewhere.write_text("path,label\na.png,tumor\n")
+    ds2 = read_manifest(elsewhere, class_names=["healthy", "tumor"], root=tmp_path / "imgs")
+    assert ds2[0].path == (tmp_path / "imgs" / "a.png").resolve() and ds2[0].label == 1
+    assert ds2[0].sha256 == ds[0].sha256
+
+
+# --------------------------------------------------------------------------- typed errors
+
+
+def test_missing_root_raises_missing_input_naming_it(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(MissingInputError, match="nowhere"):
+        scan_image_folder(missing)
+
+
+def test_empty_folder_raises_empty_dataset_naming_it(tmp_path):
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(EmptyDatasetError, match="empty"):
+        scan_image_folder(tmp_path / "empty")
+
+
+def test_corrupt_jpeg_raises_unreadable_image_naming_it(tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg" + bytes(range(256)))
+    with pytest.raises(UnreadableImageError, match="broken.jpg"):
+        load_image(bad)
+    with pytest.raises(MissingInputError, match="gone.jpg"):
+        load_image(tmp_path / "gone.jpg")
+
+
+def test_manifest_with_unknown_label_raises_naming_file_and_label(tmp_path):
+    _write_image(tmp_path / "a.png", 1)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\na.png,zebra\n")
+    with pytest.raises(ManifestError, match="zebra") as err:
+        read_manifest(manifest, class_names=["healthy", "tumor"])
+    assert "m.csv" in str(err.value) and "line 2" in str(err.value)
+
+
+def test_manifest_without_label_column_raises_manifest_error(tmp_path):
+    manifest = tmp_path / "nolabel.csv"
+    manifest.write_text("path,diagnosis\na.png,tumor\n")
+    with pytest.raises(ManifestError, match=r"nolabel\.csv.*label"):
+        read_manifest(manifest)
+
+
+def test_manifest_listing_a_missing_file_raises_missing_input(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\nghost.png,tumor\n")
+    with pytest.raises(MissingInputError, match="ghost.png"):
+        read_manifest(manifest)
+    with pytest.raises(MissingInputError, match="absent.csv"):
+        read_manifest(tmp_path / "absent.csv")
+
+
+def test_every_data_error_is_a_fedmedclip_error():
+    for cls in (MissingInputError, EmptyDatasetError, UnreadableImageError, ManifestError,
+                UnknownClassError, DataConfigError):
+        assert issubclass(cls, DataError) and issubclass(cls, FedMedCLIPError)
+
+
+def test_deduplicate_drops_groups_whose_copies_disagree_on_the_label(tmp_path):
+    same = _write_image(tmp_path / "Training" / "a" / "x.png", 1).read_bytes()
+    (tmp_path / "Testing" / "a").mkdir(parents=True)
+    (tmp_path / "Testing" / "a" / "x_copy.png").write_bytes(same)  # consistent, cross-folder
+    conflict = _write_image(tmp_path / "Training" / "a" / "y.png", 2).read_bytes()
+    (tmp_path / "Training" / "b").mkdir(parents=True)
+    (tmp_path / "Training" / "b" / "y_relabelled.png").write_bytes(conflict)
+    _write_image(tmp_path / "Training" / "b" / "z.png", 3)
+
+    ds, report = deduplicate(scan_image_folder(tmp_path))
+    assert [s.path.relative_to(tmp_path.resolve()).as_posix() for s in ds] == [
+        "Testing/a/x_copy.png",  # first by sorted path wins
+        "Training/b/z.png",
+    ]
+    assert (report.n_groups, report.n_removed, report.n_cross_folder_groups) == (2, 3, 1)
+    assert report.n_conflicting_groups == 1 and report.n_conflicting_files == 2
+    assert {p.name for p in report.conflicting_groups[0]} == {"y.png", "y_relabelled.png"}

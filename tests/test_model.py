@@ -1,0 +1,138 @@
+"""MaskedLinear, FAM, private MLP, the objective and the ensemble (method.md sections 3-5, 8)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shared.federated import row_masks_of
+from shared.model import FAM, FedCLIPAdapter, MaskedLinear, PrivateMLP
+from shared.objective import LossConfig, ensemble_probs, entropy, local_loss, mutual_kl
+
+
+def test_threshold_receives_gradient_through_straight_through_estimator():
+    torch.manual_seed(0)
+    layer = MaskedLinear(16, 8)
+    out = layer(torch.randn(4, 16))
+    out.pow(2).sum().backward()
+    assert layer.threshold.grad is not None
+    assert layer.threshold.grad.abs().sum() > 0
+    assert layer.weight.grad.abs().sum() > 0
+
+
+def test_forward_uses_the_hard_mask():
+    torch.manual_seed(0)
+    layer = MaskedLinear(16, 8)
+    with torch.no_grad():
+        layer.threshold[:3] = 10.0  # rows 0..2 off
+    y = layer(torch.randn(5, 16))
+    assert torch.all(y[:, :3] == 0)
+    assert torch.all(y[:, 3:] != 0)
+    assert layer.keep_ratio() == pytest.approx(5 / 8)
+
+
+def test_thresholds_learn_to_switch_off_units_the_data_does_not_want():
+    """A target that needs half of the output units silent: training alone drives keep ratio below 1."""
+    torch.manual_seed(0)
+    layer = MaskedLinear(32, 16, tau=0.01)
+    teacher = torch.randn(16, 32) * 0.2
+    teacher[8:] = 0  # the data says: units 8..15 must output nothing
+    opt = torch.optim.Adam(layer.parameters(), lr=2e-3)
+    for _ in range(400):
+        x = torch.randn(64, 32)
+        loss = F.mse_loss(layer(x), x @ teacher.t())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    on = layer.hard_mask()
+    assert layer.keep_ratio() < 1.0
+    assert on[:8].all(), "units the target needs must stay on"
+    assert (~on[8:]).sum() >= 4, f"most silent units should be masked off, mask={on.tolist()}"
+    # the aggregator computes the same mask from the tensors alone
+    state = {f"l.{k}": v.detach() for k, v in layer.named_parameters()}
+    assert torch.equal(row_masks_of(state)["l.weight"], on)
+
+
+def test_fam_output_is_unit_norm_and_has_about_526k_parameters():
+    fam = FAM(512)
+    f = torch.randn(7, 512) * 3
+    out = fam(f)
+    assert out.shape == (7, 512)
+    assert torch.allclose(out.norm(dim=-1), torch.ones(7), atol=1e-5)
+    n = sum(p.numel() for p in fam.parameters())
+    assert 520_000 < n < 530_000
+    assert set(fam.travel_state()) == {f"fc{i}.{p}" for i in (1, 2) for p in ("weight", "bias", "threshold")}
+
+
+def test_fam_norm_matches_instance_norm_of_reference_code():
+    """Norm over the D features of each sample without affine parameters = InstanceNorm1d on [B, D]."""
+    h = torch.randn(4, 512)
+    ours = F.layer_norm(h, (512,), eps=1e-5)
+    reference = F.instance_norm(h.unsqueeze(0)).squeeze(0)  # what InstanceNorm1d does to [B, D]
+    assert torch.allclose(ours, reference, atol=1e-5)
+
+
+def test_adapter_state_round_trip_and_name_check():
+    a, b = FAM(32), FAM(32)
+    b.load_travel_state(a.travel_state())
+    x = torch.randn(3, 32)
+    assert torch.allclose(a(x), b(x))
+    with pytest.raises(ValueError):
+        b.load_travel_state(FedCLIPAdapter(32).travel_state() | {"extra": torch.zeros(1)})
+
+
+def test_private_mlp_shape():
+    mlp = PrivateMLP(32, 4, hidden=16)
+    assert mlp(torch.randn(5, 32)).shape == (5, 4)
+
+
+def test_adaptive_weight_follows_entropies():
+    sim = torch.tensor([[10.0, 0, 0, 0]] * 4)  # confident FAM-CLIP head
+    z = torch.zeros(4, 4)  # uniform MLP
+    cfg = LossConfig()
+    _, w = mutual_kl(sim, z, cfg)
+    pv, pm = F.softmax(sim / 2, -1), F.softmax(z / 2, -1)
+    expected = entropy(pv).mean() / (entropy(pv).mean() + entropy(pm).mean())
+    assert float(w) == pytest.approx(float(expected))
+    assert float(w) < 0.5
+    _, w_fixed = mutual_kl(sim, z, LossConfig(kl_weight="fixed"))
+    assert float(w_fixed) == 0.5
+
+
+def test_mutual_kl_sends_gradient_into_both_heads_and_is_zero_when_they_agree():
+    sim = torch.randn(6, 4, requires_grad=True)
+    z = torch.randn(6, 4, requires_grad=True)
+    loss, _ = mutual_kl(sim, z, LossConfig())
+    loss.backward()
+    assert sim.grad.abs().sum() > 0 and z.grad.abs().sum() > 0
+    same = torch.randn(6, 4)
+    assert float(mutual_kl(same, same.clone(), LossConfig())[0]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_loss_switches_remove_terms():
+    torch.manual_seed(0)
+    adapted = F.normalize(torch.randn(8, 16), dim=-1)
+    text = F.normalize(torch.randn(4, 16), dim=-1)
+    z = torch.randn(8, 4)
+    y = torch.randint(0, 4, (8,))
+    full, terms = local_loss(adapted, z, y, text, 14.3, LossConfig())
+    assert set(terms) == {"con", "mlp", "sim", "w"}
+    assert float(full) == pytest.approx(terms["con"] + terms["mlp"] + 0.04 * terms["sim"], rel=1e-5)
+    _, terms = local_loss(adapted, z, y, text, 14.3, LossConfig(use_sim=False, use_mlp=False))
+    assert set(terms) == {"con"}
+    batch, _ = local_loss(adapted, None, y, text, 14.3, LossConfig(contrastive="batch"))
+    cls, _ = local_loss(adapted, None, y, text, 14.3, LossConfig())
+    assert not math.isclose(float(batch), float(cls))
+    with pytest.raises(ValueError):
+        LossConfig(kl="nonsense")
+
+
+def test_ensemble_gives_less_weight_to_the_less_certain_head():
+    sim = torch.tensor([[4.0, 0.0, 0.0]])  # confident: class 0
+    z = torch.tensor([[0.1, 0.3, 0.0]])  # nearly uniform, leaning to class 1
+    p = ensemble_probs(sim, z)
+    assert p.argmax().item() == 0
+    assert torch.allclose(p.sum(-1), torch.ones(1))
