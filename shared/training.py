@@ -143,7 +143,7 @@ class HospitalLearner:
                 self.mlp = PrivateMLP(dim, num_classes, hidden=train.mlp_hidden, masked=method.masked,
                                       tau=train.mask_tau).to(self.device)
         self.generator = torch.Generator().manual_seed(seed * 1000 + hospital_index)
-        opt_kw = {"betas": train.betas, "eps": train.eps}
+        opt_kw = {"betas": train.betas, "eps": train.eps, "fused": True}  # one kernel per step: ~20% faster on CPU
         adapter_groups = _param_groups(self.adapter, train.weight_decay)
         self.opt_adapter = torch.optim.AdamW(adapter_groups, lr=train.lr_adapter, **opt_kw) if adapter_groups else None
         self.opt_mlp = torch.optim.AdamW(_param_groups(self.mlp, train.weight_decay), lr=train.lr_mlp, **opt_kw) \
@@ -227,8 +227,9 @@ class HospitalLearner:
     @torch.no_grad()
     def predict_probs(self, features: torch.Tensor, head: str | None = None) -> torch.Tensor:
         """Class probabilities with ``head`` (default: the method's own)."""
-        head = head or self.method.head
-        sim, z = self.logits(features)
+        return self._probs(*self.logits(features), head or self.method.head)
+
+    def _probs(self, sim: torch.Tensor, z: torch.Tensor | None, head: str) -> torch.Tensor:
         if head == "clip":
             return torch.softmax(sim, dim=-1)
         if z is None:
@@ -238,9 +239,14 @@ class HospitalLearner:
         return ensemble_probs(sim, z)
 
     def evaluate(self, features: torch.Tensor, labels: torch.Tensor, head: str | None = None) -> dict[str, float]:
+        return self.evaluate_heads(features, labels, (head or self.method.head,))[head or self.method.head]
+
+    def evaluate_heads(self, features: torch.Tensor, labels: torch.Tensor, heads: tuple[str, ...]) -> dict[str, dict]:
+        """Metrics of several heads from one forward pass."""
         if len(labels) == 0:
-            return classification_metrics(torch.zeros(0, self.num_classes), labels, self.num_classes)
-        return classification_metrics(self.predict_probs(features, head), labels.cpu(), self.num_classes)
+            return {h: classification_metrics(torch.zeros(0, self.num_classes), labels, self.num_classes) for h in heads}
+        sim, z = self.logits(features)
+        return {h: classification_metrics(self._probs(sim, z, h), labels.cpu(), self.num_classes) for h in heads}
 
     # -- private state that stays on the node ------------------------------------------------
     def private_state(self) -> dict:

@@ -92,3 +92,13 @@ def test_openclip_loads_a_local_checkpoint_file(tmp_path):
         assert torch.equal(loaded.model.state_dict()[name], tensor), name
     assert loaded.text_features(CLASSES).shape == (4, 32)
     assert loaded.logit_scale == pytest.approx(float(model.logit_scale.detach().exp()))
+
+
+def test_image_tower_alone_equals_the_full_backbones(backbone):
+    """What the GPU encode benchmark builds (no text package needed) is exactly the tower used here."""
+    from shared.backbone import offline_image_tower
+
+    alone = offline_image_tower(seed=0).state_dict()
+    full = backbone.model.visual.state_dict()
+    assert alone.keys() == full.keys()
+    assert all(torch.equal(alone[k], full[k]) for k in full)
