@@ -1,0 +1,1 @@
+"""The FedMedCLIP aggregator service: round state machine, checkpoints, gRPC servicer."""

@@ -1,0 +1,83 @@
+"""The aggregator's state on disk, written atomically (temp file, fsync, os.replace, fsync dir).
+
+Layout under ``<out_dir>/checkpoint/``:
+
+* ``state.npz``: ``meta`` (UTF-8 JSON: run id, global version, config signature, registered
+  nodes, accepted update ids per round, bytes per round) and ``global`` (the current global
+  adapter as a lossless fp32 codec payload). No pickle.
+* ``globals/v000001.fmcs`` ...: every published global payload, as it went on the wire; a node
+  that holds version v-1 decodes version v from it, so these are kept for nodes that fall behind.
+* ``reports.json``: every evaluation a node reported, by version.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared.atomic import atomic_write
+
+
+@dataclass
+class Checkpoint:
+    run_id: str
+    version: int  # aggregations done; the open round is round `version`
+    global_snapshot: bytes  # fp32 codec payload of the current global (lossless)
+    signature: dict[str, Any]  # what must not change between restarts
+    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    accepted: dict[str, dict[str, str]] = field(default_factory=dict)  # round -> node -> update id
+    rounds_log: list[dict[str, Any]] = field(default_factory=list)  # bytes and seconds per round
+    status: str = "running"
+
+
+class CheckpointStore:
+    def __init__(self, out_dir: Path | str) -> None:
+        self.root = Path(out_dir) / "checkpoint"
+        self.state_path = self.root / "state.npz"
+        self.globals_dir = self.root / "globals"
+        self.reports_path = self.root / "reports.json"
+
+    def load(self) -> Checkpoint | None:
+        if not self.state_path.exists():
+            return None
+        with np.load(self.state_path, allow_pickle=False) as data:
+            meta = json.loads(bytes(data["meta"]).decode("utf-8"))
+            snapshot = bytes(data["global"])
+        return Checkpoint(global_snapshot=snapshot, **meta)
+
+    def save(self, ckpt: Checkpoint) -> None:
+        meta = {k: v for k, v in ckpt.__dict__.items() if k != "global_snapshot"}
+        buf = _npz_bytes(meta=np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8),
+                         **{"global": np.frombuffer(ckpt.global_snapshot, dtype=np.uint8)})
+        atomic_write(self.state_path, buf)
+
+    def published_path(self, version: int) -> Path:
+        return self.globals_dir / f"v{version:06d}.fmcs"
+
+    def save_published(self, version: int, data: bytes) -> None:
+        atomic_write(self.published_path(version), data)
+
+    def load_published(self, version: int) -> bytes | None:
+        path = self.published_path(version)
+        return path.read_bytes() if path.exists() else None
+
+    def load_reports(self) -> dict[str, dict[str, Any]]:
+        if not self.reports_path.exists():
+            return {}
+        return json.loads(self.reports_path.read_text(encoding="utf-8"))
+
+    def save_reports(self, reports: dict[str, dict[str, Any]]) -> None:
+        # metrics, not model state: never torn, but not fsynced (10 ms each, several per round)
+        atomic_write(self.reports_path, json.dumps(reports, allow_nan=True).encode("utf-8"), durable=False)
+
+
+def _npz_bytes(**arrays: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()

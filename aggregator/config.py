@@ -1,0 +1,60 @@
+"""Aggregator settings: YAML < ``FEDMEDCLIP_AGGREGATOR_*`` environment < flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.aggregation import AGGREGATION_RULES
+from shared.codec import CODECS
+from shared.training import METHODS
+
+ENV_PREFIX = "FEDMEDCLIP_AGGREGATOR_"
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    # network
+    listen: str = "127.0.0.1:50051"  # the AggregatorService (plaintext: bind to loopback unless behind TLS)
+    health_port: int = 50052  # grpc.health.v1 on its own port (0: pick a free one)
+    metrics_port: int = 9100  # Prometheus /metrics (0: pick a free one)
+    metrics_addr: str = "127.0.0.1"
+    reflection: bool = False  # server reflection on the service port (for grpcurl)
+    max_workers: int = 16
+    shutdown_grace_s: float = 10.0  # SIGTERM: in-flight RPCs get this long
+    # run
+    out_dir: str = "runs/aggregator"  # checkpoint, published globals, report
+    rounds: int = 50
+    min_nodes: int = 2  # quorum: a round may close at its deadline with this many updates
+    round_timeout_s: float = 120.0  # deadline of a round, from its opening
+    quorum_timeout_s: float = 300.0  # after the deadline, wait at most this long for the quorum, then fail
+    registration_timeout_s: float = 900.0  # wait at most this long for min_nodes to register
+    linger_s: float = 60.0  # after the last round, wait at most this long for the final reports
+    exit_when_done: bool = True
+    heartbeat_interval_s: float = 5.0
+    node_timeout_s: float = 30.0  # a node not heard from for this long is not 'connected'
+    # learning (must match the nodes; checked at registration and against the checkpoint)
+    method: str = "fedmedclip"
+    seed: int = 0
+    embed_dim: int = 512
+    codec: str = "int8"
+    delta: bool = False
+    drop_masked_rows: bool = True
+    aggregation: str = "weighted"
+    class_names: list[str] | None = None  # None: the first node to register pins the label space
+    backbone_fingerprint: str | None = None  # None: the first node to register pins it
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {list(METHODS)}")
+        if not METHODS[self.method].federated:
+            raise ValueError(f"method {self.method} does not federate an adapter")
+        if self.codec not in CODECS:
+            raise ValueError(f"codec must be one of {list(CODECS)}")
+        if self.aggregation not in AGGREGATION_RULES:
+            raise ValueError(f"aggregation must be one of {list(AGGREGATION_RULES)}")
+        if self.rounds < 1 or self.min_nodes < 1:
+            raise ValueError("rounds and min_nodes must be >= 1")
+        for name in ("round_timeout_s", "quorum_timeout_s", "registration_timeout_s", "linger_s",
+                     "heartbeat_interval_s", "node_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0")

@@ -1,0 +1,176 @@
+"""A real federation on this machine: the aggregator and N hospital nodes as separate processes.
+
+``python -m deploy.local_federation --out runs/demo --rounds 30`` (``make demo``) partitions the
+brain tumor set (N training hospitals + the held-out one), starts ``python -m aggregator`` and one
+``python -m hospital_node run`` per hospital on loopback (free ports picked at run time), prints
+accuracy and bytes per round as the aggregator reports them, leaves ``<out>/aggregator/report.md``
+and ``report.json``, and shuts every process down (SIGTERM, then SIGKILL after a grace period),
+also on Ctrl-C. These are the same commands the compose testbed runs, one per container.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger("fedmedclip.demo")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Launcher:
+    """Starts service processes, logs each to a file, and always stops them all."""
+
+    log_dir: Path
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"), PYTHONUNBUFFERED="1",
+                   TOKENIZERS_PARALLELISM="false")
+        with (self.log_dir / f"{name}.log").open("ab") as handle:
+            # own process group: a Ctrl-C in the terminal reaches this launcher only, which then stops
+            # the services in order instead of all of them dying at once
+            proc = subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, env=env, stdout=handle,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def stop_all(self, grace_s: float = 15.0) -> dict[str, int | None]:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        end = time.monotonic() + grace_s
+        for name, proc in self.procs.items():
+            try:
+                proc.wait(timeout=max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0fs: killing it", name, grace_s)
+                proc.kill()
+                proc.wait(timeout=10)
+        return {name: proc.returncode for name, proc in self.procs.items()}
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def run_federation(out: Path, *, hospitals: int = 3, rounds: int = 30, per_class: int | None = None,
+                   alpha: float | None = 0.5, seed: int = 0, codec: str = "int8", holdout: bool = True,
+                   cache_dir: str = ".cache/features", timeout_s: float = 1800.0, threads: int = 1,
+                   quiet: bool = False, extra_aggregator: tuple[str, ...] = ()) -> dict:
+    """Run one federation to the end; returns the aggregator's report (raises on failure or timeout)."""
+    out = out.resolve()
+    partition_dir = out / "partition"
+    cmd = [sys.executable, "-m", "hospital_node", "partition", "--hospitals", str(hospitals), "--seed", str(seed),
+           "--alpha", str(alpha if alpha is not None else 0), "--out", str(partition_dir)]
+    if per_class:
+        cmd += ["--per-class", str(per_class)]
+    if not holdout:
+        cmd.append("--no-holdout")
+    subprocess.run(cmd, cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL if quiet else None)
+    nodes = [f"hospital_{i}" for i in range(1, hospitals + 1)] + (["global"] if holdout else [])
+    port = free_port()
+    launcher = Launcher(out / "logs")
+    agg_out = out / "aggregator"
+    report_path = agg_out / "report.json"
+    shown = 0
+    try:
+        launcher.start("aggregator", ["-m", "aggregator", "--listen", f"127.0.0.1:{port}",
+                                      "--health-port", str(free_port()), "--metrics-port", str(free_port()),
+                                      "--out-dir", str(agg_out), "--rounds", str(rounds), "--min-nodes",
+                                      str(hospitals), "--codec", codec, "--seed", str(seed), "--round-timeout-s", "300",
+                                      "--linger-s", "60", *extra_aggregator])
+        for node in nodes:
+            launcher.start(node, ["-m", "hospital_node", "run", "--config", str(partition_dir / f"{node}.yaml"),
+                                  "--aggregator", f"127.0.0.1:{port}", "--metrics-port", str(free_port()),
+                                  "--state-dir", str(out / "nodes" / node), "--cache-dir", cache_dir,
+                                  "--threads", str(threads), "--progress", "false"])
+        if not quiet:
+            print(f"aggregator on 127.0.0.1:{port}; {len(nodes)} nodes; logs in {launcher.log_dir}", flush=True)
+            print(f"{'round':>5}  {'mean val acc':>12}  {'up KB':>8}  {'down KB':>8}  {'seconds':>7}  test accuracy",
+                  flush=True)
+        deadline = time.monotonic() + timeout_s
+        aggregator = launcher.procs["aggregator"]
+        while True:
+            report = _read_json(report_path) or {}
+            history = report.get("history", [])
+            while shown < len(history) and history[shown].get("complete") and \
+                    len(history[shown].get("test_accuracy", {})) == len(nodes):
+                h = history[shown]
+                if not quiet:
+                    tests = "  ".join(f"{k} {v:.3f}" for k, v in h["test_accuracy"].items())
+                    print(f"{h['round']:>5}  {h['mean_val_accuracy']:>12.4f}  {(h['bytes_up'] or 0) / 1e3:>8.1f}  "
+                          f"{(h['bytes_down'] or 0) / 1e3:>8.1f}  {h['seconds'] or 0:>7.3f}  {tests}", flush=True)
+                shown += 1
+            if aggregator.poll() is not None:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the federation did not finish within {timeout_s:.0f}s")
+            time.sleep(0.5)
+        codes = launcher.stop_all()
+    except BaseException:
+        launcher.stop_all()
+        raise
+    report = _read_json(report_path) or {}
+    if codes.get("aggregator") != 0 or report.get("phase") != "finished":
+        raise RuntimeError(f"federation failed: exit codes {codes}; see {launcher.log_dir}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m deploy.local_federation", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--hospitals", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--per-class", type=int, default=None, help="stratified subset (default: the whole set)")
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--codec", default="int8")
+    p.add_argument("--cache-dir", default=".cache/features")
+    p.add_argument("--timeout-s", type=float, default=3600.0)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    out = Path(args.out)
+    if (out / "aggregator" / "checkpoint").exists():
+        import shutil
+
+        shutil.rmtree(out)  # a demo starts a new run; the services themselves would resume the old one
+    # Ctrl-C (even when started from a shell that ignores SIGINT in background jobs) and SIGTERM unwind
+    # the launcher, which then stops every service
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        run_federation(out, hospitals=args.hospitals, rounds=args.rounds, per_class=args.per_class,
+                       alpha=args.alpha if args.alpha > 0 else None, seed=args.seed, codec=args.codec,
+                       cache_dir=args.cache_dir, timeout_s=args.timeout_s)
+    except KeyboardInterrupt:
+        print("\ninterrupted: every service was stopped", file=sys.stderr)
+        return 130
+    report_md = out / "aggregator" / "report.md"
+    print()
+    print(report_md.read_text())
+    print(f"report: {report_md} and {report_md.with_suffix('.json')}; logs: {out / 'logs'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,384 @@
+"""The hospital node: prepare local features, register, then follow the aggregator's rounds.
+
+A trainer, each round ``r`` (which trains from global version ``r``):
+
+1. catch up: fetch every published global it lacks and decode each against the one before;
+2. evaluate: with global ``r`` loaded, validate (and test) its ensemble, report it as version ``r``;
+3. train: :func:`shared.federated.make_update` (load global, one local round, encode), save the
+   private state with the encoded update, then upload it (a retry re-sends the same bytes with the
+   same update id);
+4. wait (long-poll GetRound) for round ``r + 1``.
+
+An evaluator (held-out hospital) does 1 and 2 only, with the global FAM and the prompts alone.
+Every RPC has a deadline; transient failures are retried with exponential backoff and full jitter
+(bounded: ``give_up_after_s``); UNAUTHENTICATED triggers a new registration.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import grpc
+import torch
+
+from hospital_node.config import NodeConfig
+from hospital_node.data import LocalData, load_local
+from hospital_node.state import NodeState, PendingUpdate, StateStore
+from shared import __version__
+from shared.backbone import DEFAULT_TEMPLATES, Backbone, BackboneSpec, load_backbone
+from shared.codec import CodecError
+from shared.features import encode_samples
+from shared.federated import WireConfig, decode_adapter, make_update
+from shared.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
+from shared.proto.fedmedclip.v1 import aggregator_service_pb2_grpc as pb_grpc
+from shared.protocol import metrics_to_proto, raw_nbytes, state_digest
+from shared.telemetry import Telemetry
+from shared.training import HospitalLearner, TrainConfig, build_adapter, get_method
+from shared.transport import Backoff, assemble, call_with_retry, channel_options, chunks
+
+log = logging.getLogger("fedmedclip.node")
+T = TypeVar("T")
+
+EXIT_OK, EXIT_FAILED, EXIT_REFUSED, EXIT_RUN_CHANGED = 0, 1, 3, 4
+
+
+class NodeStopped(Exception):
+    """SIGTERM/SIGINT arrived: the loop unwinds, the state on disk is already consistent."""
+
+
+class NodeRefused(Exception):
+    """The aggregator refused this node for good (fingerprint, label space, method...)."""
+
+
+@dataclass
+class Prepared:
+    backbone: Backbone
+    data: LocalData
+    features: torch.Tensor
+    labels: torch.Tensor
+    class_names: tuple[str, ...]
+    fingerprint: str
+    text: torch.Tensor
+    dim: int
+
+
+def train_config(cfg: NodeConfig) -> TrainConfig:
+    return replace(TrainConfig(), lr_adapter=cfg.lr_fam, lr_mlp=cfg.lr_mlp, batch_size=cfg.batch_size,
+                   local_epochs=cfg.local_epochs)
+
+
+def backbone_spec(cfg: NodeConfig) -> BackboneSpec:
+    return BackboneSpec(kind=cfg.backbone, arch=cfg.arch, pretrained=cfg.pretrained,
+                        templates=tuple(cfg.templates) if cfg.templates else DEFAULT_TEMPLATES)
+
+
+def prepare(cfg: NodeConfig, telemetry: Telemetry | None = None) -> Prepared:
+    """Backbone, local data and its cached features (progress bar), prompt features, fingerprint."""
+    if not cfg.data:
+        raise ValueError("no data: set data (a manifest CSV or an ImageFolder)")
+    data = load_local(cfg.data, cfg.classes, split_seed=cfg.split_seed, evaluator=cfg.role == "evaluator")
+    backbone = load_backbone(backbone_spec(cfg), cfg.device)
+    features, stats = encode_samples(backbone, data.dataset.samples, cfg.cache_dir, progress=cfg.progress)
+    if telemetry is not None:
+        if stats.n_encoded:
+            telemetry.encode_seconds.observe(stats.seconds)
+        telemetry.encode_images.labels(source="encoded").inc(stats.n_encoded)
+        telemetry.encode_images.labels(source="cache").inc(stats.n_cached)
+    names = data.dataset.class_names
+    text = backbone.text_features(names)
+    log.info("%s: %d images (train %d / val %d / test %d), %d encoded in %.1fs, %d from cache", cfg.node_id,
+             len(data.dataset), *data.counts(), stats.n_encoded, stats.seconds, stats.n_cached)
+    return Prepared(backbone=backbone, data=data, features=features,
+                    labels=torch.from_numpy(data.dataset.labels()), class_names=names,
+                    fingerprint=backbone.fingerprint(names), text=text, dim=int(features.shape[1]))
+
+
+def build_learner(cfg: NodeConfig, prep: Prepared) -> HospitalLearner:
+    """Exactly as the simulation builds hospital ``hospital_index``'s learner."""
+    return HospitalLearner(get_method(cfg.method), train_config(cfg), dim=prep.dim, num_classes=len(prep.class_names),
+                           text_features=prep.text, logit_scale=prep.backbone.logit_scale, seed=cfg.seed,
+                           hospital_index=cfg.hospital_index, device=cfg.device)
+
+
+class NodeClient:
+    def __init__(self, cfg: NodeConfig, prep: Prepared, telemetry: Telemetry, stop: threading.Event) -> None:
+        self.cfg, self.prep, self.t, self.stop = cfg, prep, telemetry, stop
+        self.method = get_method(cfg.method)
+        self.learner = build_learner(cfg, prep)
+        self.initial = build_adapter(self.method, prep.dim, train_config(cfg), cfg.seed).travel_state()
+        self.store = StateStore(cfg.state_dir)
+        self.evaluator = cfg.role == "evaluator"
+        self.backoff = Backoff(cfg.retry_initial_s, cfg.retry_max_s, give_up_after_s=cfg.give_up_after_s)
+        self.rng = random.Random()
+        self.channel = grpc.insecure_channel(cfg.aggregator, options=channel_options())
+        self.stub = pb_grpc.AggregatorServiceStub(self.channel)
+        self.run_id = ""
+        self.wire = WireConfig()
+        self.state: NodeState | None = None
+        self.heartbeat_interval = 5.0
+        split = prep.data.split
+        idx = {name: torch.tensor(getattr(split, name), dtype=torch.long) for name in ("train", "val", "test")}
+        self.parts = {name: (prep.features[i], prep.labels[i]) for name, i in idx.items()}
+
+    # -- calls -------------------------------------------------------------------------------
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """Retry transient errors with backoff; re-register once on UNAUTHENTICATED; honour stop."""
+        reregistered = False
+        while True:
+            if self.stop.is_set():
+                raise NodeStopped()
+            try:
+                return call_with_retry(fn, what, self.backoff, self.rng, sleep=self._sleep)
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAUTHENTICATED and not reregistered:
+                    log.warning("%s: %s; registering again", what, exc.details())
+                    self._register()
+                    reregistered = True
+                    continue
+                raise
+
+    def _sleep(self, seconds: float) -> None:
+        if self.stop.wait(seconds):
+            raise NodeStopped()
+
+    def _register(self) -> pb.RegisterResponse:
+        n_train, n_val, n_test = self.prep.data.counts()
+        request = pb.RegisterRequest(
+            node_id=self.cfg.node_id, role=pb.NODE_ROLE_EVALUATOR if self.evaluator else pb.NODE_ROLE_TRAINER,
+            backbone_fingerprint=self.prep.fingerprint, class_names=list(self.prep.class_names),
+            embed_dim=self.prep.dim, method=self.cfg.method, initial_state_sha256=state_digest(self.initial),
+            num_train_samples=0 if self.evaluator else n_train, num_val_samples=n_val, num_test_samples=n_test,
+            software_version=__version__)
+        try:
+            response = call_with_retry(lambda: self.stub.Register(request, timeout=self.cfg.rpc_timeout_s),
+                                       "Register", self.backoff, self.rng, sleep=self._sleep)
+        except grpc.RpcError as exc:
+            if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT,
+                              grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.PERMISSION_DENIED):
+                raise NodeRefused(f"{exc.code().name}: {exc.details()}") from exc
+            raise
+        self.run_id = response.round.run_id
+        self.wire = WireConfig(codec=response.codec, delta=response.delta, drop_masked_rows=response.drop_masked_rows)
+        self.heartbeat_interval = max(0.5, response.heartbeat_interval_ms / 1000.0)
+        log.info("registered with %s: run %s, round %d of %d, codec %s", self.cfg.aggregator, self.run_id,
+                 response.round.round_id + 1, response.round.total_rounds, response.codec)
+        return response
+
+    def _get_round(self, wait_for: int, wait: bool = False) -> pb.RoundInfo:
+        """The current round; with ``wait``, long-poll until round ``wait_for`` is open or the run ends."""
+        wait_s = self.cfg.long_poll_s if wait else 0.0
+        request = pb.GetRoundRequest(run_id=self.run_id, node_id=self.cfg.node_id, wait_for_round=wait_for,
+                                     max_wait_ms=int(wait_s * 1000))
+        return self._call("GetRound", lambda: self.stub.GetRound(
+            request, timeout=wait_s + self.cfg.rpc_timeout_s)).round
+
+    def _fetch(self, version: int) -> tuple[pb.PayloadHeader, bytes]:
+        def fetch() -> tuple[pb.PayloadHeader, bytes]:
+            stream = self.stub.FetchGlobal(pb.FetchGlobalRequest(run_id=self.run_id, node_id=self.cfg.node_id,
+                                                                 version=version),
+                                           timeout=self.cfg.transfer_timeout_s)
+            first = next(stream)
+            if first.WhichOneof("content") != "header":
+                raise ValueError("FetchGlobal did not start with a header")
+            data = assemble((m.chunk for m in stream), first.header.wire_bytes)
+            return first.header, data
+
+        header, data = self._call(f"FetchGlobal v{version}", fetch)
+        self.t.count_payload("down", header.codec, len(data), header.raw_bytes)
+        return header, data
+
+    # -- state -------------------------------------------------------------------------------
+    def _load_or_create_state(self) -> NodeState:
+        state = self.store.load()
+        if state is not None and (state.run_id != self.run_id or state.node_id != self.cfg.node_id
+                                  or state.fingerprint != self.prep.fingerprint):
+            self.store.discard(f"it belongs to run {state.run_id} / node {state.node_id}, this is run {self.run_id}")
+            state = None
+        if state is None:
+            state = NodeState(run_id=self.run_id, node_id=self.cfg.node_id, fingerprint=self.prep.fingerprint,
+                              global_version=0, global_state={k: v.clone() for k, v in self.initial.items()})
+            self.store.save(state)
+            return state
+        if state.learner is not None:
+            self.learner.load_private_state(state.learner)
+        log.info("resumed from %s: global version %d, trained through round %d, evaluated version %d%s",
+                 self.store.path, state.global_version, state.trained_round + 1, state.evaluated_version,
+                 f", update of round {state.pending.round_id + 1} pending" if state.pending else "")
+        return state
+
+    def _save(self) -> None:
+        assert self.state is not None
+        if not self.evaluator:
+            self.state.learner = self.learner.private_state()
+        self.store.save(self.state)
+
+    # -- the steps of a round ----------------------------------------------------------------
+    def _catch_up(self, version: int) -> None:
+        state = self.state
+        assert state is not None
+        while state.global_version < version:
+            v = state.global_version + 1
+            header, data = self._fetch(v)
+            t0 = time.perf_counter()
+            try:
+                decoded = decode_adapter(data, header.sha256, state.global_state, self.wire)
+            except CodecError as exc:  # TCP and the SHA-256 make this a bug, not noise: stop loudly
+                raise RuntimeError(f"global v{v} from the aggregator does not decode: {exc}") from exc
+            self.t.codec_seconds.labels(operation="decode").observe(time.perf_counter() - t0)
+            state.global_state = decoded.tensors
+            state.global_version = v
+        # not saved here: every published version stays on the aggregator, a restarted node fetches it again
+
+    def _evaluate(self, version: int) -> None:
+        state = self.state
+        assert state is not None
+        self.learner.load_adapter_state(state.global_state)
+        head = "clip" if self.evaluator else None
+        val = None if self.evaluator else self.learner.evaluate(*self.parts["val"])
+        test = self.learner.evaluate(*self.parts["test"], head=head)
+        request = pb.ReportMetricsRequest(run_id=self.run_id, node_id=self.cfg.node_id, version=version,
+                                          report_id=f"{self.cfg.node_id}-v{version}", test=metrics_to_proto(test),
+                                          head=head or self.method.head)
+        if val is not None:
+            request.val.CopyFrom(metrics_to_proto(val))
+        shown = val if val is not None else test
+        self.t.validation_accuracy.labels(node=self.cfg.node_id).set(shown["accuracy"])
+        self._call("ReportMetrics", lambda: self.stub.ReportMetrics(request, timeout=self.cfg.rpc_timeout_s))
+        state.evaluated_version = version
+        if self.evaluator:
+            self._save()  # a trainer saves once a round, after training (a repeated report is recognised)
+        log.info("global v%d: %s accuracy %.4f, test %.4f", version, "val" if val is not None else "test",
+                 shown["accuracy"], test["accuracy"])
+
+    def _train(self, round_id: int) -> None:
+        state = self.state
+        assert state is not None
+        feats, labels = self.parts["train"]
+        t0 = time.perf_counter()
+        payload, stats = make_update(self.learner, state.global_state, feats, labels, round_id, self.wire)
+        self.t.local_train_seconds.observe(stats.seconds)
+        self.t.codec_seconds.labels(operation="encode").observe(time.perf_counter() - t0 - stats.seconds)
+        state.trained_round = round_id
+        state.pending = PendingUpdate(round_id=round_id, update_id=f"{self.run_id}-{self.cfg.node_id}-r{round_id}",
+                                      payload=payload.data, sha256=payload.sha256, codec=payload.codec,
+                                      raw_bytes=payload.raw_nbytes,
+                                      train={"steps": stats.steps, "seconds": stats.seconds, "loss": stats.loss})
+        self._save()  # before the upload: a node killed now re-sends these bytes, it does not retrain
+        log.info("round %d: trained %d steps in %.2fs, loss %.4f, update %d bytes", round_id + 1, stats.steps,
+                 stats.seconds, stats.loss, len(payload.data))
+
+    def _upload(self, pending: PendingUpdate) -> None:
+        header = pb.PayloadHeader(run_id=self.run_id, round_id=pending.round_id, node_id=self.cfg.node_id,
+                                  update_id=pending.update_id, version=pending.round_id, codec=pending.codec,
+                                  delta=self.wire.delta, raw_bytes=pending.raw_bytes,
+                                  wire_bytes=len(pending.payload), sha256=pending.sha256,
+                                  num_train_samples=len(self.parts["train"][1]),
+                                  train=pb.TrainSummary(steps=int(pending.train["steps"]),
+                                                        seconds=pending.train["seconds"], loss=pending.train["loss"]))
+
+        def messages():
+            yield pb.UploadUpdateRequest(header=header)
+            for part in chunks(pending.payload):
+                yield pb.UploadUpdateRequest(chunk=part)
+
+        def upload() -> pb.UploadUpdateResponse:
+            try:
+                return self.stub.UploadUpdate(messages(), timeout=self.cfg.transfer_timeout_s)
+            except grpc.RpcError as exc:
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    self.t.count_payload("up", pending.codec, len(pending.payload), pending.raw_bytes)
+                raise
+
+        try:
+            ack = self._call(f"UploadUpdate r{pending.round_id}", upload)
+        except grpc.RpcError as exc:
+            self.t.updates_rejected.labels(reason=exc.code().name.lower()).inc()
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:  # the round closed without us: go on
+                log.warning("update of round %d not taken: %s", pending.round_id + 1, exc.details())
+                return
+            raise
+        self.t.count_payload("up", pending.codec, len(pending.payload), pending.raw_bytes)
+        self.t.updates_accepted.inc()
+        log.info("round %d: update accepted%s (%d in)", pending.round_id + 1, " (replayed)" if ack.replayed else "",
+                 ack.updates_received)
+
+    # -- heartbeat ---------------------------------------------------------------------------
+    def _heartbeat_loop(self, done: threading.Event) -> None:
+        while not done.wait(self.heartbeat_interval):
+            try:
+                self.stub.Heartbeat(pb.HeartbeatRequest(run_id=self.run_id, node_id=self.cfg.node_id),
+                                    timeout=self.cfg.rpc_timeout_s)
+            except grpc.RpcError as exc:
+                log.debug("heartbeat failed: %s", exc.code())
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self) -> int:
+        done = threading.Event()
+        heartbeat = threading.Thread(target=self._heartbeat_loop, args=(done,), name="heartbeat", daemon=True)
+        try:
+            first = self._register()
+            self.state = self._load_or_create_state()
+            heartbeat.start()
+            info = first.round
+            wait_for = 0
+            while True:
+                if wait_for:
+                    info = self._get_round(wait_for, wait=True)
+                if info.run_id != self.run_id:
+                    log.error("the aggregator started another run (%s); this node's run was %s", info.run_id,
+                              self.run_id)
+                    return EXIT_RUN_CHANGED
+                if info.phase == pb.ROUND_PHASE_FAILED:
+                    log.error("the run failed: %s", info.message)
+                    return EXIT_FAILED
+                if info.phase == pb.ROUND_PHASE_WAITING_FOR_NODES:
+                    info = self._get_round(0, wait=True)  # long-polls until the first round opens
+                    wait_for = 0
+                    continue
+                version = info.global_version
+                self._catch_up(version)
+                self.t.round_current.set(version)
+                if version >= 1 and self.state.evaluated_version < version:
+                    self._evaluate(version)
+                if info.phase == pb.ROUND_PHASE_FINISHED:
+                    log.info("run %s finished after %d rounds", self.run_id, version)
+                    return EXIT_OK
+                if info.phase != pb.ROUND_PHASE_COLLECTING:
+                    wait_for = version + 1
+                    continue
+                if not self.evaluator:
+                    r = info.round_id
+                    if self.state.trained_round < r:
+                        self._train(r)
+                    pending = self.state.pending
+                    if pending is not None and pending.round_id == r and not info.update_accepted:
+                        self._upload(pending)
+                wait_for = info.round_id + 1
+        except NodeRefused as exc:
+            log.error("refused by the aggregator: %s", exc)
+            return EXIT_REFUSED
+        except NodeStopped:
+            log.info("stopped; private state in %s", self.store.path)
+            return EXIT_OK
+        finally:
+            done.set()
+            self.channel.close()
+
+
+def run_node(cfg: NodeConfig, stop: threading.Event, telemetry: Telemetry) -> int:
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    prep = prepare(cfg, telemetry)
+    Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
+    return NodeClient(cfg, prep, telemetry, stop).run()
+
+
+def state_summary(state: NodeState) -> dict[str, Any]:
+    return {"run_id": state.run_id, "global_version": state.global_version, "trained_round": state.trained_round,
+            "evaluated_version": state.evaluated_version, "raw_bytes": raw_nbytes(state.global_state)}

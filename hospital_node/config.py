@@ -1,0 +1,61 @@
+"""Hospital-node settings: YAML < ``FEDMEDCLIP_NODE_*`` environment < flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.backbone import BACKBONE_KINDS, OFFLINE_DEFAULT
+from shared.training import METHODS, TrainConfig
+
+ENV_PREFIX = "FEDMEDCLIP_NODE_"
+_T = TrainConfig()
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    # identity and connection
+    node_id: str = "hospital_1"
+    aggregator: str = "127.0.0.1:50051"
+    role: str = "trainer"  # trainer | evaluator (a held-out hospital: evaluates every global, never trains)
+    rpc_timeout_s: float = 30.0  # deadline of every unary RPC
+    transfer_timeout_s: float = 120.0  # deadline of a whole upload or download stream
+    long_poll_s: float = 20.0  # how long one GetRound may wait for the next round
+    retry_initial_s: float = 0.5  # reconnect backoff: exponential with full jitter
+    retry_max_s: float = 10.0
+    give_up_after_s: float = 600.0  # an aggregator unreachable for this long ends the node (exit 1)
+    exit_when_done: bool = True  # False: keep serving /metrics after the run until SIGTERM
+    metrics_port: int = 9101  # Prometheus /metrics (0: pick a free one)
+    metrics_addr: str = "127.0.0.1"
+    # data and state
+    data: str = ""  # a CSV manifest (path,label[,split]) or an ImageFolder
+    classes: list[str] | None = None  # the federation's label space; default: classes.txt beside the manifest
+    split_seed: int = 0  # seeds the 60/20/20 split when the data has no split column
+    state_dir: str = "runs/node"  # private MLP, optimiser state, last global, pending update
+    cache_dir: str = ".cache/features"
+    progress: bool = True
+    # learning (method, seed and codec must match the federation: checked at registration)
+    method: str = "fedmedclip"
+    seed: int = 0
+    hospital_index: int = 0  # seeds the private MLP and the batch order (position among training hospitals)
+    lr_fam: float = _T.lr_adapter
+    lr_mlp: float = _T.lr_mlp
+    batch_size: int = _T.batch_size
+    local_epochs: int = _T.local_epochs
+    backbone: str = OFFLINE_DEFAULT
+    arch: str = "ViT-B-32"
+    pretrained: str | None = None
+    templates: list[str] | None = None  # prompt templates, default "a picture of a {}"
+    device: str = "cpu"
+    threads: int = 0  # torch CPU threads (0: torch's default)
+
+    def __post_init__(self) -> None:
+        if self.role not in ("trainer", "evaluator"):
+            raise ValueError("role must be trainer or evaluator")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {list(METHODS)}")
+        if self.backbone not in BACKBONE_KINDS:
+            raise ValueError(f"backbone must be one of {list(BACKBONE_KINDS)}")
+        for name in ("rpc_timeout_s", "transfer_timeout_s", "long_poll_s", "retry_initial_s", "retry_max_s",
+                     "give_up_after_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0")

@@ -1,0 +1,94 @@
+"""A node's private state on disk, so a restarted node resumes where it stopped.
+
+One file, ``<state_dir>/state.pt``, written atomically after every step that changes it: the
+learner's private state (MLP, both optimisers, batch-order RNG: :meth:`HospitalLearner.private_state`),
+the last global adapter the node decoded and its version, the round it last trained, and the
+update of that round until the round is closed (a restarted node re-sends the same bytes under the
+same update id, which the aggregator recognises). Read back with ``torch.load(weights_only=True)``:
+tensors and plain containers only, never arbitrary objects. It stays on the node; nothing in it
+goes on the wire except the pending update.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shared.atomic import atomic_write
+
+log = logging.getLogger("fedmedclip.node")
+
+FORMAT = 1
+
+
+@dataclass
+class PendingUpdate:
+    round_id: int
+    update_id: str
+    payload: bytes
+    sha256: str
+    codec: str
+    raw_bytes: int
+    train: dict[str, float]
+
+
+@dataclass
+class NodeState:
+    run_id: str
+    node_id: str
+    fingerprint: str
+    global_version: int
+    global_state: dict[str, torch.Tensor]
+    learner: dict[str, Any] | None = None
+    trained_round: int = -1
+    evaluated_version: int = 0
+    pending: PendingUpdate | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class StateStore:
+    def __init__(self, state_dir: Path | str) -> None:
+        self.dir = Path(state_dir)
+        self.path = self.dir / "state.pt"
+
+    def load(self) -> NodeState | None:
+        if not self.path.exists():
+            return None
+        blob = torch.load(self.path, map_location="cpu", weights_only=True)
+        if blob.get("format") != FORMAT:
+            raise ValueError(f"{self.path}: unknown state format {blob.get('format')!r}")
+        pending = blob.get("pending")
+        return NodeState(run_id=blob["run_id"], node_id=blob["node_id"], fingerprint=blob["fingerprint"],
+                         global_version=int(blob["global_version"]), global_state=dict(blob["global_state"]),
+                         learner=blob.get("learner"), trained_round=int(blob["trained_round"]),
+                         evaluated_version=int(blob["evaluated_version"]),
+                         pending=PendingUpdate(round_id=int(pending["round_id"]), update_id=pending["update_id"],
+                                               payload=pending["payload"].numpy().tobytes(), sha256=pending["sha256"],
+                                               codec=pending["codec"], raw_bytes=int(pending["raw_bytes"]),
+                                               train=dict(pending["train"])) if pending else None)
+
+    def save(self, state: NodeState) -> None:
+        pending = None
+        if state.pending is not None:
+            p = state.pending
+            pending = {"round_id": p.round_id, "update_id": p.update_id,
+                       "payload": torch.frombuffer(bytearray(p.payload), dtype=torch.uint8), "sha256": p.sha256,
+                       "codec": p.codec, "raw_bytes": p.raw_bytes, "train": p.train}
+        blob = {"format": FORMAT, "run_id": state.run_id, "node_id": state.node_id, "fingerprint": state.fingerprint,
+                "global_version": state.global_version, "global_state": state.global_state,
+                "learner": state.learner, "trained_round": state.trained_round,
+                "evaluated_version": state.evaluated_version, "pending": pending}
+        buf = io.BytesIO()
+        torch.save(blob, buf)
+        atomic_write(self.path, buf.getvalue())
+
+    def discard(self, reason: str) -> None:
+        if self.path.exists():
+            stale = self.path.with_suffix(".pt.stale")
+            self.path.replace(stale)
+            log.warning("saved state moved to %s: %s", stale, reason)

@@ -1,0 +1,150 @@
+"""What both services agree on about the wire: message limits, keepalive, chunking, retries.
+
+No learning here and no service logic: the aggregator and the hospital node import these so the
+two ends of a channel are configured from one place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+#: Adapter payloads travel in chunks of this size (NVFlare streams 1 MiB; a FAM is ~0.3-2 MB).
+CHUNK_BYTES = 1024 * 1024
+#: Largest single gRPC message either end accepts: one chunk plus headroom for the header.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+#: Largest whole payload (sum of chunks) either end accepts; the codec has its own caps too.
+MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
+
+# Keepalive: local training can leave a channel idle for a while (Flower uses 210 s on the server
+# for that reason). Pings every 60 s keep NAT/conntrack entries alive; a peer that does not answer
+# a ping within 20 s is declared gone, so a lost connection never turns into a silent hang.
+KEEPALIVE_TIME_MS = 60_000
+KEEPALIVE_TIMEOUT_MS = 20_000
+
+
+def server_options() -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # clients may ping every 30 s without being told GOAWAY (too_many_pings)
+        ("grpc.http2.min_ping_interval_without_data_ms", 30_000),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def channel_options() -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        # the channel's own reconnect backoff; the node adds its own backoff with jitter on top
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.min_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 5_000),
+    ]
+
+
+def chunks(data: bytes, size: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """The payload in slices of at most ``size`` bytes (at least one, even for empty data)."""
+    view = memoryview(data)
+    if not data:
+        yield b""
+        return
+    for start in range(0, len(data), size):
+        yield bytes(view[start:start + size])
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class PayloadAssemblyError(ValueError):
+    """A chunked payload did not arrive as announced (size over the limit or different)."""
+
+
+def assemble(parts: Iterable[bytes], expected_bytes: int, limit: int = MAX_PAYLOAD_BYTES) -> bytes:
+    """Join chunks, refusing more bytes than announced (or than ``limit``) as soon as they arrive."""
+    if expected_bytes < 0 or expected_bytes > limit:
+        raise PayloadAssemblyError(f"announced payload of {expected_bytes} bytes is outside [0, {limit}]")
+    buf = bytearray()
+    for part in parts:
+        buf += part
+        if len(buf) > expected_bytes:
+            raise PayloadAssemblyError(f"payload longer than the announced {expected_bytes} bytes")
+    if len(buf) != expected_bytes:
+        raise PayloadAssemblyError(f"payload of {len(buf)} bytes, {expected_bytes} announced")
+    return bytes(buf)
+
+
+# --------------------------------------------------------------------------- client retries
+
+#: Status codes worth retrying: the aggregator restarting, the network, a busy server.
+RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                             grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
+                             grpc.StatusCode.CANCELLED})
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with full jitter (AWS architecture blog's 'full jitter')."""
+
+    initial_s: float = 0.5
+    maximum_s: float = 10.0
+    multiplier: float = 2.0
+    give_up_after_s: float = 300.0  # never retry for ever
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        return rng.uniform(0.0, min(self.maximum_s, self.initial_s * self.multiplier ** attempt))
+
+
+T = TypeVar("T")
+
+
+class RetriesExhausted(RuntimeError):
+    """A call kept failing with retryable errors for longer than the backoff allows."""
+
+
+def call_with_retry(fn: Callable[[], T], what: str, backoff: Backoff, rng: random.Random,
+                    on_retry: Callable[[grpc.RpcError], None] | None = None,
+                    sleep: Callable[[float], None] = time.sleep) -> T:
+    """Call ``fn`` until it succeeds, retrying retryable gRPC errors with backoff and jitter."""
+    start = time.monotonic()
+    attempt = 0
+    while True:
+        try:
+            return fn()
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            if code not in RETRYABLE_CODES:
+                raise
+            if time.monotonic() - start > backoff.give_up_after_s:
+                raise RetriesExhausted(f"{what}: still {code} after {backoff.give_up_after_s:.0f}s") from exc
+            wait = backoff.delay(attempt, rng)
+            log.warning("%s failed (%s: %s); retrying in %.2fs", what, code, _details(exc), wait)
+            if on_retry is not None:
+                on_retry(exc)
+            sleep(wait)
+            attempt += 1
+
+
+def _details(exc: grpc.RpcError) -> str:
+    try:
+        return str(exc.details())  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - a best-effort log line
+        return str(exc)

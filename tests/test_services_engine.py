@@ -1,0 +1,278 @@
+"""The aggregator's round state machine without gRPC, and its typed statuses over real gRPC in-process.
+
+Small adapters (D = 16) keep these fast; the real federation over processes is in
+test_services_federation.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent import futures
+from dataclasses import replace
+
+import grpc
+import pytest
+import torch
+
+from aggregator.checkpoint import CheckpointStore
+from aggregator.config import AggregatorConfig
+from aggregator.engine import COLLECTING, FAILED, FINISHED, EngineError, Registration, RoundEngine, UpdateHeader
+from aggregator.service import AggregatorServicer
+from shared.federated import WireConfig, decode_adapter, encode_adapter
+from shared.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
+from shared.proto.fedmedclip.v1 import aggregator_service_pb2_grpc as pb_grpc
+from shared.protocol import state_digest
+from shared.telemetry import MetricsInterceptor, Telemetry
+from shared.training import TrainConfig, build_adapter, get_method
+from shared.transport import channel_options, chunks, server_options
+
+DIM = 16
+FP = "f" * 64
+CLASSES = ("a", "b", "c")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def initial_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    return build_adapter(get_method("fedmedclip"), DIM, TrainConfig(), seed).travel_state()
+
+
+def make_engine(tmp_path, clock=None, **overrides) -> RoundEngine:
+    cfg = AggregatorConfig(out_dir=str(tmp_path), rounds=2, min_nodes=2, embed_dim=DIM, round_timeout_s=10,
+                           quorum_timeout_s=5, linger_s=1, **overrides)
+    return RoundEngine(cfg, CheckpointStore(tmp_path), Telemetry("aggregator"), clock=clock or time.monotonic)
+
+
+def registration(node: str, **kw) -> Registration:
+    base = dict(node_id=node, role="trainer", fingerprint=FP, class_names=CLASSES, embed_dim=DIM,
+                method="fedmedclip", initial_sha256=state_digest(initial_state()), num_train=10)
+    base.update(kw)
+    return Registration(**base)
+
+
+def update_payload(global_state, scale: float = 0.01, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    state = {k: v + scale * torch.randn(v.shape, generator=g) for k, v in global_state.items()}
+    return encode_adapter(state, global_state, WireConfig())
+
+
+def header(engine, node: str, payload, round_id: int | None = None, update_id: str | None = None) -> UpdateHeader:
+    r = engine.version if round_id is None else round_id
+    return UpdateHeader(run_id=engine.run_id, round_id=r, node_id=node, update_id=update_id or f"{node}-r{r}",
+                        codec=payload.codec, sha256=payload.sha256, wire_bytes=len(payload.data))
+
+
+def test_round_closes_when_every_trainer_reported_and_retries_get_the_same_answer(tmp_path):
+    eng = make_engine(tmp_path)
+    eng.register(registration("h1"))
+    eng.register(registration("h2"))
+    assert eng.step() is not None and eng.phase == COLLECTING
+    p1, p2 = update_payload(eng.global_state, seed=1), update_payload(eng.global_state, seed=2)
+    ack = eng.submit(header(eng, "h1", p1), p1.data)
+    assert not ack.replayed and ack.updates_received == 1
+    again = eng.submit(header(eng, "h1", p1), p1.data)  # a retry: same id, same answer
+    assert again.replayed and again.update_id == ack.update_id and again.round_id == 0
+    with pytest.raises(EngineError) as other:  # another update for the same round
+        eng.submit(header(eng, "h1", p1, update_id="h1-other"), p1.data)
+    assert other.value.code == "ALREADY_EXISTS"
+    eng.submit(header(eng, "h2", p2), p2.data)
+    eng.step()
+    assert eng.version == 1 and eng.phase == COLLECTING
+    # the retry of a closed round's update still gets the accepted answer
+    assert eng.submit(header(eng, "h1", p1, round_id=0, update_id="h1-r0"), p1.data).replayed
+    # the published global decodes, against version 0, to exactly the aggregator's state
+    data, sha = eng.published_global(eng.run_id, "h1", 1)
+    decoded = decode_adapter(data, sha, initial_state(), WireConfig())
+    assert all(torch.equal(decoded.tensors[k], eng.global_state[k]) for k in eng.global_state)
+    ckpt = CheckpointStore(tmp_path).load()
+    assert ckpt.version == 1 and ckpt.accepted == {"0": {"h1": "h1-r0", "h2": "h2-r0"}}
+
+
+def test_stale_and_future_rounds_and_bad_payloads_get_typed_refusals(tmp_path):
+    eng = make_engine(tmp_path)
+    for n in ("h1", "h2"):
+        eng.register(registration(n))
+    eng.step()
+    p = update_payload(eng.global_state)
+    with pytest.raises(EngineError) as future:
+        eng.submit(header(eng, "h1", p, round_id=1), p.data)
+    assert (future.value.code, future.value.reason) == ("FAILED_PRECONDITION", "future_round")
+    corrupt = bytearray(p.data)
+    corrupt[len(corrupt) // 2] ^= 0xFF
+    with pytest.raises(EngineError) as bad_sha:
+        eng.submit(header(eng, "h1", p), bytes(corrupt))
+    assert (bad_sha.value.code, bad_sha.value.reason) == ("INVALID_ARGUMENT", "checksum_mismatch")
+    wrong_shape = encode_adapter(initial_state() | {"extra": torch.zeros(2, 2)}, initial_state() | {"extra": torch.zeros(2, 2)},
+                                 WireConfig())
+    with pytest.raises(EngineError) as bad_shape:
+        eng.submit(header(eng, "h1", wrong_shape), wrong_shape.data)
+    assert (bad_shape.value.code, bad_shape.value.reason) == ("INVALID_ARGUMENT", "shape_mismatch")
+    assert eng.aggregator.count == 0  # nothing refused touched the average
+    with pytest.raises(EngineError) as unknown:
+        eng.submit(header(eng, "h9", p), p.data)
+    assert unknown.value.code == "UNAUTHENTICATED"
+    eng.submit(header(eng, "h1", p), p.data)
+    eng.submit(header(eng, "h2", p, update_id="h2-r0"), p.data)
+    eng.step()
+    with pytest.raises(EngineError) as stale:
+        eng.submit(header(eng, "h1", p, round_id=0, update_id="h1-late"), p.data)
+    assert (stale.value.code, stale.value.reason) == ("FAILED_PRECONDITION", "stale_round")
+
+
+def test_registration_with_another_fingerprint_label_space_or_seed_is_refused(tmp_path):
+    eng = make_engine(tmp_path)
+    eng.register(registration("h1"))
+    for bad in (dict(fingerprint="0" * 64), dict(class_names=("a", "b")),
+                dict(initial_sha256=state_digest(initial_state(seed=1))), dict(embed_dim=32)):
+        with pytest.raises(EngineError) as refused:
+            eng.register(registration("h2", **bad))
+        assert refused.value.code == "FAILED_PRECONDITION"
+    assert set(eng.nodes) == {"h1"}
+
+
+def test_deadline_closes_with_quorum_and_fails_without_it(tmp_path):
+    clock = FakeClock()
+    eng = make_engine(tmp_path / "a", clock=clock)
+    for n in ("h1", "h2", "h3"):
+        eng.register(registration(n))
+    eng.step()
+    for n in ("h1", "h2"):
+        p = update_payload(eng.global_state, seed=hash(n) % 100)
+        eng.submit(header(eng, n, p), p.data)
+    assert eng.step() == pytest.approx(10) and eng.version == 0  # h3 missing, deadline not reached
+    clock.now += 10
+    eng.step()
+    assert eng.version == 1  # quorum of 2 met at the deadline
+    clock.now += 10 + 5  # no update at all: past deadline + quorum timeout
+    eng.step()
+    assert eng.phase == FAILED
+    eng2 = make_engine(tmp_path / "b", clock=clock)
+    eng2.register(registration("h1"))
+    clock.now += eng2.cfg.registration_timeout_s + 1
+    eng2.step()
+    assert eng2.phase == FAILED and "registered" in eng2.status_message
+
+
+def test_restart_from_checkpoint_keeps_run_global_and_accepted_ids(tmp_path):
+    eng = make_engine(tmp_path)
+    for n in ("h1", "h2"):
+        eng.register(registration(n))
+    eng.step()
+    for n in ("h1", "h2"):
+        p = update_payload(eng.global_state, seed=len(n))
+        eng.submit(header(eng, n, p), p.data)
+    eng.step()
+    again = make_engine(tmp_path)
+    assert again.run_id == eng.run_id and again.version == 1 and again.phase == COLLECTING
+    assert all(torch.equal(again.global_state[k], eng.global_state[k]) for k in eng.global_state)
+    p = update_payload(eng.global_state)
+    assert again.submit(header(again, "h1", p, round_id=0, update_id="h1-r0"), p.data).replayed
+    with pytest.raises(ValueError, match="another configuration"):
+        make_engine(tmp_path, codec="fp16")
+
+
+def test_run_finishes_after_the_last_round_and_waits_for_final_reports(tmp_path):
+    eng = make_engine(tmp_path)
+    for n in ("h1", "h2"):
+        eng.register(registration(n))
+    stop = threading.Event()
+    driver = threading.Thread(target=eng.run, args=(stop,), daemon=True)
+    driver.start()
+    for _ in range(2):
+        view = eng.round_view(eng.run_id, "h1", eng.version, max_wait_s=5)
+        for n in ("h1", "h2"):
+            p = update_payload(eng.global_state, seed=view.round_id + len(n))
+            eng.submit(header(eng, n, p), p.data)
+        eng.round_view(eng.run_id, "h1", view.round_id + 1, max_wait_s=5)
+    assert eng.phase == FINISHED and eng.version == 2
+    metrics = {"n": 3, "accuracy": 1.0, "balanced_accuracy": 1.0, "macro_f1": 1.0, "ece": 0.0}
+    assert not eng.report(eng.run_id, "h1", 2, "r1", metrics, metrics, "ensemble")
+    assert eng.report(eng.run_id, "h1", 2, "r1", metrics, metrics, "ensemble")  # replay
+    assert driver.is_alive()  # still waiting for h2's final report
+    eng.report(eng.run_id, "h2", 2, "r2", metrics, metrics, "ensemble")
+    driver.join(timeout=5)
+    assert not driver.is_alive() and eng.done
+    assert eng.report_dict()["best_round"] == 2
+
+
+@pytest.fixture()
+def grpc_aggregator(tmp_path):
+    """The real servicer on a real gRPC server on loopback, in this process."""
+    cfg = AggregatorConfig(out_dir=str(tmp_path), rounds=2, min_nodes=2, embed_dim=DIM, round_timeout_s=30)
+    telemetry = Telemetry("aggregator")
+    eng = RoundEngine(cfg, CheckpointStore(tmp_path), telemetry)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), interceptors=[MetricsInterceptor(telemetry)],
+                         options=server_options())
+    pb_grpc.add_AggregatorServiceServicer_to_server(AggregatorServicer(eng, cfg, telemetry), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    stop = threading.Event()
+    driver = threading.Thread(target=eng.run, args=(stop,), daemon=True)
+    driver.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=channel_options())
+    yield eng, pb_grpc.AggregatorServiceStub(channel), telemetry
+    eng.stop(stop)
+    channel.close()
+    server.stop(0).wait()
+    driver.join(timeout=5)
+
+
+def _upload(stub, eng, node, payload, round_id=0, update_id=None, wire_bytes=None):
+    head = pb.PayloadHeader(run_id=eng.run_id, round_id=round_id, node_id=node, update_id=update_id or f"{node}-r{round_id}",
+                            codec=payload.codec, wire_bytes=len(payload.data) if wire_bytes is None else wire_bytes,
+                            sha256=payload.sha256, raw_bytes=payload.raw_nbytes)
+    messages = [pb.UploadUpdateRequest(header=head)] + [pb.UploadUpdateRequest(chunk=c) for c in chunks(payload.data, 4096)]
+    return stub.UploadUpdate(iter(messages), timeout=10)
+
+
+def test_grpc_statuses_for_refused_registrations_and_updates(grpc_aggregator):
+    eng, stub, telemetry = grpc_aggregator
+    req = dict(role=pb.NODE_ROLE_TRAINER, backbone_fingerprint=FP, class_names=list(CLASSES), embed_dim=DIM,
+               method="fedmedclip", initial_state_sha256=state_digest(initial_state()), num_train_samples=10)
+    for n in ("h1", "h2"):
+        stub.Register(pb.RegisterRequest(node_id=n, **req), timeout=10)
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.Register(pb.RegisterRequest(node_id="h3", **(req | {"backbone_fingerprint": "0" * 64})), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "fingerprint" in refused.value.details()
+    info = stub.GetRound(pb.GetRoundRequest(run_id=eng.run_id, node_id="h1", max_wait_ms=5000), timeout=10).round
+    assert info.phase == pb.ROUND_PHASE_COLLECTING and info.round_id == 0
+    p = update_payload(eng.global_state)
+    with pytest.raises(grpc.RpcError) as short:  # fewer bytes than announced
+        _upload(stub, eng, "h1", p, wire_bytes=len(p.data) + 10)
+    assert short.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    bad = replace(p, sha256="0" * 64)
+    with pytest.raises(grpc.RpcError) as checksum:
+        _upload(stub, eng, "h1", bad)
+    assert checksum.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as future:
+        _upload(stub, eng, "h1", p, round_id=1)
+    assert future.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.RpcError) as unknown:
+        _upload(stub, eng, "nobody", p)
+    assert unknown.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    first = _upload(stub, eng, "h1", p)
+    retry = _upload(stub, eng, "h1", p)
+    assert not first.replayed and retry.replayed and retry.update_id == first.update_id
+    rejected = {s.labels["reason"]: s.value for m in telemetry.registry.collect()
+                if m.name == "fedmedclip_updates_rejected" for s in m.samples if s.name.endswith("_total")}
+    assert rejected == {"bad_stream": 1.0, "checksum_mismatch": 1.0, "future_round": 1.0, "unknown_node": 1.0}
+    _upload(stub, eng, "h2", update_payload(eng.global_state, seed=5))
+    info = stub.GetRound(pb.GetRoundRequest(run_id=eng.run_id, node_id="h1", wait_for_round=1, max_wait_ms=5000),
+                         timeout=10).round
+    assert info.round_id == 1 and info.global_version == 1
+    with pytest.raises(grpc.RpcError) as stale:
+        _upload(stub, eng, "h1", p, round_id=0, update_id="h1-late")
+    assert stale.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    parts = list(stub.FetchGlobal(pb.FetchGlobalRequest(run_id=eng.run_id, node_id="h1", version=1), timeout=10))
+    assert parts[0].WhichOneof("content") == "header"
+    payload = b"".join(m.chunk for m in parts[1:])
+    assert len(payload) == parts[0].header.wire_bytes
+    decoded = decode_adapter(payload, parts[0].header.sha256, initial_state(), WireConfig())
+    assert all(torch.equal(decoded.tensors[k], eng.global_state[k]) for k in eng.global_state)
