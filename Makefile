@@ -10,14 +10,18 @@ export TOKENIZERS_PARALLELISM ?= false
 ARGS ?=
 DEMO_ROUNDS ?= 30
 
-.PHONY: help venv protos test demo simulate bench bench-rounds clean
+.PHONY: help venv protos test demo simulate bench bench-rounds bench-load bench-hostile provision deploy-check clean
 
 help:
 	@echo "make demo      a real federation: the aggregator + 3 hospital nodes + the held-out one as processes on loopback"
 	@echo "make protos    regenerate shared/proto/ from protos/ (grpcio-tools)"
 	@echo "make bench-rounds  per-round time over gRPC vs in-process, bytes per round by codec (bench/results/rounds.md)"
 	@echo "make test      run the whole test suite"
+	@echo "make provision certificates and configs for a federation: NODES=hospital_1,hospital_2 PKI=pki"
+	@echo "make bench-load    one aggregator against 10, 50, 200 light nodes (bench/results/load.md)"
+	@echo "make bench-hostile the hostile-input suite, its tally in bench/results/hostile.md"
 	@echo "make simulate  in-process federation, options via ARGS=\"...\" (see python -m shared.simulation --help)"
+	@echo "make deploy-check  the deployment checks alone: compose, promtool, Kubernetes schemas, a live Prometheus"
 	@echo "make bench     every method, ablation and codec on the full set, 3 seeds (long; not part of test)"
 
 $(STAMP): requirements.txt
@@ -46,6 +50,22 @@ bench: $(STAMP)
 
 bench-rounds: $(STAMP) protos
 	$(PY) -m bench.rounds $(ARGS)
+
+bench-load: $(STAMP) protos
+	$(PY) -m bench.load $(ARGS)
+
+bench-hostile: $(STAMP)
+	FEDMEDCLIP_HOSTILE_REPORT=bench/results/hostile.md $(PY) -m pytest -q tests/test_hostile_input.py
+
+# mTLS for a federation: a CA, a certificate and key per party, ready configs (python -m aggregator provision)
+NODES ?= hospital_1,hospital_2,hospital_3,global
+PKI ?= pki
+provision: $(STAMP)
+	$(PY) -m aggregator provision --nodes $(NODES) --out $(PKI)
+
+# the deployment checks alone (part of make test too); .ci/run installs promtool, prometheus, docker-compose
+deploy-check: $(STAMP)
+	$(PY) -m pytest -q tests/test_deploy.py tests/test_deploy_prometheus.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -8,11 +8,18 @@ Layout under ``<out_dir>/checkpoint/``:
 * ``globals/v000001.fmcs`` ...: every published global payload, as it went on the wire; a node
   that holds version v-1 decodes version v from it, so these are kept for nodes that fall behind.
 * ``reports.json``: every evaluation a node reported, by version.
+
+Fault injection for the crash tests: ``FEDMEDCLIP_FAULT=die_during_checkpoint:V`` makes the process
+die (``os._exit``, no clean-up) in the middle of writing the checkpoint of global version V,
+leaving a torn temporary file, exactly as a power cut inside :func:`shared.atomic.atomic_write`
+would. The restarted aggregator resumes from the last complete checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +27,11 @@ from typing import Any
 import numpy as np
 
 from shared.atomic import atomic_write
+
+log = logging.getLogger("fedmedclip.aggregator")
+
+FAULT_ENV = "FEDMEDCLIP_FAULT"
+FAULT_EXIT_CODE = 86
 
 
 @dataclass
@@ -35,11 +47,18 @@ class Checkpoint:
 
 
 class CheckpointStore:
-    def __init__(self, out_dir: Path | str) -> None:
+    def __init__(self, out_dir: Path | str, fault: str | None = None) -> None:
         self.root = Path(out_dir) / "checkpoint"
         self.state_path = self.root / "state.npz"
         self.globals_dir = self.root / "globals"
         self.reports_path = self.root / "reports.json"
+        self.fault = fault  # see FAULT_ENV: crash tests only
+
+    def discard_torn(self) -> None:
+        """Remove temporary files a crash left mid-write (never part of the state)."""
+        for torn in self.root.glob(".*.tmp"):
+            log.warning("removing %s, left by an interrupted write", torn)
+            torn.unlink(missing_ok=True)
 
     def load(self) -> Checkpoint | None:
         if not self.state_path.exists():
@@ -53,6 +72,8 @@ class CheckpointStore:
         meta = {k: v for k, v in ckpt.__dict__.items() if k != "global_snapshot"}
         buf = _npz_bytes(meta=np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8),
                          **{"global": np.frombuffer(ckpt.global_snapshot, dtype=np.uint8)})
+        if self.fault == f"die_during_checkpoint:{ckpt.version}":
+            _die_mid_write(self.state_path, buf)
         atomic_write(self.state_path, buf)
 
     def published_path(self, version: int) -> Path:
@@ -73,6 +94,18 @@ class CheckpointStore:
     def save_reports(self, reports: dict[str, dict[str, Any]]) -> None:
         # metrics, not model state: never torn, but not fsynced (10 ms each, several per round)
         atomic_write(self.reports_path, json.dumps(reports, allow_nan=True).encode("utf-8"), durable=False)
+
+
+def _die_mid_write(path: Path, data: bytes) -> None:
+    """Fault injection: half of ``data`` in the temp file atomic_write would use, then die on the spot."""
+    tmp = path.with_name(f".{path.name}.fault.tmp")
+    with tmp.open("wb") as handle:
+        handle.write(data[: len(data) // 2])
+        handle.flush()
+        os.fsync(handle.fileno())
+    log.error("FAULT INJECTED: dying while writing %s", path)
+    logging.shutdown()
+    os._exit(FAULT_EXIT_CODE)
 
 
 def _npz_bytes(**arrays: np.ndarray) -> bytes:

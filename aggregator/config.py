@@ -14,12 +14,20 @@ ENV_PREFIX = "FEDMEDCLIP_AGGREGATOR_"
 @dataclass(frozen=True)
 class AggregatorConfig:
     # network
-    listen: str = "127.0.0.1:50051"  # the AggregatorService (plaintext: bind to loopback unless behind TLS)
+    listen: str = "127.0.0.1:50051"  # the AggregatorService
+    # identity (mTLS; see shared/tls.py): the server certificate, its key, the federation's CA that signs
+    # the nodes' client certificates, and the node ids (certificate CNs) allowed in
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    allowed_nodes: list[str] | None = None  # required with TLS; in insecure mode it limits the claimed ids
+    insecure: bool = False  # plaintext, no identity: tests on one machine only (a loud warning at start)
     health_port: int = 50052  # grpc.health.v1 on its own port (0: pick a free one)
     metrics_port: int = 9100  # Prometheus /metrics (0: pick a free one)
     metrics_addr: str = "127.0.0.1"
     reflection: bool = False  # server reflection on the service port (for grpcurl)
-    max_workers: int = 16
+    max_workers: int = 64  # each node waiting for the next round holds one worker: keep it above the nodes
+    upload_slots: int = 4  # uploads received at once (each holds its payload); the rest wait: memory stays flat
     shutdown_grace_s: float = 10.0  # SIGTERM: in-flight RPCs get this long
     # run
     out_dir: str = "runs/aggregator"  # checkpoint, published globals, report
@@ -39,7 +47,11 @@ class AggregatorConfig:
     codec: str = "int8"
     delta: bool = False
     drop_masked_rows: bool = True
-    aggregation: str = "weighted"
+    aggregation: str = "weighted"  # weighted | uniform | median | trimmed_mean (robust to a few bad updates)
+    trim_ratio: float = 0.1  # trimmed_mean: fraction cut at each end per coordinate
+    # poisoning guard: an update beyond these bounds is refused before it touches the average (None: off)
+    max_update_norm: float | None = 50.0  # L2 norm of (update - current global), all tensors
+    max_abs_value: float | None = 100.0  # largest |value| in the update
     class_names: list[str] | None = None  # None: the first node to register pins the label space
     backbone_fingerprint: str | None = None  # None: the first node to register pins it
 
@@ -52,6 +64,13 @@ class AggregatorConfig:
             raise ValueError(f"codec must be one of {list(CODECS)}")
         if self.aggregation not in AGGREGATION_RULES:
             raise ValueError(f"aggregation must be one of {list(AGGREGATION_RULES)}")
+        if not 0.0 <= self.trim_ratio < 0.5:
+            raise ValueError("trim_ratio must be in [0, 0.5)")
+        for name in ("max_update_norm", "max_abs_value"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 (or null: off)")
+        if self.upload_slots < 1 or self.max_workers < 1:
+            raise ValueError("upload_slots and max_workers must be >= 1")
         if self.rounds < 1 or self.min_nodes < 1:
             raise ValueError("rounds and min_nodes must be >= 1")
         for name in ("round_timeout_s", "quorum_timeout_s", "registration_timeout_s", "linger_s",

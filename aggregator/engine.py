@@ -10,7 +10,13 @@ first); closing publishes (:func:`shared.federated.publish_global`), writes the 
 and then the checkpoint atomically, and opens the next round.
 
 Every public method takes the lock; :meth:`RoundEngine.run` drives deadlines with
-``Condition.wait(timeout)``, woken by submissions and registrations: no polling loop.
+``Condition.wait(timeout)``, woken by submissions and registrations: no polling loop. Nodes that
+long-poll for the next round wait on a second condition over the same lock, woken only when a round
+opens or the run ends (not by each of hundreds of submissions).
+
+Accepted updates are remembered by node, update id and SHA-256, per round (and in the checkpoint):
+a retry of the same bytes gets the same answer and is never counted twice; other bytes under an
+accepted id are refused.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from aggregator.config import AggregatorConfig
 from shared import __version__
 from shared.aggregation import AggregationError, make_aggregator
 from shared.codec import CodecError, decode_state, encode_state, payload_codec
-from shared.federated import WireConfig, fold_update, publish_global
+from shared.federated import UpdateBounds, UpdateOutOfBoundsError, WireConfig, fold_update, publish_global
 from shared.protocol import raw_nbytes, state_digest
 from shared.run_report import build_report, render_markdown, write_report
 from shared.telemetry import Telemetry
@@ -41,6 +47,7 @@ log = logging.getLogger("fedmedclip.aggregator")
 
 WAITING, COLLECTING, FINISHED, FAILED = "waiting_for_nodes", "collecting", "finished", "failed"
 TRAINER, EVALUATOR = "trainer", "evaluator"
+MAX_SAMPLES = 10**9  # a sample count beyond this is a lie (it would weigh the average), not a hospital
 
 
 class EngineError(Exception):
@@ -112,7 +119,10 @@ class RoundEngine:
         self.clock, self.wall = clock, wall
         self.wire = WireConfig(codec=cfg.codec, delta=cfg.delta, drop_masked_rows=cfg.drop_masked_rows)
         self.method = get_method(cfg.method)
-        self._cond = threading.Condition()
+        self.bounds = UpdateBounds(max_update_norm=cfg.max_update_norm, max_abs_value=cfg.max_abs_value)
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)  # wakes the driver (run): submissions, registrations, reports
+        self._advanced = threading.Condition(lock)  # wakes long polls: a round opened or the run ended
         initial = build_adapter(self.method, cfg.embed_dim, TrainConfig(), cfg.seed).travel_state()
         self.initial_sha256 = state_digest(initial)
         self.template = {name: tuple(t.shape) for name, t in initial.items()}
@@ -124,12 +134,13 @@ class RoundEngine:
         self.fingerprint: str | None = cfg.backbone_fingerprint
         self.nodes: dict[str, dict[str, Any]] = {}
         self.last_seen: dict[str, float] = {}
-        self.accepted: dict[str, dict[str, str]] = {}  # closed rounds: round -> node -> update id
+        self.accepted: dict[str, dict[str, dict[str, str]]] = {}  # round -> node -> {update_id, sha256}
         self.rounds_log: list[dict[str, Any]] = []
         self.reports: dict[str, dict[str, Any]] = store.load_reports()
         self.published: dict[int, bytes] = {}
         self.seen_end: set[str] = set()
         self.status_message = ""
+        store.discard_torn()
         ckpt = store.load()
         if ckpt is None:
             self.run_id = uuid.uuid4().hex[:12]
@@ -140,16 +151,17 @@ class RoundEngine:
                      cfg.codec, cfg.min_nodes)
         else:
             self._restore(ckpt)
-        self.round_updates: dict[str, str] = {}  # open round: node -> update id
+        self.round_updates: dict[str, dict[str, str]] = {}  # open round: node -> {update_id, sha256}
         self.round_bytes = {"up": 0, "up_raw": 0}
-        self.aggregator = make_aggregator(cfg.aggregation)
+        self.aggregator = self._new_aggregator()
         self.round_opened = self.clock()
         self.deadline = 0.0
         self.reg_deadline = self.clock() + cfg.registration_timeout_s
         self.ended_at: float | None = None
         self.done = False
         if self.phase == COLLECTING:  # restored mid-run: the open round starts again, fresh deadline
-            self._open_round()
+            with self._cond:
+                self._open_round()
         self.t.round_current.set(self.version)
         self.t.nodes_connected.set_function(self.connected_count)
         self._update_registered_gauge()
@@ -198,7 +210,7 @@ class RoundEngine:
         deadline_ms = 0
         if self.phase == COLLECTING:
             deadline_ms = int((self.wall() + (self.deadline - self.clock())) * 1000)
-        if node_id is not None and self.phase in (FINISHED, FAILED):
+        if node_id is not None and self.phase in (FINISHED, FAILED) and node_id not in self.seen_end:
             self.seen_end.add(node_id)
             self._cond.notify_all()
         accepted = node_id is not None and (node_id in self.round_updates
@@ -238,6 +250,9 @@ class RoundEngine:
                 problems.append(f"method {reg.method!r} differs from the federation's {self.cfg.method!r}")
             elif reg.initial_sha256 != self.initial_sha256:
                 problems.append("initial adapter differs from the federation's (another seed?)")
+            if not all(0 <= n <= MAX_SAMPLES for n in (reg.num_train, reg.num_val, reg.num_test)):
+                raise EngineError("INVALID_ARGUMENT", "bad_sample_count",
+                                  f"sample counts must be in [0, {MAX_SAMPLES}]")
             if reg.role == TRAINER and reg.num_train <= 0:
                 problems.append("a trainer needs at least one training sample")
             if problems:
@@ -256,6 +271,9 @@ class RoundEngine:
                                        "num_test": reg.num_test}
             self.last_seen[reg.node_id] = self.clock()
             self._update_registered_gauge()
+            if len(self.nodes) > self.cfg.max_workers - 4:
+                log.warning("%d nodes and max_workers %d: every node waiting for a round holds a worker thread; "
+                            "raise max_workers", len(self.nodes), self.cfg.max_workers)
             log.info("%s %s (%s, %d train / %d val / %d test samples)",
                      "re-registered" if known else "registered", reg.node_id, reg.role, reg.num_train, reg.num_val,
                      reg.num_test)
@@ -274,7 +292,7 @@ class RoundEngine:
             end = self.clock() + max(0.0, min(max_wait_s, 60.0))
             while ((self.version < wait_for_round or self.phase == WAITING) and self.phase not in (FINISHED, FAILED)
                    and not self.done and self.clock() < end):
-                self._cond.wait(timeout=end - self.clock())
+                self._advanced.wait(timeout=end - self.clock())
             return self._view(node_id)
 
     def published_global(self, run_id: str, node_id: str, version: int) -> tuple[bytes, str]:
@@ -296,11 +314,13 @@ class RoundEngine:
     def submit(self, header: UpdateHeader, payload: bytes) -> UpdateAck:
         with self._cond:
             rec = self._check_node(header.run_id, header.node_id)
-            for rnd, by_node in self.accepted.items():  # a retry of an update of a closed round
-                if by_node.get(header.node_id) == header.update_id:
+            for rnd, by_node in [*self.accepted.items(), (str(self.version), self.round_updates)]:
+                entry = by_node.get(header.node_id)
+                if entry is not None and entry["update_id"] == header.update_id:  # a retry
+                    if entry["sha256"] != header.sha256:
+                        raise EngineError("ALREADY_EXISTS", "conflicting_replay",
+                                          f"update {header.update_id} was accepted with other content")
                     return UpdateAck(header.update_id, int(rnd), True, len(by_node))
-            if self.round_updates.get(header.node_id) == header.update_id:
-                return UpdateAck(header.update_id, self.version, True, len(self.round_updates))
             if rec["role"] != TRAINER:
                 raise EngineError("PERMISSION_DENIED", "not_trainer", f"{header.node_id} is an evaluator")
             if self.phase != COLLECTING:
@@ -313,7 +333,8 @@ class RoundEngine:
                                   f"round {header.round_id} is not open yet; round {self.version} is open")
             if header.node_id in self.round_updates:
                 raise EngineError("ALREADY_EXISTS", "conflicting_update",
-                                  f"{header.node_id} already has update {self.round_updates[header.node_id]} "
+                                  f"{header.node_id} already has update "
+                                  f"{self.round_updates[header.node_id]['update_id']} "
                                   f"in round {self.version}")
             if not header.update_id or len(header.update_id) > 128:
                 raise EngineError("INVALID_ARGUMENT", "bad_update_id", "update_id must be 1-128 characters")
@@ -324,13 +345,13 @@ class RoundEngine:
                 t0 = time.perf_counter()
                 with self.t.codec_seconds.labels(operation="decode").time():
                     fold_update(self.aggregator, payload, header.sha256, self.global_state, int(rec["num_train"]),
-                                self.wire)
+                                self.wire, self.bounds)
                 self.t.aggregate_seconds.labels(step="fold").observe(time.perf_counter() - t0)
-            except CodecError as exc:
+            except (CodecError, UpdateOutOfBoundsError) as exc:
                 raise EngineError("INVALID_ARGUMENT", _reason(exc), f"payload refused: {exc}") from exc
             except AggregationError as exc:
                 raise EngineError("INVALID_ARGUMENT", "aggregation", f"update refused: {exc}") from exc
-            self.round_updates[header.node_id] = header.update_id
+            self.round_updates[header.node_id] = {"update_id": header.update_id, "sha256": header.sha256}
             self.round_bytes["up"] += len(payload)
             self.round_bytes["up_raw"] += self.raw_bytes
             self.t.updates_accepted.inc()
@@ -364,14 +385,18 @@ class RoundEngine:
             return False
 
     # -- the state machine -------------------------------------------------------------------
+    def _new_aggregator(self):
+        return make_aggregator(self.cfg.aggregation, trim_ratio=self.cfg.trim_ratio)
+
     def _open_round(self) -> None:
         self.phase = COLLECTING
         self.round_updates = {}
         self.round_bytes = {"up": 0, "up_raw": 0}
-        self.aggregator = make_aggregator(self.cfg.aggregation)
+        self.aggregator = self._new_aggregator()
         self.round_opened = self.clock()
         self.deadline = self.round_opened + self.cfg.round_timeout_s
         self.t.round_current.set(self.version)
+        self._advanced.notify_all()
         log.info("round %d/%d open: %d trainers registered, deadline in %.0fs", self.version + 1, self.cfg.rounds,
                  len(self._trainers()), self.cfg.round_timeout_s)
 
@@ -395,9 +420,11 @@ class RoundEngine:
         self.version = r + 1
         self.global_state = decoded
         status = "finished" if self.version >= self.cfg.rounds else "running"
+        t0 = time.perf_counter()
         self.store.save(Checkpoint(run_id=self.run_id, version=self.version, global_snapshot=snapshot.data,
                                    signature=self._signature_now(), nodes=self.nodes, accepted=self.accepted,
                                    rounds_log=self.rounds_log, status=status))
+        self.t.aggregate_seconds.labels(step="checkpoint").observe(time.perf_counter() - t0)
         self.t.round_seconds.observe(seconds)
         log.info("round %d/%d closed: %d updates, up %.1f KB, global %.1f KB, %.3fs", r + 1, self.cfg.rounds,
                  len(self.round_updates), self.round_bytes["up"] / 1e3, payload.wire_nbytes / 1e3, seconds)
@@ -414,6 +441,7 @@ class RoundEngine:
         self.ended_at = self.clock()
         (log.info if phase == FINISHED else log.error)("run %s %s: %s", self.run_id, phase, message)
         self._cond.notify_all()
+        self._advanced.notify_all()
 
     def _final_reports_in(self) -> bool:
         if self.phase == FINISHED:
@@ -465,6 +493,7 @@ class RoundEngine:
         if self._final_reports_in() or now >= self.ended_at + cfg.linger_s:
             self.done = True
             self._cond.notify_all()
+            self._advanced.notify_all()
             return None
         return self.ended_at + cfg.linger_s - now
 
@@ -484,6 +513,7 @@ class RoundEngine:
             stop.set()
             self.done = True
             self._cond.notify_all()
+            self._advanced.notify_all()
 
     # -- report ------------------------------------------------------------------------------
     def report_dict(self) -> dict[str, Any]:

@@ -1,4 +1,11 @@
-"""The gRPC shell around :class:`aggregator.engine.RoundEngine`, and :func:`serve`, the whole service."""
+"""The gRPC shell around :class:`aggregator.engine.RoundEngine`, and :func:`serve`, the whole service.
+
+Every RPC first passes :meth:`AggregatorServicer._authorize`, the one identity check (mTLS: the
+client certificate's CN is on the allow-list and is the node id the request claims); every refusal
+goes through :meth:`AggregatorServicer._refuse`: a typed status, a log line and
+``fedmedclip_requests_rejected_total{method,reason}`` (and ``fedmedclip_updates_rejected_total{reason}``
+for uploads).
+"""
 
 from __future__ import annotations
 
@@ -14,14 +21,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from aggregator.checkpoint import CheckpointStore
+from aggregator.checkpoint import FAULT_ENV, CheckpointStore
 from aggregator.config import AggregatorConfig
 from aggregator.engine import FAILED, FINISHED, EngineError, Registration, RoundEngine, RoundView, UpdateHeader
 from shared.atomic import atomic_write
+from shared.service_config import ConfigError
 from shared.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
 from shared.proto.fedmedclip.v1 import aggregator_service_pb2_grpc as pb_grpc
 from shared.protocol import ROLE_NAMES, SERVICE_NAME, metrics_from_proto
 from shared.telemetry import MetricsInterceptor, Telemetry, serve_metrics
+from shared.tls import load_material, peer_common_name, server_credentials
 from shared.transport import CHUNK_BYTES, MAX_PAYLOAD_BYTES, PayloadAssemblyError, assemble, chunks, server_options
 
 log = logging.getLogger("fedmedclip.aggregator")
@@ -40,12 +49,42 @@ def round_info(view: RoundView) -> pb.RoundInfo:
 
 
 class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
-    def __init__(self, engine: RoundEngine, cfg: AggregatorConfig, telemetry: Telemetry) -> None:
-        self.engine, self.cfg, self.t = engine, cfg, telemetry
+    def __init__(self, engine: RoundEngine, cfg: AggregatorConfig, telemetry: Telemetry, *, tls: bool) -> None:
+        self.engine, self.cfg, self.t, self.tls = engine, cfg, telemetry, tls
+        self.allowed = frozenset(cfg.allowed_nodes) if cfg.allowed_nodes else None
+        # folding is serialised by the engine anyway: more payloads in memory at once buy nothing
+        self.upload_slots = threading.BoundedSemaphore(cfg.upload_slots)
 
-    @staticmethod
-    def _abort(context: grpc.ServicerContext, exc: EngineError) -> None:
+    def _authorize(self, context: grpc.ServicerContext, node_id: str) -> None:
+        """The identity check of every request: may this peer speak for ``node_id``?"""
+        if not self.tls:  # insecure mode: only the claimed id can be checked
+            if self.allowed is not None and node_id not in self.allowed:
+                raise EngineError("PERMISSION_DENIED", "identity_not_allowed", f"node {node_id!r} is not allowed")
+            return
+        cn = peer_common_name(context)
+        if cn is None:  # the handshake demands a certificate; this is defence in depth
+            raise EngineError("UNAUTHENTICATED", "no_certificate", "a client certificate is required")
+        if self.allowed is None or cn not in self.allowed:
+            raise EngineError("PERMISSION_DENIED", "identity_not_allowed",
+                              f"certificate {cn!r} is not on the aggregator's allow-list")
+        if cn != node_id:
+            raise EngineError("PERMISSION_DENIED", "identity_mismatch",
+                              f"certificate {cn!r} cannot speak for node {node_id!r}")
+
+    def _refuse(self, context: grpc.ServicerContext, method: str, node_id: str, exc: EngineError) -> None:
+        """Count, log and answer a refusal with its typed status (raises, as context.abort does)."""
+        self.t.requests_rejected.labels(method=method, reason=exc.reason).inc()
+        if method == "UploadUpdate":
+            self.t.updates_rejected.labels(reason=exc.reason).inc()
+        log.warning("%s from %r refused (%s, %s): %s", method, node_id[:64], exc.code, exc.reason, exc.message)
         context.abort(getattr(grpc.StatusCode, exc.code), exc.message)
+
+    def _unary(self, context: grpc.ServicerContext, method: str, node_id: str, call):
+        try:
+            self._authorize(context, node_id)
+            return call()
+        except EngineError as exc:
+            self._refuse(context, method, node_id, exc)
 
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterResponse:
         reg = Registration(node_id=request.node_id, role=ROLE_NAMES.get(request.role, "unspecified"),
@@ -53,54 +92,39 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
                            embed_dim=request.embed_dim, method=request.method,
                            initial_sha256=request.initial_state_sha256, num_train=request.num_train_samples,
                            num_val=request.num_val_samples, num_test=request.num_test_samples)
-        try:
-            view = self.engine.register(reg)
-        except EngineError as exc:
-            self._abort(context, exc)
+        view = self._unary(context, "Register", request.node_id, lambda: self.engine.register(reg))
         return pb.RegisterResponse(round=round_info(view), codec=self.cfg.codec, delta=self.cfg.delta,
                                    drop_masked_rows=self.cfg.drop_masked_rows,
                                    heartbeat_interval_ms=int(self.cfg.heartbeat_interval_s * 1000),
                                    max_chunk_bytes=CHUNK_BYTES)
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
-        try:
-            return pb.HeartbeatResponse(round=round_info(self.engine.heartbeat(request.run_id, request.node_id)))
-        except EngineError as exc:
-            self._abort(context, exc)
+        view = self._unary(context, "Heartbeat", request.node_id,
+                           lambda: self.engine.heartbeat(request.run_id, request.node_id))
+        return pb.HeartbeatResponse(round=round_info(view))
 
     def GetRound(self, request: pb.GetRoundRequest, context: grpc.ServicerContext) -> pb.GetRoundResponse:
         wait = min(max(request.max_wait_ms, 0) / 1000.0, MAX_LONG_POLL_S)
         remaining = context.time_remaining()
         if remaining is not None:  # answer before the caller's deadline, never after it
             wait = max(0.0, min(wait, remaining - 1.0))
-        try:
-            view = self.engine.round_view(request.run_id, request.node_id, request.wait_for_round, wait)
-        except EngineError as exc:
-            self._abort(context, exc)
+        view = self._unary(context, "GetRound", request.node_id, lambda: self.engine.round_view(
+            request.run_id, request.node_id, request.wait_for_round, wait))
         return pb.GetRoundResponse(round=round_info(view))
 
     def FetchGlobal(self, request: pb.FetchGlobalRequest, context: grpc.ServicerContext):
-        try:
-            data, sha = self.engine.published_global(request.run_id, request.node_id, request.version)
-        except EngineError as exc:
-            self._abort(context, exc)
+        data, sha = self._unary(context, "FetchGlobal", request.node_id, lambda: self.engine.published_global(
+            request.run_id, request.node_id, request.version))
         yield pb.FetchGlobalResponse(header=pb.PayloadHeader(
             run_id=self.engine.run_id, round_id=request.version - 1, node_id=request.node_id,
             version=request.version, codec=self.cfg.codec, delta=self.cfg.delta, raw_bytes=self.engine.raw_bytes,
             wire_bytes=len(data), sha256=sha))
-        sent = 0
         for part in chunks(data):
             yield pb.FetchGlobalResponse(chunk=part)
-            sent += len(part)
             self.t.update_bytes.labels(direction="down", encoding=self.cfg.codec).inc(len(part))
         self.t.update_raw_bytes.labels(direction="down", encoding=self.cfg.codec).inc(self.engine.raw_bytes)
 
     def UploadUpdate(self, request_iterator, context: grpc.ServicerContext) -> pb.UploadUpdateResponse:
-        first = next(request_iterator, None)
-        if first is None or first.WhichOneof("content") != "header":
-            self.t.updates_rejected.labels(reason="bad_stream").inc()
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "an upload starts with a header message")
-        h = first.header
         received = [0]
 
         def parts():
@@ -110,22 +134,33 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
                 received[0] += len(message.chunk)
                 yield message.chunk
 
+        node_id = ""
         try:
-            payload = assemble(parts(), h.wire_bytes, MAX_PAYLOAD_BYTES)
-        except PayloadAssemblyError as exc:
-            self._count_up(h.codec, received[0], 0)
-            self.t.updates_rejected.labels(reason="bad_stream").inc()
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        self._count_up(h.codec, len(payload), self.engine.raw_bytes)
-        header = UpdateHeader(run_id=h.run_id, round_id=h.round_id, node_id=h.node_id, update_id=h.update_id,
-                              codec=h.codec, sha256=h.sha256, wire_bytes=h.wire_bytes,
-                              train={"steps": h.train.steps, "seconds": h.train.seconds, "loss": h.train.loss})
-        try:
-            ack = self.engine.submit(header, payload)
+            first = next(request_iterator, None)
+            if first is None or first.WhichOneof("content") != "header":
+                raise EngineError("INVALID_ARGUMENT", "bad_stream", "an upload starts with a header message")
+            h = first.header
+            node_id = h.node_id
+            self._authorize(context, h.node_id)  # before a single payload byte is read
+            header = UpdateHeader(run_id=h.run_id, round_id=h.round_id, node_id=h.node_id, update_id=h.update_id,
+                                  codec=h.codec, sha256=h.sha256, wire_bytes=h.wire_bytes,
+                                  train={"steps": h.train.steps, "seconds": h.train.seconds, "loss": h.train.loss})
+            with self.upload_slots:
+                try:
+                    payload = assemble(parts(), h.wire_bytes, MAX_PAYLOAD_BYTES)
+                except PayloadAssemblyError as exc:
+                    self._count_up(h.codec, received[0], 0)
+                    raise EngineError("INVALID_ARGUMENT", "bad_stream", str(exc)) from exc
+                except grpc.RpcError as exc:  # gRPC ended the stream: a message over the size limit, a client gone
+                    self._count_up(h.codec, received[0], 0)
+                    raise EngineError("INVALID_ARGUMENT", "stream_broken", "the upload stream broke off") from exc
+                self._count_up(h.codec, len(payload), self.engine.raw_bytes)
+                ack = self.engine.submit(header, payload)
+                del payload
         except EngineError as exc:
-            self.t.updates_rejected.labels(reason=exc.reason).inc()
-            log.warning("update %s from %s refused (%s): %s", h.update_id, h.node_id, exc.code, exc.message)
-            self._abort(context, exc)
+            self._refuse(context, "UploadUpdate", node_id, exc)
+        if ack.replayed:
+            self.t.updates_replayed.inc()
         return pb.UploadUpdateResponse(update_id=ack.update_id, round_id=ack.round_id, replayed=ack.replayed,
                                        updates_received=ack.updates_received)
 
@@ -138,11 +173,8 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
         test = metrics_from_proto(request.test) if request.HasField("test") else None
         train = {"steps": request.train.steps, "seconds": request.train.seconds, "loss": request.train.loss} \
             if request.HasField("train") else None
-        try:
-            replayed = self.engine.report(request.run_id, request.node_id, request.version, request.report_id, val,
-                                          test, request.head, train)
-        except EngineError as exc:
-            self._abort(context, exc)
+        replayed = self._unary(context, "ReportMetrics", request.node_id, lambda: self.engine.report(
+            request.run_id, request.node_id, request.version, request.report_id, val, test, request.head, train))
         return pb.ReportMetricsResponse(report_id=request.report_id, replayed=replayed)
 
 
@@ -153,6 +185,11 @@ def _host_port(listen: str, port: int) -> str:
 
 def serve(cfg: AggregatorConfig) -> int:
     """Run the aggregator until its rounds are done (``exit_when_done``) or SIGTERM/SIGINT; the exit code."""
+    tls = load_material("the aggregator", cfg.listen, insecure=cfg.insecure, ca=cfg.tls_ca, cert=cfg.tls_cert,
+                        key=cfg.tls_key)
+    if tls is not None and not cfg.allowed_nodes:
+        raise ConfigError("allowed_nodes is empty: with TLS the aggregator admits only the node ids (certificate "
+                          "CNs) listed there; `python -m aggregator provision` writes it")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     telemetry = Telemetry("aggregator")
@@ -166,14 +203,18 @@ def serve(cfg: AggregatorConfig) -> int:
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_server.start()
 
-    engine = RoundEngine(cfg, CheckpointStore(out), telemetry)  # loads the checkpoint, if any
+    engine = RoundEngine(cfg, CheckpointStore(out, fault=os.environ.get(FAULT_ENV)), telemetry)  # resumes, if any
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.max_workers),
                          interceptors=[MetricsInterceptor(telemetry)], options=server_options())
-    pb_grpc.add_AggregatorServiceServicer_to_server(AggregatorServicer(engine, cfg, telemetry), server)
+    pb_grpc.add_AggregatorServiceServicer_to_server(AggregatorServicer(engine, cfg, telemetry, tls=tls is not None),
+                                                    server)
     if cfg.reflection:
         reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(cfg.listen)
+    if tls is not None:
+        port = server.add_secure_port(cfg.listen, server_credentials(tls))
+    else:
+        port = server.add_insecure_port(cfg.listen)
     if port == 0:
         raise OSError(f"cannot listen on {cfg.listen}")
     server.start()
@@ -182,7 +223,8 @@ def serve(cfg: AggregatorConfig) -> int:
     endpoints = {"pid": os.getpid(), "run_id": engine.run_id, "address": _host_port(cfg.listen, port),
                  "health_address": _host_port(cfg.listen, health_port), "metrics_port": metrics_port}
     atomic_write(out / "endpoints.json", json.dumps(endpoints, indent=1).encode())
-    log.info("aggregator serving on %s (health %s, metrics :%d%s), run %s", endpoints["address"],
+    log.info("aggregator serving on %s (%s; health %s, metrics :%d%s), run %s", endpoints["address"],
+             f"mTLS, {len(cfg.allowed_nodes or ())} nodes allowed" if tls else "PLAINTEXT, no identity",
              endpoints["health_address"], metrics_port, ", reflection on" if cfg.reflection else "", engine.run_id)
 
     stop = threading.Event()

@@ -2,7 +2,8 @@
 
 ``python -m deploy.local_federation --out runs/demo --rounds 30`` (``make demo``) partitions the
 brain tumor set (N training hospitals + the held-out one), starts ``python -m aggregator`` and one
-``python -m hospital_node run`` per hospital on loopback (free ports picked at run time), prints
+``python -m hospital_node run`` per hospital on loopback (free ports picked at run time), all over
+mutual TLS with certificates made by ``python -m aggregator provision`` into ``<out>/pki``, prints
 accuracy and bytes per round as the aggregator reports them, leaves ``<out>/aggregator/report.md``
 and ``report.json``, and shuts every process down (SIGTERM, then SIGKILL after a grace period),
 also on Ctrl-C. These are the same commands the compose testbed runs, one per container.
@@ -73,39 +74,103 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def run_federation(out: Path, *, hospitals: int = 3, rounds: int = 30, per_class: int | None = None,
-                   alpha: float | None = 0.5, seed: int = 0, codec: str = "int8", holdout: bool = True,
-                   cache_dir: str = ".cache/features", timeout_s: float = 1800.0, threads: int = 1,
-                   quiet: bool = False, extra_aggregator: tuple[str, ...] = ()) -> dict:
-    """Run one federation to the end; returns the aggregator's report (raises on failure or timeout)."""
-    out = out.resolve()
-    partition_dir = out / "partition"
-    cmd = [sys.executable, "-m", "hospital_node", "partition", "--hospitals", str(hospitals), "--seed", str(seed),
-           "--alpha", str(alpha if alpha is not None else 0), "--out", str(partition_dir)]
+def node_names(hospitals: int, holdout: bool = True) -> list[str]:
+    """The node ids ``hospital_node partition`` writes configs for: the trainers, then the held-out one."""
+    return [f"hospital_{i}" for i in range(1, hospitals + 1)] + (["global"] if holdout else [])
+
+
+def partition_command(out: str, *, hospitals: int, seed: int, alpha: float | None, per_class: int | None,
+                      holdout: bool = True, data: str | None = None) -> list[str]:
+    """The argv (after the interpreter) that writes every hospital's manifest and node config."""
+    cmd = ["-m", "hospital_node", "partition", "--hospitals", str(hospitals), "--seed", str(seed),
+           "--alpha", str(alpha if alpha is not None else 0), "--out", out]
+    if data:
+        cmd += ["--data", data]
     if per_class:
         cmd += ["--per-class", str(per_class)]
     if not holdout:
         cmd.append("--no-holdout")
+    return cmd
+
+
+def provision_command(pki_dir: str, nodes: list[str], *, aggregator_hosts: str = "localhost",
+                      mount: str | None = None) -> list[str]:
+    """The argv that writes the federation's CA, every party's certificate and key, and their configs.
+
+    ``mount``: write the config paths as seen where ``pki_dir`` is mounted (e.g. ``/pki`` in a container).
+    """
+    cmd = ["-m", "aggregator", "provision", "--nodes", ",".join(nodes), "--out", pki_dir,
+           "--aggregator-host", aggregator_hosts]
+    return cmd + (["--mount", mount] if mount else [])
+
+
+def identity_args(pki_dir: str | None, party: str) -> list[str]:
+    """A party's certificate config (``pki_dir/<party>/<party or node>.yaml``), or ``--insecure`` without one."""
+    if pki_dir is None:
+        return ["--insecure"]
+    return ["--config", f"{pki_dir}/{party}/{'aggregator' if party == 'aggregator' else 'node'}.yaml"]
+
+
+def service_commands(nodes: list[str], *, min_nodes: int, rounds: int, codec: str, seed: int, threads: int,
+                     partition_dir: str, out_dir: str, cache_dir: str, listen: str, aggregator_address: str,
+                     health_port: int, metrics_port: int, node_metrics_ports: dict[str, int],
+                     extra_aggregator: tuple[str, ...] = (), pki_dir: str | None = None) -> dict[str, list[str]]:
+    """The argv (after the Python interpreter) of every service of a federation, by service name.
+
+    ``make demo`` runs exactly these on loopback (host paths, free ports); ``deploy/compose.yaml`` runs
+    exactly these, one per container (container paths, fixed ports), and a test holds the two together.
+    Paths are joined with ``/`` so container paths can be asked for from any host. ``pki_dir``: the
+    folder :func:`provision_command` wrote (mTLS); None runs plaintext (``--insecure``, loud warnings).
+    """
+    commands = {"aggregator": ["-m", "aggregator", *identity_args(pki_dir, "aggregator"), "--listen", listen, "--health-port", str(health_port),
+                               "--metrics-port", str(metrics_port), "--out-dir", f"{out_dir}/aggregator",
+                               "--rounds", str(rounds), "--min-nodes", str(min_nodes), "--codec", codec,
+                               "--seed", str(seed), "--round-timeout-s", "300", "--linger-s", "60",
+                               *extra_aggregator]}
+    for node in nodes:
+        commands[node] = ["-m", "hospital_node", "run", "--config", f"{partition_dir}/{node}.yaml",
+                          *identity_args(pki_dir, node),
+                          "--aggregator", aggregator_address, "--metrics-port", str(node_metrics_ports[node]),
+                          "--state-dir", f"{out_dir}/nodes/{node}", "--cache-dir", cache_dir,
+                          "--threads", str(threads), "--progress", "false"]
+    return commands
+
+
+def run_federation(out: Path, *, hospitals: int = 3, rounds: int = 30, per_class: int | None = None,
+                   alpha: float | None = 0.5, seed: int = 0, codec: str = "int8", holdout: bool = True,
+                   cache_dir: str = ".cache/features", timeout_s: float = 1800.0, threads: int = 1,
+                   quiet: bool = False, extra_aggregator: tuple[str, ...] = (), tls: bool = True) -> dict:
+    """Run one federation to the end; returns the aggregator's report (raises on failure or timeout).
+
+    ``tls=False`` runs plaintext (``--insecure``): no certificates, loud warnings in every log.
+    """
+    out = out.resolve()
+    partition_dir = out / "partition"
+    cmd = [sys.executable, *partition_command(str(partition_dir), hospitals=hospitals, seed=seed, alpha=alpha,
+                                              per_class=per_class, holdout=holdout)]
     subprocess.run(cmd, cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL if quiet else None)
-    nodes = [f"hospital_{i}" for i in range(1, hospitals + 1)] + (["global"] if holdout else [])
+    nodes = node_names(hospitals, holdout)
+    pki = out / "pki"
+    if tls:
+        subprocess.run([sys.executable, *provision_command(str(pki), nodes)], cwd=REPO_ROOT, check=True,
+                       stdout=subprocess.DEVNULL if quiet else None)
     port = free_port()
     launcher = Launcher(out / "logs")
     agg_out = out / "aggregator"
     report_path = agg_out / "report.json"
     shown = 0
+    commands = service_commands(nodes, min_nodes=hospitals, rounds=rounds, codec=codec, seed=seed, threads=threads,
+                                partition_dir=str(partition_dir), out_dir=str(out), cache_dir=cache_dir,
+                                listen=f"127.0.0.1:{port}", aggregator_address=f"127.0.0.1:{port}",
+                                health_port=free_port(), metrics_port=free_port(),
+                                node_metrics_ports={node: free_port() for node in nodes},
+                                extra_aggregator=extra_aggregator, pki_dir=str(pki) if tls else None)
     try:
-        launcher.start("aggregator", ["-m", "aggregator", "--listen", f"127.0.0.1:{port}",
-                                      "--health-port", str(free_port()), "--metrics-port", str(free_port()),
-                                      "--out-dir", str(agg_out), "--rounds", str(rounds), "--min-nodes",
-                                      str(hospitals), "--codec", codec, "--seed", str(seed), "--round-timeout-s", "300",
-                                      "--linger-s", "60", *extra_aggregator])
-        for node in nodes:
-            launcher.start(node, ["-m", "hospital_node", "run", "--config", str(partition_dir / f"{node}.yaml"),
-                                  "--aggregator", f"127.0.0.1:{port}", "--metrics-port", str(free_port()),
-                                  "--state-dir", str(out / "nodes" / node), "--cache-dir", cache_dir,
-                                  "--threads", str(threads), "--progress", "false"])
+        for name, argv in commands.items():
+            launcher.start(name, argv)
         if not quiet:
-            print(f"aggregator on 127.0.0.1:{port}; {len(nodes)} nodes; logs in {launcher.log_dir}", flush=True)
+            print(f"aggregator on 127.0.0.1:{port} ({f'mTLS, certificates in {pki}' if tls else 'PLAINTEXT'}); "
+                  f"{len(nodes)} nodes; logs in {launcher.log_dir}", flush=True)
             print(f"{'round':>5}  {'mean val acc':>12}  {'up KB':>8}  {'down KB':>8}  {'seconds':>7}  test accuracy",
                   flush=True)
         deadline = time.monotonic() + timeout_s
@@ -147,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--codec", default="int8")
     p.add_argument("--cache-dir", default=".cache/features")
     p.add_argument("--timeout-s", type=float, default=3600.0)
+    p.add_argument("--insecure", action="store_true", help="plaintext gRPC without certificates (tests only)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(args.out)
@@ -161,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_federation(out, hospitals=args.hospitals, rounds=args.rounds, per_class=args.per_class,
                        alpha=args.alpha if args.alpha > 0 else None, seed=args.seed, codec=args.codec,
-                       cache_dir=args.cache_dir, timeout_s=args.timeout_s)
+                       cache_dir=args.cache_dir, timeout_s=args.timeout_s, tls=not args.insecure)
     except KeyboardInterrupt:
         print("\ninterrupted: every service was stopped", file=sys.stderr)
         return 130

@@ -19,7 +19,8 @@ from shared.service_config import ConfigError, add_config_flags, load_config
 
 
 def _config(args: argparse.Namespace) -> NodeConfig:
-    cfg = load_config(NodeConfig, yaml_path=args.config, env_prefix=ENV_PREFIX, flags=args)
+    cfg = load_config(NodeConfig, yaml_path=args.config or os.environ.get(ENV_PREFIX + "CONFIG"),
+                      env_prefix=ENV_PREFIX, flags=args)
     if getattr(args, "eval_only", False):
         from dataclasses import replace
 
@@ -29,6 +30,10 @@ def _config(args: argparse.Namespace) -> NodeConfig:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     cfg = _config(args)
+    from shared.tls import load_material
+
+    tls = load_material(f"node {cfg.node_id}", cfg.aggregator, insecure=cfg.insecure, ca=cfg.tls_ca,
+                        cert=cfg.tls_cert, key=cfg.tls_key)  # refuses to start without certificates or --insecure
     from hospital_node.client import run_node  # torch and the backbone: after the cheap checks
     from shared.telemetry import Telemetry, serve_metrics
 
@@ -46,7 +51,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, on_signal)
     try:
-        code = run_node(cfg, stop, telemetry)
+        code = run_node(cfg, stop, telemetry, tls)
         if not cfg.exit_when_done and not stop.is_set():
             logging.getLogger("fedmedclip.node").info("run over (exit code %d); serving metrics until SIGTERM", code)
             stop.wait()
@@ -82,17 +87,20 @@ def _cmd_partition(args: argparse.Namespace) -> int:
     return 0
 
 
+CONFIG_HELP = f"YAML file (repeatable: later files override earlier ones; default ${ENV_PREFIX}CONFIG)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m hospital_node", description=__doc__.split("\n\n")[0])
     parser.add_argument("--log-level", default=os.environ.get("FEDMEDCLIP_LOG_LEVEL", "INFO"))
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the node daemon")
-    run.add_argument("--config", default=os.environ.get(ENV_PREFIX + "CONFIG"), help="YAML file")
+    run.add_argument("--config", action="append", help=CONFIG_HELP)
     run.add_argument("--eval-only", action="store_true", help="held-out hospital: evaluate every global, never train")
     add_config_flags(run, NodeConfig)
     run.set_defaults(func=_cmd_run)
     pred = sub.add_parser("predict", help="classify a folder of images, write a CSV")
-    pred.add_argument("--config", default=os.environ.get(ENV_PREFIX + "CONFIG"), help="YAML file")
+    pred.add_argument("--config", action="append", help=CONFIG_HELP)
     pred.add_argument("--images", required=True, help="folder of images (searched recursively)")
     pred.add_argument("--out", default="predictions.csv")
     add_config_flags(pred, NodeConfig)

@@ -39,6 +39,7 @@ from shared.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
 from shared.proto.fedmedclip.v1 import aggregator_service_pb2_grpc as pb_grpc
 from shared.protocol import metrics_to_proto, raw_nbytes, state_digest
 from shared.telemetry import Telemetry
+from shared.tls import TlsMaterial, secure_channel
 from shared.training import HospitalLearner, TrainConfig, build_adapter, get_method
 from shared.transport import Backoff, assemble, call_with_retry, channel_options, chunks
 
@@ -107,7 +108,8 @@ def build_learner(cfg: NodeConfig, prep: Prepared) -> HospitalLearner:
 
 
 class NodeClient:
-    def __init__(self, cfg: NodeConfig, prep: Prepared, telemetry: Telemetry, stop: threading.Event) -> None:
+    def __init__(self, cfg: NodeConfig, prep: Prepared, telemetry: Telemetry, stop: threading.Event,
+                 tls: TlsMaterial | None) -> None:
         self.cfg, self.prep, self.t, self.stop = cfg, prep, telemetry, stop
         self.method = get_method(cfg.method)
         self.learner = build_learner(cfg, prep)
@@ -116,7 +118,7 @@ class NodeClient:
         self.evaluator = cfg.role == "evaluator"
         self.backoff = Backoff(cfg.retry_initial_s, cfg.retry_max_s, give_up_after_s=cfg.give_up_after_s)
         self.rng = random.Random()
-        self.channel = grpc.insecure_channel(cfg.aggregator, options=channel_options())
+        self.channel = secure_channel(cfg.aggregator, tls, channel_options(), cfg.tls_server_name)
         self.stub = pb_grpc.AggregatorServiceStub(self.channel)
         self.run_id = ""
         self.wire = WireConfig()
@@ -299,7 +301,8 @@ class NodeClient:
             ack = self._call(f"UploadUpdate r{pending.round_id}", upload)
         except grpc.RpcError as exc:
             self.t.updates_rejected.labels(reason=exc.code().name.lower()).inc()
-            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:  # the round closed without us: go on
+            if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS):
+                # the round closed without us, or it holds an update of ours already: go on
                 log.warning("update of round %d not taken: %s", pending.round_id + 1, exc.details())
                 return
             raise
@@ -371,12 +374,12 @@ class NodeClient:
             self.channel.close()
 
 
-def run_node(cfg: NodeConfig, stop: threading.Event, telemetry: Telemetry) -> int:
+def run_node(cfg: NodeConfig, stop: threading.Event, telemetry: Telemetry, tls: TlsMaterial | None) -> int:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     prep = prepare(cfg, telemetry)
     Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
-    return NodeClient(cfg, prep, telemetry, stop).run()
+    return NodeClient(cfg, prep, telemetry, stop, tls).run()
 
 
 def state_summary(state: NodeState) -> dict[str, Any]:

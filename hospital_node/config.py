@@ -16,6 +16,12 @@ class NodeConfig:
     # identity and connection
     node_id: str = "hospital_1"
     aggregator: str = "127.0.0.1:50051"
+    # identity (mTLS; see shared/tls.py): this node's certificate (CN = node_id) and key, the federation's CA
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    tls_server_name: str | None = None  # the aggregator's name in its certificate, if not the host dialled
+    insecure: bool = False  # plaintext, no identity: tests on one machine only (a loud warning at start)
     role: str = "trainer"  # trainer | evaluator (a held-out hospital: evaluates every global, never trains)
     rpc_timeout_s: float = 30.0  # deadline of every unary RPC
     transfer_timeout_s: float = 120.0  # deadline of a whole upload or download stream

@@ -183,7 +183,8 @@ class Aggregator:
             ):
                 raise AggregationError(f"present[{n!r}] must be a bool tensor of shape ({t.shape[0]},)")
             p = p.detach().cpu()
-            if not bool(torch.isfinite(t[p]).all()):
+            # a finite sum of the whole tensor proves every sent row finite in one pass; else check exactly
+            if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t[p]).all()):
                 raise AggregationError(f"update tensor {n!r} holds NaN or Inf in a sent row")
             rows[n] = p
         return rows
@@ -216,9 +217,11 @@ class WeightedMeanAggregator(Aggregator):
                 self._sum[n] = torch.zeros(x.shape, dtype=torch.float64)
                 self._weight[n] = torch.zeros(x.shape[0], dtype=torch.float64)
             pw = p.to(torch.float64) * w
-            # x * 0 would still be NaN for a NaN in an unsent row: select instead.
-            contrib = torch.where(_expand_rows(p, x.shape), x.to(torch.float64), 0.0)
-            self._sum[n].add_(contrib, alpha=w)
+            if bool(p.all()):
+                self._sum[n].add_(x, alpha=w)
+            else:  # only the sent rows (x * 0 would still be NaN for a NaN in an unsent row)
+                sent = p.nonzero().squeeze(1)
+                self._sum[n].index_add_(0, sent, x.index_select(0, sent).to(torch.float64), alpha=w)
             self._weight[n].add_(pw)
 
     def _combine(self, previous: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

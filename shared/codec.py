@@ -234,7 +234,11 @@ def _as_cpu_float32(name: str, t: object, what: str) -> torch.Tensor:
 
 
 def _check_finite(name: str, t: torch.Tensor, what: str) -> None:
-    if not bool(torch.isfinite(t).all()):
+    # A NaN or Inf anywhere makes the sum non-finite, so a finite sum proves the tensor finite in one
+    # cheap pass (~5x faster than isfinite().all(), which the aggregator runs twice per tensor per
+    # update); only a sum that is not finite (a bad value, or finite values overflowing) is checked
+    # element by element.
+    if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
         raise NonFiniteError(f"{what} {name!r} contains NaN or Inf")
 
 

@@ -20,6 +20,7 @@ import torch
 
 from shared.aggregation import Aggregator
 from shared.codec import DEFAULT_MAX_DECOMPRESSED_BYTES, DecodedState, EncodedPayload, decode_state, encode_state
+from shared.errors import FedMedCLIPError
 from shared.training import HospitalLearner, RoundStats
 
 
@@ -66,6 +67,46 @@ def decode_adapter(payload: bytes, sha256: str | None, reference: Mapping[str, t
                         max_decompressed_bytes=wire.max_decompressed_bytes)
 
 
+class UpdateOutOfBoundsError(FedMedCLIPError):
+    """A decoded update lies outside the configured bounds (a poisoning guard, not a codec error)."""
+
+
+class UpdateNormTooLargeError(UpdateOutOfBoundsError):
+    """The update moves the global adapter further than ``max_update_norm``."""
+
+
+class UpdateValueTooLargeError(UpdateOutOfBoundsError):
+    """A value of the update is larger in magnitude than ``max_abs_value``."""
+
+
+@dataclass(frozen=True)
+class UpdateBounds:
+    """Poisoning guard: limits a valid-looking update must also respect (None: no limit).
+
+    ``max_update_norm`` bounds the L2 norm of (update - current global) over every tensor, the step
+    one node proposes; ``max_abs_value`` bounds every value of the update. Both are far above what
+    local training produces (see README, "Security and trust") and far below what scales the average.
+    """
+
+    max_update_norm: float | None = None
+    max_abs_value: float | None = None
+
+
+def check_bounds(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor],
+                 bounds: UpdateBounds) -> None:
+    """Raise an :class:`UpdateOutOfBoundsError` when ``state`` breaks ``bounds``."""
+    if bounds.max_abs_value is not None:
+        peak = max((max(-float(t.min()), float(t.max())) for t in state.values() if t.numel()), default=0.0)
+        if peak > bounds.max_abs_value:
+            raise UpdateValueTooLargeError(f"an update value of magnitude {peak:.4g} is over the bound "
+                                           f"{bounds.max_abs_value:g}")
+    if bounds.max_update_norm is not None:  # float32 is exact enough for a bound
+        norm = sum(float(torch.linalg.vector_norm(state[k] - reference[k])) ** 2 for k in state) ** 0.5
+        if norm > bounds.max_update_norm:
+            raise UpdateNormTooLargeError(f"the update moves the global by an L2 norm of {norm:.4g}, over the "
+                                          f"bound {bounds.max_update_norm:g}")
+
+
 def make_update(learner: HospitalLearner, global_state: Mapping[str, torch.Tensor], features: torch.Tensor,
                 labels: torch.Tensor, round_index: int, wire: WireConfig) -> tuple[EncodedPayload, RoundStats]:
     """A node's part of a round: start from the global adapter, train, encode what travels."""
@@ -75,9 +116,11 @@ def make_update(learner: HospitalLearner, global_state: Mapping[str, torch.Tenso
 
 
 def fold_update(aggregator: Aggregator, payload: bytes, sha256: str | None, global_state: Mapping[str, torch.Tensor],
-                num_samples: int, wire: WireConfig) -> DecodedState:
-    """The aggregator's part for one update: every byte is validated before it touches the average."""
+                num_samples: int, wire: WireConfig, bounds: UpdateBounds = UpdateBounds()) -> DecodedState:
+    """The aggregator's part for one update: every byte is validated, and the values bounded, before it
+    touches the average."""
     decoded = decode_adapter(payload, sha256, global_state, wire)
+    check_bounds(decoded.tensors, global_state, bounds)
     aggregator.add(decoded.tensors, decoded.present, num_samples=num_samples)
     return decoded
 

@@ -96,17 +96,24 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[
             continue
         base, _ = _unwrap_optional(tp)
         metavar = "A,B,..." if typing.get_origin(base) in (list, tuple) else getattr(base, "__name__", "X").upper()
+        bare = {"nargs": "?", "const": "true"} if base is bool else {}  # `--insecure` alone means true
         group.add_argument(f"--{name.replace('_', '-')}", dest=f"cfg_{name}", default=None, metavar=metavar,
-                           help=f"(default: {getattr(defaults, name)!r})")
+                           help=f"(default: {getattr(defaults, name)!r})", **bare)
 
 
-def load_config(cls: type[C], *, yaml_path: str | Path | None = None, env_prefix: str = "",
+def load_config(cls: type[C], *, yaml_path: str | Path | list[str | Path] | None = None, env_prefix: str = "",
                 env: Mapping[str, str] | None = None, flags: argparse.Namespace | Mapping[str, Any] | None = None) -> C:
-    """Build ``cls`` from its defaults, then the YAML file, then the environment, then flags."""
+    """Build ``cls`` from its defaults, then the YAML file(s) in order, then the environment, then flags.
+
+    Several files let one party combine, e.g., the data settings of ``hospital_node partition`` with
+    the identity of ``aggregator provision``; ``yaml_path`` may also be one comma-separated string.
+    """
     types_ = _field_types(cls)
     values: dict[str, Any] = {}
-    if yaml_path is not None:
-        path = Path(yaml_path)
+    if isinstance(yaml_path, (str, Path)):
+        yaml_path = [p for p in str(yaml_path).split(",") if p.strip()]
+    for path in yaml_path or []:
+        path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}

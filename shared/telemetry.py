@@ -59,6 +59,12 @@ class Telemetry:
                                                ["step"], buckets=_SECONDS_BUCKETS, registry=r)
             self.updates_rejected = Counter("fedmedclip_updates_rejected_total", "Adapter updates refused, by reason",
                                             ["reason"], registry=r)
+            self.updates_replayed = Counter("fedmedclip_updates_replayed_total",
+                                            "Retries of an accepted update, answered again and not counted twice",
+                                            registry=r)
+            self.requests_rejected = Counter("fedmedclip_requests_rejected_total",
+                                             "Requests of any RPC refused with a typed status (identity checks "
+                                             "included), by RPC and reason", ["method", "reason"], registry=r)
             self.nodes_connected = Gauge("fedmedclip_nodes_connected",
                                          "Registered nodes heard from within the liveness window", registry=r)
             self.nodes_registered = Gauge("fedmedclip_nodes_registered", "Registered nodes, by role", ["role"],
@@ -120,23 +126,38 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         service, method = _split_method(handler_call_details.method)
+        deserializer = self._counting(handler.request_deserializer, method)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(handler.unary_unary, service, method, "unary"),
-                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+                request_deserializer=deserializer, response_serializer=handler.response_serializer)
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
                 self._wrap_unary(handler.stream_unary, service, method, "client_stream"),
-                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+                request_deserializer=deserializer, response_serializer=handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 self._wrap_stream(handler.unary_stream, service, method, "server_stream"),
-                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+                request_deserializer=deserializer, response_serializer=handler.response_serializer)
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
                 self._wrap_stream(handler.stream_stream, service, method, "bidi_stream"),
-                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+                request_deserializer=deserializer, response_serializer=handler.response_serializer)
         return handler
+
+    def _counting(self, deserializer, method: str):
+        """Count messages that are not the protobuf they claim to be (gRPC then answers INTERNAL)."""
+        rejected = getattr(self.t, "requests_rejected", None)
+        if deserializer is None or rejected is None:
+            return deserializer
+
+        def deserialize(data: bytes):
+            try:
+                return deserializer(data)
+            except Exception:
+                rejected.labels(method=method, reason="undecodable").inc()
+                raise
+        return deserialize
 
     def _observe(self, service: str, method: str, kind: str, code: str, start: float) -> None:
         self.t.grpc_handled.labels(grpc_service=service, grpc_method=method, grpc_type=kind, grpc_code=code).inc()

@@ -32,16 +32,35 @@ def service_env() -> dict[str, str]:
     return env
 
 
+def provision_pki(root: Path, nodes: list[str]) -> Path:
+    """A federation's certificates and configs in ``root`` (``python -m aggregator provision``)."""
+    from aggregator.provision import provision
+
+    provision(root, nodes)
+    return root
+
+
+def aggregator_identity(pki: Path) -> list[str]:
+    """Flags that give the aggregator its certificate, the CA and the allow-list."""
+    return ["--config", str(pki / "aggregator" / "aggregator.yaml")]
+
+
+def node_identity(pki: Path, node: str) -> list[str]:
+    """Flags that give a node its certificate (CN = node) and the CA."""
+    return ["--config", str(pki / node / "node.yaml")]
+
+
 @dataclass
 class Proc:
     name: str
     args: list[str]
     log: Path
     popen: subprocess.Popen | None = None
+    env: dict[str, str] = field(default_factory=dict)  # on top of service_env()
 
     def start(self) -> "Proc":
         handle = self.log.open("ab")
-        self.popen = subprocess.Popen([sys.executable, *self.args], cwd=REPO_ROOT, env=service_env(),
+        self.popen = subprocess.Popen([sys.executable, *self.args], cwd=REPO_ROOT, env=service_env() | self.env,
                                       stdout=handle, stderr=subprocess.STDOUT)
         handle.close()
         return self
@@ -84,14 +103,36 @@ class Cluster:
     root: Path
     procs: list[Proc] = field(default_factory=list)
 
-    def add(self, name: str, args: list[str]) -> Proc:
-        proc = Proc(name, args, self.root / f"{name}.log")
+    def add(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Proc:
+        proc = Proc(name, args, self.root / f"{name}.log", env=dict(env or {}))
         self.procs.append(proc)
         return proc.start()
 
     def close(self) -> None:
         for proc in reversed(self.procs):
             proc.stop()
+
+
+def start_aggregator_process(cluster: Cluster, pki: Path, out: Path, *flags: str, name: str = "aggregator",
+                             timeout: float = 120.0) -> dict:
+    """A real aggregator process with mTLS on free ports; waits until it serves. Its endpoints and ports."""
+    ports = {"grpc": free_port(), "health": free_port(), "metrics": free_port()}
+    endpoints = out / "endpoints.json"
+    endpoints.unlink(missing_ok=True)
+    proc = cluster.add(name, ["-m", "aggregator", *aggregator_identity(pki), "--listen", f"127.0.0.1:{ports['grpc']}",
+                              "--health-port", str(ports["health"]), "--metrics-port", str(ports["metrics"]),
+                              "--out-dir", str(out), *flags])
+    info = wait_for(lambda: read_json(endpoints) or (not proc.alive() and {"dead": True}), timeout,
+                    "the aggregator to serve", [proc])
+    assert "dead" not in info, proc.text()[-3000:]
+    return ports | {"proc": proc, "address": f"127.0.0.1:{ports['grpc']}", "run_id": info["run_id"]}
+
+
+def tls_of(pki: Path, party: str):
+    """A party's certificates as :class:`shared.tls.TlsMaterial` (for in-test clients)."""
+    from shared.tls import party_material
+
+    return party_material(pki / party)
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str, procs: list[Proc] = (),

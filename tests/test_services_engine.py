@@ -92,7 +92,8 @@ def test_round_closes_when_every_trainer_reported_and_retries_get_the_same_answe
     decoded = decode_adapter(data, sha, initial_state(), WireConfig())
     assert all(torch.equal(decoded.tensors[k], eng.global_state[k]) for k in eng.global_state)
     ckpt = CheckpointStore(tmp_path).load()
-    assert ckpt.version == 1 and ckpt.accepted == {"0": {"h1": "h1-r0", "h2": "h2-r0"}}
+    assert ckpt.version == 1 and ckpt.accepted == {"0": {"h1": {"update_id": "h1-r0", "sha256": p1.sha256},
+                                                         "h2": {"update_id": "h2-r0", "sha256": p2.sha256}}}
 
 
 def test_stale_and_future_rounds_and_bad_payloads_get_typed_refusals(tmp_path):
@@ -165,15 +166,19 @@ def test_restart_from_checkpoint_keeps_run_global_and_accepted_ids(tmp_path):
     for n in ("h1", "h2"):
         eng.register(registration(n))
     eng.step()
-    for n in ("h1", "h2"):
-        p = update_payload(eng.global_state, seed=len(n))
+    sent = {n: update_payload(eng.global_state, seed=len(n) + i) for i, n in enumerate(("h1", "h2"))}
+    for n, p in sent.items():
         eng.submit(header(eng, n, p), p.data)
     eng.step()
     again = make_engine(tmp_path)
     assert again.run_id == eng.run_id and again.version == 1 and again.phase == COLLECTING
     assert all(torch.equal(again.global_state[k], eng.global_state[k]) for k in eng.global_state)
-    p = update_payload(eng.global_state)
+    p = sent["h1"]
     assert again.submit(header(again, "h1", p, round_id=0, update_id="h1-r0"), p.data).replayed
+    other = update_payload(eng.global_state)  # other bytes under the accepted id: refused, not counted
+    with pytest.raises(EngineError) as conflict:
+        again.submit(header(again, "h1", other, round_id=0, update_id="h1-r0"), other.data)
+    assert (conflict.value.code, conflict.value.reason) == ("ALREADY_EXISTS", "conflicting_replay")
     with pytest.raises(ValueError, match="another configuration"):
         make_engine(tmp_path, codec="fp16")
 
@@ -210,7 +215,7 @@ def grpc_aggregator(tmp_path):
     eng = RoundEngine(cfg, CheckpointStore(tmp_path), telemetry)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), interceptors=[MetricsInterceptor(telemetry)],
                          options=server_options())
-    pb_grpc.add_AggregatorServiceServicer_to_server(AggregatorServicer(eng, cfg, telemetry), server)
+    pb_grpc.add_AggregatorServiceServicer_to_server(AggregatorServicer(eng, cfg, telemetry, tls=False), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     stop = threading.Event()
@@ -276,3 +281,63 @@ def test_grpc_statuses_for_refused_registrations_and_updates(grpc_aggregator):
     assert len(payload) == parts[0].header.wire_bytes
     decoded = decode_adapter(payload, parts[0].header.sha256, initial_state(), WireConfig())
     assert all(torch.equal(decoded.tensors[k], eng.global_state[k]) for k in eng.global_state)
+
+
+def test_updates_beyond_the_poisoning_bounds_are_refused_before_they_touch_the_average(tmp_path):
+    eng = make_engine(tmp_path, max_update_norm=1.0, max_abs_value=2.0)
+    for n in ("h1", "h2"):
+        eng.register(registration(n))
+    eng.step()
+    g = eng.global_state
+    far = encode_adapter({k: v + 0.5 for k, v in g.items()}, g, WireConfig())  # every value small, the step large
+    spike = {k: v.clone() for k, v in g.items()}
+    spike["fc2.weight"][1, 1] = 3.0
+    spiked = encode_adapter(spike, g, WireConfig())
+    for payload, reason in ((far, "update_norm_too_large"), (spiked, "update_value_too_large")):
+        with pytest.raises(EngineError) as refused:
+            eng.submit(header(eng, "h1", payload), payload.data)
+        assert (refused.value.code, refused.value.reason) == ("INVALID_ARGUMENT", reason)
+    assert eng.aggregator.count == 0 and not eng.round_updates
+    ok = update_payload(g, scale=0.01)
+    assert not eng.submit(header(eng, "h1", ok), ok.data).replayed  # a normal update still goes in
+
+
+def test_the_robust_aggregation_rule_is_chosen_in_the_aggregator_config(tmp_path):
+    from shared.aggregation import make_aggregator
+    from shared.federated import fold_update, publish_global
+    from shared.service_config import load_config
+
+    yaml_file = tmp_path / "aggregator.yaml"
+    yaml_file.write_text("aggregation: trimmed_mean\ntrim_ratio: 0.34\nmax_update_norm: null\n")
+    cfg = load_config(AggregatorConfig, yaml_path=str(yaml_file), env={},
+                      flags={"out_dir": str(tmp_path), "rounds": 1, "min_nodes": 3, "embed_dim": DIM})
+    eng = RoundEngine(cfg, CheckpointStore(tmp_path), Telemetry("aggregator"))
+    for n in ("h1", "h2", "h3"):
+        eng.register(registration(n))
+    eng.step()
+    g = eng.global_state
+    sent = [update_payload(g, seed=1), update_payload(g, seed=2), update_payload(g, scale=20.0, seed=3)]  # h3 poisons
+    expected = make_aggregator("trimmed_mean", trim_ratio=0.34)
+    for node, p in zip(("h1", "h2", "h3"), sent):
+        eng.submit(header(eng, node, p), p.data)
+        fold_update(expected, p.data, p.sha256, g, 10, WireConfig())
+    eng.step()
+    want = publish_global(expected, g, WireConfig())[1]
+    assert eng.version == 1 and all(torch.equal(eng.global_state[k], want[k]) for k in want)
+    drift = max(float((eng.global_state[k] - g[k]).abs().max()) for k in g)
+    assert drift < 0.1  # the 20x outlier was trimmed away, per coordinate
+
+
+def test_config_files_merge_in_order_and_bool_flags_stand_alone(tmp_path):
+    import argparse
+
+    from shared.service_config import add_config_flags, load_config
+
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("rounds: 3\nmin_nodes: 2\n")
+    b.write_text("rounds: 7\nallowed_nodes: [h1, h2]\n")
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, AggregatorConfig)
+    cfg = load_config(AggregatorConfig, yaml_path=[a, b], env={}, flags=parser.parse_args(["--insecure"]))
+    assert (cfg.rounds, cfg.min_nodes, cfg.allowed_nodes, cfg.insecure) == (7, 2, ["h1", "h2"], True)
+    assert not load_config(AggregatorConfig, env={}, flags=parser.parse_args(["--insecure", "false"])).insecure

@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.services_support import REPO_ROOT, Cluster, free_port, read_json, scrape, service_env, total, wait_for
+from tests.services_support import (REPO_ROOT, Cluster, aggregator_identity, free_port, node_identity, provision_pki,
+                                    read_json, scrape, service_env, total, wait_for)
 
 PER_CLASS = 40
 HOSPITALS = 3
@@ -32,6 +33,12 @@ ROUNDS = 4
 TRAINERS = [f"hospital_{i}" for i in range(1, HOSPITALS + 1)]
 ALL_NODES = TRAINERS + ["global"]
 START_TIMEOUT = 240.0  # every wait is bounded; first start loads the backbone in 4 processes on 2 cores
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    """mTLS for every process here; 'intruder' holds a valid certificate but another backbone."""
+    return provision_pki(tmp_path_factory.mktemp("pki"), ALL_NODES + ["intruder"])
 
 
 @pytest.fixture(scope="module")
@@ -58,17 +65,20 @@ def reference(brain_tumor_root, feature_cache) -> dict:
         torch.set_num_threads(threads)
 
 
-def start_aggregator(cluster: Cluster, name: str, out: Path, port: int, health: int, metrics: int,
-                     exit_when_done: bool, min_nodes: int = HOSPITALS) -> None:
-    cluster.add(name, ["-m", "aggregator", "--listen", f"127.0.0.1:{port}", "--health-port", str(health),
+def start_aggregator(cluster: Cluster, pki: Path, name: str, out: Path, port: int, health: int, metrics: int,
+                     exit_when_done: bool, min_nodes: int = HOSPITALS, *extra: str,
+                     env: dict[str, str] | None = None) -> None:
+    cluster.add(name, ["-m", "aggregator", *aggregator_identity(pki), "--listen", f"127.0.0.1:{port}",
+                       "--health-port", str(health),
                        "--metrics-port", str(metrics), "--out-dir", str(out), "--rounds", str(ROUNDS),
                        "--min-nodes", str(min_nodes), "--round-timeout-s", "120", "--linger-s", "60",
-                       "--heartbeat-interval-s", "1", "--exit-when-done", str(exit_when_done).lower()])
+                       "--heartbeat-interval-s", "1", "--exit-when-done", str(exit_when_done).lower(), *extra], env=env)
 
 
-def start_node(cluster: Cluster, partition: Path, node: str, port: int, metrics: int, state: Path,
-               cache: Path, *extra: str) -> None:
-    cluster.add(node, ["-m", "hospital_node", "run", "--config", str(partition / f"{node}.yaml"),
+def start_node(cluster: Cluster, pki: Path, partition: Path, node: str, port: int, metrics: int, state: Path,
+               cache: Path, *extra: str, identity: str | None = None) -> None:
+    cluster.add(identity or node, ["-m", "hospital_node", "run", "--config", str(partition / f"{node}.yaml"),
+                                   *node_identity(pki, identity or node),
                        "--aggregator", f"127.0.0.1:{port}", "--metrics-port", str(metrics),
                        "--state-dir", str(state / node), "--cache-dir", str(cache), "--threads", "1",
                        "--progress", "false", "--retry-max-s", "2", *extra])
@@ -103,24 +113,25 @@ def assert_matches_reference(report: dict, ref: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory, partition_dir, reference, feature_cache):
+def federation(tmp_path_factory, pki, partition_dir, reference, feature_cache):
     """Aggregator + 3 trainers + the held-out evaluator, run to the end, still serving /metrics."""
     root = tmp_path_factory.mktemp("federation")
     cluster = Cluster(root)
     ports = {"grpc": free_port(), "health": free_port(), "metrics": free_port()}
     node_metrics = {n: free_port() for n in ALL_NODES}
     try:
-        start_aggregator(cluster, "aggregator", root / "agg", ports["grpc"], ports["health"], ports["metrics"],
+        start_aggregator(cluster, pki, "aggregator", root / "agg", ports["grpc"], ports["health"], ports["metrics"],
                          exit_when_done=False)
         for node in ALL_NODES:
-            start_node(cluster, partition_dir, node, ports["grpc"], node_metrics[node], root / "state",
+            start_node(cluster, pki, partition_dir, node, ports["grpc"], node_metrics[node], root / "state",
                        feature_cache, "--exit-when-done", "false")
         report = wait_for(lambda: finished(root / "agg" / "report.json", ALL_NODES), START_TIMEOUT,
                           "the federation to finish", cluster.procs)
         # the last metrics report lands just before the node idles; give its counters a moment
         wait_for(lambda: all("run over" in p.text() for p in cluster.procs[1:]), 30, "nodes to finish",
                  cluster.procs)
-        yield {"root": root, "cluster": cluster, "ports": ports, "node_metrics": node_metrics, "report": report}
+        yield {"root": root, "cluster": cluster, "ports": ports, "node_metrics": node_metrics, "report": report,
+               "pki": pki}
     finally:
         cluster.close()
 
@@ -194,8 +205,9 @@ def test_health_is_serving_and_a_node_with_another_backbone_fingerprint_is_refus
     cluster = Cluster(federation["root"])
     try:
         # other prompts: same image features (cache hits) but another backbone fingerprint
-        start_node(cluster, partition_dir, "hospital_1", ports["grpc"], free_port(), federation["root"] / "intruder",
-                   feature_cache, "--node-id", "intruder", "--templates", "an MRI scan showing {}")
+        start_node(cluster, federation["pki"], partition_dir, "hospital_1", ports["grpc"], free_port(),
+                   federation["root"] / "intruder", feature_cache, "--templates", "an MRI scan showing {}",
+                   identity="intruder")
         proc = cluster.procs[0]
         code = proc.wait(timeout=START_TIMEOUT)
     finally:
@@ -240,15 +252,15 @@ def test_services_shut_down_cleanly_on_sigterm(federation):
     assert "shutting down" in cluster.procs[0].text()
 
 
-def test_node_and_aggregator_restarts_resume_from_saved_state(tmp_path, partition_dir, reference, feature_cache):
+def test_node_and_aggregator_restarts_resume_from_saved_state(tmp_path, pki, partition_dir, reference, feature_cache):
     """hospital_2 is SIGKILLed mid-run and the aggregator restarted from its checkpoint: same result."""
     cluster = Cluster(tmp_path)
     try:
         grpc_port, health, metrics = free_port(), free_port(), free_port()
         agg_out = tmp_path / "agg"
-        start_aggregator(cluster, "aggregator", agg_out, grpc_port, health, metrics, exit_when_done=True)
+        start_aggregator(cluster, pki, "aggregator", agg_out, grpc_port, health, metrics, exit_when_done=True)
         for node in TRAINERS:
-            start_node(cluster, partition_dir, node, grpc_port, 0, tmp_path / "state", feature_cache)
+            start_node(cluster, pki, partition_dir, node, grpc_port, 0, tmp_path / "state", feature_cache)
         aggregator, hospital_1, victim, hospital_3 = cluster.procs
         wait_for(lambda: "round 2: update accepted" in victim.text(), START_TIMEOUT, "hospital_2 to finish round 2",
                  cluster.procs)
@@ -273,8 +285,11 @@ def test_node_and_aggregator_restarts_resume_from_saved_state(tmp_path, partitio
     assert f"restored run {run_id}" in logs["aggregator_restarted"]
     assert report["run_id"] == run_id and report["phase"] == "finished"
     assert "retrying in" in logs["hospital_1"] + logs["hospital_3"]
-    # no held-out evaluator in this run: compare the training hospitals (AVG includes the held-out one)
-    ref = dict(reference, test={k: v for k, v in reference["test"].items() if k != "global"}, avg=report["avg"],
-               history=[dict(h, test_accuracy={k: v for k, v in h["test_accuracy"].items() if k != "global"})
-                        for h in reference["history"]])
-    assert_matches_reference(report, ref)
+    assert_matches_reference(report, trainers_only(reference, report))
+
+
+def trainers_only(reference: dict, report: dict) -> dict:
+    """The reference without the held-out evaluator, for runs without one (AVG includes the held-out one)."""
+    return dict(reference, test={k: v for k, v in reference["test"].items() if k != "global"}, avg=report["avg"],
+                history=[dict(h, test_accuracy={k: v for k, v in h["test_accuracy"].items() if k != "global"})
+                         for h in reference["history"]])

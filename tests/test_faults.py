@@ -1,0 +1,171 @@
+"""Faults with real processes (mTLS, real gRPC, real hospital nodes on the brain tumor subset).
+
+Aggregator faults (one run, three faults in a row): the nodes start while the aggregator is down and
+wait; the aggregator is SIGKILLed in the middle of a round (one node is SIGSTOPped so that the round
+cannot close: the kill lands with updates accepted and the round still open); the restarted
+aggregator is made to die while it writes the checkpoint of that same round
+(``FEDMEDCLIP_FAULT=die_during_checkpoint:V``); a third start finishes the run. The result must equal
+the in-process simulation's exactly as the undisturbed federation does: no accepted update lost or
+counted twice, the right number of rounds.
+
+Node faults (another run, quorum 2 of 3, 5 s deadline): a node SIGKILLed mid-run leaves a round
+that closes at its deadline with the other two; restarted, it resumes from its saved state and takes
+part again; a node SIGSTOPped (silent, connection open) does not hang the round, which closes at its
+deadline; resumed (SIGCONT), it takes part again; the run ends with every round done.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from aggregator.checkpoint import FAULT_ENV, FAULT_EXIT_CODE, CheckpointStore
+from tests.services_support import Cluster, Proc, free_port, read_json, wait_for
+from tests.test_services_federation import (ROUNDS, START_TIMEOUT, TRAINERS, assert_matches_reference,  # noqa: F401
+                                            partition_dir, pki, reference, start_aggregator, start_node,
+                                            trainers_only)
+
+
+def _stuck_round(aggregator: Proc, updates: int) -> int | None:
+    """The open round (1-based) when it holds exactly ``updates`` updates and stays so for a second."""
+    def latest() -> tuple[int, int] | None:
+        text = aggregator.text()
+        opened = re.findall(r"round (\d+)/\d+ open", text)
+        if not opened:
+            return None
+        n = int(opened[-1])
+        return n, len(re.findall(rf"round {n}: update \S+ from", text))
+    now = latest()
+    if now is None or now[1] != updates:
+        return None
+    time.sleep(1.0)
+    return now[0] if latest() == now else None
+
+
+def test_aggregator_down_at_start_killed_mid_round_and_dying_in_its_checkpoint_loses_no_update(
+        tmp_path, pki, partition_dir, reference, feature_cache):
+    cluster = Cluster(tmp_path)
+    agg_out = tmp_path / "agg"
+    port, health, metrics = free_port(), free_port(), free_port()
+    try:
+        for node in TRAINERS:  # (c) the aggregator is not there yet
+            start_node(cluster, pki, partition_dir, node, port, 0, tmp_path / "state", feature_cache,
+                       "--long-poll-s", "3")
+        nodes = {p.name: p for p in cluster.procs}
+        wait_for(lambda: all("Register failed" in p.text() and "retrying in" in p.text() for p in nodes.values()),
+                 START_TIMEOUT, "every node to retry against the absent aggregator", cluster.procs)
+        start_aggregator(cluster, pki, "aggregator", agg_out, port, health, metrics, True)
+        first = cluster.procs[-1]
+        victim = nodes["hospital_3"]
+        wait_for(lambda: "round 1: update accepted" in victim.text(), START_TIMEOUT, "hospital_3 in round 1",
+                 cluster.procs)
+        victim.signal(signal.SIGSTOP)  # the open round cannot close while hospital_3 is stopped
+        stuck = wait_for(lambda: _stuck_round(first, len(TRAINERS) - 1), 60, "a round with 2 of 3 updates",
+                         cluster.procs)
+        first.popen.kill()  # (b) kill -9 mid-round: two updates accepted, round `stuck` open
+        first.wait(timeout=30)
+        completed = CheckpointStore(agg_out).load().version
+        assert completed == stuck - 1
+        # (b) again: the restarted aggregator dies while writing the checkpoint of that same round
+        second = cluster.add("aggregator_faulty", first.args, env={FAULT_ENV: f"die_during_checkpoint:{stuck}"})
+        victim.signal(signal.SIGCONT)
+        assert second.wait(timeout=START_TIMEOUT) == FAULT_EXIT_CODE, second.text()[-3000:]
+        assert CheckpointStore(agg_out).load().version == completed  # the torn write left the last complete one
+        assert (agg_out / "checkpoint" / ".state.npz.fault.tmp").exists()
+        third = cluster.add("aggregator_restarted", first.args)
+        codes = {p.name: p.wait(timeout=START_TIMEOUT) for p in (*nodes.values(), third)}
+        report = read_json(agg_out / "report.json")
+        logs = {p.name: p.text() for p in cluster.procs}
+        final = CheckpointStore(agg_out).load()
+    finally:
+        cluster.close()
+    assert codes == {**{n: 0 for n in TRAINERS}, "aggregator_restarted": 0}, \
+        "\n".join(f"--- {k}\n{v[-1500:]}" for k, v in logs.items())
+    assert f"restored run {report['run_id']} at global version {completed}" in logs["aggregator_faulty"]
+    assert "FAULT INJECTED" in logs["aggregator_faulty"]
+    assert f"restored run {report['run_id']} at global version {completed}" in logs["aggregator_restarted"]
+    assert "removing" in logs["aggregator_restarted"]  # the torn temporary file of the checkpoint
+    # every round once, with all three updates, and the exact result of the undisturbed simulation
+    assert final.version == ROUNDS and [r["round"] for r in report["rounds_log"]] == list(range(1, ROUNDS + 1))
+    assert all(r["nodes"] == TRAINERS for r in report["rounds_log"])
+    assert all(sorted(by_node) == TRAINERS for by_node in final.accepted.values()) and len(final.accepted) == ROUNDS
+    assert_matches_reference(report, trainers_only(reference, report))
+    print(f"\naggregator faults: nodes waited for the absent aggregator; SIGKILL in round {stuck} with "
+          f"{len(TRAINERS) - 1} updates accepted -> restarted from version {completed}; died writing checkpoint "
+          f"{stuck} (exit {FAULT_EXIT_CODE}) -> restarted from version {completed}; finished {final.version} rounds, "
+          f"{len(TRAINERS)} updates each, equal to the in-process simulation")
+
+
+NODE_FAULT_ROUNDS = 20
+DEADLINE_S = 5.0
+
+
+def _rounds(agg_out: Path) -> list[dict]:
+    return (read_json(agg_out / "report.json") or {}).get("rounds_log", [])
+
+
+def _round_without(agg_out: Path, missing: str, after: int) -> dict | None:
+    return next((r for r in _rounds(agg_out)[after:] if missing not in r["nodes"]), None)
+
+
+def _round_with(agg_out: Path, node: str, after: int) -> dict | None:
+    return next((r for r in _rounds(agg_out)[after:] if node in r["nodes"]), None)
+
+
+def test_killed_and_silent_nodes_do_not_hang_rounds_and_take_part_again(tmp_path, pki, partition_dir,
+                                                                       feature_cache):
+    cluster = Cluster(tmp_path)
+    agg_out = tmp_path / "agg"
+    port = free_port()
+    try:
+        start_aggregator(cluster, pki, "aggregator", agg_out, port, free_port(), free_port(), True, 2,
+                         "--rounds", str(NODE_FAULT_ROUNDS), "--round-timeout-s", str(DEADLINE_S),
+                         "--quorum-timeout-s", "120")
+        for node in TRAINERS:
+            start_node(cluster, pki, partition_dir, node, port, 0, tmp_path / "state", feature_cache,
+                       "--long-poll-s", "3")
+        aggregator, h1, h2, h3 = cluster.procs
+        # (a) kill -9 of hospital_3 right after its first update
+        wait_for(lambda: "round 1: update accepted" in h3.text(), START_TIMEOUT, "hospital_3 in round 1",
+                 cluster.procs)
+        h3.popen.kill()
+        h3.wait(timeout=30)
+        killed_at = len(_rounds(agg_out))
+        closed = wait_for(lambda: _round_without(agg_out, "hospital_3", killed_at), 60,
+                          "a round to close at its deadline without hospital_3", cluster.procs)
+        h3_again = cluster.add("hospital_3_restarted", h3.args)
+        back = wait_for(lambda: _round_with(agg_out, "hospital_3", closed["round"]), START_TIMEOUT,
+                        "the restarted hospital_3 to take part again", cluster.procs)
+        # (d) hospital_2 goes silent without closing anything
+        h2.signal(signal.SIGSTOP)
+        stopped_at = len(_rounds(agg_out))
+        silent = wait_for(lambda: _round_without(agg_out, "hospital_2", stopped_at), 60,
+                          "a round to close at its deadline without the stopped hospital_2", cluster.procs)
+        h2.signal(signal.SIGCONT)
+        again = wait_for(lambda: _round_with(agg_out, "hospital_2", silent["round"]), 120,
+                         "hospital_2 to take part again after SIGCONT", cluster.procs)
+        codes = {p.name: p.wait(timeout=START_TIMEOUT) for p in (h1, h2, h3_again, aggregator)}
+        report = read_json(agg_out / "report.json")
+        logs = {p.name: p.text() for p in cluster.procs}
+    finally:
+        for proc in cluster.procs:
+            proc.signal(signal.SIGCONT)  # never leave a stopped process behind
+        cluster.close()
+    assert codes == {"hospital_1": 0, "hospital_2": 0, "hospital_3_restarted": 0, "aggregator": 0}, \
+        "\n".join(f"--- {k}\n{v[-1500:]}" for k, v in logs.items())
+    assert report["phase"] == "finished" and len(report["rounds_log"]) == NODE_FAULT_ROUNDS
+    assert closed["nodes"] == ["hospital_1", "hospital_2"] and silent["nodes"] == ["hospital_1", "hospital_3"]
+    for r in (closed, silent):  # closed by the deadline with the quorum, not hung
+        assert DEADLINE_S - 0.5 <= r["seconds"] < DEADLINE_S + 3, r
+    assert "deadline passed, closing with 2 of 3" in logs["aggregator"]
+    assert "resumed from" in logs["hospital_3_restarted"] and back["round"] > closed["round"]
+    assert again["round"] > silent["round"]
+    assert report["rounds_log"][-1]["nodes"] == TRAINERS  # everyone is back at the end
+    print(f"\nnode faults: hospital_3 SIGKILLed -> round {closed['round']} closed at its deadline "
+          f"({closed['seconds']:.2f}s) with {closed['nodes']}; restarted, back in round {back['round']}; hospital_2 "
+          f"SIGSTOPped -> round {silent['round']} closed at its deadline ({silent['seconds']:.2f}s) with "
+          f"{silent['nodes']}; SIGCONT, back in round {again['round']}; {len(report['rounds_log'])} rounds done")
