@@ -176,17 +176,18 @@ def run_federation(out: Path, *, hospitals: int = 3, rounds: int = 30, per_class
         deadline = time.monotonic() + timeout_s
         aggregator = launcher.procs["aggregator"]
         while True:
-            report = _read_json(report_path) or {}
-            history = report.get("history", [])
-            while shown < len(history) and history[shown].get("complete") and \
-                    len(history[shown].get("test_accuracy", {})) == len(nodes):
+            finished = aggregator.poll() is not None
+            # a round's row appears once every trainer has evaluated it (the held-out evaluator may lag
+            # behind, e.g. while it still encodes its images: its accuracy shows when it has reported)
+            history = (_read_json(report_path) or {}).get("history", [])
+            while shown < len(history) and history[shown].get("complete"):
                 h = history[shown]
                 if not quiet:
                     tests = "  ".join(f"{k} {v:.3f}" for k, v in h["test_accuracy"].items())
                     print(f"{h['round']:>5}  {h['mean_val_accuracy']:>12.4f}  {(h['bytes_up'] or 0) / 1e3:>8.1f}  "
                           f"{(h['bytes_down'] or 0) / 1e3:>8.1f}  {h['seconds'] or 0:>7.3f}  {tests}", flush=True)
                 shown += 1
-            if aggregator.poll() is not None:
+            if finished:
                 break
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the federation did not finish within {timeout_s:.0f}s")

@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
 import torch
+
+METRIC_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "ece")
+
+
+def nanmean(values: Iterable[float | None]) -> float:
+    """Mean of the finite values (a client with no samples reports NaN); NaN when none is."""
+    finite = [float(v) for v in values if v is not None and not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def mean_metrics(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Per-metric mean over clients: the paper's AVG when ``rows`` are the clients' test metrics."""
+    return {k: nanmean([r[k] for r in rows]) for k in METRIC_KEYS}
 
 
 def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, num_classes: int, *, ece_bins: int = 15) -> dict[str, float]:

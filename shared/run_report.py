@@ -15,13 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from shared.atomic import atomic_write
+from shared.metrics import mean_metrics, nanmean
 
-METRIC_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "ece")
-
-
-def _mean(values: list[float]) -> float:
-    finite = [v for v in values if v is not None and not math.isnan(v)]
-    return sum(finite) / len(finite) if finite else float("nan")
 
 
 def build_report(*, run_id: str, phase: str, message: str, method: str, rounds: int,
@@ -36,7 +31,7 @@ def build_report(*, run_id: str, phase: str, message: str, method: str, rounds: 
         complete = all(n in by_node for n in trainers)
         log = next((r for r in rounds_log if r["round"] == version), {})
         history.append({"round": version, "complete": complete,
-                        "mean_val_accuracy": _mean(vals) if complete else float("nan"),
+                        "mean_val_accuracy": nanmean(vals) if complete else float("nan"),
                         "test_accuracy": {n: by_node[n]["test"]["accuracy"] for n in trainers + evaluators
                                           if n in by_node and by_node[n].get("test")},
                         "test": {n: by_node[n]["test"] for n in trainers + evaluators
@@ -51,12 +46,12 @@ def build_report(*, run_id: str, phase: str, message: str, method: str, rounds: 
         best = max(candidates, key=lambda h: (h["mean_val_accuracy"], -h["round"]))
         per_client = {n: best["test"][n] for n in trainers + evaluators if n in best["test"]}
         report.update(best_round=best["round"], best_mean_val_accuracy=best["mean_val_accuracy"], test=per_client,
-                      avg={k: _mean([m[k] for m in per_client.values()]) for k in METRIC_KEYS})
+                      avg=mean_metrics(list(per_client.values())))
     report["history"] = [{k: v for k, v in h.items() if k != "test"} for h in history]
     done = rounds_log[1:] or rounds_log
-    report["bytes_per_round"] = {k: _mean([r[k] for r in rounds_log]) for k in
+    report["bytes_per_round"] = {k: nanmean([r[k] for r in rounds_log]) for k in
                                  ("bytes_up", "bytes_up_raw", "bytes_down", "bytes_down_raw")} if rounds_log else {}
-    report["seconds_per_round"] = _mean([r["seconds"] for r in done]) if done else float("nan")
+    report["seconds_per_round"] = nanmean([r["seconds"] for r in done]) if done else float("nan")
     report["rounds_log"] = rounds_log
     return report
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -30,12 +29,10 @@ from shared.codec import CODECS
 from shared.data import Dataset, HospitalData, build_federation, deduplicate, default_data_root, scan_image_folder, subset
 from shared.federated import WireConfig, fold_update, make_update, publish_global
 from shared.features import EncodeStats, encode_samples
+from shared.metrics import mean_metrics, nanmean
 from shared.training import METHODS, HospitalLearner, MethodConfig, TrainConfig, build_adapter, get_method
 
 log = logging.getLogger("fedmedclip.simulation")
-
-METRIC_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "ece")
-
 
 @dataclass(frozen=True)
 class SimConfig:
@@ -91,15 +88,6 @@ def prepare(cfg: SimConfig, backbone: Backbone | None = None) -> Prepared:
                     labels=torch.from_numpy(ds.labels()), hospitals=hospitals,
                     text=backbone.text_features(ds.class_names), encode=enc,
                     backbone_record=backbone.record(ds.class_names))
-
-
-def _mean(values: Sequence[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return float(np.mean(finite)) if finite else float("nan")
-
-
-def _mean_metrics(rows: Sequence[dict]) -> dict[str, float]:
-    return {k: _mean([r[k] for r in rows]) for k in METRIC_KEYS}
 
 
 def run(cfg: SimConfig, prepared: Prepared | None = None) -> dict:
@@ -182,15 +170,15 @@ def _evaluate_round(r: int, method: MethodConfig, training: list[HospitalData], 
             test = learners[0].evaluate(feats, labels, head="clip")
         else:
             # nothing global exists: the mean over the training hospitals' own models
-            test = _mean_metrics([learner.evaluate(feats, labels) for learner in learners])
+            test = mean_metrics([learner.evaluate(feats, labels) for learner in learners])
         clients[h.name] = {"test": test}
-    return {"round": r + 1, "mean_val_accuracy": _mean(val_accs), "clients": clients}
+    return {"round": r + 1, "mean_val_accuracy": nanmean(val_accs), "clients": clients}
 
 
 def _report(cfg: SimConfig, method: MethodConfig, prep: Prepared, history: list[dict], wall: float) -> dict:
     best = max(history, key=lambda rec: (rec["mean_val_accuracy"], -rec["round"]))
     per_client = {name: c["test"] for name, c in best["clients"].items()}
-    avg = _mean_metrics(list(per_client.values()))  # the paper's AVG: training clients and the global one
+    avg = mean_metrics(list(per_client.values()))  # the paper's AVG: training clients and the global one
     rounds_after_first = history[1:] or history
     return {
         "version": __version__,
@@ -204,16 +192,16 @@ def _report(cfg: SimConfig, method: MethodConfig, prep: Prepared, history: list[
         "history": [{k: v for k, v in rec.items() if k != "clients"} | {
             "test_accuracy": {n: c["test"]["accuracy"] for n, c in rec["clients"].items()}} for rec in history],
         "bytes_per_round": {
-            "up": _mean([h["bytes_up"] for h in history]), "up_raw": _mean([h["bytes_up_raw"] for h in history]),
-            "down": _mean([h["bytes_down"] for h in history]), "down_raw": _mean([h["bytes_down_raw"] for h in history]),
-            "per_transfer": (_mean([h["bytes_up"] for h in history]) / max(1, len(prep.hospitals) - cfg.holdout)),
+            "up": nanmean([h["bytes_up"] for h in history]), "up_raw": nanmean([h["bytes_up_raw"] for h in history]),
+            "down": nanmean([h["bytes_down"] for h in history]), "down_raw": nanmean([h["bytes_down_raw"] for h in history]),
+            "per_transfer": (nanmean([h["bytes_up"] for h in history]) / max(1, len(prep.hospitals) - cfg.holdout)),
         },
         "timings": {
             "encode_seconds": prep.encode.seconds, "encode_images": prep.encode.n_encoded,
             "encode_cached": prep.encode.n_cached, "encode_images_per_second": prep.encode.images_per_second,
             "encode_device": prep.encode.device,
-            "seconds_per_round": _mean([h["seconds"] for h in rounds_after_first]),
-            "phase_seconds_per_round": {k: _mean([h["timings"][k] for h in rounds_after_first])
+            "seconds_per_round": nanmean([h["seconds"] for h in rounds_after_first]),
+            "phase_seconds_per_round": {k: nanmean([h["timings"][k] for h in rounds_after_first])
                                         for k in history[0]["timings"]},
             "wall_seconds": wall,
         },
