@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM ?= false
 ARGS ?=
 DEMO_ROUNDS ?= 30
 
-.PHONY: help venv protos test demo simulate bench bench-rounds bench-load bench-hostile provision deploy-check clean
+.PHONY: help venv system-deps protos test demo simulate bench bench-rounds bench-load bench-hostile provision deploy-check clean
 
 help:
 	@echo "make demo      a real federation: the aggregator + 3 hospital nodes + the held-out one as processes on loopback"
@@ -34,7 +34,11 @@ venv: $(STAMP)
 protos: $(STAMP)
 	$(PY) -m shared.protogen
 
-test: $(STAMP)
+# promtool, prometheus and docker-compose for the deployment checks (Debian packages; installed if missing)
+system-deps:
+	bash deploy/install-system-deps.sh
+
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q tests
 
 # the services as separate processes (Ctrl-C stops them all); DEMO_ARGS="--per-class 100" for a quick one
@@ -64,7 +68,7 @@ provision: $(STAMP)
 	$(PY) -m aggregator provision --nodes $(NODES) --out $(PKI)
 
 # the deployment checks alone (part of make test too); .ci/run installs promtool, prometheus, docker-compose
-deploy-check: $(STAMP)
+deploy-check: $(STAMP) system-deps
 	$(PY) -m pytest -q tests/test_deploy.py tests/test_deploy_prometheus.py
 
 clean:

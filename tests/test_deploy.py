@@ -11,7 +11,7 @@
   mounts, non-root, the same image and commands as compose);
 - the set-up step gives each hospital its own images only, and the healthcheck reads grpc.health.v1.
 
-``.ci/run`` installs promtool and docker-compose; these tests fail (never skip) without them.
+``make test`` installs promtool and docker-compose (deploy/install-system-deps.sh); these tests fail (never skip) without them.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ SERVICE_OF_NODE = {"hospital_1": "hospital-1", "hospital_2": "hospital-2", "hosp
 def tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        pytest.fail(f"{name} is not installed: run .ci/run (it installs the Debian packages prometheus and "
+        pytest.fail(f"{name} is not installed: run make system-deps (it installs the Debian packages prometheus and "
                     "docker-compose), or apt-get install -y prometheus docker-compose")
     return path
 

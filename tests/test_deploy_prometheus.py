@@ -129,7 +129,7 @@ def show(result: list[dict]) -> str:
 def prometheus_binary() -> str:
     path = shutil.which("prometheus")
     if path is None:
-        pytest.fail("prometheus is not installed: run .ci/run (apt-get install -y prometheus)")
+        pytest.fail("prometheus is not installed: run make system-deps (apt-get install -y prometheus)")
     return path
 
 
