@@ -32,28 +32,26 @@ KEEPALIVE_TIME_MS = 60_000
 KEEPALIVE_TIMEOUT_MS = 20_000
 
 
-def server_options() -> list[tuple[str, int]]:
+def _common_options() -> list[tuple[str, int]]:
+    """Size limits and keepalive, the same on both ends."""
     return [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         ("grpc.keepalive_permit_without_calls", 1),
-        # clients may ping every 30 s without being told GOAWAY (too_many_pings)
-        ("grpc.http2.min_ping_interval_without_data_ms", 30_000),
         ("grpc.http2.max_pings_without_data", 0),
     ]
 
 
+def server_options() -> list[tuple[str, int]]:
+    # clients may ping every 30 s without being told GOAWAY (too_many_pings)
+    return _common_options() + [("grpc.http2.min_ping_interval_without_data_ms", 30_000)]
+
+
 def channel_options() -> list[tuple[str, int]]:
-    return [
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
-        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
-        # the channel's own reconnect backoff; the node adds its own backoff with jitter on top
+    # the channel's own reconnect backoff; the node adds its own backoff with jitter on top
+    return _common_options() + [
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.min_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 5_000),
