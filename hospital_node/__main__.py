@@ -15,6 +15,7 @@ import sys
 import threading
 
 from hospital_node.config import ENV_PREFIX, NodeConfig
+from shared.errors import FedMedCLIPError
 from shared.service_config import ConfigError, add_config_flags, load_config
 
 
@@ -125,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except FedMedCLIPError as exc:  # bad input (a missing data folder, an unreadable image...): say which, no traceback
+        print(f"error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -26,6 +27,7 @@ from shared import __version__
 from shared.aggregation import AGGREGATION_RULES, make_aggregator
 from shared.backbone import BACKBONE_KINDS, Backbone, BackboneSpec, load_backbone
 from shared.codec import CODECS
+from shared.errors import FedMedCLIPError
 from shared.data import Dataset, HospitalData, build_federation, deduplicate, default_data_root, scan_image_folder, subset
 from shared.federated import WireConfig, fold_update, make_update, publish_global
 from shared.features import EncodeStats, encode_samples
@@ -335,7 +337,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    report = run(config_from_args(args))
+    try:
+        report = run(config_from_args(args))
+    except FedMedCLIPError as exc:  # bad input (a missing folder, an unreadable image...): say which, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     write_outputs(report, out)
     print(render_markdown(report))

@@ -116,3 +116,11 @@ def test_command_line_runs_end_to_end(brain_tumor_root, feature_cache, tmp_path,
     assert code == 0
     assert (tmp_path / "run" / "report.json").exists()
     assert "AVG" in capsys.readouterr().out
+
+
+def test_command_line_names_a_missing_data_folder_and_exits_2(tmp_path, capsys):
+    code = main(["--data", str(tmp_path / "no-such-folder"), "--quiet", "--out", str(tmp_path / "run")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "no-such-folder" in err and "does not exist" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
