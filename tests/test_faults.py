@@ -125,13 +125,18 @@ def test_killed_and_silent_nodes_do_not_hang_rounds_and_take_part_again(tmp_path
         start_aggregator(cluster, pki, "aggregator", agg_out, port, free_port(), free_port(), True, 2,
                          "--rounds", str(NODE_FAULT_ROUNDS), "--round-timeout-s", str(DEADLINE_S),
                          "--quorum-timeout-s", "120")
-        for node in TRAINERS:
+        # hospital_3 registers first: rounds open at the quorum of 2 and close as soon as every
+        # registered trainer reported, so a late starter on a loaded machine could miss many rounds
+        for node in ["hospital_3", "hospital_1", "hospital_2"]:
             start_node(cluster, pki, partition_dir, node, port, 0, tmp_path / "state", feature_cache,
                        "--long-poll-s", "3")
-        aggregator, h1, h2, h3 = cluster.procs
-        # (a) kill -9 of hospital_3 right after its first update
-        wait_for(lambda: "round 1: update accepted" in h3.text(), START_TIMEOUT, "hospital_3 in round 1",
-                 cluster.procs)
+            if node == "hospital_3":
+                wait_for(lambda: "registered with" in cluster.procs[-1].text(), START_TIMEOUT,
+                         "hospital_3 to register", cluster.procs)
+        aggregator, h3, h1, h2 = cluster.procs
+        # (a) kill -9 of hospital_3 right after its first accepted update
+        wait_for(lambda: re.search(r"round \d+: update accepted", h3.text()), START_TIMEOUT,
+                 "hospital_3's first accepted update", cluster.procs)
         h3.popen.kill()
         h3.wait(timeout=30)
         killed_at = len(_rounds(agg_out))
