@@ -76,11 +76,6 @@ class Backbone:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
-    def embed_dim(self) -> int:
-        """Width D of the joint embedding space (512 for ViT-B/32 and for the offline default)."""
-        return int(self.text_features(["x"]).shape[1])
-
-    @property
     def logit_scale(self) -> float:
         """CLIP's own temperature, exp of the stored value (about 100 for pretrained CLIP)."""
         return float(self.model.logit_scale.detach().exp().item())

@@ -75,9 +75,6 @@ class Adapter(nn.Module):
             for name, param in own.items():
                 param.copy_(state[name].to(param.device, param.dtype))
 
-    def template(self) -> dict[str, tuple[int, ...]]:
-        return {name: tuple(p.shape) for name, p in self.named_parameters()}
-
     def keep_ratios(self) -> dict[str, float]:
         return {prefix: m.keep_ratio() for prefix, m in self.named_modules() if isinstance(m, MaskedLinear)}
 
