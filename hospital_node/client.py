@@ -371,6 +371,10 @@ class NodeClient:
             return EXIT_OK
         finally:
             done.set()
+            # a heartbeat still inside an RPC when the channel closes and the interpreter exits aborts
+            # the process from gRPC's C++ core ("terminate called without an active exception")
+            if heartbeat.is_alive():
+                heartbeat.join(timeout=self.cfg.rpc_timeout_s + 1)
             self.channel.close()
 
 
