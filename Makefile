@@ -32,7 +32,7 @@ $(STAMP): requirements.txt
 venv: $(STAMP)
 
 protos: $(STAMP)
-	$(PY) -m shared.protogen
+	$(PY) -m shared.wire.protogen
 
 # promtool, prometheus and docker-compose for the deployment checks (Debian packages; installed if missing)
 system-deps:

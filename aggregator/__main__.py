@@ -12,7 +12,7 @@ import os
 import sys
 
 from aggregator.config import ENV_PREFIX, AggregatorConfig
-from shared.service_config import ConfigError, add_config_flags, load_config
+from shared.ops.config import ConfigError, add_config_flags, load_config
 
 
 def main(argv: list[str] | None = None) -> int:

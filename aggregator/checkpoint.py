@@ -11,7 +11,7 @@ Layout under ``<out_dir>/checkpoint/``:
 
 Fault injection for the crash tests: ``FEDMEDCLIP_FAULT=die_during_checkpoint:V`` makes the process
 die (``os._exit``, no clean-up) in the middle of writing the checkpoint of global version V,
-leaving a torn temporary file, exactly as a power cut inside :func:`shared.atomic.atomic_write`
+leaving a torn temporary file, exactly as a power cut inside :func:`shared.ops.atomic.atomic_write`
 would. The restarted aggregator resumes from the last complete checkpoint.
 """
 
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.atomic import atomic_write
+from shared.ops.atomic import atomic_write
 
 log = logging.getLogger("fedmedclip.aggregator")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.aggregation import AGGREGATION_RULES
+from shared.learning.aggregation import AGGREGATION_RULES
 from shared.codec import CODECS
-from shared.training import METHODS
+from shared.learning.training import METHODS
 
 ENV_PREFIX = "FEDMEDCLIP_AGGREGATOR_"
 

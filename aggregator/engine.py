@@ -5,8 +5,8 @@ FINISHED after ``rounds`` aggregations, or FAILED when the quorum does not come 
 A round closes when every registered trainer has an accepted update, or when its deadline has
 passed and at least ``min_nodes`` updates are in; it fails ``quorum_timeout_s`` after the
 deadline without a quorum. Closing folds nothing new: updates were folded into the streaming
-average as they arrived (:func:`shared.federated.fold_update`, which validates every payload
-first); closing publishes (:func:`shared.federated.publish_global`), writes the published payload
+average as they arrived (:func:`shared.learning.rounds.fold_update`, which validates every payload
+first); closing publishes (:func:`shared.learning.rounds.publish_global`), writes the published payload
 and then the checkpoint atomically, and opens the next round.
 
 Every public method takes the lock; :meth:`RoundEngine.run` drives deadlines with
@@ -34,14 +34,14 @@ from typing import Any
 from aggregator.checkpoint import Checkpoint, CheckpointStore
 from aggregator.config import AggregatorConfig
 from shared import __version__
-from shared.aggregation import AggregationError, make_aggregator
+from shared.learning.aggregation import AggregationError, make_aggregator
 from shared.codec import CodecError, decode_state, encode_state, payload_codec
-from shared.federated import UpdateBounds, UpdateOutOfBoundsError, WireConfig, fold_update, publish_global
-from shared.protocol import raw_nbytes, state_digest
-from shared.run_report import build_report, render_markdown, write_report
-from shared.telemetry import Telemetry
-from shared.training import TrainConfig, build_adapter, get_method
-from shared.transport import sha256_hex
+from shared.learning.rounds import UpdateBounds, UpdateOutOfBoundsError, WireConfig, fold_update, publish_global
+from shared.wire.protocol import raw_nbytes, state_digest
+from shared.ops.report import build_report, render_markdown, write_report
+from shared.ops.telemetry import Telemetry
+from shared.learning.training import TrainConfig, build_adapter, get_method
+from shared.wire.transport import sha256_hex
 
 log = logging.getLogger("fedmedclip.aggregator")
 

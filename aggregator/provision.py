@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from shared.tls import write_private
+from shared.wire.tls import write_private
 
 DEFAULT_PORT = 50051
 CA_DAYS = 3650

@@ -24,14 +24,14 @@ from grpc_reflection.v1alpha import reflection
 from aggregator.checkpoint import FAULT_ENV, CheckpointStore
 from aggregator.config import AggregatorConfig
 from aggregator.engine import FAILED, FINISHED, EngineError, Registration, RoundEngine, RoundView, UpdateHeader
-from shared.atomic import atomic_write
-from shared.service_config import ConfigError
-from shared.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
-from shared.proto.fedmedclip.v1 import aggregator_service_pb2_grpc as pb_grpc
-from shared.protocol import ROLE_NAMES, SERVICE_NAME, metrics_from_proto
-from shared.telemetry import MetricsInterceptor, Telemetry, serve_metrics
-from shared.tls import load_material, peer_common_name, server_credentials
-from shared.transport import CHUNK_BYTES, MAX_PAYLOAD_BYTES, PayloadAssemblyError, assemble, chunks, server_options
+from shared.ops.atomic import atomic_write
+from shared.ops.config import ConfigError
+from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
+from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2_grpc as pb_grpc
+from shared.wire.protocol import ROLE_NAMES, SERVICE_NAME, metrics_from_proto
+from shared.ops.telemetry import MetricsInterceptor, Telemetry, serve_metrics
+from shared.wire.tls import load_material, peer_common_name, server_credentials
+from shared.wire.transport import CHUNK_BYTES, MAX_PAYLOAD_BYTES, PayloadAssemblyError, assemble, chunks, server_options
 
 log = logging.getLogger("fedmedclip.aggregator")
 

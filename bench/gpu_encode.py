@@ -1,7 +1,7 @@
 """CUDA encode figure for `make bench`, run on a lent GPU machine (not part of the test suite).
 
 Encodes a folder of real images with the offline default's image tower through the same
-pipeline as every node (:func:`shared.features.encode_samples`), on CUDA, and reports images/s
+pipeline as every node (:func:`shared.data.features.encode_samples`), on CUDA, and reports images/s
 end to end (JPEG decode + preprocessing + forward) and for the forward pass alone. If a CPU
 reference (``--reference``, written by ``--make-reference`` on a CPU machine) is given, the CUDA
 features are checked against it, so the CUDA path is verified, not only timed.
@@ -23,7 +23,7 @@ from torch import nn
 
 from shared.backbone import Backbone, BackboneSpec, offline_image_tower, offline_preprocess
 from shared.data import scan_image_folder
-from shared.features import encode_samples
+from shared.data.features import encode_samples
 
 
 class _ImageOnly(nn.Module):

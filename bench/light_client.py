@@ -18,13 +18,13 @@ import grpc
 import torch
 
 from shared.codec import EncodedPayload
-from shared.federated import WireConfig, encode_adapter
-from shared.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
-from shared.proto.fedmedclip.v1 import aggregator_service_pb2_grpc as pb_grpc
-from shared.protocol import state_digest
-from shared.tls import TlsMaterial, secure_channel
-from shared.training import TrainConfig, build_adapter, get_method
-from shared.transport import CHUNK_BYTES, channel_options, chunks
+from shared.learning.rounds import WireConfig, encode_adapter
+from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
+from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2_grpc as pb_grpc
+from shared.wire.protocol import state_digest
+from shared.wire.tls import TlsMaterial, secure_channel
+from shared.learning.training import TrainConfig, build_adapter, get_method
+from shared.wire.transport import CHUNK_BYTES, channel_options, chunks
 
 
 @dataclass(frozen=True)

@@ -77,9 +77,9 @@ def worker(address: str, pki: Path, node_ids: list[str], variants: int = 4) -> i
     import torch
 
     from bench.light_client import Federation, LightNode, encode, perturbed
-    from shared.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
-    from shared.tls import party_material
-    from shared.transport import Backoff, call_with_retry
+    from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
+    from shared.wire.tls import party_material
+    from shared.wire.transport import Backoff, call_with_retry
 
     torch.set_num_threads(1)
     fed = Federation(embed_dim=DIM)

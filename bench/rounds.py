@@ -25,7 +25,7 @@ import torch
 
 from deploy.local_federation import run_federation
 from shared.codec import CODECS
-from shared.federated import WireConfig
+from shared.learning.rounds import WireConfig
 from shared.simulation import SimConfig, prepare, run
 
 log = logging.getLogger("fedmedclip.bench")

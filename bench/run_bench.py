@@ -22,8 +22,8 @@ import numpy as np
 from tqdm import tqdm
 
 from shared.backbone import load_backbone
-from shared.features import encode_samples
-from shared.federated import WireConfig
+from shared.data.features import encode_samples
+from shared.learning.rounds import WireConfig
 from shared.simulation import SimConfig, prepare, run
 
 METHOD_ROWS = [

@@ -16,7 +16,7 @@ import threading
 
 from hospital_node.config import ENV_PREFIX, NodeConfig
 from shared.errors import FedMedCLIPError
-from shared.service_config import ConfigError, add_config_flags, load_config
+from shared.ops.config import ConfigError, add_config_flags, load_config
 
 
 def _config(args: argparse.Namespace) -> NodeConfig:
@@ -31,12 +31,12 @@ def _config(args: argparse.Namespace) -> NodeConfig:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    from shared.tls import load_material
+    from shared.wire.tls import load_material
 
     tls = load_material(f"node {cfg.node_id}", cfg.aggregator, insecure=cfg.insecure, ca=cfg.tls_ca,
                         cert=cfg.tls_cert, key=cfg.tls_key)  # refuses to start without certificates or --insecure
     from hospital_node.client import run_node  # torch and the backbone: after the cheap checks
-    from shared.telemetry import Telemetry, serve_metrics
+    from shared.ops.telemetry import Telemetry, serve_metrics
 
     telemetry = Telemetry("hospital_node")
     server, port = serve_metrics(telemetry, cfg.metrics_port, cfg.metrics_addr)

@@ -4,7 +4,7 @@ A trainer, each round ``r`` (which trains from global version ``r``):
 
 1. catch up: fetch every published global it lacks and decode each against the one before;
 2. evaluate: with global ``r`` loaded, validate (and test) its ensemble, report it as version ``r``;
-3. train: :func:`shared.federated.make_update` (load global, one local round, encode), save the
+3. train: :func:`shared.learning.rounds.make_update` (load global, one local round, encode), save the
    private state with the encoded update, then upload it (a retry re-sends the same bytes with the
    same update id);
 4. wait (long-poll GetRound) for round ``r + 1``.
@@ -33,15 +33,15 @@ from hospital_node.state import NodeState, PendingUpdate, StateStore
 from shared import __version__
 from shared.backbone import DEFAULT_TEMPLATES, Backbone, BackboneSpec, load_backbone
 from shared.codec import CodecError
-from shared.features import encode_samples
-from shared.federated import WireConfig, decode_adapter, make_update
-from shared.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
-from shared.proto.fedmedclip.v1 import aggregator_service_pb2_grpc as pb_grpc
-from shared.protocol import metrics_to_proto, raw_nbytes, state_digest
-from shared.telemetry import Telemetry
-from shared.tls import TlsMaterial, secure_channel
-from shared.training import HospitalLearner, TrainConfig, build_adapter, get_method
-from shared.transport import Backoff, assemble, call_with_retry, channel_options, chunks
+from shared.data.features import encode_samples
+from shared.learning.rounds import WireConfig, decode_adapter, make_update
+from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
+from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2_grpc as pb_grpc
+from shared.wire.protocol import metrics_to_proto, raw_nbytes, state_digest
+from shared.ops.telemetry import Telemetry
+from shared.wire.tls import TlsMaterial, secure_channel
+from shared.learning.training import HospitalLearner, TrainConfig, build_adapter, get_method
+from shared.wire.transport import Backoff, assemble, call_with_retry, channel_options, chunks
 
 log = logging.getLogger("fedmedclip.node")
 T = TypeVar("T")

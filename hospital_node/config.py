@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shared.backbone import BACKBONE_KINDS, OFFLINE_DEFAULT
-from shared.training import METHODS, TrainConfig
+from shared.learning.training import METHODS, TrainConfig
 
 ENV_PREFIX = "FEDMEDCLIP_NODE_"
 _T = TrainConfig()

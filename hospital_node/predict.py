@@ -15,7 +15,7 @@ from hospital_node.data import label_space, load_local
 from hospital_node.state import StateStore
 from shared.backbone import load_backbone
 from shared.data import IMAGE_EXTENSIONS, Sample
-from shared.features import encode_samples
+from shared.data.features import encode_samples
 
 log = logging.getLogger("fedmedclip.node")
 

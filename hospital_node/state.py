@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from shared.atomic import atomic_write
+from shared.ops.atomic import atomic_write
 
 log = logging.getLogger("fedmedclip.node")
 

@@ -1,6 +1,6 @@
 """In-process federation: N hospitals plus a held-out one, R rounds, one process.
 
-It drives the same round steps as the services (:mod:`shared.federated`): local training, the
+It drives the same round steps as the services (:mod:`shared.learning.rounds`): local training, the
 codec in both directions, streaming aggregation. Per round it validates every training hospital's
 ensemble on its val split and keeps the round with the best mean val accuracy; the test metrics
 of that round are the result (method.md section 9).
@@ -24,15 +24,15 @@ import numpy as np
 import torch
 
 from shared import __version__
-from shared.aggregation import AGGREGATION_RULES, make_aggregator
+from shared.learning.aggregation import AGGREGATION_RULES, make_aggregator
 from shared.backbone import BACKBONE_KINDS, Backbone, BackboneSpec, load_backbone
 from shared.codec import CODECS
 from shared.errors import FedMedCLIPError
 from shared.data import Dataset, HospitalData, build_federation, deduplicate, default_data_root, scan_image_folder, subset
-from shared.federated import WireConfig, fold_update, make_update, publish_global
-from shared.features import EncodeStats, encode_samples
-from shared.metrics import mean_metrics, nanmean
-from shared.training import METHODS, HospitalLearner, MethodConfig, TrainConfig, build_adapter, get_method
+from shared.learning.rounds import WireConfig, fold_update, make_update, publish_global
+from shared.data.features import EncodeStats, encode_samples
+from shared.learning.metrics import mean_metrics, nanmean
+from shared.learning.training import METHODS, HospitalLearner, MethodConfig, TrainConfig, build_adapter, get_method
 
 log = logging.getLogger("fedmedclip.simulation")
 

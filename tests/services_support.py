@@ -129,8 +129,8 @@ def start_aggregator_process(cluster: Cluster, pki: Path, out: Path, *flags: str
 
 
 def tls_of(pki: Path, party: str):
-    """A party's certificates as :class:`shared.tls.TlsMaterial` (for in-test clients)."""
-    from shared.tls import party_material
+    """A party's certificates as :class:`shared.wire.tls.TlsMaterial` (for in-test clients)."""
+    from shared.wire.tls import party_material
 
     return party_material(pki / party)
 

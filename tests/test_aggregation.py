@@ -1,11 +1,11 @@
-"""Tests of shared.aggregation: the rules, per-row presence, robustness, memory, validation."""
+"""Tests of shared.learning.aggregation: the rules, per-row presence, robustness, memory, validation."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from shared.aggregation import (
+from shared.learning.aggregation import (
     AGGREGATION_RULES,
     AggregationError,
     Aggregator,

@@ -85,8 +85,8 @@ def reject_one_update(address: str, pki: Path) -> None:
     """An upload that starts with a chunk instead of a header, from a node with a valid certificate."""
     import grpc
 
-    from shared.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
-    from shared.proto.fedmedclip.v1 import aggregator_service_pb2_grpc as pb_grpc
+    from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
+    from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2_grpc as pb_grpc
 
     party = pki / "hospital_1"
     creds = grpc.ssl_channel_credentials(root_certificates=(party / "ca.pem").read_bytes(),

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from shared.data import scan_image_folder, subset
-from shared.features import FeatureCache, encode_samples
+from shared.data.features import FeatureCache, encode_samples
 
 
 def _small_folder(brain_tumor_root, tmp_path, per_class=3):

@@ -33,10 +33,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench.light_client import Federation, LightNode, encode, perturbed, rpc_code
-from shared.aggregation import make_aggregator
-from shared.federated import WireConfig, fold_update, publish_global
-from shared.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
-from shared.transport import channel_options, chunks, sha256_hex
+from shared.learning.aggregation import make_aggregator
+from shared.learning.rounds import WireConfig, fold_update, publish_global
+from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
+from shared.wire.transport import channel_options, chunks, sha256_hex
 from tests.services_support import (Cluster, provision_pki, scrape, start_aggregator_process, tls_of, total,
                                     wait_for)
 

@@ -19,10 +19,10 @@ import pytest
 import yaml
 
 from bench.light_client import Federation, LightNode, encode, perturbed, rpc_code
-from shared.aggregation import make_aggregator
-from shared.federated import WireConfig, fold_update, publish_global
-from shared.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
-from shared.tls import TlsMaterial
+from shared.learning.aggregation import make_aggregator
+from shared.learning.rounds import WireConfig, fold_update, publish_global
+from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
+from shared.wire.tls import TlsMaterial
 from tests.services_support import (REPO_ROOT, Cluster, free_port, provision_pki, scrape, service_env,
                                     start_aggregator_process, tls_of, total)
 
@@ -162,7 +162,7 @@ def _ca_only_node(address: str, material: TlsMaterial) -> LightNode:
     node = LightNode(address, "hospital_1", None, FED, timeout_s=5)
     node.channel.close()
     node.channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=material.ca))
-    from shared.proto.fedmedclip.v1 import aggregator_service_pb2_grpc as pb_grpc
+    from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2_grpc as pb_grpc
 
     node.stub = pb_grpc.AggregatorServiceStub(node.channel)
     return node

@@ -19,13 +19,13 @@ from aggregator.checkpoint import CheckpointStore
 from aggregator.config import AggregatorConfig
 from aggregator.engine import COLLECTING, FAILED, FINISHED, EngineError, Registration, RoundEngine, UpdateHeader
 from aggregator.service import AggregatorServicer
-from shared.federated import WireConfig, decode_adapter, encode_adapter
-from shared.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
-from shared.proto.fedmedclip.v1 import aggregator_service_pb2_grpc as pb_grpc
-from shared.protocol import state_digest
-from shared.telemetry import MetricsInterceptor, Telemetry
-from shared.training import TrainConfig, build_adapter, get_method
-from shared.transport import channel_options, chunks, server_options
+from shared.learning.rounds import WireConfig, decode_adapter, encode_adapter
+from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
+from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2_grpc as pb_grpc
+from shared.wire.protocol import state_digest
+from shared.ops.telemetry import MetricsInterceptor, Telemetry
+from shared.learning.training import TrainConfig, build_adapter, get_method
+from shared.wire.transport import channel_options, chunks, server_options
 
 DIM = 16
 FP = "f" * 64
@@ -303,9 +303,9 @@ def test_updates_beyond_the_poisoning_bounds_are_refused_before_they_touch_the_a
 
 
 def test_the_robust_aggregation_rule_is_chosen_in_the_aggregator_config(tmp_path):
-    from shared.aggregation import make_aggregator
-    from shared.federated import fold_update, publish_global
-    from shared.service_config import load_config
+    from shared.learning.aggregation import make_aggregator
+    from shared.learning.rounds import fold_update, publish_global
+    from shared.ops.config import load_config
 
     yaml_file = tmp_path / "aggregator.yaml"
     yaml_file.write_text("aggregation: trimmed_mean\ntrim_ratio: 0.34\nmax_update_norm: null\n")
@@ -331,7 +331,7 @@ def test_the_robust_aggregation_rule_is_chosen_in_the_aggregator_config(tmp_path
 def test_config_files_merge_in_order_and_bool_flags_stand_alone(tmp_path):
     import argparse
 
-    from shared.service_config import add_config_flags, load_config
+    from shared.ops.config import add_config_flags, load_config
 
     a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
     a.write_text("rounds: 3\nmin_nodes: 2\n")

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from shared.protogen import GENERATED, generate
-from shared.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
+from shared.wire.protogen import PACKAGE_DIR, REPO_ROOT, generate
+from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
 
 
 def test_generated_code_is_byte_identical_to_a_fresh_protoc_run(tmp_path):
     fresh = generate(tmp_path)
     assert fresh, "protoc generated nothing"
-    committed = sorted(p for p in GENERATED.rglob("*_pb2*.py*"))
+    generated = REPO_ROOT / PACKAGE_DIR
+    committed = sorted([*generated.rglob("*_pb2*.py*"), *generated.rglob("*.proto")])
     rel = lambda paths, base: sorted(p.relative_to(base).as_posix() for p in paths)  # noqa: E731
-    assert rel(fresh, tmp_path / "shared" / "proto") == rel(committed, GENERATED)
+    assert "fedmedclip/v1/aggregator_service.proto" in rel(committed, generated)  # the package ships its .proto
+    assert rel(fresh, tmp_path / PACKAGE_DIR) == rel(committed, generated)
     for new in fresh:
-        old = GENERATED / new.relative_to(tmp_path / "shared" / "proto")
+        old = generated / new.relative_to(tmp_path / PACKAGE_DIR)
         assert new.read_bytes() == old.read_bytes(), f"{old} is stale: run `make protos`"
 
 

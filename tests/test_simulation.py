@@ -8,9 +8,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from shared.federated import WireConfig
+from shared.learning.rounds import WireConfig
 from shared.simulation import SimConfig, main, prepare, run, write_outputs
-from shared.training import TrainConfig
+from shared.learning.training import TrainConfig
 
 ROUNDS = 15
 

@@ -6,13 +6,19 @@ flag, :func:`load_config` merges the sources, and every value is type-checked on
 typo in a YAML key or an environment value fails at start-up with a message naming it.
 
 Environment: ``<PREFIX><FIELD_NAME_UPPER>``, e.g. ``FEDMEDCLIP_AGGREGATOR_ROUNDS=20``; lists are
-comma-separated; booleans accept 1/0, true/false, yes/no, on/off.
+comma-separated; booleans accept 1/0, true/false, yes/no, on/off. A variable with the prefix that
+names no field is refused like an unknown YAML key (``<PREFIX>CONFIG``, the config file, excepted).
+
+Every command of ``fedmedclip`` reads its settings this way. A field's description (shown by
+``--help``) is ``field(metadata={"help": ...})`` or else the comment on the field's line.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import re
 import os
 import types
 import typing
@@ -87,10 +93,31 @@ def coerce(name: str, tp: Any, value: Any) -> Any:
     raise ConfigError(f"{name}: unsupported field type {tp}")
 
 
+_FIELD_LINE = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+?)\s*$")
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Each field's description: ``metadata["help"]``, else the comment on its line in the source."""
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for line in source.splitlines():
+            match = _FIELD_LINE.match(line)
+            if match:
+                comments[match.group(1)] = match.group(2)
+    return {f.name: f.metadata.get("help") or comments.get(f.name, "") for f in dataclasses.fields(cls)}
+
+
 def add_config_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
     """A ``--field-name`` flag per dataclass field; unset flags stay None (they override nothing)."""
     group = parser.add_argument_group("configuration (flags override environment, which overrides --config)")
     defaults = cls()
+    helps = field_help(cls)
     for name, tp in _field_types(cls).items():
         if name in skip:
             continue
@@ -98,7 +125,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[
         metavar = "A,B,..." if typing.get_origin(base) in (list, tuple) else getattr(base, "__name__", "X").upper()
         bare = {"nargs": "?", "const": "true"} if base is bool else {}  # `--insecure` alone means true
         group.add_argument(f"--{name.replace('_', '-')}", dest=f"cfg_{name}", default=None, metavar=metavar,
-                           help=f"(default: {getattr(defaults, name)!r})", **bare)
+                           help=f"{helps[name]} (default: {getattr(defaults, name)!r})".lstrip(), **bare)
 
 
 def load_config(cls: type[C], *, yaml_path: str | Path | list[str | Path] | None = None, env_prefix: str = "",
@@ -124,6 +151,11 @@ def load_config(cls: type[C], *, yaml_path: str | Path | list[str | Path] | None
             raise ConfigError(f"config file {path}: unknown key(s) {unknown}; known: {sorted(types_)}")
         values.update({k: coerce(f"{path}: {k}", types_[k], v) for k, v in loaded.items()})
     environ = os.environ if env is None else env
+    if env_prefix:
+        known = {env_prefix + name.upper() for name in types_} | {env_prefix + "CONFIG"}
+        unknown_env = sorted(k for k in environ if k.startswith(env_prefix) and k not in known)
+        if unknown_env:
+            raise ConfigError(f"unknown environment variable(s) {unknown_env}; known: {sorted(known)}")
     for name, tp in types_.items():
         key = env_prefix + name.upper()
         if key in environ:

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from shared.proto.fedmedclip.v1 import aggregator_service_pb2 as shared_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2
+from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2 as shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in shared/proto/fedmedclip/v1/aggregator_service_pb2_grpc.py depends on'
+        + ' but the generated code in shared/wire/proto/fedmedclip/v1/aggregator_service_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,33 +37,33 @@ class AggregatorServiceStub:
         """
         self.Register = channel.unary_unary(
                 '/fedmedclip.v1.AggregatorService/Register',
-                request_serializer=shared_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.RegisterRequest.SerializeToString,
-                response_deserializer=shared_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.RegisterResponse.FromString,
+                request_serializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.RegisterRequest.SerializeToString,
+                response_deserializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.RegisterResponse.FromString,
                 _registered_method=True)
         self.Heartbeat = channel.unary_unary(
                 '/fedmedclip.v1.AggregatorService/Heartbeat',
-                request_serializer=shared_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.HeartbeatRequest.SerializeToString,
-                response_deserializer=shared_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.HeartbeatResponse.FromString,
+                request_serializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
         self.GetRound = channel.unary_unary(
                 '/fedmedclip.v1.AggregatorService/GetRound',
-                request_serializer=shared_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.GetRoundRequest.SerializeToString,
-                response_deserializer=shared_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.GetRoundResponse.FromString,
+                request_serializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.GetRoundRequest.SerializeToString,
+                response_deserializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.GetRoundResponse.FromString,
                 _registered_method=True)
         self.FetchGlobal = channel.unary_stream(
                 '/fedmedclip.v1.AggregatorService/FetchGlobal',
-                request_serializer=shared_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.FetchGlobalRequest.SerializeToString,
-                response_deserializer=shared_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.FetchGlobalResponse.FromString,
+                request_serializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.FetchGlobalRequest.SerializeToString,
+                response_deserializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.FetchGlobalResponse.FromString,
                 _registered_method=True)
         self.UploadUpdate = channel.stream_unary(
                 '/fedmedclip.v1.AggregatorService/UploadUpdate',
-                request_serializer=shared_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.UploadUpdateRequest.SerializeToString,
-                response_deserializer=shared_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.UploadUpdateResponse.FromString,
+                request_serializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.UploadUpdateRequest.SerializeToString,
+                response_deserializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.UploadUpdateResponse.FromString,
                 _registered_method=True)
         self.ReportMetrics = channel.unary_unary(
                 '/fedmedclip.v1.AggregatorService/ReportMetrics',
-                request_serializer=shared_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.ReportMetricsRequest.SerializeToString,
-                response_deserializer=shared_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.ReportMetricsResponse.FromString,
+                request_serializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.ReportMetricsRequest.SerializeToString,
+                response_deserializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.ReportMetricsResponse.FromString,
                 _registered_method=True)
 
 
@@ -120,33 +120,33 @@ def add_AggregatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Register': grpc.unary_unary_rpc_method_handler(
                     servicer.Register,
-                    request_deserializer=shared_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.RegisterRequest.FromString,
-                    response_serializer=shared_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.RegisterResponse.SerializeToString,
+                    request_deserializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.RegisterRequest.FromString,
+                    response_serializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.RegisterResponse.SerializeToString,
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
-                    request_deserializer=shared_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.HeartbeatRequest.FromString,
-                    response_serializer=shared_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.HeartbeatResponse.SerializeToString,
+                    request_deserializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.HeartbeatRequest.FromString,
+                    response_serializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.HeartbeatResponse.SerializeToString,
             ),
             'GetRound': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRound,
-                    request_deserializer=shared_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.GetRoundRequest.FromString,
-                    response_serializer=shared_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.GetRoundResponse.SerializeToString,
+                    request_deserializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.GetRoundRequest.FromString,
+                    response_serializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.GetRoundResponse.SerializeToString,
             ),
             'FetchGlobal': grpc.unary_stream_rpc_method_handler(
                     servicer.FetchGlobal,
-                    request_deserializer=shared_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.FetchGlobalRequest.FromString,
-                    response_serializer=shared_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.FetchGlobalResponse.SerializeToString,
+                    request_deserializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.FetchGlobalRequest.FromString,
+                    response_serializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.FetchGlobalResponse.SerializeToString,
             ),
             'UploadUpdate': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadUpdate,
-                    request_deserializer=shared_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.UploadUpdateRequest.FromString,
-                    response_serializer=shared_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.UploadUpdateResponse.SerializeToString,
+                    request_deserializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.UploadUpdateRequest.FromString,
+                    response_serializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.UploadUpdateResponse.SerializeToString,
             ),
             'ReportMetrics': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportMetrics,
-                    request_deserializer=shared_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.ReportMetricsRequest.FromString,
-                    response_serializer=shared_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.ReportMetricsResponse.SerializeToString,
+                    request_deserializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.ReportMetricsRequest.FromString,
+                    response_serializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.ReportMetricsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,8 +175,8 @@ class AggregatorService:
             request,
             target,
             '/fedmedclip.v1.AggregatorService/Register',
-            shared_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.RegisterRequest.SerializeToString,
-            shared_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.RegisterResponse.FromString,
+            shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.RegisterRequest.SerializeToString,
+            shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.RegisterResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -202,8 +202,8 @@ class AggregatorService:
             request,
             target,
             '/fedmedclip.v1.AggregatorService/Heartbeat',
-            shared_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.HeartbeatRequest.SerializeToString,
-            shared_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.HeartbeatResponse.FromString,
+            shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.HeartbeatRequest.SerializeToString,
+            shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.HeartbeatResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -229,8 +229,8 @@ class AggregatorService:
             request,
             target,
             '/fedmedclip.v1.AggregatorService/GetRound',
-            shared_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.GetRoundRequest.SerializeToString,
-            shared_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.GetRoundResponse.FromString,
+            shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.GetRoundRequest.SerializeToString,
+            shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.GetRoundResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -256,8 +256,8 @@ class AggregatorService:
             request,
             target,
             '/fedmedclip.v1.AggregatorService/FetchGlobal',
-            shared_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.FetchGlobalRequest.SerializeToString,
-            shared_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.FetchGlobalResponse.FromString,
+            shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.FetchGlobalRequest.SerializeToString,
+            shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.FetchGlobalResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -283,8 +283,8 @@ class AggregatorService:
             request_iterator,
             target,
             '/fedmedclip.v1.AggregatorService/UploadUpdate',
-            shared_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.UploadUpdateRequest.SerializeToString,
-            shared_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.UploadUpdateResponse.FromString,
+            shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.UploadUpdateRequest.SerializeToString,
+            shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.UploadUpdateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -310,8 +310,8 @@ class AggregatorService:
             request,
             target,
             '/fedmedclip.v1.AggregatorService/ReportMetrics',
-            shared_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.ReportMetricsRequest.SerializeToString,
-            shared_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.ReportMetricsResponse.FromString,
+            shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.ReportMetricsRequest.SerializeToString,
+            shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.ReportMetricsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from shared.atomic import atomic_write
-from shared.metrics import mean_metrics, nanmean
+from shared.ops.atomic import atomic_write
+from shared.learning.metrics import mean_metrics, nanmean
 
 
 

@@ -18,10 +18,10 @@ from typing import Mapping
 
 import torch
 
-from shared.aggregation import Aggregator
+from shared.learning.aggregation import Aggregator
 from shared.codec import DEFAULT_MAX_DECOMPRESSED_BYTES, DecodedState, EncodedPayload, decode_state, encode_state
 from shared.errors import FedMedCLIPError
-from shared.training import HospitalLearner, RoundStats
+from shared.learning.training import HospitalLearner, RoundStats
 
 
 def row_masks_of(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from shared.metrics import classification_metrics
-from shared.model import FAM, Adapter, FedCLIPAdapter, IdentityAdapter, PrivateMLP, clip_logits
-from shared.objective import LossConfig, ensemble_probs, local_loss
+from shared.learning.metrics import classification_metrics
+from shared.learning.model import FAM, Adapter, FedCLIPAdapter, IdentityAdapter, PrivateMLP, clip_logits
+from shared.learning.objective import LossConfig, ensemble_probs, local_loss
 
 ADAPTERS = ("fam", "fedclip", "none")
 HEADS = ("ensemble", "clip", "mlp")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import grpc
 
-from shared.service_config import ConfigError
+from shared.ops.config import ConfigError
 
 log = logging.getLogger("fedmedclip.tls")
 

@@ -1,4 +1,4 @@
-"""Small helpers both services use around the generated protocol (``shared.proto``)."""
+"""Small helpers both services use around the generated protocol (``shared.wire.proto``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from shared.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
+from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
 
 SERVICE_NAME = "fedmedclip.v1.AggregatorService"
 METRIC_FIELDS = ("accuracy", "balanced_accuracy", "macro_f1", "ece")
