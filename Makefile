@@ -10,23 +10,27 @@ export TOKENIZERS_PARALLELISM ?= false
 ARGS ?=
 DEMO_ROUNDS ?= 30
 
-.PHONY: help venv system-deps protos test demo simulate bench bench-rounds bench-load bench-hostile provision deploy-check clean
+.PHONY: help venv system-deps protos lint format test test-fast demo simulate bench bench-rounds bench-load bench-hostile provision deploy-check clean
 
 help:
 	@echo "make demo      a real federation: the aggregator + 3 hospital nodes + the held-out one as processes on loopback"
 	@echo "make protos    regenerate shared/proto/ from protos/ (grpcio-tools)"
 	@echo "make bench-rounds  per-round time over gRPC vs in-process, bytes per round by codec (bench/results/rounds.md)"
-	@echo "make test      run the whole test suite"
+	@echo "make test      run the whole test suite (lint first)"
+	@echo "make test-fast the unit tests alone (under a minute)"
+	@echo "make lint      ruff check + ruff format --check"
 	@echo "make provision certificates and configs for a federation: NODES=hospital_1,hospital_2 PKI=pki"
 	@echo "make bench-load    one aggregator against 10, 50, 200 light nodes (bench/results/load.md)"
 	@echo "make bench-hostile the hostile-input suite, its tally in bench/results/hostile.md"
-	@echo "make simulate  in-process federation, options via ARGS=\"...\" (see python -m shared.simulation --help)"
+	@echo "make simulate  in-process federation, options via ARGS=\"...\" (see fedmedclip simulate --help)"
 	@echo "make deploy-check  the deployment checks alone: compose, promtool, Kubernetes schemas, a live Prometheus"
 	@echo "make bench     every method, ablation and codec on the full set, 3 seeds (long; not part of test)"
 
-$(STAMP): requirements.txt
+# the pinned dependencies, then the project itself (editable: the `fedmedclip` command runs this checkout)
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 
 venv: $(STAMP)
@@ -38,8 +42,11 @@ protos: $(STAMP)
 system-deps:
 	bash deploy/install-system-deps.sh
 
-test: $(STAMP) system-deps
+test: $(STAMP) system-deps lint
 	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m unit tests
 
 # the services as separate processes (Ctrl-C stops them all); DEMO_ARGS="--per-class 100" for a quick one
 DEMO_ARGS ?=
@@ -47,7 +54,7 @@ demo: $(STAMP) protos
 	$(PY) -m deploy.local_federation --rounds $(DEMO_ROUNDS) --out runs/demo $(DEMO_ARGS)
 
 simulate: $(STAMP)
-	$(PY) -m shared.simulation $(ARGS)
+	$(VENV)/bin/fedmedclip simulate $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m bench.run_bench $(ARGS)
@@ -61,11 +68,11 @@ bench-load: $(STAMP) protos
 bench-hostile: $(STAMP)
 	FEDMEDCLIP_HOSTILE_REPORT=bench/results/hostile.md $(PY) -m pytest -q tests/test_hostile_input.py
 
-# mTLS for a federation: a CA, a certificate and key per party, ready configs (python -m aggregator provision)
+# mTLS for a federation: a CA, a certificate and key per party, ready configs (fedmedclip provision)
 NODES ?= hospital_1,hospital_2,hospital_3,global
 PKI ?= pki
 provision: $(STAMP)
-	$(PY) -m aggregator provision --nodes $(NODES) --out $(PKI)
+	$(VENV)/bin/fedmedclip provision --nodes $(NODES) --out $(PKI)
 
 # the deployment checks alone (part of make test too); .ci/run installs promtool, prometheus, docker-compose
 deploy-check: $(STAMP) system-deps

@@ -1,42 +1,36 @@
-"""``python -m aggregator [--config aggregator.yaml] [--rounds 20 ...]``: run the aggregator service.
+"""``fedmedclip aggregator`` (also ``python -m aggregator``): run the aggregator daemon.
 
-``python -m aggregator provision --nodes hospital_1,hospital_2 --out pki``: make a federation's CA,
-certificates and configs (:mod:`aggregator.provision`).
+``python -m aggregator provision ...`` is kept as an alias of ``fedmedclip provision``.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 
 from aggregator.config import ENV_PREFIX, AggregatorConfig
-from shared.ops.config import ConfigError, add_config_flags, load_config
+from shared.ops.command import Command, main_for
+
+
+def _serve(cfg: AggregatorConfig, _args: argparse.Namespace) -> int:
+    from aggregator.service import serve  # imports torch: after the cheap checks
+
+    return serve(cfg)
+
+
+COMMAND = Command(
+    name="aggregator", help="run the aggregator daemon", run=_serve, config=AggregatorConfig, env_prefix=ENV_PREFIX,
+    description="Run the FedMedCLIP aggregator: it admits the allow-listed hospitals (mTLS), opens rounds, "
+                "averages their adapter updates and publishes each global, until the run ends or SIGTERM.")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["provision"]:
-        from aggregator.provision import main as provision
+        from aggregator.provision import COMMAND as PROVISION
 
-        return provision(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m aggregator", description="FedMedCLIP aggregator service")
-    parser.add_argument("--config", action="append", help="YAML file (repeatable: later files override earlier "
-                        f"ones; default ${ENV_PREFIX}CONFIG)")
-    parser.add_argument("--log-level", default=os.environ.get("FEDMEDCLIP_LOG_LEVEL", "INFO"))
-    add_config_flags(parser, AggregatorConfig)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(AggregatorConfig, yaml_path=args.config or os.environ.get(ENV_PREFIX + "CONFIG"),
-                          env_prefix=ENV_PREFIX, flags=args)
-        from aggregator.service import serve  # imports torch; after the cheap checks
-
-        return serve(cfg)
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 2
+        return main_for(PROVISION, argv[1:], "python -m aggregator provision")
+    return main_for(COMMAND, argv, "python -m aggregator")
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ class AggregatorConfig:
     listen: str = "127.0.0.1:50051"  # the AggregatorService
     # identity (mTLS; see shared/tls.py): the server certificate, its key, the federation's CA that signs
     # the nodes' client certificates, and the node ids (certificate CNs) allowed in
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_ca: str | None = None
+    tls_cert: str | None = None  # the aggregator's certificate (PEM)
+    tls_key: str | None = None  # its private key (PEM; keep it mode 0600)
+    tls_ca: str | None = None  # the federation's CA, which signs the nodes' certificates
     allowed_nodes: list[str] | None = None  # required with TLS; in insecure mode it limits the claimed ids
     insecure: bool = False  # plaintext, no identity: tests on one machine only (a loud warning at start)
     health_port: int = 50052  # grpc.health.v1 on its own port (0: pick a free one)
@@ -31,22 +31,22 @@ class AggregatorConfig:
     shutdown_grace_s: float = 10.0  # SIGTERM: in-flight RPCs get this long
     # run
     out_dir: str = "runs/aggregator"  # checkpoint, published globals, report
-    rounds: int = 50
+    rounds: int = 50  # communication rounds of the run
     min_nodes: int = 2  # quorum: a round may close at its deadline with this many updates
     round_timeout_s: float = 120.0  # deadline of a round, from its opening
     quorum_timeout_s: float = 300.0  # after the deadline, wait at most this long for the quorum, then fail
     registration_timeout_s: float = 900.0  # wait at most this long for min_nodes to register
     linger_s: float = 60.0  # after the last round, wait at most this long for the final reports
-    exit_when_done: bool = True
-    heartbeat_interval_s: float = 5.0
+    exit_when_done: bool = True  # False: keep serving after the run until SIGTERM
+    heartbeat_interval_s: float = 5.0  # how often nodes are asked to send a heartbeat
     node_timeout_s: float = 30.0  # a node not heard from for this long is not 'connected'
     # learning (must match the nodes; checked at registration and against the checkpoint)
-    method: str = "fedmedclip"
-    seed: int = 0
-    embed_dim: int = 512
-    codec: str = "int8"
-    delta: bool = False
-    drop_masked_rows: bool = True
+    method: str = "fedmedclip"  # the method every node must run (checked at registration)
+    seed: int = 0  # seeds the initial global FAM (every node must use the same)
+    embed_dim: int = 512  # width of the backbone's embeddings (every node must match)
+    codec: str = "int8"  # fp32, fp16, int8 or int4: how the adapter travels
+    delta: bool = False  # updates travel as differences to the last global
+    drop_masked_rows: bool = True  # rows the learned mask switches off are not sent
     aggregation: str = "weighted"  # weighted | uniform | median | trimmed_mean (robust to a few bad updates)
     trim_ratio: float = 0.1  # trimmed_mean: fraction cut at each end per coordinate
     # poisoning guard: an update beyond these bounds is refused before it touches the average (None: off)

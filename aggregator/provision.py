@@ -1,8 +1,8 @@
-"""``python -m aggregator provision``: certificates and ready-to-use configs for a whole federation.
+"""``fedmedclip provision``: certificates and ready-to-use configs for a whole federation.
 
 One command, as ``nvflare provision`` does it::
 
-    python -m aggregator provision --nodes hospital_1,hospital_2,hospital_3,global --out pki \\
+    fedmedclip provision --nodes hospital_1,hospital_2,hospital_3,global --out pki \\
         [--aggregator-host localhost,aggregator] [--port 50051] [--mount /pki]
 
 writes (private keys mode 0600, the CA's folder 0700)::
@@ -24,7 +24,7 @@ import argparse
 import datetime as dt
 import ipaddress
 import re
-import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -33,6 +33,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from shared.ops.command import Command, main_for
+from shared.ops.config import ConfigError
 from shared.wire.tls import write_private
 
 DEFAULT_PORT = 50051
@@ -154,7 +156,7 @@ def provision(out: Path | str, nodes: list[str], *, aggregator_hosts: list[str] 
 
     ca_cert, ca_key, _ = _load_or_make_ca(root)
     configs: dict[str, Path] = {}
-    stamp = f"written by `python -m aggregator provision` on {dt.date.today().isoformat()}"
+    stamp = f"written by `fedmedclip provision` on {dt.date.today().isoformat()}"
     agg = _party_dir(root, "aggregator")
     _issue_into(agg, ca_cert, ca_key, "aggregator", server=True, hosts=hosts)
     configs["aggregator"] = agg / "aggregator.yaml"
@@ -172,27 +174,33 @@ def provision(out: Path | str, nodes: list[str], *, aggregator_hosts: list[str] 
     return configs
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m aggregator provision",
-                                description="Make a federation's CA, certificates and configs (mTLS).")
-    p.add_argument("--nodes", required=True, help="node ids, comma-separated (each becomes a certificate's CN)")
-    p.add_argument("--out", required=True, help="output folder (reused: existing CA and certificates are kept)")
-    p.add_argument("--aggregator-host", default="localhost",
-                   help="host names or IPs of the aggregator, comma-separated; the first goes into the node "
-                        "configs (localhost and 127.0.0.1 are always in the certificate)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="the aggregator's gRPC port")
-    p.add_argument("--mount", default=None,
-                   help="write paths in the configs as seen under this folder (e.g. /pki in a container)")
-    args = p.parse_args(argv)
-    nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
+@dataclass(frozen=True)
+class ProvisionConfig:
+    nodes: list[str] | None = None  # node ids, comma-separated (each becomes a certificate's CN); required
+    out: str = "pki"  # output folder (reused: the existing CA and certificates are kept)
+    aggregator_host: list[str] = field(default_factory=lambda: ["localhost"])  # the aggregator's host names or IPs; the first goes into the node configs (localhost and 127.0.0.1 are always in its certificate)
+    port: int = DEFAULT_PORT  # the aggregator's gRPC port
+    mount: str | None = None  # write the configs' paths as seen under this folder (e.g. /pki in a container)
+
+
+def _run(cfg: ProvisionConfig, _args: argparse.Namespace) -> int:
+    if not cfg.nodes:
+        raise ConfigError("nodes: give the node ids, e.g. --nodes hospital_1,hospital_2")
     try:
-        configs = provision(args.out, nodes, aggregator_hosts=args.aggregator_host.split(","), port=args.port,
-                            mount=args.mount)
+        configs = provision(cfg.out, list(cfg.nodes), aggregator_hosts=list(cfg.aggregator_host), port=cfg.port,
+                            mount=cfg.mount)
     except ValueError as exc:
-        print(f"provision: {exc}", file=sys.stderr)
-        return 2
-    root = Path(args.out).resolve()
-    print(f"federation in {root}: CA ca/ca.pem (keep ca/ca.key offline); allow-list {nodes}")
+        raise ConfigError(str(exc)) from exc
+    root = Path(cfg.out).resolve()
+    print(f"federation in {root}: CA ca/ca.pem (keep ca/ca.key offline); allow-list {list(cfg.nodes)}")
     for party, path in configs.items():
         print(f"  {party:>12}: --config {path}")
     return 0
+
+
+COMMAND = Command(name="provision", help="make a federation's CA, certificates and configs", run=_run,
+                  config=ProvisionConfig, env_prefix="FEDMEDCLIP_PROVISION_", description=__doc__.split("\n\n")[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    return main_for(COMMAND, argv, "python -m aggregator provision")

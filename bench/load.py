@@ -1,6 +1,6 @@
 """Load: one aggregator against 10, 50 and 200 simulated nodes over real gRPC with mTLS (``make bench-load``).
 
-Each size gets a fresh federation (``python -m aggregator provision``), one aggregator process with
+Each size gets a fresh federation (``fedmedclip provision``), one aggregator process with
 the real adapter size (D = 512, int8, weighted average) and light nodes (:mod:`bench.light_client`:
 no learning, the real protocol) spread over a few worker processes, one thread and one TLS channel
 per node. Every node registers, then each round long-polls for the round, uploads a valid encoded
@@ -28,6 +28,8 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+
+from deploy.local_federation import resolve
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DIM = 512
@@ -142,7 +144,7 @@ def measure(n: int, rounds: int, processes: int, tmp: Path) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=str(REPO_ROOT))
     log = (tmp / "aggregator.log").open("wb")
-    agg = subprocess.Popen([sys.executable, "-m", "aggregator", "--config", str(pki / "aggregator" / "aggregator.yaml"),
+    agg = subprocess.Popen([*resolve(["fedmedclip"]), "aggregator", "--config", str(pki / "aggregator" / "aggregator.yaml"),
                             "--listen", f"127.0.0.1:{port}", "--health-port", "0", "--metrics-port", str(metrics_port),
                             "--out-dir", str(out), "--rounds", str(rounds), "--min-nodes", str(n),
                             "--embed-dim", str(DIM), "--round-timeout-s", "600", "--linger-s", "1",

@@ -1,9 +1,9 @@
 """A real federation on this machine: the aggregator and N hospital nodes as separate processes.
 
 ``python -m deploy.local_federation --out runs/demo --rounds 30`` (``make demo``) partitions the
-brain tumor set (N training hospitals + the held-out one), starts ``python -m aggregator`` and one
-``python -m hospital_node run`` per hospital on loopback (free ports picked at run time), all over
-mutual TLS with certificates made by ``python -m aggregator provision`` into ``<out>/pki``, prints
+brain tumor set (``fedmedclip partition``: N training hospitals + the held-out one), starts
+``fedmedclip aggregator`` and one ``fedmedclip node run`` per hospital on loopback (free ports picked
+at run time), all over mutual TLS with certificates made by ``fedmedclip provision`` into ``<out>/pki``, prints
 accuracy and bytes per round as the aggregator reports them, leaves ``<out>/aggregator/report.md``
 and ``report.json``, and shuts every process down (SIGTERM, then SIGKILL after a grace period),
 also on Ctrl-C. These are the same commands the compose testbed runs, one per container.
@@ -27,6 +27,20 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("fedmedclip.demo")
 
 
+def fedmedclip_exe() -> str:
+    """The ``fedmedclip`` console script of this interpreter's environment (``make venv`` installs it)."""
+    exe = Path(sys.executable).with_name("fedmedclip")
+    if not exe.is_file():
+        raise RuntimeError(f"{exe} is missing: install the project into this environment (pip install -e .; "
+                           "make venv does it)")
+    return str(exe)
+
+
+def resolve(argv: list[str]) -> list[str]:
+    """``["fedmedclip", ...]`` with the console script's path, ready for :mod:`subprocess`."""
+    return [fedmedclip_exe(), *argv[1:]] if argv[:1] == ["fedmedclip"] else list(argv)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -47,7 +61,7 @@ class Launcher:
         with (self.log_dir / f"{name}.log").open("ab") as handle:
             # own process group: a Ctrl-C in the terminal reaches this launcher only, which then stops
             # the services in order instead of all of them dying at once
-            proc = subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, env=env, stdout=handle,
+            proc = subprocess.Popen(resolve(args), cwd=REPO_ROOT, env=env, stdout=handle,
                                     stderr=subprocess.STDOUT, start_new_session=True)
         self.procs[name] = proc
         return proc
@@ -75,21 +89,21 @@ def _read_json(path: Path) -> dict | None:
 
 
 def node_names(hospitals: int, holdout: bool = True) -> list[str]:
-    """The node ids ``hospital_node partition`` writes configs for: the trainers, then the held-out one."""
+    """The node ids ``fedmedclip partition`` writes configs for: the trainers, then the held-out one."""
     return [f"hospital_{i}" for i in range(1, hospitals + 1)] + (["global"] if holdout else [])
 
 
 def partition_command(out: str, *, hospitals: int, seed: int, alpha: float | None, per_class: int | None,
                       holdout: bool = True, data: str | None = None) -> list[str]:
-    """The argv (after the interpreter) that writes every hospital's manifest and node config."""
-    cmd = ["-m", "hospital_node", "partition", "--hospitals", str(hospitals), "--seed", str(seed),
+    """The command that writes every hospital's manifest and node config."""
+    cmd = ["fedmedclip", "partition", "--hospitals", str(hospitals), "--seed", str(seed),
            "--alpha", str(alpha if alpha is not None else 0), "--out", out]
     if data:
         cmd += ["--data", data]
     if per_class:
         cmd += ["--per-class", str(per_class)]
     if not holdout:
-        cmd.append("--no-holdout")
+        cmd += ["--holdout", "false"]
     return cmd
 
 
@@ -99,7 +113,7 @@ def provision_command(pki_dir: str, nodes: list[str], *, aggregator_hosts: str =
 
     ``mount``: write the config paths as seen where ``pki_dir`` is mounted (e.g. ``/pki`` in a container).
     """
-    cmd = ["-m", "aggregator", "provision", "--nodes", ",".join(nodes), "--out", pki_dir,
+    cmd = ["fedmedclip", "provision", "--nodes", ",".join(nodes), "--out", pki_dir,
            "--aggregator-host", aggregator_hosts]
     return cmd + (["--mount", mount] if mount else [])
 
@@ -115,20 +129,20 @@ def service_commands(nodes: list[str], *, min_nodes: int, rounds: int, codec: st
                      partition_dir: str, out_dir: str, cache_dir: str, listen: str, aggregator_address: str,
                      health_port: int, metrics_port: int, node_metrics_ports: dict[str, int],
                      extra_aggregator: tuple[str, ...] = (), pki_dir: str | None = None) -> dict[str, list[str]]:
-    """The argv (after the Python interpreter) of every service of a federation, by service name.
+    """The command of every service of a federation, by service name.
 
     ``make demo`` runs exactly these on loopback (host paths, free ports); ``deploy/compose.yaml`` runs
     exactly these, one per container (container paths, fixed ports), and a test holds the two together.
     Paths are joined with ``/`` so container paths can be asked for from any host. ``pki_dir``: the
     folder :func:`provision_command` wrote (mTLS); None runs plaintext (``--insecure``, loud warnings).
     """
-    commands = {"aggregator": ["-m", "aggregator", *identity_args(pki_dir, "aggregator"), "--listen", listen, "--health-port", str(health_port),
+    commands = {"aggregator": ["fedmedclip", "aggregator", *identity_args(pki_dir, "aggregator"), "--listen", listen, "--health-port", str(health_port),
                                "--metrics-port", str(metrics_port), "--out-dir", f"{out_dir}/aggregator",
                                "--rounds", str(rounds), "--min-nodes", str(min_nodes), "--codec", codec,
                                "--seed", str(seed), "--round-timeout-s", "300", "--linger-s", "60",
                                *extra_aggregator]}
     for node in nodes:
-        commands[node] = ["-m", "hospital_node", "run", "--config", f"{partition_dir}/{node}.yaml",
+        commands[node] = ["fedmedclip", "node", "run", "--config", f"{partition_dir}/{node}.yaml",
                           *identity_args(pki_dir, node),
                           "--aggregator", aggregator_address, "--metrics-port", str(node_metrics_ports[node]),
                           "--state-dir", f"{out_dir}/nodes/{node}", "--cache-dir", cache_dir,
@@ -146,13 +160,13 @@ def run_federation(out: Path, *, hospitals: int = 3, rounds: int = 30, per_class
     """
     out = out.resolve()
     partition_dir = out / "partition"
-    cmd = [sys.executable, *partition_command(str(partition_dir), hospitals=hospitals, seed=seed, alpha=alpha,
-                                              per_class=per_class, holdout=holdout)]
+    cmd = resolve(partition_command(str(partition_dir), hospitals=hospitals, seed=seed, alpha=alpha,
+                                         per_class=per_class, holdout=holdout))
     subprocess.run(cmd, cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL if quiet else None)
     nodes = node_names(hospitals, holdout)
     pki = out / "pki"
     if tls:
-        subprocess.run([sys.executable, *provision_command(str(pki), nodes)], cwd=REPO_ROOT, check=True,
+        subprocess.run(resolve(provision_command(str(pki), nodes)), cwd=REPO_ROOT, check=True,
                        stdout=subprocess.DEVNULL if quiet else None)
     port = free_port()
     launcher = Launcher(out / "logs")

@@ -5,13 +5,13 @@ idempotent: a second ``docker compose up`` finds the volumes ready and does noth
 
     python -m deploy.testbed_setup --data /source --volumes /setup [--hospitals 3 --alpha 0.5 --per-class N]
 
-1. ``hospital_node partition`` (the very command ``make demo`` runs) splits the pooled set into the
+1. ``fedmedclip partition`` (the very command ``make demo`` runs) splits the pooled set into the
    trainers and the held-out hospital, in a scratch folder.
 2. Each hospital gets a copy of *its own* images only, in its own data volume
    (``<volumes>/<node>/data``, seen by the node as ``--node-data-dir``): ``images/<class>/...``,
    ``<node>.csv`` (paths as the node sees them), ``classes.txt`` and ``<node>.yaml``. No node can
    read another hospital's images.
-3. ``python -m aggregator provision`` makes the federation's CA and one certificate per party; each
+3. ``fedmedclip provision`` makes the federation's CA and one certificate per party; each
    party's folder (``ca.pem``, ``cert.pem``, ``key.pem`` mode 0600, its YAML) goes into that party's
    TLS volume (``<volumes>/<party>/tls``, mounted at ``<tls-dir>/<party>``). The CA key is never
    written to a volume: it dies with this container, so nothing can issue new identities later.
@@ -29,13 +29,12 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import yaml
 
-from deploy.local_federation import REPO_ROOT, node_names, partition_command, provision_command
+from deploy.local_federation import REPO_ROOT, node_names, partition_command, provision_command, resolve
 
 log = logging.getLogger("fedmedclip.testbed")
 MARKER = ".testbed.json"
@@ -90,7 +89,7 @@ def provision_certificates(volumes: Path, nodes: list[str], *, tls_dir: str, agg
     """The CA and every party's certificate (the command ``make demo`` runs), one TLS volume per party."""
     with tempfile.TemporaryDirectory(prefix="pki-") as scratch:
         cmd = provision_command(scratch, nodes, aggregator_hosts=aggregator_host, mount=tls_dir)
-        subprocess.run([sys.executable, *cmd], cwd=REPO_ROOT, check=True)
+        subprocess.run(resolve(cmd), cwd=REPO_ROOT, check=True)
         for party in ["aggregator", *nodes]:
             target = volumes / party / "tls"
             _clear(target)
@@ -135,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = partition_command(scratch, hospitals=args.hospitals, seed=args.seed,
                                 alpha=args.alpha if args.alpha > 0 else None, per_class=args.per_class or None,
                                 holdout=not args.no_holdout, data=str(Path(args.data).resolve()))
-        subprocess.run([sys.executable, *cmd], cwd=REPO_ROOT, check=True)
+        subprocess.run(resolve(cmd), cwd=REPO_ROOT, check=True)
         for node in nodes:
             n = materialise_node(Path(scratch), node, volumes / node / "data", args.node_data_dir)
             log.info("%s: %d images in its own data volume", node, n)

@@ -14,12 +14,12 @@ _T = TrainConfig()
 @dataclass(frozen=True)
 class NodeConfig:
     # identity and connection
-    node_id: str = "hospital_1"
-    aggregator: str = "127.0.0.1:50051"
+    node_id: str = "hospital_1"  # this hospital's id: the CN of its certificate, on the aggregator's allow-list
+    aggregator: str = "127.0.0.1:50051"  # host:port of the aggregator
     # identity (mTLS; see shared/tls.py): this node's certificate (CN = node_id) and key, the federation's CA
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_ca: str | None = None
+    tls_cert: str | None = None  # this node's certificate (PEM; CN = node_id)
+    tls_key: str | None = None  # its private key (PEM; keep it mode 0600)
+    tls_ca: str | None = None  # the federation's CA certificate (PEM)
     tls_server_name: str | None = None  # the aggregator's name in its certificate, if not the host dialled
     insecure: bool = False  # plaintext, no identity: tests on one machine only (a loud warning at start)
     role: str = "trainer"  # trainer | evaluator (a held-out hospital: evaluates every global, never trains)
@@ -38,18 +38,18 @@ class NodeConfig:
     split_seed: int = 0  # seeds the 60/20/20 split when the data has no split column
     state_dir: str = "runs/node"  # private MLP, optimiser state, last global, pending update
     cache_dir: str = ".cache/features"
-    progress: bool = True
+    progress: bool = True  # a progress bar while encoding
     # learning (method, seed and codec must match the federation: checked at registration)
-    method: str = "fedmedclip"
-    seed: int = 0
+    method: str = "fedmedclip"  # must match the federation's (checked at registration)
+    seed: int = 0  # the federation's seed (initial FAM, private MLP, batch order)
     hospital_index: int = 0  # seeds the private MLP and the batch order (position among training hospitals)
-    lr_fam: float = _T.lr_adapter
-    lr_mlp: float = _T.lr_mlp
-    batch_size: int = _T.batch_size
-    local_epochs: int = _T.local_epochs
-    backbone: str = OFFLINE_DEFAULT
-    arch: str = "ViT-B-32"
-    pretrained: str | None = None
+    lr_fam: float = _T.lr_adapter  # learning rate of the FAM
+    lr_mlp: float = _T.lr_mlp  # learning rate of the private MLP
+    batch_size: int = _T.batch_size  # local mini-batch size
+    local_epochs: int = _T.local_epochs  # passes over the local training split per round
+    backbone: str = OFFLINE_DEFAULT  # offline (EfficientNet-Lite0 + MiniLM, not CLIP) or openclip
+    arch: str = "ViT-B-32"  # open_clip architecture (backbone: openclip)
+    pretrained: str | None = None  # open_clip pretrained tag or a local checkpoint file (air-gapped sites)
     templates: list[str] | None = None  # prompt templates, default "a picture of a {}"
     device: str = "cpu"
     threads: int = 0  # torch CPU threads (0: torch's default)

@@ -1,7 +1,7 @@
 """A hospital's local data: partition a pooled set into per-hospital manifests, and load one.
 
-``partition`` does exactly what the simulation's ``prepare`` does (scan, de-duplicate, optional
-stratified subset, :func:`shared.data.build_federation`) and writes one CSV manifest per hospital
+``partition`` runs the simulation's own pipeline (:func:`shared.data.pipeline.prepare_federation`:
+scan, de-duplicate, optional stratified subset, partition) and writes one CSV manifest per hospital
 (``path,label,split``; absolute paths), ``global.csv`` for the held-out one, ``classes.txt`` (the
 federation's label space, one name a line) and a ready-made node config per hospital. A node that
 reads such a manifest trains on exactly the samples, split and order the simulation uses.
@@ -9,6 +9,7 @@ reads such a manifest trains on exactly the samples, split and order the simulat
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import logging
@@ -18,8 +19,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from shared.data import (Dataset, Split, build_federation, deduplicate, read_split_manifest, scan_image_folder,
-                         split_indices, subset)
+from shared.data import (Dataset, Split, deduplicate, default_data_root, read_split_manifest, scan_image_folder,
+                         split_indices)
+from shared.data.pipeline import prepare_federation
+from shared.ops.command import Command
 
 log = logging.getLogger("fedmedclip.node")
 
@@ -31,17 +34,14 @@ def partition(data_root: Path | str, out_dir: Path | str, *, hospitals: int, alp
     """Write the manifests of a simulated federation; returns the summary written to ``federation.json``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ds = scan_image_folder(data_root)
-    ds, report = deduplicate(ds, data_root)
-    if per_class:
-        ds = subset(ds, per_class, seed=seed)
-    parts = build_federation(ds, n_hospitals=hospitals, alpha=alpha, holdout=holdout, seed=seed,
-                             partition="dirichlet" if alpha is not None else "iid")
+    fed = prepare_federation(data_root, hospitals=hospitals, alpha=alpha, seed=seed, per_class=per_class,
+                             holdout=holdout)
+    ds = fed.dataset
     (out / CLASSES_FILE).write_text("\n".join(ds.class_names) + "\n", encoding="utf-8")
     summary = {"data_root": str(data_root), "seed": seed, "alpha": alpha, "per_class": per_class,
-               "duplicates_removed": report.n_removed, "classes": list(ds.class_names), "hospitals": []}
-    training = [h for h in parts if not h.held_out]
-    for h in parts:
+               "duplicates_removed": fed.duplicates.n_removed, "classes": list(ds.class_names), "hospitals": []}
+    training = [h for h in fed.hospitals if not h.held_out]
+    for h in fed.hospitals:
         manifest = out / f"{h.name}.csv"
         split_of = {int(i): name for name, idx in (("train", h.split.train), ("val", h.split.val),
                                                    ("test", h.split.test)) for i in idx}
@@ -60,6 +60,31 @@ def partition(data_root: Path | str, out_dir: Path | str, *, hospitals: int, alp
                                                                  minlength=ds.num_classes).tolist()})
     (out / "federation.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     return summary
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    data: str | None = None  # the pooled ImageFolder (default: $FEDMEDCLIP_DATA, else the team's brain tumor set)
+    out: str = "runs/partition"  # output folder: <hospital>.csv, <hospital>.yaml, classes.txt, federation.json
+    hospitals: int = 3  # training hospitals
+    alpha: float = 0.5  # Dirichlet label skew (smaller: more skewed); 0 or less: iid
+    seed: int = 0  # seeds the partition, the splits and the subset
+    per_class: int | None = None  # a stratified subset of N images per class (quick runs)
+    holdout: bool = True  # add the held-out 'global' hospital (test only)
+
+
+def _partition(cfg: PartitionConfig, _args: argparse.Namespace) -> int:
+    summary = partition(cfg.data or default_data_root(), cfg.out, hospitals=cfg.hospitals,
+                        alpha=cfg.alpha if cfg.alpha > 0 else None, seed=cfg.seed, per_class=cfg.per_class,
+                        holdout=cfg.holdout)
+    for h in summary["hospitals"]:
+        print(f"{h['name']:>12}: train {h['train']:4d}  val {h['val']:4d}  test {h['test']:4d}  "
+              f"classes {h['class_counts']}  -> {h['manifest']}")
+    return 0
+
+
+PARTITION = Command(name="partition", help="write per-hospital manifests of a simulated federation", run=_partition,
+                    config=PartitionConfig, env_prefix="FEDMEDCLIP_PARTITION_", description=__doc__.split("\n\n")[0])
 
 
 @dataclass(frozen=True)

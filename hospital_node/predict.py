@@ -1,7 +1,13 @@
-"""Classify a folder of images with this hospital's ensemble (global FAM + private MLP); write a CSV."""
+"""``fedmedclip predict``: classify a folder of images with this hospital's ensemble; ``fedmedclip encode``.
+
+``predict`` uses the global FAM and the private MLP the node saved in its state folder, and writes
+``path,prediction,confidence,p_<class>...``. ``encode`` builds the node's feature cache ahead of
+time (the slow, one-off part of joining a federation), from the same settings as ``node run``.
+"""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import hashlib
 import logging
@@ -10,12 +16,14 @@ from pathlib import Path
 import torch
 
 from hospital_node.client import backbone_spec, build_learner, Prepared
-from hospital_node.config import NodeConfig
+from hospital_node.config import ENV_PREFIX, NodeConfig
 from hospital_node.data import label_space, load_local
 from hospital_node.state import StateStore
 from shared.backbone import load_backbone
-from shared.data import IMAGE_EXTENSIONS, Sample
+from shared.data import IMAGE_EXTENSIONS, MissingInputError, Sample
 from shared.data.features import encode_samples
+from shared.ops.command import Command
+from shared.ops.config import ConfigError
 
 log = logging.getLogger("fedmedclip.node")
 
@@ -30,18 +38,21 @@ def predict_folder(cfg: NodeConfig, images: Path | str, out_csv: Path | str) -> 
     store = StateStore(cfg.state_dir)
     state = store.load()
     if state is None:
-        raise FileNotFoundError(f"no saved state in {store.path}: run the node (python -m hospital_node run) first")
+        raise MissingInputError(f"no saved state in {store.path}: run the node (fedmedclip node run) first")
     names = label_space(Path(cfg.data), cfg.classes) if cfg.data else (tuple(cfg.classes) if cfg.classes else None)
     if names is None and cfg.data:
         names = load_local(cfg.data, cfg.classes, split_seed=cfg.split_seed).dataset.class_names
     if names is None:
-        raise ValueError("the label space is unknown: set classes or data")
+        raise ConfigError("the label space is unknown: set classes or data")
     backbone = load_backbone(backbone_spec(cfg), cfg.device)
     if backbone.fingerprint(names) != state.fingerprint:
-        raise ValueError("this backbone/label space is not the one the saved state was trained with")
+        raise ConfigError("this backbone or label space is not the one the saved state in "
+                          f"{store.path} was trained with: use the node's own settings")
+    if not Path(images).is_dir():
+        raise MissingInputError(f"image folder {images} does not exist")
     paths = _images(Path(images))
     if not paths:
-        raise FileNotFoundError(f"no images under {images}")
+        raise MissingInputError(f"no images under {images}")
     samples = [Sample(p.resolve(), 0, hashlib.sha256(p.read_bytes()).hexdigest()) for p in paths]
     features, _ = encode_samples(backbone, samples, cfg.cache_dir, progress=cfg.progress)
     prep = Prepared(backbone=backbone, data=None, features=features, labels=torch.zeros(len(samples)),  # type: ignore[arg-type]
@@ -64,3 +75,35 @@ def predict_folder(cfg: NodeConfig, images: Path | str, out_csv: Path | str) -> 
     log.info("classified %d images with global v%d (%s head) -> %s", len(paths), state.global_version,
              head or "ensemble", out)
     return len(paths)
+
+
+def _predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", required=True, help="folder of images to classify (searched recursively)")
+    parser.add_argument("--out", default="predictions.csv", help="the CSV to write (default: predictions.csv)")
+
+
+def _predict(cfg: NodeConfig, args: argparse.Namespace) -> int:
+    n = predict_folder(cfg, args.images, args.out)
+    print(f"{n} images classified -> {args.out}")
+    return 0
+
+
+def _encode(cfg: NodeConfig, _args: argparse.Namespace) -> int:
+    if not cfg.data:
+        raise ConfigError("data: set the images to encode (an ImageFolder or a CSV manifest)")
+    data = load_local(cfg.data, cfg.classes, split_seed=cfg.split_seed, evaluator=cfg.role == "evaluator")
+    backbone = load_backbone(backbone_spec(cfg), cfg.device)
+    _, stats = encode_samples(backbone, data.dataset.samples, cfg.cache_dir, progress=cfg.progress)
+    print(f"{len(data.dataset)} images: {stats.n_encoded} encoded in {stats.seconds:.1f}s, {stats.n_cached} already "
+          f"cached -> {cfg.cache_dir}")
+    return 0
+
+
+PREDICT = Command(name="predict", help="classify a folder of images, write a CSV", run=_predict, config=NodeConfig,
+                  env_prefix=ENV_PREFIX, arguments=_predict_arguments,
+                  description="Classify a folder of images with this hospital's ensemble (the node's settings: "
+                              "--config node.yaml).")
+ENCODE = Command(name="encode", help="build a node's feature cache ahead of time", run=_encode, config=NodeConfig,
+                 env_prefix=ENV_PREFIX,
+                 description="Encode a node's images into its feature cache ahead of time (the node's settings: "
+                             "--config node.yaml; data and cache_dir matter). `node run` then starts in seconds.")

@@ -5,7 +5,7 @@ codec in both directions, streaming aggregation. Per round it validates every tr
 ensemble on its val split and keeps the round with the best mean val accuracy; the test metrics
 of that round are the result (method.md section 9).
 
-Run: ``python -m shared.simulation --help`` (``make simulate``).
+Run: ``fedmedclip simulate --help`` (``make simulate``; ``python -m shared.simulation`` too).
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -27,12 +25,13 @@ from shared import __version__
 from shared.learning.aggregation import AGGREGATION_RULES, make_aggregator
 from shared.backbone import BACKBONE_KINDS, Backbone, BackboneSpec, load_backbone
 from shared.codec import CODECS
-from shared.errors import FedMedCLIPError
-from shared.data import Dataset, HospitalData, build_federation, deduplicate, default_data_root, scan_image_folder, subset
+from shared.data import Dataset, HospitalData, default_data_root
+from shared.data.pipeline import prepare_federation
 from shared.learning.rounds import WireConfig, fold_update, make_update, publish_global
 from shared.data.features import EncodeStats, encode_samples
 from shared.learning.metrics import mean_metrics, nanmean
 from shared.learning.training import METHODS, HospitalLearner, MethodConfig, TrainConfig, build_adapter, get_method
+from shared.ops.command import Command, main_for
 
 log = logging.getLogger("fedmedclip.simulation")
 
@@ -74,18 +73,12 @@ class Prepared:
 
 def prepare(cfg: SimConfig, backbone: Backbone | None = None) -> Prepared:
     """Scan, de-duplicate, encode (cached) and partition the data for ``cfg``."""
-    ds = scan_image_folder(cfg.data_root)
-    ds, report = deduplicate(ds, cfg.data_root)
-    log.info("data: %d unique images after removing %d duplicates (%d groups, %d across top-level folders, "
-             "%d with conflicting labels)", len(ds.samples), report.n_removed, report.n_groups,
-             report.n_cross_folder_groups, report.n_conflicting_groups)
-    if cfg.per_class:
-        ds = subset(ds, cfg.per_class, seed=cfg.seed)
+    fed = prepare_federation(cfg.data_root, hospitals=cfg.n_hospitals, alpha=cfg.alpha, seed=cfg.seed,
+                             per_class=cfg.per_class, holdout=cfg.holdout)
+    ds, hospitals = fed.dataset, fed.hospitals
     backbone = backbone or load_backbone(cfg.backbone, cfg.device)
     features, enc = encode_samples(backbone, ds.samples, cfg.cache_dir, progress=cfg.progress)
-    hospitals = build_federation(ds, n_hospitals=cfg.n_hospitals, alpha=cfg.alpha, holdout=cfg.holdout, seed=cfg.seed,
-                                 partition="dirichlet" if cfg.alpha is not None else "iid")
-    dup = {k: v for k, v in asdict(report).items() if isinstance(v, (int, float, str))}
+    dup = {k: v for k, v in asdict(fed.duplicates).items() if isinstance(v, (int, float, str))}
     return Prepared(dataset=ds, duplicates=dup, backbone=backbone, features=features,
                     labels=torch.from_numpy(ds.labels()), hospitals=hospitals,
                     text=backbone.text_features(ds.class_names), encode=enc,
@@ -295,58 +288,65 @@ def plot_history(report: dict, out_dir: Path) -> None:
     plt.close(fig)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m shared.simulation", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = SimConfig()
-    p.add_argument("--data", default=d.data_root, help="image folder (ImageFolder layout, splits pooled)")
-    p.add_argument("--per-class", type=int, default=None, help="use a stratified subset of N images per class")
-    p.add_argument("--hospitals", type=int, default=d.n_hospitals, help="training hospitals")
-    p.add_argument("--alpha", type=float, default=d.alpha, help="Dirichlet label skew; 0 or less = iid")
-    p.add_argument("--no-holdout", action="store_true", help="no held-out 'global' hospital")
-    p.add_argument("--rounds", type=int, default=d.rounds)
-    p.add_argument("--method", default=d.method, choices=list(METHODS))
-    p.add_argument("--codec", default=d.wire.codec, choices=list(CODECS))
-    p.add_argument("--delta", action="store_true", help="send differences to the last global")
-    p.add_argument("--aggregation", default=d.aggregation, choices=list(AGGREGATION_RULES))
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--backbone", default=d.backbone.kind, choices=list(BACKBONE_KINDS))
-    p.add_argument("--arch", default=d.backbone.arch, help="open_clip architecture (--backbone openclip)")
-    p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or local checkpoint file")
-    p.add_argument("--lr-fam", type=float, default=d.train.lr_adapter)
-    p.add_argument("--lr-mlp", type=float, default=d.train.lr_mlp)
-    p.add_argument("--cache-dir", default=d.cache_dir)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--out", default="runs/simulation", help="output folder")
-    p.add_argument("--quiet", action="store_true")
-    return p
+@dataclass(frozen=True)
+class SimulateConfig:
+    """The settings of ``fedmedclip simulate`` (flat, like every command's): :meth:`sim_config` builds the run."""
+
+    data: str | None = None  # pooled ImageFolder (default: $FEDMEDCLIP_DATA, else the team's brain tumor set)
+    per_class: int | None = None  # a stratified subset of N images per class (quick runs)
+    hospitals: int = 4  # training hospitals
+    alpha: float = 0.5  # Dirichlet label skew (smaller: more skewed); 0 or less: iid
+    holdout: bool = True  # add the held-out 'global' hospital (test only)
+    rounds: int = 50  # communication rounds
+    method: str = "fedmedclip"  # fedmedclip, fedclip, local, zeroshot, or an ablation (see docs/method.md)
+    codec: str = "int8"  # fp32, fp16, int8 or int4: how the adapter travels
+    delta: bool = False  # send differences to the last global
+    aggregation: str = "weighted"  # weighted, uniform, median or trimmed_mean
+    seed: int = 0  # seeds the partition, the models and the batch order
+    backbone: str = BackboneSpec().kind  # offline (EfficientNet-Lite0 + MiniLM; not CLIP) or openclip
+    arch: str = BackboneSpec().arch  # open_clip architecture (backbone: openclip)
+    pretrained: str | None = None  # open_clip pretrained tag or a local checkpoint file (backbone: openclip)
+    lr_fam: float = TrainConfig().lr_adapter  # learning rate of the FAM
+    lr_mlp: float = TrainConfig().lr_mlp  # learning rate of the private MLP
+    cache_dir: str | None = ".cache/features"  # feature cache (None: encode every time)
+    device: str | None = None  # cpu or cuda (default: cuda when available)
+    out: str = "runs/simulation"  # output folder: report.json, report.md, accuracy.png, bytes.png
+    progress: bool = True  # progress bars and per-round log lines
+
+    def __post_init__(self) -> None:
+        for name, choices in (("method", METHODS), ("codec", CODECS), ("aggregation", AGGREGATION_RULES),
+                              ("backbone", BACKBONE_KINDS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {list(choices)}")
+
+    def sim_config(self) -> SimConfig:
+        return SimConfig(data_root=self.data or str(default_data_root()), per_class=self.per_class,
+                         n_hospitals=self.hospitals, alpha=self.alpha if self.alpha > 0 else None,
+                         holdout=self.holdout, rounds=self.rounds, method=self.method,
+                         wire=WireConfig(codec=self.codec, delta=self.delta), aggregation=self.aggregation,
+                         seed=self.seed,
+                         backbone=BackboneSpec(kind=self.backbone, arch=self.arch, pretrained=self.pretrained),
+                         train=replace(TrainConfig(), lr_adapter=self.lr_fam, lr_mlp=self.lr_mlp),
+                         cache_dir=self.cache_dir, device=self.device, progress=self.progress)
 
 
-def config_from_args(args: argparse.Namespace) -> SimConfig:
-    return SimConfig(data_root=args.data, per_class=args.per_class, n_hospitals=args.hospitals,
-                     alpha=args.alpha if args.alpha and args.alpha > 0 else None, holdout=not args.no_holdout,
-                     rounds=args.rounds, method=args.method, wire=WireConfig(codec=args.codec, delta=args.delta),
-                     aggregation=args.aggregation, seed=args.seed,
-                     backbone=BackboneSpec(kind=args.backbone, arch=args.arch, pretrained=args.pretrained),
-                     train=replace(TrainConfig(), lr_adapter=args.lr_fam, lr_mlp=args.lr_mlp),
-                     cache_dir=args.cache_dir, device=args.device, progress=not args.quiet)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        report = run(config_from_args(args))
-    except FedMedCLIPError as exc:  # bad input (a missing folder, an unreadable image...): say which, no traceback
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
+def _simulate(cfg: SimulateConfig, _args: argparse.Namespace) -> int:
+    if not cfg.progress:
+        logging.getLogger().setLevel(logging.WARNING)
+    report = run(cfg.sim_config())
+    out = Path(cfg.out)
     write_outputs(report, out)
     print(render_markdown(report))
     print(f"report: {out / 'report.json'}, plots: {out / 'accuracy.png'}, {out / 'bytes.png'}")
     return 0
+
+
+COMMAND = Command(name="simulate", help="an in-process federation", run=_simulate, config=SimulateConfig,
+                  env_prefix="FEDMEDCLIP_SIMULATE_", description=__doc__.split("\n\n")[0])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return main_for(COMMAND, argv, "python -m shared.simulation")
 
 
 if __name__ == "__main__":

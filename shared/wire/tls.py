@@ -1,6 +1,6 @@
 """Node identity: mutual TLS between the hospital nodes and the aggregator.
 
-A federation has its own certificate authority, made by ``python -m aggregator provision``
+A federation has its own certificate authority, made by ``fedmedclip provision``
 (:mod:`aggregator.provision`). The aggregator presents a server certificate and demands a client
 certificate signed by that CA; a node's identity is the common name (CN) of its certificate. The
 aggregator checks that CN against its allow-list and against the node id every request claims
@@ -25,7 +25,7 @@ log = logging.getLogger("fedmedclip.tls")
 
 INSECURE_WARNING = ("INSECURE MODE: plaintext gRPC and no node identity. Anyone who can reach %s can read the "
                     "adapters and speak for any hospital. For tests on one machine only; never with real data. "
-                    "Make certificates with `python -m aggregator provision`.")
+                    "Make certificates with `fedmedclip provision`.")
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ def load_material(who: str, address: str, *, insecure: bool, ca: str | None, cer
     missing = [name for name, value in paths.items() if not value]
     if missing:
         raise ConfigError(f"{who} refuses to start without TLS: {', '.join(missing)} not set. Provision a "
-                          "federation with `python -m aggregator provision --nodes ... --out DIR` and use the "
+                          "federation with `fedmedclip provision --nodes ... --out DIR` and use the "
                           "config it writes, or pass --insecure for a plaintext test setup")
     data = {}
     for name, value in paths.items():
@@ -67,7 +67,7 @@ def load_material(who: str, address: str, *, insecure: bool, ca: str | None, cer
 
 
 def party_material(folder: Path | str) -> TlsMaterial:
-    """The material of one party's folder as ``python -m aggregator provision`` writes it."""
+    """The material of one party's folder as ``fedmedclip provision`` writes it."""
     folder = Path(folder)
     return TlsMaterial(ca=(folder / "ca.pem").read_bytes(), cert=(folder / "cert.pem").read_bytes(),
                        key=(folder / "key.pem").read_bytes())
