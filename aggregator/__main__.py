@@ -10,12 +10,14 @@ import sys
 
 from aggregator.config import ENV_PREFIX, AggregatorConfig
 from shared.ops.command import Command, main_for
+from shared.ops.lock import DaemonLock
 
 
 def _serve(cfg: AggregatorConfig, _args: argparse.Namespace) -> int:
     from aggregator.service import serve  # imports torch: after the cheap checks
 
-    return serve(cfg)
+    with DaemonLock(cfg.out_dir, "aggregator"):  # one aggregator per output folder
+        return serve(cfg)
 
 
 COMMAND = Command(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from shared.learning.aggregation import AGGREGATION_RULES
 from shared.codec import CODECS
@@ -13,8 +14,11 @@ ENV_PREFIX = "FEDMEDCLIP_AGGREGATOR_"
 
 @dataclass(frozen=True)
 class AggregatorConfig:
+    # relative paths in a YAML file are relative to that file (a startup kit works wherever it is copied)
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("tls_cert", "tls_key", "tls_ca", "out_dir")
+
     # network
-    listen: str = "127.0.0.1:50051"  # the AggregatorService
+    listen: str = "127.0.0.1:50051"  # host:port the AggregatorService listens on (loopback by default)
     # identity (mTLS; see shared/tls.py): the server certificate, its key, the federation's CA that signs
     # the nodes' client certificates, and the node ids (certificate CNs) allowed in
     tls_cert: str | None = None  # the aggregator's certificate (PEM)
@@ -24,7 +28,7 @@ class AggregatorConfig:
     insecure: bool = False  # plaintext, no identity: tests on one machine only (a loud warning at start)
     health_port: int = 50052  # grpc.health.v1 on its own port (0: pick a free one)
     metrics_port: int = 9100  # Prometheus /metrics (0: pick a free one)
-    metrics_addr: str = "127.0.0.1"
+    metrics_addr: str = "127.0.0.1"  # address /metrics binds to (0.0.0.0: reachable by a Prometheus elsewhere)
     reflection: bool = False  # server reflection on the service port (for grpcurl)
     max_workers: int = 64  # each node waiting for the next round holds one worker: keep it above the nodes
     upload_slots: int = 4  # uploads received at once (each holds its payload); the rest wait: memory stays flat

@@ -1,21 +1,23 @@
-"""``fedmedclip provision``: certificates and ready-to-use configs for a whole federation.
+"""``fedmedclip provision``: a startup kit per party of a federation, and its certificate authority.
 
-One command, as ``nvflare provision`` does it::
+One command, in the spirit of NVFlare's startup kits::
 
-    fedmedclip provision --nodes hospital_1,hospital_2,hospital_3,global --out pki \\
-        [--aggregator-host localhost,aggregator] [--port 50051] [--mount /pki]
+    fedmedclip provision --nodes hospital_1,hospital_2,hospital_3,global --evaluators global --out kits \\
+        [--classes-file classes.txt] [--aggregator-host fl.example.org] [--listen 0.0.0.0:50051]
 
-writes (private keys mode 0600, the CA's folder 0700)::
+writes, whatever the umask (folders 0700, private keys 0600, scripts 0700, the rest 0644)::
 
-    pki/ca/ca.pem, ca.key            the federation's certificate authority (keep ca.key offline)
-    pki/aggregator/                  ca.pem, cert.pem, key.pem, aggregator.yaml (listen, TLS, allow-list)
-    pki/<node>/                      ca.pem, cert.pem (CN = node id), key.pem, node.yaml (node id, address, TLS)
+    kits-ca/ca.pem, ca.key        the federation's certificate authority (apart from the kits: keep it offline)
+    kits/aggregator/              ca.pem, cert.pem, key.pem, aggregator.yaml, README.md, start.sh, stop.sh
+    kits/<node>/                  ca.pem, cert.pem (CN = node id), key.pem, node.yaml, README.md, start.sh, stop.sh
 
-Each party's folder is all that party needs: hand ``pki/hospital_1/`` to hospital 1 only. Run with
-``--config pki/aggregator/aggregator.yaml`` and ``--config pki/hospital_1/node.yaml`` (a node takes
-its data settings from a second ``--config`` or from flags). Running the command again on the same
-folder reuses the CA and the existing certificates, issues what is missing and rewrites the configs:
-that is how a hospital is added (list every node again). Keys are ECDSA P-256.
+Each kit is all that party needs and works wherever it is copied: the paths in its config are
+relative to the config file. Hand ``kits/hospital_1/`` to hospital 1 only. Given the federation's
+class names, the aggregator's config pins them and the backbone fingerprint they give, so no node
+can set the label space by registering first; each node's config carries the same class names.
+The aggregator listens on loopback unless ``--listen`` names a public address. Running the command
+again on the same folders reuses the CA and the existing certificates, issues what is missing and
+rewrites the configs: that is how a hospital is added (list every node again). Keys are ECDSA P-256.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import ipaddress
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +38,6 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shared.ops.command import Command, main_for
 from shared.ops.config import ConfigError
-from shared.wire.tls import write_private
 
 DEFAULT_PORT = 50051
 CA_DAYS = 3650
@@ -104,14 +106,23 @@ def issue(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, common_
     return builder.sign(ca_key, hashes.SHA256()), key
 
 
+def _write(path: Path, data: bytes | str, mode: int) -> None:
+    """Write ``path`` with exactly ``mode``, whatever the umask and whatever mode it had."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    os.fchmod(fd, mode)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data.encode() if isinstance(data, str) else data)
+
+
 def _party_dir(root: Path, name: str) -> Path:
     path = root / name
     path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
     return path
 
 
-def _load_or_make_ca(root: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey, bool]:
-    ca_dir = _party_dir(root, "ca")
+def _load_or_make_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey, bool]:
+    ca_dir.mkdir(parents=True, exist_ok=True)
     ca_dir.chmod(0o700)
     cert_path, key_path = ca_dir / "ca.pem", ca_dir / "ca.key"
     if cert_path.exists() and key_path.exists():
@@ -119,82 +130,187 @@ def _load_or_make_ca(root: Path) -> tuple[x509.Certificate, ec.EllipticCurvePriv
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         return cert, key, False  # type: ignore[return-value]
     cert, key = make_ca()
-    cert_path.write_bytes(_cert_pem(cert))
-    write_private(key_path, _key_pem(key))
+    _write(cert_path, _cert_pem(cert), 0o644)
+    _write(key_path, _key_pem(key), 0o600)
     return cert, key, True
 
 
 def _issue_into(folder: Path, ca_cert, ca_key, common_name: str, *, server: bool, hosts: list[str] = ()) -> bool:
     """Write ca.pem, cert.pem and key.pem into ``folder`` unless a certificate is already there."""
-    (folder / "ca.pem").write_bytes(_cert_pem(ca_cert))
+    _write(folder / "ca.pem", _cert_pem(ca_cert), 0o644)
     if (folder / "cert.pem").exists() and (folder / "key.pem").exists():
         return False
     cert, key = issue(ca_cert, ca_key, common_name, server=server, hosts=hosts)
-    write_private(folder / "key.pem", _key_pem(key))
-    (folder / "cert.pem").write_bytes(_cert_pem(cert))
+    _write(folder / "key.pem", _key_pem(key), 0o600)
+    _write(folder / "cert.pem", _cert_pem(cert), 0o644)
     return True
 
 
 def _write_config(path: Path, header: str, values: dict) -> None:
-    path.write_text(f"# {header}\n" + yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
+    _write(path, f"# {header}\n" + yaml.safe_dump(values, sort_keys=False), 0o644)
 
 
-def provision(out: Path | str, nodes: list[str], *, aggregator_hosts: list[str] = ("localhost",),
-              port: int = DEFAULT_PORT, mount: str | None = None) -> dict[str, Path]:
-    """Provision (or extend) a federation in ``out``; returns each party's config file."""
+_SCRIPTS = {
+    # the daemon in the foreground (for a terminal, systemd or a container); its pid is in its lock file
+    "start.sh": """#!/bin/sh
+# Start this party's FedMedCLIP daemon with the settings in {config} (add flags to override them).
+cd "$(dirname "$0")" && exec fedmedclip {command} --config {config} "$@"
+""",
+    "stop.sh": """#!/bin/sh
+# Stop the daemon start.sh started (SIGTERM: it saves its state and leaves cleanly).
+cd "$(dirname "$0")" || exit 1
+lock={lock}
+[ -s "$lock" ] || {{ echo "not running (no $lock)"; exit 0; }}
+kill -TERM "$(cat "$lock")" 2>/dev/null && echo "stopped pid $(cat "$lock")" || echo "not running"
+""",
+}
+
+_NODE_README = """# FedMedCLIP startup kit: {node}
+
+Issued on {date} by the federation's operator. Keep this folder private: `key.pem` is this
+hospital's identity. Everything in `node.yaml` is relative to this folder.
+
+| file | what it is |
+|---|---|
+| `node.yaml` | settings: node id `{node}`, the aggregator `{aggregator}`, certificates{classes_line} |
+| `cert.pem`, `key.pem` | this hospital's certificate (CN = `{node}`) and private key (mode 0600) |
+| `ca.pem` | the federation's certificate authority: only an aggregator it signed is trusted |
+| `start.sh`, `stop.sh` | start the node daemon in the foreground; stop it (SIGTERM) |
+
+1. Set `data:` in `node.yaml` to this hospital's images: an ImageFolder (`<folder>/<class>/*.png`,
+   class folders named as the federation's classes) or a CSV manifest `path,label[,split]`.
+   Without a split column, 60 % of the images train, 20 % validate and 20 % test (seeded): 40 % are
+   never trained on.
+2. `fedmedclip node check --config node.yaml` checks the kit, the data and the connection in seconds.
+3. `./start.sh` runs the node; `state/` keeps its private model, `cache/` its image features.
+   `./stop.sh` stops it. `fedmedclip predict --config node.yaml --images DIR` classifies images.
+"""
+
+_AGGREGATOR_README = """# FedMedCLIP startup kit: the aggregator
+
+Issued on {date}. Keep this folder private: `key.pem` is the aggregator's identity.
+
+| file | what it is |
+|---|---|
+| `aggregator.yaml` | settings: listen address `{listen}`, certificates, the allow-list ({n} nodes){pins} |
+| `cert.pem`, `key.pem` | the aggregator's certificate (names: {hosts}) and private key (mode 0600) |
+| `ca.pem` | the federation's certificate authority, which signed every node's certificate |
+| `start.sh`, `stop.sh` | start the aggregator in the foreground; stop it (SIGTERM) |
+
+`./start.sh --rounds 30 --min-nodes 3` runs a federation; its checkpoint, globals and report go to
+`runs/`. A new run needs a new `--out-dir`.
+"""
+
+
+def _fingerprint(classes: list[str], cfg: ProvisionConfig) -> str:
+    from shared.backbone import DEFAULT_TEMPLATES, BackboneSpec, load_backbone  # torch: only when pinning
+
+    spec = BackboneSpec(kind=cfg.backbone, arch=cfg.arch, pretrained=cfg.pretrained,
+                        templates=tuple(cfg.templates) if cfg.templates else DEFAULT_TEMPLATES)
+    return load_backbone(spec, "cpu").fingerprint(classes)
+
+
+def _kit(folder: Path, config_name: str, command: str, lock: str, readme: str) -> None:
+    for name, text in _SCRIPTS.items():
+        _write(folder / name, text.format(config=config_name, command=command, lock=lock), 0o700)
+    _write(folder / "README.md", readme, 0o644)
+
+
+def provision(cfg: ProvisionConfig) -> dict[str, Path]:
+    """Write (or extend) the kits in ``cfg.out`` and the CA in ``cfg.ca_dir``; returns each party's config."""
+    nodes = list(cfg.nodes or ())
     bad = [n for n in nodes if not _NODE_ID.fullmatch(n) or n in ("ca", "aggregator")]
     if bad or not nodes or len(set(nodes)) != len(nodes):
-        raise ValueError(f"node ids must be distinct, 1-64 characters [A-Za-z0-9_.-], not 'ca' or 'aggregator': "
-                         f"{bad or nodes}")
-    hosts = [h for h in aggregator_hosts if h] or ["localhost"]
-    root = Path(out).resolve()
+        raise ConfigError(f"nodes: node ids must be distinct, 1-64 characters [A-Za-z0-9_.-], not 'ca' or "
+                          f"'aggregator': {bad or nodes}")
+    unknown = sorted(set(cfg.evaluators or ()) - set(nodes))
+    if unknown:
+        raise ConfigError(f"evaluators: {unknown} are not among the nodes {nodes}")
+    classes = _classes(cfg)
+    hosts = [h for h in cfg.aggregator_host if h] or ["localhost"]
+    root = Path(cfg.out).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    seen = Path(mount) if mount else root  # where the parties will find these files
-
-    def at(folder: str, name: str) -> str:
-        return str(seen / folder / name)
-
-    ca_cert, ca_key, _ = _load_or_make_ca(root)
+    ca_dir = Path(cfg.ca_dir).resolve() if cfg.ca_dir else root.with_name(root.name + "-ca")
+    if ca_dir == root or root in ca_dir.parents:
+        raise ConfigError(f"ca_dir {ca_dir} lies inside the kits' folder {root}: keep the CA key apart")
+    ca_cert, ca_key, _ = _load_or_make_ca(ca_dir)
+    date = dt.date.today().isoformat()
+    stamp = f"written by `fedmedclip provision` on {date}"
+    listen = cfg.listen or f"127.0.0.1:{cfg.port}"
     configs: dict[str, Path] = {}
-    stamp = f"written by `fedmedclip provision` on {dt.date.today().isoformat()}"
     agg = _party_dir(root, "aggregator")
     _issue_into(agg, ca_cert, ca_key, "aggregator", server=True, hosts=hosts)
+    pins: dict = {}
+    if classes:
+        pins = {"class_names": classes, "backbone_fingerprint": _fingerprint(classes, cfg)}
     configs["aggregator"] = agg / "aggregator.yaml"
     _write_config(configs["aggregator"], f"FedMedCLIP aggregator, {stamp}; key.pem is private (mode 0600)",
-                  {"listen": f"0.0.0.0:{port}", "tls_ca": at("aggregator", "ca.pem"),
-                   "tls_cert": at("aggregator", "cert.pem"), "tls_key": at("aggregator", "key.pem"),
-                   "allowed_nodes": list(nodes)})
+                  {"listen": listen, "tls_ca": "ca.pem", "tls_cert": "cert.pem", "tls_key": "key.pem",
+                   "allowed_nodes": nodes, "out_dir": "runs", **pins})
+    _kit(agg, "aggregator.yaml", "aggregator", "runs/aggregator.lock",
+         _AGGREGATOR_README.format(date=date, listen=listen, n=len(nodes), hosts=", ".join(hosts),
+                                   pins=f"; the class names {classes} and the backbone fingerprint" if pins else ""))
     for node in nodes:
         folder = _party_dir(root, node)
         _issue_into(folder, ca_cert, ca_key, node, server=False)
         configs[node] = folder / "node.yaml"
-        _write_config(configs[node], f"FedMedCLIP node {node}, {stamp}; key.pem is private (mode 0600)",
-                      {"node_id": node, "aggregator": f"{hosts[0]}:{port}", "tls_ca": at(node, "ca.pem"),
-                       "tls_cert": at(node, "cert.pem"), "tls_key": at(node, "key.pem")})
+        values = {"node_id": node, "aggregator": f"{hosts[0]}:{cfg.port}", "tls_ca": "ca.pem",
+                  "tls_cert": "cert.pem", "tls_key": "key.pem", "state_dir": "state", "cache_dir": "cache"}
+        if node in (cfg.evaluators or ()):
+            values["role"] = "evaluator"
+        if classes:
+            values["classes"] = classes
+        _write_config(configs[node], f"FedMedCLIP node {node}, {stamp}; key.pem is private (mode 0600)", values)
+        _kit(folder, "node.yaml", "node run", "state/node.lock",
+             _NODE_README.format(node=node, date=date, aggregator=values["aggregator"],
+                                 classes_line=f", the federation's classes {classes}" if classes else ""))
     return configs
+
+
+def _classes(cfg: ProvisionConfig) -> list[str] | None:
+    if cfg.classes and cfg.classes_file:
+        raise ConfigError("give classes or classes_file, not both")
+    if cfg.classes_file:
+        path = Path(cfg.classes_file)
+        if not path.is_file():
+            raise ConfigError(f"classes_file {path} does not exist")
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        names = list(cfg.classes or ())
+    if cfg.classes_file and not names:
+        raise ConfigError(f"classes_file {cfg.classes_file} names no class")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"class names must be distinct: {names}")
+    return names or None
 
 
 @dataclass(frozen=True)
 class ProvisionConfig:
     nodes: list[str] | None = None  # node ids, comma-separated (each becomes a certificate's CN); required
-    out: str = "pki"  # output folder (reused: the existing CA and certificates are kept)
+    out: str = "pki"  # the kits' folder, one sub-folder per party (reused: existing certificates are kept)
     aggregator_host: list[str] = field(default_factory=lambda: ["localhost"])  # the aggregator's host names or IPs; the first goes into the node configs (localhost and 127.0.0.1 are always in its certificate)
     port: int = DEFAULT_PORT  # the aggregator's gRPC port
-    mount: str | None = None  # write the configs' paths as seen under this folder (e.g. /pki in a container)
+    listen: str | None = None  # the aggregator's listen address (default: loopback 127.0.0.1:<port>; 0.0.0.0:<port> to serve the network)
+    ca_dir: str | None = None  # the CA's folder (default: <out>-ca, beside the kits and never inside them)
+    evaluators: list[str] | None = None  # nodes that only evaluate (held-out hospitals): role evaluator in their kit
+    classes: list[str] | None = None  # the federation's class names: pins them (and the backbone fingerprint) in every kit
+    classes_file: str | None = None  # the class names, one a line (e.g. a partition's classes.txt)
+    backbone: str = "effnet-lite0-minilm"  # the backbone the nodes run (for the pinned fingerprint)
+    arch: str = "ViT-B-32"  # open_clip architecture (backbone: openclip)
+    pretrained: str | None = None  # open_clip pretrained tag or checkpoint (backbone: openclip)
+    templates: list[str] | None = None  # prompt templates, as the nodes set them (default: the project's)
 
 
 def _run(cfg: ProvisionConfig, _args: argparse.Namespace) -> int:
     if not cfg.nodes:
         raise ConfigError("nodes: give the node ids, e.g. --nodes hospital_1,hospital_2")
-    try:
-        configs = provision(cfg.out, list(cfg.nodes), aggregator_hosts=list(cfg.aggregator_host), port=cfg.port,
-                            mount=cfg.mount)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
+    configs = provision(cfg)
     root = Path(cfg.out).resolve()
-    print(f"federation in {root}: CA ca/ca.pem (keep ca/ca.key offline); allow-list {list(cfg.nodes)}")
+    ca_dir = Path(cfg.ca_dir).resolve() if cfg.ca_dir else root.with_name(root.name + "-ca")
+    print(f"startup kits in {root}, one folder per party: hand each its own folder only")
+    print(f"certificate authority in {ca_dir} (keep ca.key offline); allow-list {list(cfg.nodes)}")
     for party, path in configs.items():
-        print(f"  {party:>12}: --config {path}")
+        print(f"  {party:>12}: {path.parent}/start.sh  (settings: {path.name})")
     return 0
 
 

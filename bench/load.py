@@ -135,11 +135,11 @@ def worker(address: str, pki: Path, node_ids: list[str], variants: int = 4) -> i
 
 
 def measure(n: int, rounds: int, processes: int, tmp: Path) -> dict:
-    from aggregator.provision import provision
+    from aggregator.provision import ProvisionConfig, provision
 
     node_ids = [f"node_{i:04d}" for i in range(1, n + 1)]
     pki = tmp / "pki"
-    provision(pki, node_ids)
+    provision(ProvisionConfig(nodes=node_ids, out=str(pki)))
     out, port, metrics_port = tmp / "agg", _free_port(), _free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=str(REPO_ROOT))

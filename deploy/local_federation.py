@@ -108,14 +108,20 @@ def partition_command(out: str, *, hospitals: int, seed: int, alpha: float | Non
 
 
 def provision_command(pki_dir: str, nodes: list[str], *, aggregator_hosts: str = "localhost",
-                      mount: str | None = None) -> list[str]:
-    """The argv that writes the federation's CA, every party's certificate and key, and their configs.
+                      classes_file: str | None = None, evaluators: tuple[str, ...] = ("global",),
+                      ca_dir: str | None = None) -> list[str]:
+    """The command that writes the federation's CA and every party's startup kit.
 
-    ``mount``: write the config paths as seen where ``pki_dir`` is mounted (e.g. ``/pki`` in a container).
+    ``classes_file`` (a partition's ``classes.txt``) pins the label space and the backbone fingerprint
+    in the aggregator's config, so no node can set them by registering first.
     """
     cmd = ["fedmedclip", "provision", "--nodes", ",".join(nodes), "--out", pki_dir,
            "--aggregator-host", aggregator_hosts]
-    return cmd + (["--mount", mount] if mount else [])
+    held_out = [n for n in evaluators if n in nodes]
+    if held_out:
+        cmd += ["--evaluators", ",".join(held_out)]
+    cmd += ["--classes-file", classes_file] if classes_file else []
+    return cmd + (["--ca-dir", ca_dir] if ca_dir else [])
 
 
 def identity_args(pki_dir: str | None, party: str) -> list[str]:
@@ -166,7 +172,8 @@ def run_federation(out: Path, *, hospitals: int = 3, rounds: int = 30, per_class
     nodes = node_names(hospitals, holdout)
     pki = out / "pki"
     if tls:
-        subprocess.run(resolve(provision_command(str(pki), nodes)), cwd=REPO_ROOT, check=True,
+        subprocess.run(resolve(provision_command(str(pki), nodes, classes_file=str(partition_dir / "classes.txt"))),
+                       cwd=REPO_ROOT, check=True,
                        stdout=subprocess.DEVNULL if quiet else None)
     port = free_port()
     launcher = Launcher(out / "logs")

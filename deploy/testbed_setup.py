@@ -13,7 +13,7 @@ idempotent: a second ``docker compose up`` finds the volumes ready and does noth
    read another hospital's images.
 3. ``fedmedclip provision`` makes the federation's CA and one certificate per party; each
    party's folder (``ca.pem``, ``cert.pem``, ``key.pem`` mode 0600, its YAML) goes into that party's
-   TLS volume (``<volumes>/<party>/tls``, mounted at ``<tls-dir>/<party>``). The CA key is never
+   TLS volume (``<volumes>/<party>/tls``; its config names its files relative to itself). The CA key is never
    written to a volume: it dies with this container, so nothing can issue new identities later.
 4. Everything is handed to the services' user (``--owner``, the image's uid 10001).
 
@@ -42,7 +42,7 @@ MARKER = ".testbed.json"
 
 def _settings(args: argparse.Namespace) -> dict:
     return {"hospitals": args.hospitals, "alpha": args.alpha, "seed": args.seed, "per_class": args.per_class or None,
-            "holdout": not args.no_holdout, "node_data_dir": args.node_data_dir, "tls_dir": args.tls_dir,
+            "holdout": not args.no_holdout, "node_data_dir": args.node_data_dir,
             "aggregator_host": args.aggregator_host}
 
 
@@ -85,15 +85,20 @@ def materialise_node(partition_dir: Path, node: str, target: Path, node_data_dir
     return len(rows)
 
 
-def provision_certificates(volumes: Path, nodes: list[str], *, tls_dir: str, aggregator_host: str) -> None:
-    """The CA and every party's certificate (the command ``make demo`` runs), one TLS volume per party."""
+def provision_certificates(volumes: Path, nodes: list[str], *, aggregator_host: str, classes_file: Path) -> None:
+    """The CA and every party's startup kit (the command ``make demo`` runs), one TLS volume per party.
+
+    A kit's config names its files relative to itself, so it works wherever its volume is mounted.
+    """
     with tempfile.TemporaryDirectory(prefix="pki-") as scratch:
-        cmd = provision_command(scratch, nodes, aggregator_hosts=aggregator_host, mount=tls_dir)
+        kits = Path(scratch) / "kits"
+        cmd = provision_command(str(kits), nodes, aggregator_hosts=aggregator_host, classes_file=str(classes_file),
+                                ca_dir=str(Path(scratch) / "ca"))
         subprocess.run(resolve(cmd), cwd=REPO_ROOT, check=True)
         for party in ["aggregator", *nodes]:
             target = volumes / party / "tls"
             _clear(target)
-            for item in (Path(scratch) / party).iterdir():
+            for item in (kits / party).iterdir():
                 shutil.copy2(item, target / item.name)  # keeps key.pem at mode 0600
     # the scratch folder, and with it ca/ca.key, is gone: no one can issue a new identity from here
 
@@ -118,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-class", type=int, default=0, help="stratified subset of N images per class (0: all)")
     p.add_argument("--no-holdout", action="store_true")
     p.add_argument("--node-data-dir", default="/srv/fedmedclip/partition", help="the data volume, as a node sees it")
-    p.add_argument("--tls-dir", default="/etc/fedmedclip/tls", help="parent of each party's TLS volume, as seen")
     p.add_argument("--aggregator-host", default="aggregator", help="the aggregator's host name (certificate SAN)")
     p.add_argument("--owner", default="10001:10001", help="uid:gid the volumes are handed to (when run as root)")
     p.add_argument("--force", action="store_true", help="set up again even when the volumes are ready")
@@ -138,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         for node in nodes:
             n = materialise_node(Path(scratch), node, volumes / node / "data", args.node_data_dir)
             log.info("%s: %d images in its own data volume", node, n)
-    provision_certificates(volumes, nodes, tls_dir=args.tls_dir, aggregator_host=args.aggregator_host)
+        provision_certificates(volumes, nodes, aggregator_host=args.aggregator_host,
+                               classes_file=Path(scratch) / "classes.txt")
     for node in nodes:  # the marker last: an interrupted set-up is redone
         (volumes / node / "data" / MARKER).write_text(json.dumps(settings), encoding="utf-8")
     for party in ["aggregator", *nodes]:

@@ -17,6 +17,7 @@ from shared.ops.command import Command, main_for
 from shared.ops.config import ConfigError
 from shared.ops.exitcodes import ExitCode
 from shared.ops.lifecycle import Shutdown
+from shared.ops.lock import DaemonLock
 
 log = logging.getLogger("fedmedclip.node")
 
@@ -30,6 +31,11 @@ def _run(cfg: NodeConfig, args: argparse.Namespace) -> int:
 
     tls = load_material(f"node {cfg.node_id}", cfg.aggregator, insecure=cfg.insecure, ca=cfg.tls_ca,
                         cert=cfg.tls_cert, key=cfg.tls_key)  # refuses to start without certificates or --insecure
+    with DaemonLock(cfg.state_dir, "node"):  # one node per state folder
+        return _serve(cfg, tls)
+
+
+def _serve(cfg: NodeConfig, tls) -> int:
     from hospital_node.client import NodeStopped, run_node  # torch and the backbone: after the cheap checks
     from shared.ops.telemetry import Telemetry, serve_metrics
 

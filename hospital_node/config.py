@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from shared.backbone import BACKBONE_KINDS, OFFLINE_DEFAULT
 from shared.learning.training import METHODS, TrainConfig
@@ -13,6 +14,9 @@ _T = TrainConfig()
 
 @dataclass(frozen=True)
 class NodeConfig:
+    # relative paths in a YAML file are relative to that file (a startup kit works wherever it is copied)
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("tls_cert", "tls_key", "tls_ca", "data", "state_dir", "cache_dir")
+
     # identity and connection
     node_id: str = "hospital_1"  # this hospital's id: the CN of its certificate, on the aggregator's allow-list
     aggregator: str = "127.0.0.1:50051"  # host:port of the aggregator
@@ -27,17 +31,17 @@ class NodeConfig:
     transfer_timeout_s: float = 120.0  # deadline of a whole upload or download stream
     long_poll_s: float = 20.0  # how long one GetRound may wait for the next round
     retry_initial_s: float = 0.5  # reconnect backoff: exponential with full jitter
-    retry_max_s: float = 10.0
+    retry_max_s: float = 10.0  # the longest wait between two reconnection attempts
     give_up_after_s: float = 600.0  # an aggregator unreachable for this long ends the node (exit 1)
     exit_when_done: bool = True  # False: keep serving /metrics after the run until SIGTERM
     metrics_port: int = 9101  # Prometheus /metrics (0: pick a free one)
-    metrics_addr: str = "127.0.0.1"
+    metrics_addr: str = "127.0.0.1"  # address /metrics binds to (0.0.0.0: reachable by a Prometheus elsewhere)
     # data and state
     data: str = ""  # a CSV manifest (path,label[,split]) or an ImageFolder
     classes: list[str] | None = None  # the federation's label space; default: classes.txt beside the manifest
     split_seed: int = 0  # seeds the 60/20/20 split when the data has no split column
     state_dir: str = "runs/node"  # private MLP, optimiser state, last global, pending update
-    cache_dir: str = ".cache/features"
+    cache_dir: str = ".cache/features"  # the feature cache: each image is encoded once
     progress: bool = True  # a progress bar while encoding
     # learning (method, seed and codec must match the federation: checked at registration)
     method: str = "fedmedclip"  # must match the federation's (checked at registration)
@@ -51,7 +55,7 @@ class NodeConfig:
     arch: str = "ViT-B-32"  # open_clip architecture (backbone: openclip)
     pretrained: str | None = None  # open_clip pretrained tag or a local checkpoint file (air-gapped sites)
     templates: list[str] | None = None  # prompt templates, default "a picture of a {}"
-    device: str = "cpu"
+    device: str = "cpu"  # cpu or cuda (encoding and training)
     threads: int = 0  # torch CPU threads (0: torch's default)
 
     def __post_init__(self) -> None:

@@ -303,7 +303,7 @@ class SimulateConfig:
     delta: bool = False  # send differences to the last global
     aggregation: str = "weighted"  # weighted, uniform, median or trimmed_mean
     seed: int = 0  # seeds the partition, the models and the batch order
-    backbone: str = BackboneSpec().kind  # offline (EfficientNet-Lite0 + MiniLM; not CLIP) or openclip
+    backbone: str = BackboneSpec().kind  # effnet-lite0-minilm (offline; not CLIP) or openclip
     arch: str = BackboneSpec().arch  # open_clip architecture (backbone: openclip)
     pretrained: str | None = None  # open_clip pretrained tag or a local checkpoint file (backbone: openclip)
     lr_fam: float = TrainConfig().lr_adapter  # learning rate of the FAM

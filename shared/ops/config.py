@@ -9,6 +9,10 @@ Environment: ``<PREFIX><FIELD_NAME_UPPER>``, e.g. ``FEDMEDCLIP_AGGREGATOR_ROUNDS
 comma-separated; booleans accept 1/0, true/false, yes/no, on/off. A variable with the prefix that
 names no field is refused like an unknown YAML key (``<PREFIX>CONFIG``, the config file, excepted).
 
+Paths: a config class may list its path fields in ``PATH_FIELDS``; a relative path given in a YAML
+file is taken relative to that file's folder, so a folder of configs and certificates works wherever
+it is copied. Relative paths from the environment or flags are relative to the working directory.
+
 Every command of ``fedmedclip`` reads its settings this way. A field's description (shown by
 ``--help``) is ``field(metadata={"help": ...})`` or else the comment on the field's line.
 """
@@ -149,7 +153,12 @@ def load_config(cls: type[C], *, yaml_path: str | Path | list[str | Path] | None
         unknown = sorted(set(loaded) - set(types_))
         if unknown:
             raise ConfigError(f"config file {path}: unknown key(s) {unknown}; known: {sorted(types_)}")
-        values.update({k: coerce(f"{path}: {k}", types_[k], v) for k, v in loaded.items()})
+        path_fields = set(getattr(cls, "PATH_FIELDS", ()))
+        for key, raw in loaded.items():
+            value = coerce(f"{path}: {key}", types_[key], raw)
+            if key in path_fields and isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+                value = str((path.parent / value).resolve())
+            values[key] = value
     environ = os.environ if env is None else env
     if env_prefix:
         known = {env_prefix + name.upper() for name in types_} | {env_prefix + "CONFIG"}
