@@ -12,6 +12,7 @@ import logging
 import sys
 from dataclasses import replace
 
+from hospital_node import preflight
 from hospital_node.config import ENV_PREFIX, NodeConfig
 from shared.ops.command import Command, main_for
 from shared.ops.config import ConfigError
@@ -31,6 +32,8 @@ def _run(cfg: NodeConfig, args: argparse.Namespace) -> int:
 
     tls = load_material(f"node {cfg.node_id}", cfg.aggregator, insecure=cfg.insecure, ca=cfg.tls_ca,
                         cert=cfg.tls_cert, key=cfg.tls_key)  # refuses to start without certificates or --insecure
+    for check in preflight.require(cfg):  # seconds, before minutes of encoding; raises on a problem
+        log.info("preflight %s: %s %s", check.name, check.status.value, check.detail)
     with DaemonLock(cfg.state_dir, "node"):  # one node per state folder
         return _serve(cfg, tls)
 
@@ -63,8 +66,8 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
 
 RUN = Command(name="run", help="run the node daemon", run=_run, config=NodeConfig, env_prefix=ENV_PREFIX,
               arguments=_run_arguments, description=__doc__.split("\n\n")[0])
-COMMAND = Command(name="node", help="a hospital node", subcommands=(RUN,), default_subcommand="run",
-                  description="A hospital node: `node run` is the daemon.")
+COMMAND = Command(name="node", help="a hospital node", subcommands=(RUN, preflight.CHECK), default_subcommand="run",
+                  description="A hospital node: `node run` is the daemon, `node check` checks its set-up.")
 
 
 def main(argv: list[str] | None = None) -> int:

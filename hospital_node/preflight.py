@@ -1,0 +1,248 @@
+"""``fedmedclip node check``: everything a node needs, checked in seconds, before any image is encoded.
+
+Each check gives PASSED or a problem with how to fix it:
+
+identity     the certificate's name is the node id, the CA signed it, it is valid today, the key matches
+data         the data folder or manifest is readable, has images, and its classes are the federation's
+folders      the state and cache folders can be written
+aggregator   the aggregator answers a TLS handshake and accepts this certificate (named cause if not)
+
+``fedmedclip node run`` runs the same checks first and stops on the first problem with its message,
+except an aggregator that cannot be reached yet: a daemon waits for it (with backoff) instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import socket
+import ssl
+import tempfile
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from hospital_node.config import ENV_PREFIX, NodeConfig
+from shared.errors import FedMedCLIPError
+from shared.ops.command import Command
+from shared.ops.exitcodes import ExitCode
+
+
+class Status(str, Enum):
+    PASSED = "PASSED"
+    PROBLEM = "PROBLEM"
+    UNREACHABLE = "UNREACHABLE"  # the aggregator did not answer: maybe not up yet, maybe a wrong address
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: Status
+    detail: str
+    fix: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status is Status.PASSED
+
+
+class PreflightError(FedMedCLIPError):
+    """A node cannot work as configured; the message says what and how to fix it."""
+
+    reason = "preflight_failed"
+
+
+def _problem(name: str, detail: str, fix: str) -> Check:
+    return Check(name, Status.PROBLEM, detail, fix)
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def check_identity(cfg: NodeConfig) -> Check:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    if cfg.insecure:
+        return Check("identity", Status.PASSED, "insecure mode: no certificate (tests on one machine only)")
+    paths = {"tls_ca": cfg.tls_ca, "tls_cert": cfg.tls_cert, "tls_key": cfg.tls_key}
+    for key, value in paths.items():
+        if not value:
+            return _problem("identity", f"{key} is not set", "use the node.yaml of this hospital's startup kit")
+        if not Path(value).is_file():
+            return _problem("identity", f"{key}: {value} does not exist", "copy the whole startup kit folder")
+    try:
+        ca = x509.load_pem_x509_certificate(Path(cfg.tls_ca).read_bytes())
+        cert = x509.load_pem_x509_certificate(Path(cfg.tls_cert).read_bytes())
+        key = serialization.load_pem_private_key(Path(cfg.tls_key).read_bytes(), password=None)
+    except (ValueError, TypeError) as exc:
+        return _problem("identity", f"a certificate or key file is not valid PEM: {exc}",
+                        "use the files of this hospital's startup kit, unmodified")
+    names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    cn = names[0].value if names else ""
+    if cn != cfg.node_id:
+        return _problem("identity", f"the certificate is issued to {cn!r}, but node_id is {cfg.node_id!r}",
+                        "set node_id to the certificate's name, or use this hospital's own kit")
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, Exception) as exc:  # InvalidSignature has no common base with the others
+        return _problem("identity", f"the certificate was not signed by the CA in {cfg.tls_ca} ({type(exc).__name__})",
+                        "the certificate and ca.pem come from different federations: use one kit's files")
+    now = dt.datetime.now(dt.timezone.utc)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        return _problem("identity", f"the certificate is valid from {cert.not_valid_before_utc:%Y-%m-%d} to "
+                        f"{cert.not_valid_after_utc:%Y-%m-%d}, not today",
+                        "ask the federation's operator for a new kit (or check this machine's clock)")
+    fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if key.public_key().public_bytes(*fmt) != cert.public_key().public_bytes(*fmt):
+        return _problem("identity", f"the key {cfg.tls_key} does not belong to the certificate {cfg.tls_cert}",
+                        "use key.pem and cert.pem from the same kit")
+    return Check("identity", Status.PASSED, f"certificate for {cn!r}, signed by the federation's CA, valid until "
+                 f"{cert.not_valid_after_utc:%Y-%m-%d}")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def check_data(cfg: NodeConfig) -> Check:
+    from hospital_node.data import label_space, load_local
+    from shared.data import UnknownClassError
+
+    if not cfg.data:
+        return _problem("data", "data is not set", "set data: to this hospital's ImageFolder "
+                        "(<folder>/<class>/<images>) or a CSV manifest (path,label[,split])")
+    path = Path(cfg.data).expanduser()
+    if not path.exists():
+        return _problem("data", f"{path} does not exist", "set data: to the folder that holds the class folders")
+    federation = label_space(path, cfg.classes)
+    try:
+        local = load_local(path, cfg.classes, split_seed=cfg.split_seed, evaluator=cfg.role == "evaluator")
+    except UnknownClassError as exc:
+        return _problem("data", str(exc), "class folders (or labels) must be named as the federation's classes "
+                        f"{list(federation or ())}: rename or move that one")
+    except FedMedCLIPError as exc:
+        return _problem("data", str(exc), "fix the file or folder named above")
+    counts = local.dataset.class_counts()
+    present = {name: n for name, n in counts.items() if n}
+    if not present:
+        return _problem("data", f"{path} holds no images", "put the images into one folder per class")
+    train, val, test = local.counts()
+    missing = [name for name, n in counts.items() if not n]
+    detail = (f"{len(local.dataset)} images in {len(present)} of {len(counts)} classes "
+              f"(train {train} / val {val} / test {test})")
+    if federation is None:
+        return _problem("data", detail + "; the federation's classes are unknown",
+                        "set classes: to the federation's class names (the kit's node.yaml has them)")
+    if missing:
+        detail += f"; no images of {missing} here (fine: hospitals differ)"
+    return Check("data", Status.PASSED, detail)
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def check_folders(cfg: NodeConfig) -> Check:
+    for key in ("state_dir", "cache_dir"):
+        folder = Path(getattr(cfg, key)).expanduser()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+                pass
+        except OSError as exc:
+            return _problem("folders", f"{key} {folder} cannot be written: {exc.strerror or exc}",
+                            f"give {key} a folder this user may write to")
+    return Check("folders", Status.PASSED, f"state {cfg.state_dir} and cache {cfg.cache_dir} are writable")
+
+
+# --------------------------------------------------------------------------- aggregator
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]") or "localhost", int(port)
+
+
+def check_aggregator(cfg: NodeConfig, timeout_s: float = 5.0) -> Check:
+    """A TLS handshake with this node's certificate: does the aggregator answer, and accept us?"""
+    try:
+        host, port = _split_address(cfg.aggregator)
+    except ValueError:
+        return _problem("aggregator", f"aggregator {cfg.aggregator!r} is not host:port", "set aggregator: host:port")
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout_s)
+    except OSError as exc:
+        return Check("aggregator", Status.UNREACHABLE, f"{cfg.aggregator} does not answer ({exc.strerror or exc})",
+                     "start the aggregator, or check the address and the firewall")
+    if cfg.insecure:
+        sock.close()
+        return Check("aggregator", Status.PASSED, f"{cfg.aggregator} answers (plaintext)")
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cfg.tls_ca)
+    ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        with ctx.wrap_socket(sock, server_hostname=cfg.tls_server_name or host) as tls:
+            tls.settimeout(timeout_s)
+            # with TLS 1.3 the server judges our certificate after the handshake: it then closes the
+            # connection (or sends an alert) when it refuses it, and sends its HTTP/2 settings when not
+            accepted = bool(tls.recv(1))
+    except ssl.SSLCertVerificationError as exc:
+        return _problem("aggregator", f"this node does not trust the aggregator's certificate: {exc.verify_message}",
+                        "the aggregator is not the one this kit's CA signed: check the address, or the kit")
+    except ssl.SSLError as exc:
+        reason = (exc.reason or str(exc)).upper()
+        if "UNKNOWN_CA" in reason or "BAD_CERTIFICATE" in reason or "CERTIFICATE_REQUIRED" in reason:
+            return _problem("aggregator", "the aggregator refused this certificate: not signed by this federation's CA "
+                            f"({exc.reason})", "use the kit the federation's operator issued for this hospital")
+        return _problem("aggregator", f"the TLS handshake failed: {exc.reason or exc}",
+                        "check that the address is the aggregator's gRPC port")
+    except (socket.timeout, OSError) as exc:
+        return Check("aggregator", Status.UNREACHABLE, f"{cfg.aggregator} accepted the connection but did not finish "
+                     f"the handshake ({exc})", "check that the address is the aggregator's gRPC port")
+    if not accepted:
+        return _problem("aggregator", "the aggregator refused this certificate: not signed by this federation's CA",
+                        "use the kit the federation's operator issued for this hospital")
+    return Check("aggregator", Status.PASSED, f"{cfg.aggregator} accepted this node's certificate (mTLS)")
+
+
+# --------------------------------------------------------------------------- running the checks
+
+
+def run_checks(cfg: NodeConfig, *, contact_aggregator: bool = True) -> list[Check]:
+    checks = [check_identity(cfg), check_data(cfg), check_folders(cfg)]
+    if contact_aggregator and checks[0].ok:
+        checks.append(check_aggregator(cfg))
+    return checks
+
+
+def render(checks: list[Check]) -> str:
+    width = max(len(c.name) for c in checks)
+    lines = []
+    for c in checks:
+        lines.append(f"{c.name:<{width}}  {c.status.value:<11}  {c.detail}")
+        if c.fix and not c.ok:
+            lines.append(f"{'':<{width}}  {'':<11}  fix: {c.fix}")
+    return "\n".join(lines)
+
+
+def require(cfg: NodeConfig) -> list[Check]:
+    """The checks ``node run`` makes first: raises :class:`PreflightError` on the first problem.
+
+    An aggregator that does not answer yet is no problem for a daemon: it retries with backoff.
+    """
+    checks = run_checks(cfg)
+    for c in checks:
+        if c.status is Status.PROBLEM:
+            raise PreflightError(f"{c.name}: {c.detail} (fix: {c.fix}; `fedmedclip node check` shows every check)")
+    return checks
+
+
+def _check(cfg: NodeConfig, _args: argparse.Namespace) -> int:
+    checks = run_checks(cfg)
+    print(render(checks))
+    bad = [c for c in checks if not c.ok]
+    print(f"\n{len(checks) - len(bad)} of {len(checks)} checks passed" + (": ready to run" if not bad else ""))
+    return ExitCode.OK if not bad else ExitCode.USAGE
+
+
+CHECK = Command(name="check", help="check the kit, the data and the connection in seconds, before running",
+                run=_check, config=NodeConfig, env_prefix=ENV_PREFIX, description=__doc__.split("\n\n")[0])
