@@ -98,3 +98,14 @@ def test_provisioning_again_keeps_certificates_and_adds_a_hospital(tmp_path):
 def test_a_ca_folder_inside_the_kits_is_refused(tmp_path):
     done = _provision(tmp_path, "--ca-dir", str(tmp_path / "kits" / "ca"))
     assert done.returncode == 2 and "keep the CA key apart" in done.stderr
+
+
+def test_insecure_in_the_environment_cannot_downgrade_a_provisioned_service(tmp_path):
+    assert _provision(tmp_path).returncode == 0
+    kit = tmp_path / "kits" / "aggregator"
+    done = subprocess.run([str(FEDMEDCLIP), "aggregator", "--config", str(kit / "aggregator.yaml"),
+                           "--metrics-port", "0", "--health-port", "0"], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1", FEDMEDCLIP_AGGREGATOR_INSECURE="true"))
+    assert done.returncode == 2, done.stderr
+    assert "insecure is set, but so is TLS material" in done.stderr.strip().splitlines()[-1]
+    assert not (kit / "runs" / "endpoints.json").exists()  # it never served

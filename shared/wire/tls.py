@@ -6,8 +6,9 @@ certificate signed by that CA; a node's identity is the common name (CN) of its 
 aggregator checks that CN against its allow-list and against the node id every request claims
 (``AggregatorServicer._authorize``), so one hospital cannot speak for another.
 
-Plaintext exists only behind an explicit ``insecure: true`` / ``--insecure``, which logs a loud
-warning; a configuration with neither certificates nor that flag refuses to start.
+Plaintext exists only behind an explicit ``insecure: true`` / ``--insecure`` with no certificate
+configured, and logs a loud warning; a configuration with neither certificates nor that flag, or
+with both, refuses to start.
 """
 
 from __future__ import annotations
@@ -44,10 +45,14 @@ def load_material(who: str, address: str, *, insecure: bool, ca: str | None, cer
     Raises :class:`ConfigError` when certificates are missing and insecure mode was not asked for,
     or when a file is missing: a service refuses to start rather than fall back to plaintext.
     """
+    paths = {"tls_ca": ca, "tls_cert": cert, "tls_key": key}
     if insecure:
+        given = [name for name, value in paths.items() if value]
+        if given:  # e.g. FEDMEDCLIP_*_INSECURE=true slipped into a provisioned set-up: never downgrade silently
+            raise ConfigError(f"{who}: insecure is set, but so is TLS material ({', '.join(given)}): plaintext "
+                              "only without any certificate configured; drop insecure (or the certificates)")
         log.warning(INSECURE_WARNING, address)
         return None
-    paths = {"tls_ca": ca, "tls_cert": cert, "tls_key": key}
     missing = [name for name, value in paths.items() if not value]
     if missing:
         raise ConfigError(f"{who} refuses to start without TLS: {', '.join(missing)} not set. Provision a "
