@@ -1,7 +1,7 @@
 """`make bench`: every method, ablation and codec on the full brain tumor MRI set.
 
 4 hospitals by Dirichlet alpha 0.5 plus 1 held-out, 50 rounds, 3 seeds (each seed draws its own
-partition). Writes ``bench/results/accuracy.md`` (a table shaped like method.md section 10, mean
+partition). Writes ``bench/results/accuracy.md`` (a table shaped like the paper's, docs/method.md section 12, mean
 and std over seeds), ``accuracy.json`` with every run's summary, and ``accuracy.png``.
 
 Finished runs are kept in ``accuracy.json`` and skipped when the benchmark is started again,

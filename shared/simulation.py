@@ -3,7 +3,7 @@
 It drives the same round steps as the services (:mod:`shared.learning.rounds`): local training, the
 codec in both directions, streaming aggregation. Per round it validates every training hospital's
 ensemble on its val split and keeps the round with the best mean val accuracy; the test metrics
-of that round are the result (method.md section 9).
+of that round are the result (docs/method.md, section 11).
 
 Run: ``fedmedclip simulate --help`` (``make simulate``; ``python -m shared.simulation`` too).
 """

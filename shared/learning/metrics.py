@@ -1,4 +1,4 @@
-"""Classification metrics of the evaluation protocol (method.md section 9)."""
+"""Classification metrics of the evaluation protocol (docs/method.md, section 11)."""
 
 from __future__ import annotations
 

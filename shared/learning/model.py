@@ -1,4 +1,4 @@
-"""The trainable parts: MaskedLinear, the FAM, the private MLP, the FedCLIP adapter (method.md 3-4).
+"""The trainable parts: MaskedLinear, the FAM, the private MLP, the FedCLIP adapter (docs/method.md, sections 3-4).
 
 Only the adapter (FAM or FedCLIP's) travels between hospitals; its state is
 :meth:`Adapter.travel_state` and the rows that are masked off are :meth:`Adapter.row_masks`.

@@ -1,8 +1,8 @@
-"""The local objective (method.md section 5) and the inference ensemble (section 8).
+"""The local objective (docs/method.md, section 5) and the inference ensemble (section 8).
 
 ``L = L_con + L_mlp + lambda * L_sim`` where L_sim is the adaptive-KL mutual distillation between
 the FAM-CLIP logits and the private MLP logits. Every term can be switched off (the paper's
-ablations), and the reference code's behaviours that method.md names are switches too:
+ablations), and the reference code's behaviours listed in docs/method.md, section 9, are switches too:
 ``contrastive="batch"`` (per-sample prompts inside the batch), ``kl="class"`` (softmax over the
 batch for each class column) and ``kl_weight="fixed"`` (w = 1/2).
 """

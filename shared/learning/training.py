@@ -79,7 +79,7 @@ def get_method(name: str) -> MethodConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation defaults of method.md section 6."""
+    """Optimisation defaults (docs/method.md, section 6)."""
 
     lr_adapter: float = 5e-4
     lr_mlp: float = 1e-4

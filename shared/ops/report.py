@@ -1,6 +1,6 @@
 """The report of a federation run over the services, in the shape of the simulation's report.
 
-The aggregator collects every node's evaluation of every global version (method.md section 9:
+The aggregator collects every node's evaluation of every global version (docs/method.md, section 11:
 validate the ensemble on every training node's val split after each aggregation, keep the round
 with the best mean val accuracy, report test metrics at that round). Held-out evaluator nodes
 report test metrics only; they count in AVG like the simulation's "global" client.

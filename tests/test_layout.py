@@ -1,0 +1,32 @@
+"""The house: the learning core and the data pipeline never import gRPC; the package installs as one."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CORE = sorted(
+    ".".join(p.relative_to(REPO_ROOT).with_suffix("").parts)
+    for folder in ("shared/learning", "shared/data")
+    for p in (REPO_ROOT / folder).glob("*.py")
+) + ["shared.codec", "shared.backbone", "shared.errors", "shared.simulation"]
+
+
+@pytest.mark.parametrize("module", CORE)
+def test_learning_and_data_never_import_grpc(module):
+    code = f"import sys, {module}; bad = sorted(m for m in sys.modules if m == 'grpc' or m.startswith(('grpc.', " \
+           "'grpc_', 'google.rpc'))); print(bad); sys.exit(1 if bad else 0)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"{module} pulls in {done.stdout.strip()} {done.stderr[-500:]}"
+
+
+def test_the_package_ships_its_protocol():
+    from importlib.resources import files
+
+    proto = files("shared.wire.proto") / "fedmedclip" / "v1" / "aggregator_service.proto"
+    assert proto.is_file()
+    assert proto.read_text() == (REPO_ROOT / "protos" / "fedmedclip" / "v1" / "aggregator_service.proto").read_text()
