@@ -13,6 +13,10 @@ Fault injection for the crash tests: ``FEDMEDCLIP_FAULT=die_during_checkpoint:V`
 die (``os._exit``, no clean-up) in the middle of writing the checkpoint of global version V,
 leaving a torn temporary file, exactly as a power cut inside :func:`shared.ops.atomic.atomic_write`
 would. The restarted aggregator resumes from the last complete checkpoint.
+
+A checkpoint resumes only under the settings it was made with (:func:`require_same_settings`);
+otherwise, or when it cannot be read, the aggregator stops with a :class:`CheckpointError`, a
+configuration error: one line, no traceback, exit code 2.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,11 +33,34 @@ from typing import Any
 import numpy as np
 
 from shared.ops.atomic import atomic_write
+from shared.ops.config import ConfigError
 
 log = logging.getLogger("fedmedclip.aggregator")
 
 FAULT_ENV = "FEDMEDCLIP_FAULT"
 FAULT_EXIT_CODE = 86
+
+
+class CheckpointError(ConfigError):
+    """The out_dir holds a checkpoint this aggregator cannot resume."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint was made under other settings (method, seed, codec...) than the aggregator's now."""
+
+
+def require_same_settings(root: Path, saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    """Raise :class:`CheckpointMismatchError`, naming every setting that differs, when ``current`` is not ``saved``."""
+    changed = [f"{key} {_short(saved.get(key))} -> {_short(value)}" for key, value in current.items()
+               if saved.get(key) != value]
+    if changed:
+        raise CheckpointMismatchError(f"the checkpoint in {root} was made with other settings "
+                                      f"({', '.join(changed)}); use a new out_dir or the original settings")
+
+
+def _short(value: Any) -> str:
+    """A value for a one-line message: long strings (digests) cut to their first 12 characters."""
+    return repr(value[:12] + "..." if isinstance(value, str) and len(value) > 16 else value)
 
 
 @dataclass
@@ -40,8 +69,8 @@ class Checkpoint:
     version: int  # aggregations done; the open round is round `version`
     global_snapshot: bytes  # fp32 codec payload of the current global (lossless)
     signature: dict[str, Any]  # what must not change between restarts
-    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
-    accepted: dict[str, dict[str, str]] = field(default_factory=dict)  # round -> node -> update id
+    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)  # node -> NodeRecord.to_dict()
+    accepted: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)  # Ledger.to_dict()
     rounds_log: list[dict[str, Any]] = field(default_factory=list)  # bytes and seconds per round
     status: str = "running"
 
@@ -63,10 +92,14 @@ class CheckpointStore:
     def load(self) -> Checkpoint | None:
         if not self.state_path.exists():
             return None
-        with np.load(self.state_path, allow_pickle=False) as data:
-            meta = json.loads(bytes(data["meta"]).decode("utf-8"))
-            snapshot = bytes(data["global"])
-        return Checkpoint(global_snapshot=snapshot, **meta)
+        try:
+            with np.load(self.state_path, allow_pickle=False) as data:
+                meta = json.loads(bytes(data["meta"]).decode("utf-8"))
+                snapshot = bytes(data["global"])
+            return Checkpoint(global_snapshot=snapshot, **meta)
+        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+            raise CheckpointError(f"the checkpoint {self.state_path} cannot be read ({exc}); "
+                                  "use a new out_dir or move it away") from exc
 
     def save(self, ckpt: Checkpoint) -> None:
         meta = {k: v for k, v in ckpt.__dict__.items() if k != "global_snapshot"}

@@ -1,4 +1,4 @@
-"""The aggregator's round state machine, free of gRPC (the servicer is a thin shell around it).
+"""The aggregator's round state machine, free of gRPC calls and messages (the servicer is a thin shell around it).
 
 States: WAITING_FOR_NODES -> COLLECTING (round r, trains from global version r) -> ... ->
 FINISHED after ``rounds`` aggregations, or FAILED when the quorum does not come in time.
@@ -14,62 +14,51 @@ Every public method takes the lock; :meth:`RoundEngine.run` drives deadlines wit
 long-poll for the next round wait on a second condition over the same lock, woken only when a round
 opens or the run ends (not by each of hundreds of submissions).
 
-Accepted updates are remembered by node, update id and SHA-256, per round (and in the checkpoint):
-a retry of the same bytes gets the same answer and is never counted twice; other bytes under an
-accepted id are refused.
+Who may join is decided by :class:`aggregator.registry.Registry`; accepted updates are remembered
+by :class:`aggregator.ledger.Ledger` (a retry of the same bytes gets the same answer and is never
+counted twice). Every refusal is an :class:`aggregator.errors.EngineError` naming its
+:class:`shared.wire.reasons.Reason`.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from aggregator.checkpoint import Checkpoint, CheckpointStore
+from aggregator.checkpoint import Checkpoint, CheckpointStore, require_same_settings
 from aggregator.config import AggregatorConfig
+from aggregator.errors import EngineError
+from aggregator.ledger import Ledger
+from aggregator.registry import NodeRecord, Registration, Registry, Role
 from shared import __version__
-from shared.learning.aggregation import AggregationError, make_aggregator
 from shared.codec import CodecError, decode_state, encode_state, payload_codec
+from shared.learning.aggregation import AggregationError, make_aggregator
 from shared.learning.rounds import UpdateBounds, UpdateOutOfBoundsError, WireConfig, fold_update, publish_global
-from shared.wire.protocol import raw_nbytes, state_digest
+from shared.learning.training import TrainConfig, build_adapter, get_method
+from shared.ops.logs import printable
 from shared.ops.report import build_report, render_markdown, write_report
 from shared.ops.telemetry import Telemetry
-from shared.learning.training import TrainConfig, build_adapter, get_method
+from shared.wire.protocol import raw_nbytes, state_digest
+from shared.wire.reasons import Reason
 from shared.wire.transport import sha256_hex
 
 log = logging.getLogger("fedmedclip.aggregator")
 
-WAITING, COLLECTING, FINISHED, FAILED = "waiting_for_nodes", "collecting", "finished", "failed"
-TRAINER, EVALUATOR = "trainer", "evaluator"
-MAX_SAMPLES = 10**9  # a sample count beyond this is a lie (it would weigh the average), not a hospital
 
+class Phase(StrEnum):
+    """Where the round state machine stands (the wire's RoundPhase: aggregator.service maps one to the other)."""
 
-class EngineError(Exception):
-    """A refused request: ``code`` is a gRPC status name, ``reason`` a bounded metrics label."""
-
-    def __init__(self, code: str, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.code, self.reason, self.message = code, reason, message
-
-
-@dataclass(frozen=True)
-class Registration:
-    node_id: str
-    role: str
-    fingerprint: str
-    class_names: tuple[str, ...]
-    embed_dim: int
-    method: str
-    initial_sha256: str
-    num_train: int = 0
-    num_val: int = 0
-    num_test: int = 0
+    WAITING_FOR_NODES = "waiting_for_nodes"  # fewer trainers than the quorum: no round open
+    COLLECTING = "collecting"  # round `version` is open and takes updates
+    FINISHED = "finished"  # every round done; the last global can still be fetched
+    FAILED = "failed"  # stopped without finishing (no quorum in time)
 
 
 @dataclass(frozen=True)
@@ -81,6 +70,7 @@ class UpdateHeader:
     codec: str
     sha256: str
     wire_bytes: int
+    num_train: int = 0  # the training samples the node states (0: not stated); must be the registered count
     train: dict[str, float] = field(default_factory=dict)
 
 
@@ -98,18 +88,12 @@ class RoundView:
     round_id: int
     global_version: int
     total_rounds: int
-    phase: str
+    phase: Phase
     deadline_unix_ms: int
     update_accepted: bool
     registered_trainers: int
     updates_received: int
     message: str = ""
-
-
-def _reason(exc: Exception) -> str:
-    """``ChecksumMismatchError`` -> ``checksum_mismatch`` (a bounded label: one per error class)."""
-    name = type(exc).__name__.removesuffix("Error")
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
 class RoundEngine:
@@ -130,11 +114,11 @@ class RoundEngine:
         self.signature = {"method": cfg.method, "seed": cfg.seed, "embed_dim": cfg.embed_dim, "codec": cfg.codec,
                           "delta": cfg.delta, "drop_masked_rows": cfg.drop_masked_rows,
                           "aggregation": cfg.aggregation, "initial_sha256": self.initial_sha256}
-        self.class_names: tuple[str, ...] | None = tuple(cfg.class_names) if cfg.class_names else None
-        self.fingerprint: str | None = cfg.backbone_fingerprint
-        self.nodes: dict[str, dict[str, Any]] = {}
+        self.registry = Registry(method=cfg.method, embed_dim=cfg.embed_dim, initial_sha256=self.initial_sha256,
+                                 fingerprint=cfg.backbone_fingerprint,
+                                 class_names=tuple(cfg.class_names) if cfg.class_names else None)
+        self.ledger = Ledger()
         self.last_seen: dict[str, float] = {}
-        self.accepted: dict[str, dict[str, dict[str, str]]] = {}  # round -> node -> {update_id, sha256}
         self.rounds_log: list[dict[str, Any]] = []
         self.reports: dict[str, dict[str, Any]] = store.load_reports()
         self.published: dict[int, bytes] = {}
@@ -146,12 +130,11 @@ class RoundEngine:
             self.run_id = uuid.uuid4().hex[:12]
             self.version = 0
             self.global_state = initial
-            self.phase = WAITING
+            self.phase = Phase.WAITING_FOR_NODES
             log.info("new run %s: %d rounds, method %s, codec %s, quorum %d", self.run_id, cfg.rounds, cfg.method,
                      cfg.codec, cfg.min_nodes)
         else:
             self._restore(ckpt)
-        self.round_updates: dict[str, dict[str, str]] = {}  # open round: node -> {update_id, sha256}
         self.round_bytes = {"up": 0, "up_raw": 0}
         self.aggregator = self._new_aggregator()
         self.round_opened = self.clock()
@@ -159,7 +142,7 @@ class RoundEngine:
         self.reg_deadline = self.clock() + cfg.registration_timeout_s
         self.ended_at: float | None = None
         self.done = False
-        if self.phase == COLLECTING:  # restored mid-run: the open round starts again, fresh deadline
+        if self.phase == Phase.COLLECTING:  # restored mid-run: the open round starts again, fresh deadline
             with self._cond:
                 self._open_round()
         self.t.round_current.set(self.version)
@@ -168,34 +151,32 @@ class RoundEngine:
 
     # -- restore -----------------------------------------------------------------------------
     def _restore(self, ckpt: Checkpoint) -> None:
-        changed = {k: (ckpt.signature.get(k), v) for k, v in self.signature.items() if ckpt.signature.get(k) != v}
-        if changed:
-            raise ValueError(f"checkpoint in {self.store.root} was made with another configuration {changed}; "
-                             "use a new out_dir or the same settings")
+        require_same_settings(self.store.root, ckpt.signature, self.signature)
         self.run_id = ckpt.run_id
         self.version = ckpt.version
         decoded = decode_state(ckpt.global_snapshot, sha256=None, template=self.template)
         self.global_state = decoded.tensors
-        self.nodes = ckpt.nodes
-        self.accepted = ckpt.accepted
+        self.registry.nodes = {n: NodeRecord.from_dict(rec) for n, rec in ckpt.nodes.items()}
+        self.ledger = Ledger(ckpt.accepted)
         self.rounds_log = ckpt.rounds_log
         if ckpt.signature.get("class_names"):
-            self.class_names = tuple(ckpt.signature["class_names"])
-        self.fingerprint = ckpt.signature.get("fingerprint") or self.fingerprint
+            self.registry.class_names = tuple(ckpt.signature["class_names"])
+        self.registry.fingerprint = ckpt.signature.get("fingerprint") or self.registry.fingerprint
         now = self.clock()
-        self.last_seen = {n: now for n in self.nodes}  # give every known node a fresh liveness window
+        self.last_seen = {n: now for n in self.registry.nodes}  # give every known node a fresh liveness window
         if self.version >= self.cfg.rounds:
-            self.phase = FINISHED
-        elif self._trainers():
-            self.phase = COLLECTING
+            self.phase = Phase.FINISHED
+        elif self.registry.trainers():
+            self.phase = Phase.COLLECTING
         else:
-            self.phase = WAITING
+            self.phase = Phase.WAITING_FOR_NODES
         log.info("restored run %s at global version %d (%s), %d nodes known", self.run_id, self.version, self.phase,
-                 len(self.nodes))
+                 len(self.registry.nodes))
 
     # -- views -------------------------------------------------------------------------------
-    def _trainers(self) -> list[str]:
-        return sorted(n for n, rec in self.nodes.items() if rec["role"] == TRAINER)
+    @property
+    def nodes(self) -> dict[str, NodeRecord]:
+        return self.registry.nodes
 
     def connected_count(self) -> int:
         now = self.clock()
@@ -203,80 +184,48 @@ class RoundEngine:
             return sum(1 for n in self.nodes if now - self.last_seen.get(n, -1e18) <= self.cfg.node_timeout_s)
 
     def _update_registered_gauge(self) -> None:
-        for role in (TRAINER, EVALUATOR):
-            self.t.nodes_registered.labels(role=role).set(sum(1 for r in self.nodes.values() if r["role"] == role))
+        for role in Role:
+            self.t.nodes_registered.labels(role=role).set(self.registry.count(role))
+
+    def _ended(self) -> bool:
+        return self.phase in (Phase.FINISHED, Phase.FAILED)
 
     def _view(self, node_id: str | None) -> RoundView:
         deadline_ms = 0
-        if self.phase == COLLECTING:
+        if self.phase == Phase.COLLECTING:
             deadline_ms = int((self.wall() + (self.deadline - self.clock())) * 1000)
-        if node_id is not None and self.phase in (FINISHED, FAILED) and node_id not in self.seen_end:
+        if node_id is not None and self._ended() and node_id not in self.seen_end:
             self.seen_end.add(node_id)
             self._cond.notify_all()
-        accepted = node_id is not None and (node_id in self.round_updates
-                                            or node_id in self.accepted.get(str(self.version), {}))
+        accepted = node_id is not None and self.ledger.accepted_in(node_id, self.version)
         return RoundView(run_id=self.run_id, round_id=self.version, global_version=self.version,
                          total_rounds=self.cfg.rounds, phase=self.phase, deadline_unix_ms=deadline_ms,
-                         update_accepted=accepted, registered_trainers=len(self._trainers()),
-                         updates_received=len(self.round_updates), message=self.status_message)
+                         update_accepted=accepted, registered_trainers=len(self.registry.trainers()),
+                         updates_received=len(self.ledger.open), message=self.status_message)
 
-    def _check_node(self, run_id: str, node_id: str) -> dict[str, Any]:
+    def _check_node(self, run_id: str, node_id: str) -> NodeRecord:
         if run_id and run_id != self.run_id:
-            raise EngineError("FAILED_PRECONDITION", "wrong_run",
-                              f"run {run_id!r} is not the current run {self.run_id!r}; register again")
+            raise EngineError(Reason.WRONG_RUN, f"run {run_id!r} is not the current run {self.run_id!r}; "
+                              "register again")
         rec = self.nodes.get(node_id)
         if rec is None:
-            raise EngineError("UNAUTHENTICATED", "unknown_node", f"node {node_id!r} is not registered")
+            raise EngineError(Reason.UNKNOWN_NODE, f"node {node_id!r} is not registered")
         self.last_seen[node_id] = self.clock()
         return rec
 
     # -- RPC entry points --------------------------------------------------------------------
     def register(self, reg: Registration) -> RoundView:
         with self._cond:
-            if not reg.node_id or len(reg.node_id) > 64 or not re.fullmatch(r"[A-Za-z0-9_.-]+", reg.node_id):
-                raise EngineError("INVALID_ARGUMENT", "bad_node_id", "node_id must be 1-64 characters [A-Za-z0-9_.-]")
-            if reg.role not in (TRAINER, EVALUATOR):
-                raise EngineError("INVALID_ARGUMENT", "bad_role", "role must be trainer or evaluator")
-            problems = []
-            if self.fingerprint is not None and reg.fingerprint != self.fingerprint:
-                problems.append(f"backbone fingerprint {reg.fingerprint[:16]}... differs from the federation's "
-                                f"{self.fingerprint[:16]}...")
-            if self.class_names is not None and tuple(reg.class_names) != self.class_names:
-                problems.append(f"label space {list(reg.class_names)} differs from the federation's "
-                                f"{list(self.class_names)}")
-            if reg.embed_dim != self.cfg.embed_dim:
-                problems.append(f"embedding width {reg.embed_dim} differs from the federation's {self.cfg.embed_dim}")
-            if reg.method != self.cfg.method:
-                problems.append(f"method {reg.method!r} differs from the federation's {self.cfg.method!r}")
-            elif reg.initial_sha256 != self.initial_sha256:
-                problems.append("initial adapter differs from the federation's (another seed?)")
-            if not all(0 <= n <= MAX_SAMPLES for n in (reg.num_train, reg.num_val, reg.num_test)):
-                raise EngineError("INVALID_ARGUMENT", "bad_sample_count",
-                                  f"sample counts must be in [0, {MAX_SAMPLES}]")
-            if reg.role == TRAINER and reg.num_train <= 0:
-                problems.append("a trainer needs at least one training sample")
-            if problems:
-                log.warning("refused node %s: %s", reg.node_id, "; ".join(problems))
-                raise EngineError("FAILED_PRECONDITION", "registration_mismatch",
-                                  f"node {reg.node_id} refused: " + "; ".join(problems))
-            if self.fingerprint is None:
-                self.fingerprint = reg.fingerprint
-            if self.class_names is None:
-                self.class_names = tuple(reg.class_names)
-            known = self.nodes.get(reg.node_id)
-            if known is not None and known["role"] != reg.role:
-                raise EngineError("ALREADY_EXISTS", "node_id_taken",
-                                  f"node id {reg.node_id} is registered as a {known['role']}")
-            self.nodes[reg.node_id] = {"role": reg.role, "num_train": reg.num_train, "num_val": reg.num_val,
-                                       "num_test": reg.num_test}
+            known = self.registry.admit(reg)
             self.last_seen[reg.node_id] = self.clock()
             self._update_registered_gauge()
             if len(self.nodes) > self.cfg.max_workers - 4:
                 log.warning("%d nodes and max_workers %d: every node waiting for a round holds a worker thread; "
                             "raise max_workers", len(self.nodes), self.cfg.max_workers)
-            log.info("%s %s (%s, %d train / %d val / %d test samples)",
-                     "re-registered" if known else "registered", reg.node_id, reg.role, reg.num_train, reg.num_val,
-                     reg.num_test)
+            rec = self.nodes[reg.node_id]
+            log.info("%s %s (%s, %d train / %d val / %d test samples, version %s)",
+                     "re-registered" if known else "registered", reg.node_id, rec.role, rec.num_train, rec.num_val,
+                     rec.num_test, printable(rec.software_version or "unknown"))
             self._cond.notify_all()
             return self._view(reg.node_id)
 
@@ -290,7 +239,7 @@ class RoundEngine:
         with self._cond:
             self._check_node(run_id, node_id)
             end = self.clock() + max(0.0, min(max_wait_s, 60.0))
-            while ((self.version < wait_for_round or self.phase == WAITING) and self.phase not in (FINISHED, FAILED)
+            while ((self.version < wait_for_round or self.phase == Phase.WAITING_FOR_NODES) and not self._ended()
                    and not self.done and self.clock() < end):
                 self._advanced.wait(timeout=end - self.clock())
             return self._view(node_id)
@@ -300,66 +249,61 @@ class RoundEngine:
         with self._cond:
             self._check_node(run_id, node_id)
             if version < 1 or version > self.version:
-                raise EngineError("FAILED_PRECONDITION", "no_such_version",
+                raise EngineError(Reason.NO_SUCH_VERSION,
                                   f"global version {version} does not exist (current {self.version}; version 0 is "
                                   "the seeded initial adapter every node builds itself)")
             data = self.published.get(version)
             if data is None:
                 data = self.store.load_published(version)
                 if data is None:
-                    raise EngineError("NOT_FOUND", "missing_version", f"published global {version} is missing")
+                    raise EngineError(Reason.MISSING_VERSION, f"published global {version} is missing")
                 self.published[version] = data
         return data, sha256_hex(data)
 
     def submit(self, header: UpdateHeader, payload: bytes) -> UpdateAck:
         with self._cond:
             rec = self._check_node(header.run_id, header.node_id)
-            for rnd, by_node in [*self.accepted.items(), (str(self.version), self.round_updates)]:
-                entry = by_node.get(header.node_id)
-                if entry is not None and entry["update_id"] == header.update_id:  # a retry
-                    if entry["sha256"] != header.sha256:
-                        raise EngineError("ALREADY_EXISTS", "conflicting_replay",
-                                          f"update {header.update_id} was accepted with other content")
-                    return UpdateAck(header.update_id, int(rnd), True, len(by_node))
-            if rec["role"] != TRAINER:
-                raise EngineError("PERMISSION_DENIED", "not_trainer", f"{header.node_id} is an evaluator")
-            if self.phase != COLLECTING:
-                raise EngineError("FAILED_PRECONDITION", "round_not_open", f"no round is open ({self.phase})")
+            replayed = self.ledger.replay(header.node_id, header.update_id, header.sha256, self.version)
+            if replayed is not None:  # a retry of an accepted update: the same answer, not counted again
+                return UpdateAck(header.update_id, replayed[0], True, replayed[1])
+            if rec.role != Role.TRAINER:
+                raise EngineError(Reason.NOT_TRAINER, f"{header.node_id} is an evaluator")
+            if self.phase != Phase.COLLECTING:
+                raise EngineError(Reason.ROUND_NOT_OPEN, f"no round is open ({self.phase})")
             if header.round_id < self.version:
-                raise EngineError("FAILED_PRECONDITION", "stale_round",
+                raise EngineError(Reason.STALE_ROUND,
                                   f"round {header.round_id} is closed; round {self.version} is open")
             if header.round_id > self.version:
-                raise EngineError("FAILED_PRECONDITION", "future_round",
+                raise EngineError(Reason.FUTURE_ROUND,
                                   f"round {header.round_id} is not open yet; round {self.version} is open")
-            if header.node_id in self.round_updates:
-                raise EngineError("ALREADY_EXISTS", "conflicting_update",
-                                  f"{header.node_id} already has update "
-                                  f"{self.round_updates[header.node_id]['update_id']} "
-                                  f"in round {self.version}")
+            if header.node_id in self.ledger.open:
+                raise EngineError(Reason.CONFLICTING_UPDATE, f"{header.node_id} already has update "
+                                  f"{self.ledger.open[header.node_id].update_id} in round {self.version}")
             if not header.update_id or len(header.update_id) > 128:
-                raise EngineError("INVALID_ARGUMENT", "bad_update_id", "update_id must be 1-128 characters")
+                raise EngineError(Reason.BAD_UPDATE_ID, "update_id must be 1-128 characters")
+            if header.num_train and header.num_train != rec.num_train:
+                raise EngineError(Reason.BAD_SAMPLE_COUNT, f"the update states {header.num_train} training samples, "
+                                  f"the node registered {rec.num_train}")
             try:
                 if payload_codec(payload) != header.codec:
-                    raise EngineError("INVALID_ARGUMENT", "codec_mismatch",
-                                      f"header says codec {header.codec!r}, the payload another")
+                    raise EngineError(Reason.CODEC_MISMATCH, f"header says codec {header.codec!r}, the payload another")
                 t0 = time.perf_counter()
                 with self.t.codec_seconds.labels(operation="decode").time():
-                    fold_update(self.aggregator, payload, header.sha256, self.global_state, int(rec["num_train"]),
-                                self.wire, self.bounds)
+                    fold_update(self.aggregator, payload, header.sha256, self.global_state, rec.num_train, self.wire,
+                                self.bounds)
                 self.t.aggregate_seconds.labels(step="fold").observe(time.perf_counter() - t0)
-            except (CodecError, UpdateOutOfBoundsError) as exc:
-                raise EngineError("INVALID_ARGUMENT", _reason(exc), f"payload refused: {exc}") from exc
-            except AggregationError as exc:
-                raise EngineError("INVALID_ARGUMENT", "aggregation", f"update refused: {exc}") from exc
-            self.round_updates[header.node_id] = {"update_id": header.update_id, "sha256": header.sha256}
+            except (CodecError, UpdateOutOfBoundsError, AggregationError) as exc:
+                raise EngineError(exc.reason, f"update refused: {exc}") from exc
+            self.ledger.accept(header.node_id, header.update_id, header.sha256)
             self.round_bytes["up"] += len(payload)
             self.round_bytes["up_raw"] += self.raw_bytes
             self.t.updates_accepted.inc()
-            log.info("round %d: update %s from %s (%d bytes, loss %.4f), %d/%d in", self.version + 1, header.update_id,
-                     header.node_id, len(payload), header.train.get("loss", float("nan")), len(self.round_updates),
-                     len(self._trainers()))
+            log.info("round %d: update %s from %s (%d bytes, loss %.4f), %d/%d in", self.version + 1,
+                     printable(header.update_id),
+                     header.node_id, len(payload), header.train.get("loss", float("nan")), len(self.ledger.open),
+                     len(self.registry.trainers()))
             self._cond.notify_all()
-            return UpdateAck(header.update_id, self.version, False, len(self.round_updates))
+            return UpdateAck(header.update_id, self.version, False, len(self.ledger.open))
 
     def report(self, run_id: str, node_id: str, version: int, report_id: str, val: dict | None, test: dict | None,
                head: str, train: dict | None = None) -> bool:
@@ -367,18 +311,18 @@ class RoundEngine:
         with self._cond:
             rec = self._check_node(run_id, node_id)
             if version < 1 or version > self.version:
-                raise EngineError("FAILED_PRECONDITION", "no_such_version",
+                raise EngineError(Reason.NO_SUCH_VERSION,
                                   f"metrics for global version {version}, current is {self.version}")
             by_node = self.reports.setdefault(str(version), {})
             old = by_node.get(node_id)
             if old is not None and old.get("report_id") == report_id:
                 return True
-            by_node[node_id] = {"report_id": report_id, "role": rec["role"], "head": head, "val": val, "test": test,
-                                "train": train or {}}
+            by_node[node_id] = {"report_id": report_id, "role": rec.role.value, "head": head, "val": val,
+                                "test": test, "train": train or {}}
             self.store.save_reports(self.reports)
             if version == self.cfg.rounds and all(n in by_node for n in self.nodes):
                 self.write_report()  # the final evaluations are in: the report is complete
-            shown = val if rec["role"] == TRAINER else test
+            shown = val if rec.role == Role.TRAINER else test
             if shown is not None:
                 self.t.validation_accuracy.labels(node=node_id).set(shown["accuracy"])
             self._cond.notify_all()
@@ -389,8 +333,7 @@ class RoundEngine:
         return make_aggregator(self.cfg.aggregation, trim_ratio=self.cfg.trim_ratio)
 
     def _open_round(self) -> None:
-        self.phase = COLLECTING
-        self.round_updates = {}
+        self.phase = Phase.COLLECTING
         self.round_bytes = {"up": 0, "up_raw": 0}
         self.aggregator = self._new_aggregator()
         self.round_opened = self.clock()
@@ -398,7 +341,7 @@ class RoundEngine:
         self.t.round_current.set(self.version)
         self._advanced.notify_all()
         log.info("round %d/%d open: %d trainers registered, deadline in %.0fs", self.version + 1, self.cfg.rounds,
-                 len(self._trainers()), self.cfg.round_timeout_s)
+                 len(self.registry.trainers()), self.cfg.round_timeout_s)
 
     def _close_round(self) -> None:
         r = self.version
@@ -408,11 +351,11 @@ class RoundEngine:
         snapshot = encode_state(decoded, codec="fp32")  # lossless copy for the checkpoint
         self.store.save_published(r + 1, payload.data)
         self.published[r + 1] = payload.data
-        self.accepted[str(r)] = dict(self.round_updates)
+        updates = sorted(self.ledger.open)
+        self.ledger.close(r)
         seconds = self.clock() - self.round_opened
-        n_trainers = len(self._trainers())
-        self.rounds_log.append({"round": r + 1, "updates": len(self.round_updates),
-                                "nodes": sorted(self.round_updates), "seconds": seconds,
+        n_trainers = len(self.registry.trainers())
+        self.rounds_log.append({"round": r + 1, "updates": len(updates), "nodes": updates, "seconds": seconds,
                                 "bytes_up": self.round_bytes["up"], "bytes_up_raw": self.round_bytes["up_raw"],
                                 "bytes_down": payload.wire_nbytes * n_trainers,
                                 "bytes_down_raw": payload.raw_nbytes * n_trainers,
@@ -422,29 +365,30 @@ class RoundEngine:
         status = "finished" if self.version >= self.cfg.rounds else "running"
         t0 = time.perf_counter()
         self.store.save(Checkpoint(run_id=self.run_id, version=self.version, global_snapshot=snapshot.data,
-                                   signature=self._signature_now(), nodes=self.nodes, accepted=self.accepted,
-                                   rounds_log=self.rounds_log, status=status))
+                                   signature=self._signature_now(),
+                                   nodes={n: rec.to_dict() for n, rec in self.nodes.items()},
+                                   accepted=self.ledger.to_dict(), rounds_log=self.rounds_log, status=status))
         self.t.aggregate_seconds.labels(step="checkpoint").observe(time.perf_counter() - t0)
         self.t.round_seconds.observe(seconds)
         log.info("round %d/%d closed: %d updates, up %.1f KB, global %.1f KB, %.3fs", r + 1, self.cfg.rounds,
-                 len(self.round_updates), self.round_bytes["up"] / 1e3, payload.wire_nbytes / 1e3, seconds)
-        self.round_updates = {}
+                 len(updates), self.round_bytes["up"] / 1e3, payload.wire_nbytes / 1e3, seconds)
         self.t.round_current.set(self.version)
         self.write_report()
 
     def _signature_now(self) -> dict[str, Any]:
-        return self.signature | {"class_names": list(self.class_names or ()), "fingerprint": self.fingerprint}
+        return self.signature | {"class_names": list(self.registry.class_names or ()),
+                                 "fingerprint": self.registry.fingerprint}
 
-    def _end(self, phase: str, message: str) -> None:
+    def _end(self, phase: Phase, message: str) -> None:
         self.phase = phase
         self.status_message = message
         self.ended_at = self.clock()
-        (log.info if phase == FINISHED else log.error)("run %s %s: %s", self.run_id, phase, message)
+        (log.info if phase == Phase.FINISHED else log.error)("run %s %s: %s", self.run_id, phase, message)
         self._cond.notify_all()
         self._advanced.notify_all()
 
     def _final_reports_in(self) -> bool:
-        if self.phase == FINISHED:
+        if self.phase == Phase.FINISHED:
             final = self.reports.get(str(self.version), {})
             return all(n in final for n in self.nodes)
         return all(n in self.seen_end for n in self.nodes)
@@ -457,34 +401,34 @@ class RoundEngine:
     def _step(self) -> float | None:
         now = self.clock()
         cfg = self.cfg
-        if self.phase == WAITING:
-            n = len(self._trainers())
+        if self.phase == Phase.WAITING_FOR_NODES:
+            n = len(self.registry.trainers())
             if n >= cfg.min_nodes:
                 self._open_round()
                 return cfg.round_timeout_s
             if now >= self.reg_deadline:
-                self._end(FAILED, f"only {n} of {cfg.min_nodes} trainers registered within "
+                self._end(Phase.FAILED, f"only {n} of {cfg.min_nodes} trainers registered within "
                           f"{cfg.registration_timeout_s:.0f}s")
                 return 0.0
             return self.reg_deadline - now
-        if self.phase == COLLECTING:
-            got = set(self.round_updates)
-            everyone = bool(got) and set(self._trainers()) <= got
+        if self.phase == Phase.COLLECTING:
+            got = set(self.ledger.open)
+            trainers = self.registry.trainers()
+            everyone = bool(got) and set(trainers) <= got
             if everyone or (now >= self.deadline and len(got) >= cfg.min_nodes):
                 if not everyone:
                     log.warning("round %d: deadline passed, closing with %d of %d trainers (%s missing)",
-                                self.version + 1, len(got), len(self._trainers()),
-                                sorted(set(self._trainers()) - got))
+                                self.version + 1, len(got), len(trainers), sorted(set(trainers) - got))
                 self._close_round()
                 if self.version >= cfg.rounds:
-                    self._end(FINISHED, f"{cfg.rounds} rounds done")
+                    self._end(Phase.FINISHED, f"{cfg.rounds} rounds done")
                     return 0.0
                 self._open_round()
                 self._cond.notify_all()
                 return cfg.round_timeout_s
             if now >= self.deadline + cfg.quorum_timeout_s:
-                self._end(FAILED, f"round {self.version + 1}: {len(got)} of the quorum of {cfg.min_nodes} updates "
-                          f"{cfg.round_timeout_s + cfg.quorum_timeout_s:.0f}s after it opened")
+                self._end(Phase.FAILED, f"round {self.version + 1}: {len(got)} of the quorum of {cfg.min_nodes} "
+                          f"updates {cfg.round_timeout_s + cfg.quorum_timeout_s:.0f}s after it opened")
                 return 0.0
             return (self.deadline if now < self.deadline else self.deadline + cfg.quorum_timeout_s) - now
         # FINISHED or FAILED: serve the last global and collect final reports, for a bounded time
@@ -519,12 +463,14 @@ class RoundEngine:
     def report_dict(self) -> dict[str, Any]:
         with self._cond:
             return build_report(run_id=self.run_id, phase=self.phase, message=self.status_message,
-                                method=self.cfg.method, rounds=self.cfg.rounds, nodes=self.nodes,
+                                method=self.cfg.method, rounds=self.cfg.rounds,
+                                nodes={n: rec.to_dict() for n, rec in self.nodes.items()},
                                 reports=self.reports, rounds_log=self.rounds_log,
                                 extra={"codec": self.cfg.codec, "aggregation": self.cfg.aggregation,
                                        "min_nodes": self.cfg.min_nodes, "seed": self.cfg.seed,
-                                       "class_names": list(self.class_names or ()),
-                                       "backbone_fingerprint": self.fingerprint, "version": __version__,
+                                       "class_names": list(self.registry.class_names or ()),
+                                       "backbone_fingerprint": self.registry.fingerprint, "version": __version__,
+                                       "other_versions": self.registry.other_versions(),
                                        "global_version": self.version})
 
     def write_report(self) -> None:

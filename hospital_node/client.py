@@ -11,7 +11,11 @@ A trainer, each round ``r`` (which trains from global version ``r``):
 
 An evaluator (held-out hospital) does 1 and 2 only, with the global FAM and the prompts alone.
 Every RPC has a deadline; transient failures are retried with exponential backoff and full jitter
-(bounded: ``give_up_after_s``); UNAUTHENTICATED triggers a new registration.
+(bounded: ``give_up_after_s``). A refusal is handled by the :class:`~shared.wire.reasons.Reason` the
+aggregator gives (:meth:`NodeClient._call`): an unknown node registers again, an update the round
+no longer wants (stale, future, already in) is dropped and the node follows the current round, and a
+refusal for good (registration mismatch, identity, a payload refused) stops the node with the
+aggregator's message (:class:`NodeRefused`, exit code 3; 4 when the aggregator runs another run).
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import TypeVar
 
 import grpc
 import torch
@@ -34,27 +39,33 @@ from shared import __version__
 from shared.backbone import DEFAULT_TEMPLATES, Backbone, BackboneSpec, load_backbone
 from shared.codec import CodecError
 from shared.data.features import encode_samples
+from shared.errors import FedMedCLIPError
 from shared.learning.rounds import WireConfig, decode_adapter, make_update
+from shared.learning.training import HospitalLearner, TrainConfig, build_adapter, get_method
+from shared.ops.config import ConfigError
+from shared.ops.exitcodes import ExitCode
+from shared.ops.telemetry import Telemetry
 from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
 from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2_grpc as pb_grpc
-from shared.wire.protocol import metrics_to_proto, raw_nbytes, state_digest
-from shared.ops.telemetry import Telemetry
+from shared.wire.protocol import metrics_to_proto, state_digest
+from shared.wire.reasons import Action, Reason, reason_of
 from shared.wire.tls import TlsMaterial, secure_channel
-from shared.learning.training import HospitalLearner, TrainConfig, build_adapter, get_method
-from shared.wire.transport import Backoff, assemble, call_with_retry, channel_options, chunks
+from shared.wire.transport import Backoff, assemble, call_with_retry, channel_options, chunk_size, chunks
 
 log = logging.getLogger("fedmedclip.node")
 T = TypeVar("T")
-
-EXIT_OK, EXIT_FAILED, EXIT_REFUSED, EXIT_RUN_CHANGED = 0, 1, 3, 4
 
 
 class NodeStopped(Exception):
     """SIGTERM/SIGINT arrived: the loop unwinds, the state on disk is already consistent."""
 
 
-class NodeRefused(Exception):
-    """The aggregator refused this node for good (fingerprint, label space, method...)."""
+class NodeRefused(FedMedCLIPError):
+    """The aggregator refused this node for good; ``reason`` says why, the message is the aggregator's."""
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(f"{reason.code.name} ({reason}): {message}")
+        self.reason = reason
 
 
 @dataclass
@@ -82,7 +93,7 @@ def backbone_spec(cfg: NodeConfig) -> BackboneSpec:
 def prepare(cfg: NodeConfig, telemetry: Telemetry | None = None) -> Prepared:
     """Backbone, local data and its cached features (progress bar), prompt features, fingerprint."""
     if not cfg.data:
-        raise ValueError("no data: set data (a manifest CSV or an ImageFolder)")
+        raise ConfigError("no data: set data (a manifest CSV or an ImageFolder)")
     data = load_local(cfg.data, cfg.classes, split_seed=cfg.split_seed, evaluator=cfg.role == "evaluator")
     backbone = load_backbone(backbone_spec(cfg), cfg.device)
     features, stats = encode_samples(backbone, data.dataset.samples, cfg.cache_dir, progress=cfg.progress)
@@ -124,25 +135,35 @@ class NodeClient:
         self.wire = WireConfig()
         self.state: NodeState | None = None
         self.heartbeat_interval = 5.0
+        self.chunk_bytes = chunk_size(0)
         split = prep.data.split
         idx = {name: torch.tensor(getattr(split, name), dtype=torch.long) for name in ("train", "val", "test")}
         self.parts = {name: (prep.features[i], prep.labels[i]) for name, i in idx.items()}
 
     # -- calls -------------------------------------------------------------------------------
-    def _call(self, what: str, fn: Callable[[], T]) -> T:
-        """Retry transient errors with backoff; re-register once on UNAUTHENTICATED; honour stop."""
-        reregistered = False
+    def _call(self, what: str, fn: Callable[[], T], reregister: bool = True) -> T:
+        """Call ``fn``: transient errors are retried with backoff, refusals handled by their Reason; honours stop.
+
+        REREGISTER: register again (once), then call again. GIVE_UP: :class:`NodeRefused`. RESYNC (the
+        round moved on) and failures without a reason propagate as the ``grpc.RpcError``.
+        """
+        reregistered = not reregister
         while True:
             if self.stop.is_set():
                 raise NodeStopped()
             try:
                 return call_with_retry(fn, what, self.backoff, self.rng, sleep=self._sleep)
             except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.UNAUTHENTICATED and not reregistered:
-                    log.warning("%s: %s; registering again", what, exc.details())
+                reason = reason_of(exc)
+                if reason is None:  # not the aggregator's refusal; transient failures were retried already
+                    raise
+                if reason.action is Action.REREGISTER and not reregistered:
+                    log.warning("%s refused (%s): %s; registering again", what, reason, exc.details())
                     self._register()
                     reregistered = True
                     continue
+                if reason.action is Action.GIVE_UP:
+                    raise NodeRefused(reason, f"{what}: {exc.details()}") from exc
                 raise
 
     def _sleep(self, seconds: float) -> None:
@@ -157,17 +178,12 @@ class NodeClient:
             embed_dim=self.prep.dim, method=self.cfg.method, initial_state_sha256=state_digest(self.initial),
             num_train_samples=0 if self.evaluator else n_train, num_val_samples=n_val, num_test_samples=n_test,
             software_version=__version__)
-        try:
-            response = call_with_retry(lambda: self.stub.Register(request, timeout=self.cfg.rpc_timeout_s),
-                                       "Register", self.backoff, self.rng, sleep=self._sleep)
-        except grpc.RpcError as exc:
-            if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT,
-                              grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.PERMISSION_DENIED):
-                raise NodeRefused(f"{exc.code().name}: {exc.details()}") from exc
-            raise
+        response = self._call("Register", lambda: self.stub.Register(request, timeout=self.cfg.rpc_timeout_s),
+                              reregister=False)
         self.run_id = response.round.run_id
         self.wire = WireConfig(codec=response.codec, delta=response.delta, drop_masked_rows=response.drop_masked_rows)
         self.heartbeat_interval = max(0.5, response.heartbeat_interval_ms / 1000.0)
+        self.chunk_bytes = chunk_size(response.max_chunk_bytes)
         log.info("registered with %s: run %s, round %d of %d, codec %s", self.cfg.aggregator, self.run_id,
                  response.round.round_id + 1, response.round.total_rounds, response.codec)
         return response
@@ -286,7 +302,7 @@ class NodeClient:
 
         def messages():
             yield pb.UploadUpdateRequest(header=header)
-            for part in chunks(pending.payload):
+            for part in chunks(pending.payload, self.chunk_bytes):
                 yield pb.UploadUpdateRequest(chunk=part)
 
         def upload() -> pb.UploadUpdateResponse:
@@ -295,17 +311,20 @@ class NodeClient:
             except grpc.RpcError as exc:
                 if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     self.t.count_payload("up", pending.codec, len(pending.payload), pending.raw_bytes)
+                reason = reason_of(exc)
+                if reason is not None:  # as the aggregator counts it: fedmedclip_updates_rejected_total{reason}
+                    self.t.updates_rejected.labels(reason=reason).inc()
                 raise
 
         try:
             ack = self._call(f"UploadUpdate r{pending.round_id}", upload)
         except grpc.RpcError as exc:
-            self.t.updates_rejected.labels(reason=exc.code().name.lower()).inc()
-            if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS):
-                # the round closed without us, or it holds an update of ours already: go on
-                log.warning("update of round %d not taken: %s", pending.round_id + 1, exc.details())
-                return
-            raise
+            reason = reason_of(exc)
+            if reason is None or reason.action is not Action.RESYNC:
+                raise
+            # the round closed without us, or it holds an update of ours already: go on with the current round
+            log.warning("update of round %d not taken (%s): %s", pending.round_id + 1, reason, exc.details())
+            return
         self.t.count_payload("up", pending.codec, len(pending.payload), pending.raw_bytes)
         self.t.updates_accepted.inc()
         log.info("round %d: update accepted%s (%d in)", pending.round_id + 1, " (replayed)" if ack.replayed else "",
@@ -336,10 +355,10 @@ class NodeClient:
                 if info.run_id != self.run_id:
                     log.error("the aggregator started another run (%s); this node's run was %s", info.run_id,
                               self.run_id)
-                    return EXIT_RUN_CHANGED
+                    return ExitCode.RUN_CHANGED
                 if info.phase == pb.ROUND_PHASE_FAILED:
                     log.error("the run failed: %s", info.message)
-                    return EXIT_FAILED
+                    return ExitCode.FAILED
                 if info.phase == pb.ROUND_PHASE_WAITING_FOR_NODES:
                     info = self._get_round(0, wait=True)  # long-polls until the first round opens
                     wait_for = 0
@@ -351,7 +370,7 @@ class NodeClient:
                     self._evaluate(version)
                 if info.phase == pb.ROUND_PHASE_FINISHED:
                     log.info("run %s finished after %d rounds", self.run_id, version)
-                    return EXIT_OK
+                    return ExitCode.OK
                 if info.phase != pb.ROUND_PHASE_COLLECTING:
                     wait_for = version + 1
                     continue
@@ -364,11 +383,14 @@ class NodeClient:
                         self._upload(pending)
                 wait_for = info.round_id + 1
         except NodeRefused as exc:
+            if exc.reason is Reason.WRONG_RUN:
+                log.error("the aggregator runs another run than this node's %s: %s", self.run_id, exc)
+                return ExitCode.RUN_CHANGED
             log.error("refused by the aggregator: %s", exc)
-            return EXIT_REFUSED
+            return ExitCode.REFUSED
         except NodeStopped:
             log.info("stopped; private state in %s", self.store.path)
-            return EXIT_OK
+            return ExitCode.OK
         finally:
             done.set()
             # a heartbeat still inside an RPC when the channel closes and the interpreter exits aborts
@@ -384,8 +406,3 @@ def run_node(cfg: NodeConfig, stop: threading.Event, telemetry: Telemetry, tls: 
     prep = prepare(cfg, telemetry)
     Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
     return NodeClient(cfg, prep, telemetry, stop, tls).run()
-
-
-def state_summary(state: NodeState) -> dict[str, Any]:
-    return {"run_id": state.run_id, "global_version": state.global_version, "trained_round": state.trained_round,
-            "evaluated_version": state.evaluated_version, "raw_bytes": raw_nbytes(state.global_state)}

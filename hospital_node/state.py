@@ -6,24 +6,30 @@ the last global adapter the node decoded and its version, the round it last trai
 update of that round until the round is closed (a restarted node re-sends the same bytes under the
 same update id, which the aggregator recognises). Read back with ``torch.load(weights_only=True)``:
 tensors and plain containers only, never arbitrary objects. It stays on the node; nothing in it
-goes on the wire except the pending update.
+goes on the wire except the pending update. A file this code cannot read is a :class:`StateError`.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from shared.errors import FedMedCLIPError
 from shared.ops.atomic import atomic_write
 
 log = logging.getLogger("fedmedclip.node")
 
 FORMAT = 1
+
+
+class StateError(FedMedCLIPError):
+    """The saved state cannot be read (another format, a damaged file): the message names the file."""
 
 
 @dataclass
@@ -59,9 +65,13 @@ class StateStore:
     def load(self) -> NodeState | None:
         if not self.path.exists():
             return None
-        blob = torch.load(self.path, map_location="cpu", weights_only=True)
-        if blob.get("format") != FORMAT:
-            raise ValueError(f"{self.path}: unknown state format {blob.get('format')!r}")
+        try:
+            blob = torch.load(self.path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+            raise StateError(f"{self.path} cannot be read ({exc}); move it away to start this node afresh") from exc
+        if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+            found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
+            raise StateError(f"{self.path}: unknown state format {found!r}; move it away to start this node afresh")
         pending = blob.get("pending")
         return NodeState(run_id=blob["run_id"], node_id=blob["node_id"], fingerprint=blob["fingerprint"],
                          global_version=int(blob["global_version"]), global_state=dict(blob["global_state"]),

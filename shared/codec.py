@@ -87,6 +87,7 @@ import torch
 import zstandard
 
 from shared.errors import FedMedCLIPError
+from shared.wire.reasons import Reason
 
 __all__ = [
     "CODECS",
@@ -141,33 +142,49 @@ _QMAX = {"q8": 127, "q4": 7}
 class CodecError(FedMedCLIPError):
     """Base class of every error the codec raises on bad input or a bad payload."""
 
+    reason = Reason.CODEC
+
 
 class UnknownCodecError(CodecError):
     """The codec name asked for, or named by a payload, is not one of :data:`CODECS`."""
+
+    reason = Reason.UNKNOWN_CODEC
 
 
 class ChecksumMismatchError(CodecError):
     """The payload's SHA-256 differs from the one that travelled with it."""
 
+    reason = Reason.CHECKSUM_MISMATCH
+
 
 class ShapeMismatchError(CodecError):
     """Tensor names or shapes differ from the template (or state and reference/masks differ)."""
+
+    reason = Reason.SHAPE_MISMATCH
 
 
 class NonFiniteError(CodecError):
     """A tensor holds NaN or Inf, on encode or after decode."""
 
+    reason = Reason.NON_FINITE
+
 
 class PayloadTooLargeError(CodecError):
     """Compressed, declared or decompressed size is over the caller's limit."""
+
+    reason = Reason.PAYLOAD_TOO_LARGE
 
 
 class MalformedPayloadError(CodecError):
     """The bytes are not a well-formed payload: bad magic, truncated, bad header, garbage."""
 
+    reason = Reason.MALFORMED_PAYLOAD
+
 
 class ReferenceRequiredError(CodecError):
     """The payload is a delta against a reference, and the decoder was given none."""
+
+    reason = Reason.REFERENCE_REQUIRED
 
 
 # --------------------------------------------------------------------------- results

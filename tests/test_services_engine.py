@@ -15,17 +15,22 @@ import grpc
 import pytest
 import torch
 
-from aggregator.checkpoint import CheckpointStore
+from aggregator.checkpoint import CheckpointMismatchError, CheckpointStore
 from aggregator.config import AggregatorConfig
-from aggregator.engine import COLLECTING, FAILED, FINISHED, EngineError, Registration, RoundEngine, UpdateHeader
-from aggregator.service import AggregatorServicer
+from aggregator.engine import Phase, RoundEngine, UpdateHeader
+from aggregator.errors import EngineError
+from aggregator.registry import NodeRecord, Registration, Role
+from aggregator.service import PHASE_TO_PROTO, ROLE_FROM_PROTO, AggregatorServicer
+from shared import __version__
 from shared.learning.rounds import WireConfig, decode_adapter, encode_adapter
+from shared.learning.training import TrainConfig, build_adapter, get_method
+from shared.ops.config import ConfigError
+from shared.ops.telemetry import MetricsInterceptor, Telemetry
 from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
 from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2_grpc as pb_grpc
 from shared.wire.protocol import state_digest
-from shared.ops.telemetry import MetricsInterceptor, Telemetry
-from shared.learning.training import TrainConfig, build_adapter, get_method
-from shared.wire.transport import channel_options, chunks, server_options
+from shared.wire.reasons import Reason, reason_of
+from shared.wire.transport import CHUNK_BYTES, MIN_CHUNK_BYTES, channel_options, chunk_size, chunks, server_options
 
 DIM = 16
 FP = "f" * 64
@@ -51,7 +56,7 @@ def make_engine(tmp_path, clock=None, **overrides) -> RoundEngine:
 
 
 def registration(node: str, **kw) -> Registration:
-    base = dict(node_id=node, role="trainer", fingerprint=FP, class_names=CLASSES, embed_dim=DIM,
+    base = dict(node_id=node, role=Role.TRAINER, fingerprint=FP, class_names=CLASSES, embed_dim=DIM,
                 method="fedmedclip", initial_sha256=state_digest(initial_state()), num_train=10)
     base.update(kw)
     return Registration(**base)
@@ -63,28 +68,37 @@ def update_payload(global_state, scale: float = 0.01, seed: int = 1):
     return encode_adapter(state, global_state, WireConfig())
 
 
-def header(engine, node: str, payload, round_id: int | None = None, update_id: str | None = None) -> UpdateHeader:
+def header(engine, node: str, payload, round_id: int | None = None, update_id: str | None = None,
+           num_train: int = 0) -> UpdateHeader:
     r = engine.version if round_id is None else round_id
     return UpdateHeader(run_id=engine.run_id, round_id=r, node_id=node, update_id=update_id or f"{node}-r{r}",
-                        codec=payload.codec, sha256=payload.sha256, wire_bytes=len(payload.data))
+                        codec=payload.codec, sha256=payload.sha256, wire_bytes=len(payload.data), num_train=num_train)
+
+
+def refusal(call) -> Reason:
+    """The Reason of the EngineError ``call()`` raises (its status code is the Reason's)."""
+    with pytest.raises(EngineError) as refused:
+        call()
+    assert refused.value.code == refused.value.reason.code
+    return refused.value.reason
 
 
 def test_round_closes_when_every_trainer_reported_and_retries_get_the_same_answer(tmp_path):
     eng = make_engine(tmp_path)
     eng.register(registration("h1"))
     eng.register(registration("h2"))
-    assert eng.step() is not None and eng.phase == COLLECTING
+    assert eng.step() is not None and eng.phase == Phase.COLLECTING
     p1, p2 = update_payload(eng.global_state, seed=1), update_payload(eng.global_state, seed=2)
     ack = eng.submit(header(eng, "h1", p1), p1.data)
     assert not ack.replayed and ack.updates_received == 1
     again = eng.submit(header(eng, "h1", p1), p1.data)  # a retry: same id, same answer
     assert again.replayed and again.update_id == ack.update_id and again.round_id == 0
-    with pytest.raises(EngineError) as other:  # another update for the same round
-        eng.submit(header(eng, "h1", p1, update_id="h1-other"), p1.data)
-    assert other.value.code == "ALREADY_EXISTS"
+    # another update for the same round
+    assert refusal(lambda: eng.submit(header(eng, "h1", p1, update_id="h1-other"), p1.data)) \
+        is Reason.CONFLICTING_UPDATE
     eng.submit(header(eng, "h2", p2), p2.data)
     eng.step()
-    assert eng.version == 1 and eng.phase == COLLECTING
+    assert eng.version == 1 and eng.phase == Phase.COLLECTING
     # the retry of a closed round's update still gets the accepted answer
     assert eng.submit(header(eng, "h1", p1, round_id=0, update_id="h1-r0"), p1.data).replayed
     # the published global decodes, against version 0, to exactly the aggregator's state
@@ -94,6 +108,9 @@ def test_round_closes_when_every_trainer_reported_and_retries_get_the_same_answe
     ckpt = CheckpointStore(tmp_path).load()
     assert ckpt.version == 1 and ckpt.accepted == {"0": {"h1": {"update_id": "h1-r0", "sha256": p1.sha256},
                                                          "h2": {"update_id": "h2-r0", "sha256": p2.sha256}}}
+    # node records are stored as plain dicts, the shape the checkpoint always had (plus software_version)
+    assert ckpt.nodes["h1"] == {"role": "trainer", "num_train": 10, "num_val": 0, "num_test": 0,
+                                "software_version": ""}
 
 
 def test_stale_and_future_rounds_and_bad_payloads_get_typed_refusals(tmp_path):
@@ -102,29 +119,24 @@ def test_stale_and_future_rounds_and_bad_payloads_get_typed_refusals(tmp_path):
         eng.register(registration(n))
     eng.step()
     p = update_payload(eng.global_state)
-    with pytest.raises(EngineError) as future:
-        eng.submit(header(eng, "h1", p, round_id=1), p.data)
-    assert (future.value.code, future.value.reason) == ("FAILED_PRECONDITION", "future_round")
+    assert refusal(lambda: eng.submit(header(eng, "h1", p, round_id=1), p.data)) is Reason.FUTURE_ROUND
+    assert Reason.FUTURE_ROUND.code == grpc.StatusCode.FAILED_PRECONDITION
     corrupt = bytearray(p.data)
     corrupt[len(corrupt) // 2] ^= 0xFF
-    with pytest.raises(EngineError) as bad_sha:
-        eng.submit(header(eng, "h1", p), bytes(corrupt))
-    assert (bad_sha.value.code, bad_sha.value.reason) == ("INVALID_ARGUMENT", "checksum_mismatch")
-    wrong_shape = encode_adapter(initial_state() | {"extra": torch.zeros(2, 2)}, initial_state() | {"extra": torch.zeros(2, 2)},
-                                 WireConfig())
-    with pytest.raises(EngineError) as bad_shape:
-        eng.submit(header(eng, "h1", wrong_shape), wrong_shape.data)
-    assert (bad_shape.value.code, bad_shape.value.reason) == ("INVALID_ARGUMENT", "shape_mismatch")
+    assert refusal(lambda: eng.submit(header(eng, "h1", p), bytes(corrupt))) is Reason.CHECKSUM_MISMATCH
+    assert Reason.CHECKSUM_MISMATCH.code == grpc.StatusCode.INVALID_ARGUMENT
+    extra = initial_state() | {"extra": torch.zeros(2, 2)}
+    wrong_shape = encode_adapter(extra, extra, WireConfig())
+    assert refusal(lambda: eng.submit(header(eng, "h1", wrong_shape), wrong_shape.data)) is Reason.SHAPE_MISMATCH
+    # an upload that states another sample count than the node registered (10)
+    assert refusal(lambda: eng.submit(header(eng, "h1", p, num_train=11), p.data)) is Reason.BAD_SAMPLE_COUNT
     assert eng.aggregator.count == 0  # nothing refused touched the average
-    with pytest.raises(EngineError) as unknown:
-        eng.submit(header(eng, "h9", p), p.data)
-    assert unknown.value.code == "UNAUTHENTICATED"
-    eng.submit(header(eng, "h1", p), p.data)
+    assert refusal(lambda: eng.submit(header(eng, "h9", p), p.data)) is Reason.UNKNOWN_NODE
+    eng.submit(header(eng, "h1", p, num_train=10), p.data)
     eng.submit(header(eng, "h2", p, update_id="h2-r0"), p.data)
     eng.step()
-    with pytest.raises(EngineError) as stale:
-        eng.submit(header(eng, "h1", p, round_id=0, update_id="h1-late"), p.data)
-    assert (stale.value.code, stale.value.reason) == ("FAILED_PRECONDITION", "stale_round")
+    assert refusal(lambda: eng.submit(header(eng, "h1", p, round_id=0, update_id="h1-late"), p.data)) \
+        is Reason.STALE_ROUND
 
 
 def test_registration_with_another_fingerprint_label_space_or_seed_is_refused(tmp_path):
@@ -132,10 +144,39 @@ def test_registration_with_another_fingerprint_label_space_or_seed_is_refused(tm
     eng.register(registration("h1"))
     for bad in (dict(fingerprint="0" * 64), dict(class_names=("a", "b")),
                 dict(initial_sha256=state_digest(initial_state(seed=1))), dict(embed_dim=32)):
-        with pytest.raises(EngineError) as refused:
-            eng.register(registration("h2", **bad))
-        assert refused.value.code == "FAILED_PRECONDITION"
+        assert refusal(lambda bad=bad: eng.register(registration("h2", **bad))) is Reason.REGISTRATION_MISMATCH
+    assert refusal(lambda: eng.register(registration("h2", role=None))) is Reason.BAD_ROLE
+    assert refusal(lambda: eng.register(registration("h2", num_val=-1))) is Reason.BAD_SAMPLE_COUNT
+    assert refusal(lambda: eng.register(registration("h 2"))) is Reason.BAD_NODE_ID
+    assert refusal(lambda: eng.register(registration("h1", role=Role.EVALUATOR, num_train=0))) is Reason.NODE_ID_TAKEN
     assert set(eng.nodes) == {"h1"}
+
+
+def test_software_version_is_recorded_per_node_and_a_mismatch_reported(tmp_path):
+    eng = make_engine(tmp_path)
+    eng.register(registration("h1", software_version=__version__))
+    eng.register(registration("h2", software_version="0.0.1"))
+    assert eng.nodes["h2"] == NodeRecord(role=Role.TRAINER, num_train=10, software_version="0.0.1")
+    report = eng.report_dict()
+    assert report["nodes"]["h1"]["software_version"] == __version__
+    assert report["other_versions"] == {"h2": "0.0.1"}
+    # a checkpoint written before records carried a software_version still loads
+    assert NodeRecord.from_dict({"role": "evaluator", "num_train": 0, "num_val": 0, "num_test": 5}) == \
+        NodeRecord(role=Role.EVALUATOR, num_train=0, num_test=5)
+
+
+def test_the_upload_chunk_size_follows_the_aggregator_within_bounds():
+    assert chunk_size(0) == CHUNK_BYTES  # none advertised
+    assert chunk_size(64 * 1024) == 64 * 1024
+    assert chunk_size(1) == MIN_CHUNK_BYTES
+    assert chunk_size(1 << 40) == CHUNK_BYTES
+
+
+def test_phases_and_roles_map_one_to_one_onto_the_wire_enums():
+    assert set(PHASE_TO_PROTO) == set(Phase)
+    assert sorted(PHASE_TO_PROTO.values()) == sorted(v for v in pb.RoundPhase.values() if v)
+    assert set(ROLE_FROM_PROTO.values()) == set(Role)
+    assert sorted(ROLE_FROM_PROTO) == sorted(v for v in pb.NodeRole.values() if v)
 
 
 def test_deadline_closes_with_quorum_and_fails_without_it(tmp_path):
@@ -153,12 +194,13 @@ def test_deadline_closes_with_quorum_and_fails_without_it(tmp_path):
     assert eng.version == 1  # quorum of 2 met at the deadline
     clock.now += 10 + 5  # no update at all: past deadline + quorum timeout
     eng.step()
-    assert eng.phase == FAILED
+    assert eng.phase == Phase.FAILED and eng.report_dict()["phase"] == "failed"
     eng2 = make_engine(tmp_path / "b", clock=clock)
     eng2.register(registration("h1"))
     clock.now += eng2.cfg.registration_timeout_s + 1
     eng2.step()
-    assert eng2.phase == FAILED and "registered" in eng2.status_message
+    report = eng2.report_dict()
+    assert eng2.phase == Phase.FAILED and report["phase"] == "failed" and report["global_version"] == 0
 
 
 def test_restart_from_checkpoint_keeps_run_global_and_accepted_ids(tmp_path):
@@ -171,16 +213,17 @@ def test_restart_from_checkpoint_keeps_run_global_and_accepted_ids(tmp_path):
         eng.submit(header(eng, n, p), p.data)
     eng.step()
     again = make_engine(tmp_path)
-    assert again.run_id == eng.run_id and again.version == 1 and again.phase == COLLECTING
+    assert again.run_id == eng.run_id and again.version == 1 and again.phase == Phase.COLLECTING
+    assert again.nodes == eng.nodes
     assert all(torch.equal(again.global_state[k], eng.global_state[k]) for k in eng.global_state)
     p = sent["h1"]
     assert again.submit(header(again, "h1", p, round_id=0, update_id="h1-r0"), p.data).replayed
     other = update_payload(eng.global_state)  # other bytes under the accepted id: refused, not counted
-    with pytest.raises(EngineError) as conflict:
-        again.submit(header(again, "h1", other, round_id=0, update_id="h1-r0"), other.data)
-    assert (conflict.value.code, conflict.value.reason) == ("ALREADY_EXISTS", "conflicting_replay")
-    with pytest.raises(ValueError, match="another configuration"):
+    assert refusal(lambda: again.submit(header(again, "h1", other, round_id=0, update_id="h1-r0"), other.data)) \
+        is Reason.CONFLICTING_REPLAY
+    with pytest.raises(CheckpointMismatchError) as mismatch:
         make_engine(tmp_path, codec="fp16")
+    assert isinstance(mismatch.value, ConfigError)  # the CLI prints it and exits 2
 
 
 def test_run_finishes_after_the_last_round_and_waits_for_final_reports(tmp_path):
@@ -196,7 +239,7 @@ def test_run_finishes_after_the_last_round_and_waits_for_final_reports(tmp_path)
             p = update_payload(eng.global_state, seed=view.round_id + len(n))
             eng.submit(header(eng, n, p), p.data)
         eng.round_view(eng.run_id, "h1", view.round_id + 1, max_wait_s=5)
-    assert eng.phase == FINISHED and eng.version == 2
+    assert eng.phase == Phase.FINISHED and eng.version == 2
     metrics = {"n": 3, "accuracy": 1.0, "balanced_accuracy": 1.0, "macro_f1": 1.0, "ece": 0.0}
     assert not eng.report(eng.run_id, "h1", 2, "r1", metrics, metrics, "ensemble")
     assert eng.report(eng.run_id, "h1", 2, "r1", metrics, metrics, "ensemble")  # replay
@@ -230,10 +273,12 @@ def grpc_aggregator(tmp_path):
 
 
 def _upload(stub, eng, node, payload, round_id=0, update_id=None, wire_bytes=None):
-    head = pb.PayloadHeader(run_id=eng.run_id, round_id=round_id, node_id=node, update_id=update_id or f"{node}-r{round_id}",
-                            codec=payload.codec, wire_bytes=len(payload.data) if wire_bytes is None else wire_bytes,
+    head = pb.PayloadHeader(run_id=eng.run_id, round_id=round_id, node_id=node,
+                            update_id=update_id or f"{node}-r{round_id}", codec=payload.codec,
+                            wire_bytes=len(payload.data) if wire_bytes is None else wire_bytes,
                             sha256=payload.sha256, raw_bytes=payload.raw_nbytes)
-    messages = [pb.UploadUpdateRequest(header=head)] + [pb.UploadUpdateRequest(chunk=c) for c in chunks(payload.data, 4096)]
+    messages = [pb.UploadUpdateRequest(header=head)] + [pb.UploadUpdateRequest(chunk=c)
+                                                        for c in chunks(payload.data, 4096)]
     return stub.UploadUpdate(iter(messages), timeout=10)
 
 
@@ -245,23 +290,25 @@ def test_grpc_statuses_for_refused_registrations_and_updates(grpc_aggregator):
         stub.Register(pb.RegisterRequest(node_id=n, **req), timeout=10)
     with pytest.raises(grpc.RpcError) as refused:
         stub.Register(pb.RegisterRequest(node_id="h3", **(req | {"backbone_fingerprint": "0" * 64})), timeout=10)
-    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "fingerprint" in refused.value.details()
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert reason_of(refused.value) is Reason.REGISTRATION_MISMATCH
     info = stub.GetRound(pb.GetRoundRequest(run_id=eng.run_id, node_id="h1", max_wait_ms=5000), timeout=10).round
     assert info.phase == pb.ROUND_PHASE_COLLECTING and info.round_id == 0
     p = update_payload(eng.global_state)
     with pytest.raises(grpc.RpcError) as short:  # fewer bytes than announced
         _upload(stub, eng, "h1", p, wire_bytes=len(p.data) + 10)
-    assert short.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert short.value.code() == grpc.StatusCode.INVALID_ARGUMENT and reason_of(short.value) is Reason.BAD_STREAM
     bad = replace(p, sha256="0" * 64)
     with pytest.raises(grpc.RpcError) as checksum:
         _upload(stub, eng, "h1", bad)
     assert checksum.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reason_of(checksum.value) is Reason.CHECKSUM_MISMATCH
     with pytest.raises(grpc.RpcError) as future:
         _upload(stub, eng, "h1", p, round_id=1)
-    assert future.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert future.value.code() == grpc.StatusCode.FAILED_PRECONDITION and reason_of(future.value) is Reason.FUTURE_ROUND
     with pytest.raises(grpc.RpcError) as unknown:
         _upload(stub, eng, "nobody", p)
-    assert unknown.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert unknown.value.code() == grpc.StatusCode.UNAUTHENTICATED and reason_of(unknown.value) is Reason.UNKNOWN_NODE
     first = _upload(stub, eng, "h1", p)
     retry = _upload(stub, eng, "h1", p)
     assert not first.replayed and retry.replayed and retry.update_id == first.update_id
@@ -274,7 +321,7 @@ def test_grpc_statuses_for_refused_registrations_and_updates(grpc_aggregator):
     assert info.round_id == 1 and info.global_version == 1
     with pytest.raises(grpc.RpcError) as stale:
         _upload(stub, eng, "h1", p, round_id=0, update_id="h1-late")
-    assert stale.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert stale.value.code() == grpc.StatusCode.FAILED_PRECONDITION and reason_of(stale.value) is Reason.STALE_ROUND
     parts = list(stub.FetchGlobal(pb.FetchGlobalRequest(run_id=eng.run_id, node_id="h1", version=1), timeout=10))
     assert parts[0].WhichOneof("content") == "header"
     payload = b"".join(m.chunk for m in parts[1:])
@@ -293,11 +340,9 @@ def test_updates_beyond_the_poisoning_bounds_are_refused_before_they_touch_the_a
     spike = {k: v.clone() for k, v in g.items()}
     spike["fc2.weight"][1, 1] = 3.0
     spiked = encode_adapter(spike, g, WireConfig())
-    for payload, reason in ((far, "update_norm_too_large"), (spiked, "update_value_too_large")):
-        with pytest.raises(EngineError) as refused:
-            eng.submit(header(eng, "h1", payload), payload.data)
-        assert (refused.value.code, refused.value.reason) == ("INVALID_ARGUMENT", reason)
-    assert eng.aggregator.count == 0 and not eng.round_updates
+    for payload, reason in ((far, Reason.UPDATE_NORM_TOO_LARGE), (spiked, Reason.UPDATE_VALUE_TOO_LARGE)):
+        assert refusal(lambda p=payload: eng.submit(header(eng, "h1", p), p.data)) is reason
+    assert eng.aggregator.count == 0 and not eng.ledger.open
     ok = update_payload(g, scale=0.01)
     assert not eng.submit(header(eng, "h1", ok), ok.data).replayed  # a normal update still goes in
 
@@ -318,7 +363,7 @@ def test_the_robust_aggregation_rule_is_chosen_in_the_aggregator_config(tmp_path
     g = eng.global_state
     sent = [update_payload(g, seed=1), update_payload(g, seed=2), update_payload(g, scale=20.0, seed=3)]  # h3 poisons
     expected = make_aggregator("trimmed_mean", trim_ratio=0.34)
-    for node, p in zip(("h1", "h2", "h3"), sent):
+    for node, p in zip(("h1", "h2", "h3"), sent, strict=True):
         eng.submit(header(eng, node, p), p.data)
         fold_update(expected, p.data, p.sha256, g, 10, WireConfig())
     eng.step()

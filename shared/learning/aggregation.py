@@ -43,6 +43,7 @@ from collections.abc import Mapping
 import torch
 
 from shared.errors import FedMedCLIPError
+from shared.wire.reasons import Reason
 
 __all__ = [
     "AGGREGATION_RULES",
@@ -59,6 +60,8 @@ AGGREGATION_RULES: tuple[str, ...] = ("weighted", "uniform", "median", "trimmed_
 
 class AggregationError(FedMedCLIPError):
     """Bad use of an aggregator: no updates, template mismatch, bad weight, NaN..."""
+
+    reason = Reason.AGGREGATION
 
 
 class Aggregator:

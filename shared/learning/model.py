@@ -1,7 +1,7 @@
 """The trainable parts: MaskedLinear, the FAM, the private MLP, the FedCLIP adapter (docs/method.md, sections 3-4).
 
 Only the adapter (FAM or FedCLIP's) travels between hospitals; its state is
-:meth:`Adapter.travel_state` and the rows that are masked off are :meth:`Adapter.row_masks`.
+:meth:`Adapter.travel_state` and the rows that are masked off are :func:`shared.learning.rounds.row_masks_of`.
 """
 
 from __future__ import annotations

@@ -13,15 +13,16 @@ decoded value as its reference, so both sides stay bit-identical under lossy cod
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 
-from shared.learning.aggregation import Aggregator
 from shared.codec import DEFAULT_MAX_DECOMPRESSED_BYTES, DecodedState, EncodedPayload, decode_state, encode_state
 from shared.errors import FedMedCLIPError
+from shared.learning.aggregation import Aggregator
 from shared.learning.training import HospitalLearner, RoundStats
+from shared.wire.reasons import Reason
 
 
 def row_masks_of(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -54,7 +55,8 @@ class WireConfig:
     max_decompressed_bytes: int = DEFAULT_MAX_DECOMPRESSED_BYTES
 
 
-def encode_adapter(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], wire: WireConfig) -> EncodedPayload:
+def encode_adapter(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor],
+                   wire: WireConfig) -> EncodedPayload:
     return encode_state(state, codec=wire.codec, row_masks=row_masks_of(state) if wire.drop_masked_rows else None,
                         reference=reference if wire.delta else None)
 
@@ -70,13 +72,19 @@ def decode_adapter(payload: bytes, sha256: str | None, reference: Mapping[str, t
 class UpdateOutOfBoundsError(FedMedCLIPError):
     """A decoded update lies outside the configured bounds (a poisoning guard, not a codec error)."""
 
+    reason = Reason.UPDATE_OUT_OF_BOUNDS
+
 
 class UpdateNormTooLargeError(UpdateOutOfBoundsError):
     """The update moves the global adapter further than ``max_update_norm``."""
 
+    reason = Reason.UPDATE_NORM_TOO_LARGE
+
 
 class UpdateValueTooLargeError(UpdateOutOfBoundsError):
     """A value of the update is larger in magnitude than ``max_abs_value``."""
+
+    reason = Reason.UPDATE_VALUE_TOO_LARGE
 
 
 @dataclass(frozen=True)

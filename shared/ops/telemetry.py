@@ -18,6 +18,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 from shared import __version__
+from shared.wire.reasons import Reason
 
 SERVICES = ("aggregator", "hospital_node")
 
@@ -84,7 +85,7 @@ class Telemetry:
             self.encode_images = Counter("fedmedclip_encode_images_total", "Images whose features were computed or "
                                          "read from the cache", ["source"], registry=r)
             self.updates_rejected = Counter("fedmedclip_updates_rejected_total",
-                                            "Updates of this node the aggregator refused, by status", ["reason"],
+                                            "Updates of this node the aggregator refused, by reason", ["reason"],
                                             registry=r)
 
     def count_payload(self, direction: str, encoding: str, wire_bytes: int, raw_bytes: int) -> None:
@@ -155,7 +156,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             try:
                 return deserializer(data)
             except Exception:
-                rejected.labels(method=method, reason="undecodable").inc()
+                rejected.labels(method=method, reason=Reason.UNDECODABLE).inc()
                 raise
         return deserialize
 

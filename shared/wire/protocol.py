@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -13,10 +12,6 @@ from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
 
 SERVICE_NAME = "fedmedclip.v1.AggregatorService"
 METRIC_FIELDS = ("accuracy", "balanced_accuracy", "macro_f1", "ece")
-
-ROLE_NAMES = {pb.NODE_ROLE_TRAINER: "trainer", pb.NODE_ROLE_EVALUATOR: "evaluator"}
-PHASE_NAMES = {pb.ROUND_PHASE_WAITING_FOR_NODES: "waiting_for_nodes", pb.ROUND_PHASE_COLLECTING: "collecting",
-               pb.ROUND_PHASE_FINISHED: "finished", pb.ROUND_PHASE_FAILED: "failed"}
 
 
 def state_digest(state: Mapping[str, torch.Tensor]) -> str:
@@ -49,7 +44,3 @@ def metrics_from_proto(message: pb.EvalMetrics) -> dict[str, float]:
     out: dict[str, float] = {"n": int(message.num_samples)}
     out.update({k: float(getattr(message, k)) for k in METRIC_FIELDS})
     return out
-
-
-def finite_or_none(value: float) -> float | None:
-    return None if value is None or math.isnan(value) else float(value)

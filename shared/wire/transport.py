@@ -16,10 +16,15 @@ from typing import TypeVar
 
 import grpc
 
+from shared.errors import FedMedCLIPError
+from shared.wire.reasons import Action, Reason, action_of
+
 log = logging.getLogger(__name__)
 
 #: Adapter payloads travel in chunks of this size (NVFlare streams 1 MiB; a FAM is ~0.3-2 MB).
 CHUNK_BYTES = 1024 * 1024
+#: The smallest chunk a node sends, whatever the aggregator advertises (tiny chunks cost a message each).
+MIN_CHUNK_BYTES = 16 * 1024
 #: Largest single gRPC message either end accepts: one chunk plus headroom for the header.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 #: Largest whole payload (sum of chunks) either end accepts; the codec has its own caps too.
@@ -68,12 +73,19 @@ def chunks(data: bytes, size: int = CHUNK_BYTES) -> Iterator[bytes]:
         yield bytes(view[start:start + size])
 
 
+def chunk_size(advertised: int) -> int:
+    """The upload chunk size: the aggregator's ``max_chunk_bytes``, within [MIN_CHUNK_BYTES, CHUNK_BYTES] (0: none)."""
+    return CHUNK_BYTES if advertised <= 0 else max(MIN_CHUNK_BYTES, min(int(advertised), CHUNK_BYTES))
+
+
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-class PayloadAssemblyError(ValueError):
+class PayloadAssemblyError(FedMedCLIPError, ValueError):
     """A chunked payload did not arrive as announced (size over the limit or different)."""
+
+    reason = Reason.BAD_STREAM
 
 
 def assemble(parts: Iterable[bytes], expected_bytes: int, limit: int = MAX_PAYLOAD_BYTES) -> bytes:
@@ -91,11 +103,7 @@ def assemble(parts: Iterable[bytes], expected_bytes: int, limit: int = MAX_PAYLO
 
 
 # --------------------------------------------------------------------------- client retries
-
-#: Status codes worth retrying: the aggregator restarting, the network, a busy server.
-RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                             grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
-                             grpc.StatusCode.CANCELLED})
+# Which failures are transient is decided in one place: shared.wire.reasons (RETRYABLE_CODES, action_of).
 
 
 @dataclass(frozen=True)
@@ -121,16 +129,16 @@ class RetriesExhausted(RuntimeError):
 def call_with_retry(fn: Callable[[], T], what: str, backoff: Backoff, rng: random.Random,
                     on_retry: Callable[[grpc.RpcError], None] | None = None,
                     sleep: Callable[[float], None] = time.sleep) -> T:
-    """Call ``fn`` until it succeeds, retrying retryable gRPC errors with backoff and jitter."""
+    """Call ``fn`` until it succeeds, retrying transient gRPC errors (``action_of``: RETRY) with backoff and jitter."""
     start = time.monotonic()
     attempt = 0
     while True:
         try:
             return fn()
         except grpc.RpcError as exc:
-            code = exc.code() if hasattr(exc, "code") else None
-            if code not in RETRYABLE_CODES:
+            if action_of(exc) is not Action.RETRY:
                 raise
+            code = exc.code()
             if time.monotonic() - start > backoff.give_up_after_s:
                 raise RetriesExhausted(f"{what}: still {code} after {backoff.give_up_after_s:.0f}s") from exc
             wait = backoff.delay(attempt, rng)

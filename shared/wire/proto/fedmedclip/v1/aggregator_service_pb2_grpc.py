@@ -73,7 +73,8 @@ class AggregatorServiceServicer:
 
     def Register(self, request, context):
         """Register announces a node. A backbone fingerprint, label space, embedding width, method or
-        initial adapter that differs from the federation's is refused with FAILED_PRECONDITION.
+        initial adapter that differs from the federation's is refused with FAILED_PRECONDITION
+        (reason REGISTRATION_MISMATCH).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
