@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import threading
 from concurrent import futures
 from pathlib import Path
@@ -30,6 +29,7 @@ from aggregator.errors import EngineError
 from aggregator.registry import Registration, Role
 from shared.ops.atomic import atomic_write
 from shared.ops.config import ConfigError
+from shared.ops.lifecycle import Shutdown
 from shared.ops.logs import printable
 from shared.ops.telemetry import MetricsInterceptor, Telemetry, serve_metrics
 from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
@@ -247,15 +247,6 @@ def serve(cfg: AggregatorConfig) -> int:
 
     stop = threading.Event()
     finished = threading.Event()
-    signalled: list[int] = []
-
-    def on_signal(signum, _frame) -> None:
-        signalled.append(signum)
-        # no locks in a signal handler: a helper thread wakes the engine
-        threading.Thread(target=engine.stop, args=(stop,), daemon=True).start()
-        finished.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def drive() -> None:
         try:
@@ -263,25 +254,25 @@ def serve(cfg: AggregatorConfig) -> int:
         finally:
             finished.set()
 
-    driver = threading.Thread(target=drive, name="round-driver", daemon=True)
-    driver.start()
-    try:
-        finished.wait()
-        if not signalled and not cfg.exit_when_done:
-            log.info("run %s; serving until SIGTERM", engine.phase)
-            finished.clear()
+    with Shutdown() as shutdown:
+        shutdown.on_stop(lambda: engine.stop(stop))  # no locks in a signal handler: the helper runs these
+        shutdown.on_stop(finished.set)
+        driver = threading.Thread(target=drive, name="round-driver", daemon=True)
+        driver.start()
+        try:
             finished.wait()
-    finally:
-        log.info("shutting down (%s)", f"signal {signalled[0]}" if signalled else engine.phase)
-        for name in ("", SERVICE_NAME):
-            health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        engine.stop(stop)
-        server.stop(cfg.shutdown_grace_s).wait()
-        driver.join(timeout=cfg.shutdown_grace_s)
-        engine.write_report()
-        health_server.stop(1.0).wait()
-        metrics_server.shutdown()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+            if not shutdown.requested and not cfg.exit_when_done:
+                log.info("run %s; serving until SIGTERM", engine.phase.value)
+                shutdown.event.wait()
+        finally:
+            log.info("shutting down (%s)", f"signal {shutdown.signum}" if shutdown.requested else engine.phase.value)
+            for name in ("", SERVICE_NAME):
+                health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            engine.stop(stop)
+            server.stop(cfg.shutdown_grace_s).wait()
+            driver.join(timeout=cfg.shutdown_grace_s)
+            engine.write_report()
+            health_server.stop(1.0).wait()
+            metrics_server.shutdown()
     print(engine.markdown(), flush=True)
     return 1 if engine.phase == Phase.FAILED else 0

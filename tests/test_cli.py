@@ -128,7 +128,8 @@ def test_a_second_node_on_the_same_state_folder_stops_at_once(tmp_path, brain_tu
         (images / cls).mkdir(parents=True)
         for src in sorted((brain_tumor_root / "Training" / cls).iterdir())[:6]:
             shutil.copy(src, images / cls / src.name)
-    common = ["node", "run", "--insecure", "--data", str(images), "--state-dir", str(tmp_path / "state"),
+    common = ["node", "run", "--insecure", "--data", str(images), "--classes", "glioma,notumor",
+              "--state-dir", str(tmp_path / "state"),
               "--cache-dir", str(tmp_path / "cache"), "--metrics-port", "0", "--aggregator", "127.0.0.1:9",
               "--give-up-after-s", "120", "--progress", "false"]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
