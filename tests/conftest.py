@@ -1,8 +1,22 @@
-"""Shared pytest fixtures for FedMedCLIP."""
+"""Shared pytest fixtures and the suite's markers for FedMedCLIP.
+
+Every test carries exactly one of three markers, given here by its module (``MARKERS``):
+
+- ``unit``: fast and in-process (``pytest -m unit`` runs in well under a minute);
+- ``services``: starts real gRPC processes, or takes more than a few seconds in-process (a
+  simulation on real images, the full scan of the image set);
+- ``deploy``: the deployment checks (docker-compose, promtool, Kubernetes schemas, a live Prometheus,
+  the compose testbed on a Docker engine).
+
+A test module missing from ``MARKERS`` stops the collection with a usage error, so a new module
+cannot go unmarked. Fixtures shared by several modules live here, never imported across modules;
+plain helpers live in tests/services_support.py.
+"""
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +28,72 @@ if str(REPO_ROOT) not in sys.path:  # lets plain `pytest` import `shared` withou
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach a model hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+MARKER_HELP = {
+    "unit": "fast in-process tests (pytest -m unit)",
+    "services": "real gRPC processes, or more than a few seconds in-process (pytest -m services)",
+    "deploy": "deployment checks: compose, promtool, Kubernetes schemas, a live Prometheus, the compose testbed "
+              "(pytest -m deploy)",
+}
+
+# test module (path under tests/) -> its marker; a module missing here fails the collection
+MARKERS = {
+    # unit: in-process, fast
+    "test_aggregation.py": "unit",
+    "test_backbone.py": "unit",
+    "test_codec.py": "unit",
+    "test_data.py": "unit",
+    "test_features.py": "unit",
+    "test_layout.py": "unit",  # one short interpreter per core module (imports only)
+    "test_model.py": "unit",
+    "test_services_engine.py": "unit",  # the round engine and an in-process gRPC server, no processes
+    "test_services_protocol.py": "unit",
+    # services: real processes, or more than a few seconds in-process
+    "test_cli.py": "services",  # subprocesses of the console script, and two node daemons on one state folder
+    "test_dos.py": "services",
+    "test_faults.py": "services",
+    "test_hostile_input.py": "services",
+    "test_identity.py": "services",
+    "test_joining.py": "services",  # the README's joining steps: kits, an aggregator and two node daemons
+    "test_preflight.py": "services",  # a real aggregator and node daemons
+    "test_provision.py": "services",  # the console script and a backbone fingerprint per case
+    "test_reasons.py": "services",
+    "test_services_federation.py": "services",
+    "test_simulation.py": "services",  # in-process simulations on real images
+    "test_trust.py": "services",
+    # deploy: the deployment checks
+    "test_deploy.py": "deploy",
+    "test_deploy_prometheus.py": "deploy",
+    "test_testbed.py": "deploy",  # a Docker engine, images built here, docker-compose up
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, help_text in MARKER_HELP.items():
+        config.addinivalue_line("markers", f"{name}: {help_text}")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    unmarked: set[str] = set()
+    for item in items:
+        try:
+            module = item.path.resolve().relative_to(TESTS_DIR).as_posix()
+        except ValueError:  # not under tests/: not ours to mark
+            continue
+        marker = MARKERS.get(module)
+        if marker is None:
+            unmarked.add(module)
+            continue
+        item.add_marker(getattr(pytest.mark, marker))
+    if unmarked:
+        raise pytest.UsageError(
+            f"tests/conftest.py: no marker for {', '.join(sorted(unmarked))}; add each module to MARKERS "
+            f"with one of {', '.join(MARKER_HELP)}")
+
+
+# --------------------------------------------------------------------------- data and backbone
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +123,45 @@ def backbone():
 def feature_cache(tmp_path_factory) -> Path:
     """One feature cache for the session, so each real image is encoded once per test run."""
     return tmp_path_factory.mktemp("feature-cache")
+
+
+# --------------------------------------------------------------------------- the small federation
+# (tests/services_support.py: its size, how its processes start, how a report is compared)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> Path:
+    """mTLS for every process of the small federation; 'intruder' holds a valid certificate but another backbone."""
+    from tests.services_support import ALL_NODES, provision_pki
+
+    return provision_pki(tmp_path_factory.mktemp("pki"), ALL_NODES + ["intruder"])
+
+
+@pytest.fixture(scope="session")
+def partition_dir(tmp_path_factory, brain_tumor_root) -> Path:
+    """The small federation's partition, written by ``python -m hospital_node partition``."""
+    from tests.services_support import HOSPITALS, PER_CLASS, service_env
+
+    out = tmp_path_factory.mktemp("partition")
+    subprocess.run([sys.executable, "-m", "hospital_node", "partition", "--data", str(brain_tumor_root),
+                    "--hospitals", str(HOSPITALS), "--alpha", "0.5", "--seed", "0", "--per-class", str(PER_CLASS),
+                    "--out", str(out)], cwd=REPO_ROOT, env=service_env(), check=True, timeout=300,
+                   capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference(brain_tumor_root, feature_cache) -> dict:
+    """The in-process simulation with the small federation's seed and partition (also fills the feature cache)."""
+    import torch
+
+    from shared.simulation import SimConfig, run
+    from tests.services_support import HOSPITALS, PER_CLASS, ROUNDS
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run(SimConfig(data_root=str(brain_tumor_root), per_class=PER_CLASS, n_hospitals=HOSPITALS,
+                             rounds=ROUNDS, seed=0, cache_dir=str(feature_cache), progress=False))
+    finally:
+        torch.set_num_threads(threads)

@@ -1,8 +1,13 @@
-"""Helpers for the service tests: real processes on loopback, free ports, bounded waits, /metrics."""
+"""Helpers for the service tests: real processes on loopback, free ports, bounded waits, /metrics.
+
+Plain functions and constants only; the fixtures built on them (``pki``, ``partition_dir``,
+``reference``) live in tests/conftest.py, so no test module imports another.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -33,10 +38,13 @@ def service_env() -> dict[str, str]:
 
 
 def provision_pki(root: Path, nodes: list[str]) -> Path:
-    """A federation's certificates and configs in ``root`` (``python -m aggregator provision``)."""
-    from aggregator.provision import provision
+    """A federation's startup kits in ``root``, one folder per party (``fedmedclip provision``).
 
-    provision(root, nodes)
+    The CA lies apart, in ``<root>-ca``; every kit holds the CA's certificate as ``ca.pem``.
+    """
+    from aggregator.provision import ProvisionConfig, provision
+
+    provision(ProvisionConfig(nodes=list(nodes), out=str(root)))
     return root
 
 
@@ -169,3 +177,125 @@ def scrape(port: int) -> dict[str, list]:
 
 def total(samples: dict[str, list], name: str, **labels: str) -> float:
     return sum(v for lab, v in samples.get(name, []) if all(lab.get(k) == w for k, w in labels.items()))
+
+
+def scrape_or_none(port: int) -> dict[str, list] | None:
+    """:func:`scrape`, or None while the endpoint does not answer (for :func:`wait_for`)."""
+    try:
+        return scrape(port)
+    except OSError:
+        return None
+
+
+def updates_accepted(metrics_port: int) -> float:
+    """A service's ``fedmedclip_updates_accepted_total`` (0 while its /metrics does not answer)."""
+    return total(scrape_or_none(metrics_port) or {}, "fedmedclip_updates_accepted_total")
+
+
+# --------------------------------------------------------------------------- the small federation
+# The real federation that tests/test_services_federation.py and tests/test_faults.py run: an
+# aggregator and HOSPITALS trainers (+ the held-out evaluator) on PER_CLASS images per class of the
+# brain tumor set, for ROUNDS rounds; ``reference`` (tests/conftest.py) is the in-process simulation
+# of the same run.
+
+PER_CLASS = 40
+HOSPITALS = 3
+ROUNDS = 4
+TRAINERS = [f"hospital_{i}" for i in range(1, HOSPITALS + 1)]
+ALL_NODES = TRAINERS + ["global"]
+START_TIMEOUT = 240.0  # every wait is bounded; first start loads the backbone in 4 processes on 2 cores
+
+
+def start_aggregator(cluster: Cluster, pki: Path, name: str, out: Path, port: int, health: int, metrics: int,
+                     exit_when_done: bool, min_nodes: int = HOSPITALS, *extra: str,
+                     env: dict[str, str] | None = None) -> Proc:
+    return cluster.add(name, ["-m", "aggregator", *aggregator_identity(pki), "--listen", f"127.0.0.1:{port}",
+                              "--health-port", str(health),
+                              "--metrics-port", str(metrics), "--out-dir", str(out), "--rounds", str(ROUNDS),
+                              "--min-nodes", str(min_nodes), "--round-timeout-s", "120", "--linger-s", "60",
+                              "--heartbeat-interval-s", "1", "--exit-when-done", str(exit_when_done).lower(),
+                              *extra], env=env)
+
+
+def start_node(cluster: Cluster, pki: Path, partition: Path, node: str, port: int, metrics: int, state: Path,
+               cache: Path, *extra: str, identity: str | None = None) -> Proc:
+    return cluster.add(identity or node, ["-m", "hospital_node", "run", "--config", str(partition / f"{node}.yaml"),
+                                          *node_identity(pki, identity or node),
+                                          "--aggregator", f"127.0.0.1:{port}", "--metrics-port", str(metrics),
+                                          "--state-dir", str(state / node), "--cache-dir", str(cache),
+                                          "--threads", "1", "--progress", "false", "--retry-max-s", "2", *extra])
+
+
+def finished(report_path: Path, nodes: list[str]):
+    """The aggregator's report once the run is over and every node's final evaluation is in, else None."""
+    report = read_json(report_path)
+    if not report or report.get("phase") != "finished":
+        return None
+    final = report["history"][-1] if report["history"] else {}
+    if final.get("round") != ROUNDS or not all(n in final.get("test_accuracy", {}) for n in nodes):
+        return None
+    return report
+
+
+def assert_matches_reference(report: dict, ref: dict) -> None:
+    """A federation's report equals the in-process simulation's (tolerances: tests/test_services_federation.py)."""
+    assert report["best_round"] == ref["best_round"]
+    assert len(report["history"]) == len(ref["history"]) == ROUNDS
+    for got, want in zip(report["history"], ref["history"]):
+        assert got["round"] == want["round"]
+        assert math.isclose(got["mean_val_accuracy"], want["mean_val_accuracy"], abs_tol=1e-6)
+        for client, acc in want["test_accuracy"].items():
+            assert math.isclose(got["test_accuracy"][client], acc, abs_tol=1e-6), (got["round"], client)
+        assert math.isclose(got["bytes_up"], want["bytes_up"], rel_tol=1e-3)
+        assert math.isclose(got["bytes_down"], want["bytes_down"], rel_tol=1e-3)
+    for client, metrics in ref["test"].items():
+        for key in ("accuracy", "balanced_accuracy", "macro_f1"):
+            assert math.isclose(report["test"][client][key], metrics[key], abs_tol=1e-6), (client, key)
+        assert math.isclose(report["test"][client]["ece"], metrics["ece"], abs_tol=1e-4)
+    for key in ("accuracy", "balanced_accuracy", "macro_f1"):
+        assert math.isclose(report["avg"][key], ref["avg"][key], abs_tol=1e-6)
+
+
+def trainers_only(reference: dict, report: dict) -> dict:
+    """The reference without the held-out evaluator, for runs without one (AVG includes the held-out one)."""
+    return dict(reference, test={k: v for k, v in reference["test"].items() if k != "global"}, avg=report["avg"],
+                history=[dict(h, test_accuracy={k: v for k, v in h["test_accuracy"].items() if k != "global"})
+                         for h in reference["history"]])
+
+
+# --------------------------------------------------------------------------- dashboards and rules
+# What tests/test_deploy_prometheus.py (and the compose testbed) evaluate against a live Prometheus.
+
+PROM_DIR = REPO_ROOT / "deploy" / "prometheus"
+DASHBOARDS = sorted((REPO_ROOT / "deploy" / "grafana" / "provisioning" / "dashboards").glob("*/*.json"))
+RATE_INTERVAL = "1m"  # what Grafana's $__rate_interval becomes in the queries
+
+
+def panel_queries() -> list[tuple[str, str, str, str]]:
+    """(dashboard, panel, refId, expr) for every target of every provisioned dashboard."""
+    out = []
+    for path in DASHBOARDS:
+        dash = json.loads(path.read_text())
+        for panel in dash["panels"]:
+            for target in panel["targets"]:
+                out.append((dash["title"], panel["title"], target["refId"], target["expr"]))
+    return out
+
+
+def rules() -> list[dict]:
+    """Every recording and alerting rule of deploy/prometheus/rules/."""
+    import yaml
+
+    return [r for f in sorted((PROM_DIR / "rules").glob("*.yml")) for g in yaml.safe_load(f.read_text())["groups"]
+            for r in g["rules"]]
+
+
+def show(result: list[dict]) -> str:
+    """A Prometheus instant-query result in one short line (for the results table)."""
+    parts = []
+    for sample in result[:6]:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(sample["metric"].items())
+                          if k in ("direction", "reason", "node", "hospital", "job"))
+        value = float(sample["value"][1])
+        parts.append(f"{labels + ' ' if labels else ''}{value:.4g}")
+    return "; ".join(parts) + (f"; ... ({len(result)} series)" if len(result) > 6 else "")

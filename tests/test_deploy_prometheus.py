@@ -25,7 +25,6 @@ import math
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -34,16 +33,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.services_support import REPO_ROOT, Cluster, free_port, service_env, wait_for
+from tests.services_support import (PROM_DIR, RATE_INTERVAL, REPO_ROOT, Cluster, free_port, panel_queries, rules,
+                                    service_env, show, wait_for)
 
-PROM_DIR = REPO_ROOT / "deploy" / "prometheus"
-DASHBOARDS = sorted((REPO_ROOT / "deploy" / "grafana" / "provisioning" / "dashboards").glob("*/*.json"))
 RESULTS = REPO_ROOT / "bench" / "results" / "dashboard_queries.md"
 PER_CLASS = 20
 HOSPITALS = 3
 ROUNDS = 500  # never reached: the test stops the federation once it has what it needs
 MIN_ROUNDS = 4
-RATE_INTERVAL = "1m"
 START_TIMEOUT = 300.0
 
 
@@ -99,32 +96,6 @@ def reject_one_update(address: str, pki: Path) -> None:
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def panel_queries() -> list[tuple[str, str, str, str]]:
-    """(dashboard, panel, refId, expr) for every target of every provisioned dashboard."""
-    out = []
-    for path in DASHBOARDS:
-        dash = json.loads(path.read_text())
-        for panel in dash["panels"]:
-            for target in panel["targets"]:
-                out.append((dash["title"], panel["title"], target["refId"], target["expr"]))
-    return out
-
-
-def rules() -> list[dict]:
-    return [r for f in sorted((PROM_DIR / "rules").glob("*.yml")) for g in yaml.safe_load(f.read_text())["groups"]
-            for r in g["rules"]]
-
-
-def show(result: list[dict]) -> str:
-    parts = []
-    for sample in result[:6]:
-        labels = ",".join(f"{k}={v}" for k, v in sorted(sample["metric"].items())
-                          if k in ("direction", "reason", "node", "hospital", "job"))
-        value = float(sample["value"][1])
-        parts.append(f"{labels + ' ' if labels else ''}{value:.4g}")
-    return "; ".join(parts) + (f"; ... ({len(result)} series)" if len(result) > 6 else "")
-
-
 @pytest.fixture(scope="module")
 def prometheus_binary() -> str:
     path = shutil.which("prometheus")
@@ -140,10 +111,10 @@ def test_prometheus_evaluates_every_dashboard_panel_and_rule_on_a_live_federatio
     nodes = lf.node_names(HOSPITALS)
     partition, pki = tmp_path / "partition", tmp_path / "pki"
     env = service_env()
-    subprocess.run([sys.executable, *lf.partition_command(str(partition), hospitals=HOSPITALS, seed=0, alpha=0.5,
-                                                         per_class=PER_CLASS, data=str(brain_tumor_root))],
+    subprocess.run(lf.resolve(lf.partition_command(str(partition), hospitals=HOSPITALS, seed=0, alpha=0.5,
+                                                   per_class=PER_CLASS, data=str(brain_tumor_root))),
                    cwd=REPO_ROOT, env=env, check=True, timeout=300, capture_output=True)
-    subprocess.run([sys.executable, *lf.provision_command(str(pki), nodes)], cwd=REPO_ROOT, env=env, check=True,
+    subprocess.run(lf.resolve(lf.provision_command(str(pki), nodes)), cwd=REPO_ROOT, env=env, check=True,
                    timeout=120, capture_output=True)
     grpc_port, health_port, metrics_port, prom_port = free_port(), free_port(), free_port(), free_port()
     node_ports = {n: free_port() for n in nodes}
@@ -166,14 +137,14 @@ def test_prometheus_evaluates_every_dashboard_panel_and_rule_on_a_live_federatio
                             stdout=prom_log, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: _ready(prom_port), 60, "prometheus to be ready")
-        cluster.add("aggregator", commands["aggregator"])
+        cluster.add("aggregator", lf.resolve(commands["aggregator"]))  # the console script, run by python
         from deploy.healthcheck import check_grpc
 
         wait_for(lambda: check_grpc(f"127.0.0.1:{health_port}", timeout_s=1), START_TIMEOUT,
                  "the aggregator's grpc.health.v1 to say SERVING", cluster.procs)
         reject_one_update(f"127.0.0.1:{grpc_port}", pki)  # the first rejection (the series appears at 1)
         for node in nodes:
-            cluster.add(node, commands[node])
+            cluster.add(node, lf.resolve(commands[node]))
 
         def rounds_seen() -> bool:
             result = query(prom_port, 'fedmedclip_round_current{job="aggregator"}')

@@ -16,29 +16,29 @@ deadline; resumed (SIGCONT), it takes part again; the run ends with every round 
 
 from __future__ import annotations
 
-import re
 import signal
 import time
 from pathlib import Path
 
-import pytest
-
 from aggregator.checkpoint import FAULT_ENV, FAULT_EXIT_CODE, CheckpointStore
-from tests.services_support import Cluster, Proc, free_port, read_json, wait_for
-from tests.test_services_federation import (ROUNDS, START_TIMEOUT, TRAINERS, assert_matches_reference,  # noqa: F401
-                                            partition_dir, pki, reference, start_aggregator, start_node,
-                                            trainers_only)
+from hospital_node.state import StateStore
+from tests.services_support import (ROUNDS, START_TIMEOUT, TRAINERS, Cluster, assert_matches_reference, free_port,
+                                    read_json, scrape_or_none, start_aggregator, start_node, total, trainers_only,
+                                    updates_accepted, wait_for)
 
 
-def _stuck_round(aggregator: Proc, updates: int) -> int | None:
-    """The open round (1-based) when it holds exactly ``updates`` updates and stays so for a second."""
+def _stuck_round(metrics_port: int, updates: int) -> int | None:
+    """The open round (1-based) when it holds exactly ``updates`` updates and stays so for a second.
+
+    From the aggregator's /metrics: ``fedmedclip_round_current`` is the number of closed rounds and
+    every closed round holds one update per trainer (quorum = every trainer, a 120 s deadline).
+    """
     def latest() -> tuple[int, int] | None:
-        text = aggregator.text()
-        opened = re.findall(r"round (\d+)/\d+ open", text)
-        if not opened:
+        samples = scrape_or_none(metrics_port)
+        if samples is None:
             return None
-        n = int(opened[-1])
-        return n, len(re.findall(rf"round {n}: update \S+ from", text))
+        closed = int(total(samples, "fedmedclip_round_current"))
+        return closed + 1, int(total(samples, "fedmedclip_updates_accepted_total")) - len(TRAINERS) * closed
     now = latest()
     if now is None or now[1] != updates:
         return None
@@ -51,20 +51,23 @@ def test_aggregator_down_at_start_killed_mid_round_and_dying_in_its_checkpoint_l
     cluster = Cluster(tmp_path)
     agg_out = tmp_path / "agg"
     port, health, metrics = free_port(), free_port(), free_port()
+    node_metrics = {node: free_port() for node in TRAINERS}
+    endpoints = agg_out / "endpoints.json"
     try:
         for node in TRAINERS:  # (c) the aggregator is not there yet
-            start_node(cluster, pki, partition_dir, node, port, 0, tmp_path / "state", feature_cache,
-                       "--long-poll-s", "3")
+            start_node(cluster, pki, partition_dir, node, port, node_metrics[node], tmp_path / "state",
+                       feature_cache, "--long-poll-s", "3")
         nodes = {p.name: p for p in cluster.procs}
+        # a synchronisation, not a check: no metric counts a node's failed calls, so its log says when it retries
         wait_for(lambda: all("Register failed" in p.text() and "retrying in" in p.text() for p in nodes.values()),
                  START_TIMEOUT, "every node to retry against the absent aggregator", cluster.procs)
-        start_aggregator(cluster, pki, "aggregator", agg_out, port, health, metrics, True)
-        first = cluster.procs[-1]
+        first = start_aggregator(cluster, pki, "aggregator", agg_out, port, health, metrics, True)
         victim = nodes["hospital_3"]
-        wait_for(lambda: "round 1: update accepted" in victim.text(), START_TIMEOUT, "hospital_3 in round 1",
+        wait_for(lambda: updates_accepted(node_metrics["hospital_3"]) >= 1, START_TIMEOUT, "hospital_3 in round 1",
                  cluster.procs)
+        run_id = read_json(endpoints)["run_id"]
         victim.signal(signal.SIGSTOP)  # the open round cannot close while hospital_3 is stopped
-        stuck = wait_for(lambda: _stuck_round(first, len(TRAINERS) - 1), 60, "a round with 2 of 3 updates",
+        stuck = wait_for(lambda: _stuck_round(metrics, len(TRAINERS) - 1), 60, "a round with 2 of 3 updates",
                          cluster.procs)
         first.popen.kill()  # (b) kill -9 mid-round: two updates accepted, round `stuck` open
         first.wait(timeout=30)
@@ -74,8 +77,11 @@ def test_aggregator_down_at_start_killed_mid_round_and_dying_in_its_checkpoint_l
         second = cluster.add("aggregator_faulty", first.args, env={FAULT_ENV: f"die_during_checkpoint:{stuck}"})
         victim.signal(signal.SIGCONT)
         assert second.wait(timeout=START_TIMEOUT) == FAULT_EXIT_CODE, second.text()[-3000:]
+        restored = read_json(endpoints)  # written by the second aggregator once it served
+        assert restored["pid"] == second.popen.pid and restored["run_id"] == run_id  # the same run, restored
         assert CheckpointStore(agg_out).load().version == completed  # the torn write left the last complete one
-        assert (agg_out / "checkpoint" / ".state.npz.fault.tmp").exists()
+        torn = agg_out / "checkpoint" / ".state.npz.fault.tmp"
+        assert torn.exists()
         third = cluster.add("aggregator_restarted", first.args)
         codes = {p.name: p.wait(timeout=START_TIMEOUT) for p in (*nodes.values(), third)}
         report = read_json(agg_out / "report.json")
@@ -85,10 +91,8 @@ def test_aggregator_down_at_start_killed_mid_round_and_dying_in_its_checkpoint_l
         cluster.close()
     assert codes == {**{n: 0 for n in TRAINERS}, "aggregator_restarted": 0}, \
         "\n".join(f"--- {k}\n{v[-1500:]}" for k, v in logs.items())
-    assert f"restored run {report['run_id']} at global version {completed}" in logs["aggregator_faulty"]
-    assert "FAULT INJECTED" in logs["aggregator_faulty"]
-    assert f"restored run {report['run_id']} at global version {completed}" in logs["aggregator_restarted"]
-    assert "removing" in logs["aggregator_restarted"]  # the torn temporary file of the checkpoint
+    assert report["run_id"] == run_id  # the third start restored the same run once more
+    assert not torn.exists()  # the third start removed the torn temporary file of the checkpoint
     # every round once, with all three updates, and the exact result of the undisturbed simulation
     assert final.version == ROUNDS and [r["round"] for r in report["rounds_log"]] == list(range(1, ROUNDS + 1))
     assert all(r["nodes"] == TRAINERS for r in report["rounds_log"])
@@ -120,23 +124,23 @@ def test_killed_and_silent_nodes_do_not_hang_rounds_and_take_part_again(tmp_path
                                                                        feature_cache):
     cluster = Cluster(tmp_path)
     agg_out = tmp_path / "agg"
-    port = free_port()
+    port, metrics, h3_metrics = free_port(), free_port(), free_port()
     try:
-        start_aggregator(cluster, pki, "aggregator", agg_out, port, free_port(), free_port(), True, 2,
+        start_aggregator(cluster, pki, "aggregator", agg_out, port, free_port(), metrics, True, 2,
                          "--rounds", str(NODE_FAULT_ROUNDS), "--round-timeout-s", str(DEADLINE_S),
                          "--quorum-timeout-s", "120")
         # hospital_3 registers first: rounds open at the quorum of 2 and close as soon as every
         # registered trainer reported, so a late starter on a loaded machine could miss many rounds
         for node in ["hospital_3", "hospital_1", "hospital_2"]:
-            start_node(cluster, pki, partition_dir, node, port, 0, tmp_path / "state", feature_cache,
-                       "--long-poll-s", "3")
+            start_node(cluster, pki, partition_dir, node, port, h3_metrics if node == "hospital_3" else 0,
+                       tmp_path / "state", feature_cache, "--long-poll-s", "3")
             if node == "hospital_3":
-                wait_for(lambda: "registered with" in cluster.procs[-1].text(), START_TIMEOUT,
-                         "hospital_3 to register", cluster.procs)
+                wait_for(lambda: total(scrape_or_none(metrics) or {}, "fedmedclip_nodes_registered",
+                                       role="trainer") >= 1, START_TIMEOUT, "hospital_3 to register", cluster.procs)
         aggregator, h3, h1, h2 = cluster.procs
         # (a) kill -9 of hospital_3 right after its first accepted update
-        wait_for(lambda: re.search(r"round \d+: update accepted", h3.text()), START_TIMEOUT,
-                 "hospital_3's first accepted update", cluster.procs)
+        wait_for(lambda: updates_accepted(h3_metrics) >= 1, START_TIMEOUT, "hospital_3's first accepted update",
+                 cluster.procs)
         h3.popen.kill()
         h3.wait(timeout=30)
         killed_at = len(_rounds(agg_out))
@@ -164,10 +168,12 @@ def test_killed_and_silent_nodes_do_not_hang_rounds_and_take_part_again(tmp_path
         "\n".join(f"--- {k}\n{v[-1500:]}" for k, v in logs.items())
     assert report["phase"] == "finished" and len(report["rounds_log"]) == NODE_FAULT_ROUNDS
     assert closed["nodes"] == ["hospital_1", "hospital_2"] and silent["nodes"] == ["hospital_1", "hospital_3"]
-    for r in (closed, silent):  # closed by the deadline with the quorum, not hung
-        assert DEADLINE_S - 0.5 <= r["seconds"] < DEADLINE_S + 3, r
-    assert "deadline passed, closing with 2 of 3" in logs["aggregator"]
-    assert "resumed from" in logs["hospital_3_restarted"] and back["round"] > closed["round"]
+    for r in (closed, silent):  # closed by its deadline with the quorum (not before: every trainer is registered)
+        assert r["seconds"] >= DEADLINE_S - 1e-3, r
+    # the restarted hospital_3 kept its saved state (a state of another run is moved aside to state.pt.stale)
+    h3_state = tmp_path / "state" / "hospital_3"
+    assert StateStore(h3_state).load().run_id == report["run_id"] and not (h3_state / "state.pt.stale").exists()
+    assert back["round"] > closed["round"]
     assert again["round"] > silent["round"]
     assert report["rounds_log"][-1]["nodes"] == TRAINERS  # everyone is back at the end
     print(f"\nnode faults: hospital_3 SIGKILLed -> round {closed['round']} closed at its deadline "

@@ -98,13 +98,12 @@ def test_a_certificate_of_another_federation_is_named_not_retried(federation):
                                         tls_ca=str(ours / "ca.pem"), tls_cert=str(foreign / "cert.pem"),
                                         tls_key=str(foreign / "key.pem")))
     assert check.status is Status.PROBLEM and "refused this certificate" in check.detail
-    # and the daemon stops at once with that message instead of retrying for minutes
-    start = time.monotonic()
+    # and the daemon stops at once with that message instead of retrying for minutes (the default
+    # give_up_after_s is 600 s: the subprocess timeout below would fail the test first)
     done = _run("node", "run", "--config", str(foreign / "node.yaml"), "--data", str(federation["images"]),
                 "--metrics-port", "0", timeout=120)
     assert done.returncode == 2
     assert "does not trust the aggregator" in done.stderr.strip().splitlines()[-1]
-    assert time.monotonic() - start < 100  # bounded by the subprocess timeout anyway; no 600 s of retries
 
 
 def test_a_class_folder_outside_the_label_space_is_named(federation, tmp_path):

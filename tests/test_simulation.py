@@ -109,17 +109,21 @@ def test_outputs_are_written(reports, tmp_path):
         assert blob.startswith(b"\x89PNG") and len(blob) > 5_000
 
 
-def test_command_line_runs_end_to_end(brain_tumor_root, feature_cache, tmp_path, capsys):
+def test_command_line_runs_end_to_end(brain_tumor_root, feature_cache, tmp_path):
     code = main(["--data", str(brain_tumor_root), "--per-class", "80", "--hospitals", "3", "--rounds", "2",
                  "--cache-dir", str(feature_cache), "--device", "cpu", "--codec", "int4", "--delta",
-                 "--out", str(tmp_path / "run"), "--quiet"])
+                 "--out", str(tmp_path / "run"), "--progress", "false"])
     assert code == 0
-    assert (tmp_path / "run" / "report.json").exists()
-    assert "AVG" in capsys.readouterr().out
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    config = report["config"]  # every flag reached the run
+    assert (config["per_class"], config["n_hospitals"], config["rounds"]) == (80, 3, 2)
+    assert config["wire"]["codec"] == "int4" and config["wire"]["delta"] is True
+    assert [h["round"] for h in report["history"]] == [1, 2]
+    assert set(report["test"]) == {h["name"] for h in report["hospitals"]} and len(report["hospitals"]) == 4
 
 
 def test_command_line_names_a_missing_data_folder_and_exits_2(tmp_path, capsys):
-    code = main(["--data", str(tmp_path / "no-such-folder"), "--quiet", "--out", str(tmp_path / "run")])
+    code = main(["--data", str(tmp_path / "no-such-folder"), "--progress", "false", "--out", str(tmp_path / "run")])
     assert code == 2
     err = capsys.readouterr().err
     assert "no-such-folder" in err and "does not exist" in err and "Traceback" not in err
