@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from aggregator.config import ENV_PREFIX, AggregatorConfig
@@ -14,6 +15,11 @@ from shared.ops.lock import DaemonLock
 
 
 def _serve(cfg: AggregatorConfig, _args: argparse.Namespace) -> int:
+    # gRPC core names a failed TLS handshake's peer only in its handshaker trace, read when grpc is first
+    # imported (nothing has imported it yet here); aggregator.limits.HandshakeFailures consumes those lines
+    traces = [t for t in os.environ.get("GRPC_TRACE", "").split(",") if t.strip()]
+    if not {"handshaker", "all"} & set(traces):
+        os.environ["GRPC_TRACE"] = ",".join([*traces, "handshaker"])
     from aggregator.service import serve  # imports torch: after the cheap checks
 
     with DaemonLock(cfg.out_dir, "aggregator"):  # one aggregator per output folder

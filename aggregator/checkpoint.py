@@ -7,7 +7,10 @@ Layout under ``<out_dir>/checkpoint/``:
   adapter as a lossless fp32 codec payload). No pickle.
 * ``globals/v000001.fmcs`` ...: every published global payload, as it went on the wire; a node
   that holds version v-1 decodes version v from it, so these are kept for nodes that fall behind.
-* ``reports.json``: every evaluation a node reported, by version.
+* ``reports.jsonl``: every evaluation a node reported, one strict-JSON line per report, appended as
+  it arrives (a report costs one bounded line, never a rewrite of all of them; the engine keeps one
+  report per node and version, each field bounded). A ``reports.json`` of an older version is read
+  too, then followed by the lines.
 
 Fault injection for the crash tests: ``FEDMEDCLIP_FAULT=die_during_checkpoint:V`` makes the process
 die (``os._exit``, no clean-up) in the middle of writing the checkpoint of global version V,
@@ -80,7 +83,8 @@ class CheckpointStore:
         self.root = Path(out_dir) / "checkpoint"
         self.state_path = self.root / "state.npz"
         self.globals_dir = self.root / "globals"
-        self.reports_path = self.root / "reports.json"
+        self.reports_path = self.root / "reports.jsonl"
+        self.legacy_reports_path = self.root / "reports.json"  # the whole table, as older versions wrote it
         self.fault = fault  # see FAULT_ENV: crash tests only
 
     def discard_torn(self) -> None:
@@ -120,13 +124,34 @@ class CheckpointStore:
         return path.read_bytes() if path.exists() else None
 
     def load_reports(self) -> dict[str, dict[str, Any]]:
+        """``{version: {node: report}}``: the legacy table if any, then every complete line of the report log."""
+        reports: dict[str, dict[str, Any]] = {}
+        if self.legacy_reports_path.exists():
+            reports = json.loads(self.legacy_reports_path.read_text(encoding="utf-8"))
         if not self.reports_path.exists():
-            return {}
-        return json.loads(self.reports_path.read_text(encoding="utf-8"))
+            return reports
+        with self.reports_path.open("rb") as handle:
+            for number, line in enumerate(handle, start=1):
+                try:
+                    record = json.loads(line)
+                    reports.setdefault(str(int(record["version"])), {})[str(record["node"])] = dict(record["entry"])
+                except (ValueError, KeyError, TypeError):
+                    # only an interrupted append can leave a bad line, the last one: that report is resent
+                    log.warning("%s line %d is incomplete or damaged; skipped", self.reports_path, number)
+        return reports
 
-    def save_reports(self, reports: dict[str, dict[str, Any]]) -> None:
-        # metrics, not model state: never torn, but not fsynced (10 ms each, several per round)
-        atomic_write(self.reports_path, json.dumps(reports, allow_nan=True).encode("utf-8"), durable=False)
+    def append_report(self, version: int, node: str, entry: dict[str, Any]) -> None:
+        """Append one report as one strict-JSON line (metrics, not model state: flushed, not fsynced)."""
+        line = json.dumps({"version": version, "node": node, "entry": entry}, allow_nan=False,
+                          separators=(",", ":")).encode("utf-8") + b"\n"
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self.reports_path.open("a+b") as handle:
+            handle.seek(0, os.SEEK_END)
+            if handle.tell() > 0:  # an append interrupted by a crash leaves no newline: end that line first
+                handle.seek(-1, os.SEEK_END)
+                if handle.read(1) != b"\n":
+                    line = b"\n" + line
+            handle.write(line)
 
 
 def _die_mid_write(path: Path, data: bytes) -> None:

@@ -33,6 +33,16 @@ class AggregatorConfig:
     max_workers: int = 64  # each node waiting for the next round holds one worker: keep it above the nodes
     upload_slots: int = 4  # uploads received at once (each holds its payload); the rest wait: memory stays flat
     shutdown_grace_s: float = 10.0  # SIGTERM: in-flight RPCs get this long
+    # load limits (aggregator/limits.py): one node's share of the server, stream deadlines, overload
+    max_rpcs_per_node: int = 8  # RPCs one node may have in flight at once, all kinds (at most half of max_workers)
+    max_streams_per_node: int = 2  # uploads and downloads one node may run at once (the upload slots it can hold)
+    max_long_polls_per_node: int = 2  # GetRound long polls one node may have waiting at once
+    max_concurrent_rpcs: int = 0  # RPCs running or queued, all nodes; gRPC refuses more (0: 4 x max_workers)
+    stream_timeout_s: float = 150.0  # server-side deadline of one upload or download stream, from its start
+    stream_min_rate_bps: float = 16384.0  # a stream moving fewer bytes/s than this after stream_grace_s is cancelled
+    stream_grace_s: float = 10.0  # a stream's rate is judged after this long (waiting for an upload slot excluded)
+    overload_ratio: float = 0.75  # health says overloaded (service NOT_SERVING) with this fraction of max_workers busy
+    overload_hold_s: float = 5.0  # ... and for this long after that, or after a refusal for a load limit
     # run
     out_dir: str = "runs/aggregator"  # checkpoint, published globals, report
     rounds: int = 50  # communication rounds of the run
@@ -58,6 +68,9 @@ class AggregatorConfig:
     max_abs_value: float | None = 100.0  # largest |value| in the update
     class_names: list[str] | None = None  # None: the first node to register pins the label space
     backbone_fingerprint: str | None = None  # None: the first node to register pins it
+    # weights of the weighted rule (docs/trust-model.md, section 5): a node's count is fixed at its first registration
+    max_samples_per_node: int | None = 1_000_000  # a node's stated training samples weigh at most this (None: no cut)
+    max_weight_share: float | None = 0.5  # no node's share of the weighted average above this, water-filled (None: off)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -73,8 +86,29 @@ class AggregatorConfig:
         for name in ("max_update_norm", "max_abs_value"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0 (or null: off)")
+        if self.max_samples_per_node is not None and self.max_samples_per_node < 1:
+            raise ValueError("max_samples_per_node must be >= 1 (or null: no cut)")
+        if self.max_weight_share is not None and not 0.0 < self.max_weight_share <= 1.0:
+            raise ValueError("max_weight_share must be in (0, 1] (or null: off)")
         if self.upload_slots < 1 or self.max_workers < 1:
             raise ValueError("upload_slots and max_workers must be >= 1")
+        for name in ("max_rpcs_per_node", "max_streams_per_node", "max_long_polls_per_node"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.max_rpcs_per_node < max(self.max_streams_per_node, self.max_long_polls_per_node):
+            raise ValueError("max_rpcs_per_node must be >= max_streams_per_node and max_long_polls_per_node")
+        if 2 * self.max_rpcs_per_node > self.max_workers:
+            raise ValueError(f"max_rpcs_per_node ({self.max_rpcs_per_node}) must be at most half of max_workers "
+                             f"({self.max_workers}): one node must never hold the server")
+        if self.max_concurrent_rpcs < 0:
+            raise ValueError("max_concurrent_rpcs must be >= 0 (0: 4 x max_workers)")
+        for name in ("stream_timeout_s", "stream_grace_s", "overload_hold_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0")
+        if self.stream_min_rate_bps < 0:
+            raise ValueError("stream_min_rate_bps must be >= 0 (0: no minimum rate)")
+        if not 0.0 < self.overload_ratio <= 1.0:
+            raise ValueError("overload_ratio must be in (0, 1]")
         if self.rounds < 1 or self.min_nodes < 1:
             raise ValueError("rounds and min_nodes must be >= 1")
         for name in ("round_timeout_s", "quorum_timeout_s", "registration_timeout_s", "linger_s",

@@ -16,13 +16,26 @@ opens or the run ends (not by each of hundreds of submissions).
 
 Who may join is decided by :class:`aggregator.registry.Registry`; accepted updates are remembered
 by :class:`aggregator.ledger.Ledger` (a retry of the same bytes gets the same answer and is never
-counted twice). Every refusal is an :class:`aggregator.errors.EngineError` naming its
-:class:`shared.wire.reasons.Reason`.
+counted twice; the bytes are hashed before a retry is recognised). Every refusal is an
+:class:`aggregator.errors.EngineError` naming its :class:`shared.wire.reasons.Reason`.
+
+Weights (``weighted`` rule): when a round opens, the weights of the trainers registered then are
+fixed by :func:`shared.learning.aggregation.capped_weights` over their registered sample counts
+(each fixed at the node's first registration, cut to ``max_samples_per_node``, no share above
+``max_weight_share``); a trainer that registers while the round is open gets
+:func:`shared.learning.aggregation.joiner_weight`. Every update is folded with its node's weight as
+it arrives. docs/trust-model.md (section 5) states what this guarantees when nodes drop out.
+
+Every client string is validated (ids: charset and length) or escaped
+(:func:`shared.ops.logs.printable`) before it is logged; reported metrics are validated and bounded
+(:meth:`RoundEngine.report`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import re
 import threading
 import time
 import uuid
@@ -36,12 +49,13 @@ from aggregator.checkpoint import Checkpoint, CheckpointStore, require_same_sett
 from aggregator.config import AggregatorConfig
 from aggregator.errors import EngineError
 from aggregator.ledger import Ledger
-from aggregator.registry import NodeRecord, Registration, Registry, Role
+from aggregator.registry import MAX_SAMPLES, NodeRecord, Registration, Registry, Role
 from shared import __version__
-from shared.codec import CodecError, decode_state, encode_state, payload_codec
-from shared.learning.aggregation import AggregationError, make_aggregator
+from shared.codec import CodecError, decode_state, encode_state, payload_info
+from shared.learning.aggregation import AggregationError, capped_weights, joiner_weight, make_aggregator
+from shared.learning.metrics import METRIC_KEYS
 from shared.learning.rounds import UpdateBounds, UpdateOutOfBoundsError, WireConfig, fold_update, publish_global
-from shared.learning.training import TrainConfig, build_adapter, get_method
+from shared.learning.training import HEADS, TrainConfig, build_adapter, get_method
 from shared.ops.logs import printable
 from shared.ops.report import build_report, render_markdown, write_report
 from shared.ops.telemetry import Telemetry
@@ -50,6 +64,60 @@ from shared.wire.reasons import Reason
 from shared.wire.transport import sha256_hex
 
 log = logging.getLogger("fedmedclip.aggregator")
+
+#: update and report ids: what the node builds (run id, node id, round), nothing that can forge a log line
+CLIENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+#: round ids and versions travel as 32-bit integers; anything beyond is not a round of this run
+ROUND_ID_RANGE = range(-(2**31), 2**31)
+MAX_TRAIN_SECONDS = 1e7  # a reported local training time beyond ~4 months is not one
+
+
+def _number(value: object, what: str, *, low: float = 0.0, high: float = math.inf,
+            nan_ok: bool = False) -> float | None:
+    """``value`` as a float in [low, high]; NaN becomes None (no value) where ``nan_ok``; anything else refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise EngineError(Reason.BAD_REPORT, f"{what} is not a number")
+    x = float(value)
+    if math.isnan(x) and nan_ok:
+        return None
+    if not (math.isfinite(x) and low <= x <= high):
+        raise EngineError(Reason.BAD_REPORT, f"{what} = {x!r} is outside [{low:g}, {high:g}]")
+    return x
+
+
+def clean_metrics(metrics: dict | None, what: str) -> dict[str, Any] | None:
+    """Evaluation metrics as a node reports them, validated: ``n`` in [0, 10^9]; each of accuracy,
+    balanced accuracy, macro-F1 and ECE finite in [0, 1], or NaN (stored as None) only for an empty split."""
+    if metrics is None:
+        return None
+    if not isinstance(metrics, dict) or set(metrics) != {"n", *METRIC_KEYS}:
+        raise EngineError(Reason.BAD_REPORT, f"{what} metrics must hold n and {', '.join(METRIC_KEYS)}")
+    n = metrics["n"]
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_SAMPLES:
+        raise EngineError(Reason.BAD_REPORT, f"{what} n must be an int in [0, {MAX_SAMPLES}]")
+    out: dict[str, Any] = {"n": n}
+    for key in METRIC_KEYS:
+        out[key] = _number(metrics[key], f"{what} {key}", high=1.0, nan_ok=n == 0)
+    return out
+
+
+def clean_train(train: dict | None) -> dict[str, Any]:
+    """A training summary (steps, seconds, loss), validated; a NaN loss is stored as None."""
+    if not train:
+        return {}
+    if not isinstance(train, dict) or set(train) != {"steps", "seconds", "loss"}:
+        raise EngineError(Reason.BAD_REPORT, "train must hold steps, seconds and loss")
+    steps = train["steps"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps < 2**31:
+        raise EngineError(Reason.BAD_REPORT, "train steps must be an int in [0, 2**31)")
+    return {"steps": steps, "seconds": _number(train["seconds"], "train seconds", high=MAX_TRAIN_SECONDS),
+            "loss": _number(train["loss"], "train loss", low=-math.inf, high=math.inf, nan_ok=True)}
+
+
+def check_round_id(value: int, what: str) -> None:
+    """A round id or version that does not fit the wire's 32 bits is refused (``bad_round_id``)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value not in ROUND_ID_RANGE:
+        raise EngineError(Reason.BAD_ROUND_ID, f"{what} {printable(value, 40)} does not fit 32 bits")
 
 
 class Phase(StrEnum):
@@ -137,6 +205,9 @@ class RoundEngine:
             self._restore(ckpt)
         self.round_bytes = {"up": 0, "up_raw": 0}
         self.aggregator = self._new_aggregator()
+        self.weights: dict[str, float] = {}  # the open round's weight of each trainer (fixed at its opening)
+        self.weights_open_total = 0.0
+        self.folded_weights: dict[str, float] = {}  # the weights the open round's updates were folded with
         self.round_opened = self.clock()
         self.deadline = 0.0
         self.reg_deadline = self.clock() + cfg.registration_timeout_s
@@ -205,8 +276,8 @@ class RoundEngine:
 
     def _check_node(self, run_id: str, node_id: str) -> NodeRecord:
         if run_id and run_id != self.run_id:
-            raise EngineError(Reason.WRONG_RUN, f"run {run_id!r} is not the current run {self.run_id!r}; "
-                              "register again")
+            raise EngineError(Reason.WRONG_RUN, f"run {printable(repr(run_id), 80)} is not the current run "
+                              f"{self.run_id!r}; register again")
         rec = self.nodes.get(node_id)
         if rec is None:
             raise EngineError(Reason.UNKNOWN_NODE, f"node {node_id!r} is not registered")
@@ -225,7 +296,11 @@ class RoundEngine:
             rec = self.nodes[reg.node_id]
             log.info("%s %s (%s, %d train / %d val / %d test samples, version %s)",
                      "re-registered" if known else "registered", reg.node_id, rec.role, rec.num_train, rec.num_val,
-                     rec.num_test, printable(rec.software_version or "unknown"))
+                     rec.num_test, printable(rec.software_version or "unknown", 64))
+            cap = self.cfg.max_samples_per_node
+            if not known and rec.role == Role.TRAINER and cap is not None and rec.num_train > cap:
+                log.warning("%s states %d training samples: it weighs %d (max_samples_per_node)", reg.node_id,
+                            rec.num_train, cap)
             self._cond.notify_all()
             return self._view(reg.node_id)
 
@@ -248,6 +323,7 @@ class RoundEngine:
         """The payload of global ``version`` as published (encoded against version - 1)."""
         with self._cond:
             self._check_node(run_id, node_id)
+            check_round_id(version, "global version")
             if version < 1 or version > self.version:
                 raise EngineError(Reason.NO_SUCH_VERSION,
                                   f"global version {version} does not exist (current {self.version}; version 0 is "
@@ -263,7 +339,16 @@ class RoundEngine:
     def submit(self, header: UpdateHeader, payload: bytes) -> UpdateAck:
         with self._cond:
             rec = self._check_node(header.run_id, header.node_id)
-            replayed = self.ledger.replay(header.node_id, header.update_id, header.sha256, self.version)
+            if not CLIENT_ID.fullmatch(header.update_id):
+                raise EngineError(Reason.BAD_UPDATE_ID, "update_id must be 1-128 characters of [A-Za-z0-9_.:-]")
+            check_round_id(header.round_id, "round")
+            # the bytes themselves are hashed: a retry is recognised by what arrived, never by what it claims
+            actual = sha256_hex(payload)
+            claimed = header.sha256.strip().lower() if isinstance(header.sha256, str) else ""
+            if claimed != actual:
+                raise EngineError(Reason.CHECKSUM_MISMATCH, "update refused: payload SHA-256 does not match the "
+                                  "one sent with it")
+            replayed = self.ledger.replay(header.node_id, header.update_id, actual, self.version)
             if replayed is not None:  # a retry of an accepted update: the same answer, not counted again
                 return UpdateAck(header.update_id, replayed[0], True, replayed[1])
             if rec.role != Role.TRAINER:
@@ -279,51 +364,83 @@ class RoundEngine:
             if header.node_id in self.ledger.open:
                 raise EngineError(Reason.CONFLICTING_UPDATE, f"{header.node_id} already has update "
                                   f"{self.ledger.open[header.node_id].update_id} in round {self.version}")
-            if not header.update_id or len(header.update_id) > 128:
-                raise EngineError(Reason.BAD_UPDATE_ID, "update_id must be 1-128 characters")
             if header.num_train and header.num_train != rec.num_train:
                 raise EngineError(Reason.BAD_SAMPLE_COUNT, f"the update states {header.num_train} training samples, "
                                   f"the node registered {rec.num_train}")
+            weight = self._weight_of(header.node_id, rec)
             try:
-                if payload_codec(payload) != header.codec:
-                    raise EngineError(Reason.CODEC_MISMATCH, f"header says codec {header.codec!r}, the payload another")
+                if payload_info(payload).codec != header.codec:
+                    raise EngineError(Reason.CODEC_MISMATCH, f"header says codec {printable(repr(header.codec), 40)}, "
+                                      "the payload another")
                 t0 = time.perf_counter()
                 with self.t.codec_seconds.labels(operation="decode").time():
-                    fold_update(self.aggregator, payload, header.sha256, self.global_state, rec.num_train, self.wire,
-                                self.bounds)
+                    # first checks the payload's codec and delta flag against the federation's (wire_mismatch)
+                    fold_update(self.aggregator, payload, actual, self.global_state, weight, self.wire, self.bounds)
                 self.t.aggregate_seconds.labels(step="fold").observe(time.perf_counter() - t0)
             except (CodecError, UpdateOutOfBoundsError, AggregationError) as exc:
                 raise EngineError(exc.reason, f"update refused: {exc}") from exc
-            self.ledger.accept(header.node_id, header.update_id, header.sha256)
+            self.ledger.accept(header.node_id, header.update_id, actual)
+            self.folded_weights[header.node_id] = weight
             self.round_bytes["up"] += len(payload)
             self.round_bytes["up_raw"] += self.raw_bytes
             self.t.updates_accepted.inc()
-            log.info("round %d: update %s from %s (%d bytes, loss %.4f), %d/%d in", self.version + 1,
-                     printable(header.update_id),
-                     header.node_id, len(payload), header.train.get("loss", float("nan")), len(self.ledger.open),
+            loss = header.train.get("loss", math.nan)
+            log.info("round %d: update %s from %s (%d bytes, weight %.6g, loss %.4f), %d/%d in", self.version + 1,
+                     printable(header.update_id), header.node_id, len(payload), weight,
+                     loss if isinstance(loss, float) else math.nan, len(self.ledger.open),
                      len(self.registry.trainers()))
             self._cond.notify_all()
             return UpdateAck(header.update_id, self.version, False, len(self.ledger.open))
 
+    def _weight_of(self, node_id: str, rec: NodeRecord) -> float:
+        """The open round's weight of ``node_id``: fixed at the opening, or at its first upload for a joiner."""
+        weight = self.weights.get(node_id)
+        if weight is None:
+            try:
+                weight = joiner_weight(rec.num_train, self.weights_open_total,
+                                       max_samples=self.cfg.max_samples_per_node,
+                                       max_share=self.cfg.max_weight_share)
+            except AggregationError as exc:
+                raise EngineError(exc.reason, f"update refused: {exc}") from exc
+            self.weights[node_id] = weight
+            log.info("round %d: %s joined after the opening, weight %.6g", self.version + 1, node_id, weight)
+        return weight
+
     def report(self, run_id: str, node_id: str, version: int, report_id: str, val: dict | None, test: dict | None,
                head: str, train: dict | None = None) -> bool:
-        """Store a node's evaluation of global ``version``; returns True when it is a replay."""
+        """Store a node's evaluation of global ``version``; returns True when it is a replay.
+
+        Every field is validated and bounded before anything is kept (``bad_report``): ``report_id`` like an
+        update id, ``head`` one of the model's heads, metrics by :func:`clean_metrics`, the training summary
+        by :func:`clean_train`. A node's report of a version is kept once: the same id again is a replay,
+        another id is refused (``conflicting_report``). Each report is appended to the checkpoint's report
+        log (one bounded line), never a rewrite of every report so far.
+        """
         with self._cond:
             rec = self._check_node(run_id, node_id)
+            check_round_id(version, "version")
             if version < 1 or version > self.version:
                 raise EngineError(Reason.NO_SUCH_VERSION,
                                   f"metrics for global version {version}, current is {self.version}")
+            if not CLIENT_ID.fullmatch(report_id):
+                raise EngineError(Reason.BAD_REPORT, "report_id must be 1-128 characters of [A-Za-z0-9_.:-]")
+            if head not in HEADS:
+                raise EngineError(Reason.BAD_REPORT, f"head must be one of {', '.join(HEADS)}")
+            entry = {"report_id": report_id, "role": rec.role.value, "head": head,
+                     "val": clean_metrics(val, "val"), "test": clean_metrics(test, "test"), "train": clean_train(train)}
             by_node = self.reports.setdefault(str(version), {})
             old = by_node.get(node_id)
-            if old is not None and old.get("report_id") == report_id:
-                return True
-            by_node[node_id] = {"report_id": report_id, "role": rec.role.value, "head": head, "val": val,
-                                "test": test, "train": train or {}}
-            self.store.save_reports(self.reports)
+            if old is not None:
+                if old.get("report_id") == report_id:
+                    return True
+                raise EngineError(Reason.CONFLICTING_REPORT, f"{node_id} reported version {version} already, as "
+                                  f"{old.get('report_id')!r}")
+            by_node[node_id] = entry
+            self.store.append_report(version, node_id, entry)
             if version == self.cfg.rounds and all(n in by_node for n in self.nodes):
                 self.write_report()  # the final evaluations are in: the report is complete
-            shown = val if rec.role == Role.TRAINER else test
-            if shown is not None:
+            shown = entry["val"] if rec.role == Role.TRAINER else entry["test"]
+            if shown is not None and shown["accuracy"] is not None:
                 self.t.validation_accuracy.labels(node=node_id).set(shown["accuracy"])
             self._cond.notify_all()
             return False
@@ -336,6 +453,16 @@ class RoundEngine:
         self.phase = Phase.COLLECTING
         self.round_bytes = {"up": 0, "up_raw": 0}
         self.aggregator = self._new_aggregator()
+        counts = {n: self.nodes[n].num_train for n in self.registry.trainers()}
+        self.weights = capped_weights(counts, max_samples=self.cfg.max_samples_per_node,
+                                      max_share=self.cfg.max_weight_share)
+        self.weights_open_total = sum(self.weights.values())
+        self.folded_weights = {}
+        capped = {n: w for n, w in self.weights.items() if w < counts[n]}
+        if capped:
+            log.warning("round %d: weights capped (max_samples_per_node %s, max_weight_share %s): %s",
+                        self.version + 1, self.cfg.max_samples_per_node, self.cfg.max_weight_share,
+                        ", ".join(f"{n} {counts[n]} -> {w:.6g}" for n, w in sorted(capped.items())))
         self.round_opened = self.clock()
         self.deadline = self.round_opened + self.cfg.round_timeout_s
         self.t.round_current.set(self.version)
@@ -359,7 +486,8 @@ class RoundEngine:
                                 "bytes_up": self.round_bytes["up"], "bytes_up_raw": self.round_bytes["up_raw"],
                                 "bytes_down": payload.wire_nbytes * n_trainers,
                                 "bytes_down_raw": payload.raw_nbytes * n_trainers,
-                                "global_wire_bytes": payload.wire_nbytes})
+                                "global_wire_bytes": payload.wire_nbytes,
+                                "weights": {n: self.folded_weights[n] for n in updates if n in self.folded_weights}})
         self.version = r + 1
         self.global_state = decoded
         status = "finished" if self.version >= self.cfg.rounds else "running"
@@ -467,6 +595,8 @@ class RoundEngine:
                                 nodes={n: rec.to_dict() for n, rec in self.nodes.items()},
                                 reports=self.reports, rounds_log=self.rounds_log,
                                 extra={"codec": self.cfg.codec, "aggregation": self.cfg.aggregation,
+                                       "max_samples_per_node": self.cfg.max_samples_per_node,
+                                       "max_weight_share": self.cfg.max_weight_share,
                                        "min_nodes": self.cfg.min_nodes, "seed": self.cfg.seed,
                                        "class_names": list(self.registry.class_names or ()),
                                        "backbone_fingerprint": self.registry.fingerprint, "version": __version__,

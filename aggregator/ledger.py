@@ -1,7 +1,10 @@
 """The replay ledger: every accepted update by round and node, with its update id and SHA-256.
 
 A retry of an accepted update (same node, same update id, same bytes) gets the same answer and is
-never counted twice; other bytes under an accepted id are refused (``conflicting_replay``). The
+never counted twice; other bytes under an accepted id are refused (``conflicting_replay``). "Same
+bytes" means the SHA-256 of the bytes that arrived, computed by the engine before it asks the
+ledger (:meth:`Ledger.replay`), never the hash a node claims: an accepted id with its original hash
+and other bytes is refused (``checksum_mismatch``) before the ledger is consulted. The
 closed rounds are part of the checkpoint, as ``{round: {node: {"update_id", "sha256"}}}``
 (:meth:`Ledger.to_dict`), so a retry after an aggregator restart is still recognised.
 """
@@ -30,18 +33,22 @@ class Ledger:
             for r, by_node in (closed or {}).items()}
         self.open: dict[str, Accepted] = {}  # the open round: node -> its accepted update
 
-    def replay(self, node_id: str, update_id: str, sha256: str, open_round: int) -> tuple[int, int] | None:
-        """(round, updates in that round) when ``update_id`` of ``node_id`` was accepted already, else None."""
+    def replay(self, node_id: str, update_id: str, payload_sha256: str, open_round: int) -> tuple[int, int] | None:
+        """(round, updates in that round) when ``update_id`` of ``node_id`` was accepted already, else None.
+
+        ``payload_sha256``: the SHA-256 the caller computed over the bytes it received (never a claimed one).
+        """
         for round_id, by_node in [*self.closed.items(), (open_round, self.open)]:
             entry = by_node.get(node_id)
             if entry is not None and entry.update_id == update_id:
-                if entry.sha256 != sha256:
+                if entry.sha256 != payload_sha256:
                     raise EngineError(Reason.CONFLICTING_REPLAY, f"update {update_id} was accepted with other content")
                 return round_id, len(by_node)
         return None
 
-    def accept(self, node_id: str, update_id: str, sha256: str) -> None:
-        self.open[node_id] = Accepted(update_id, sha256)
+    def accept(self, node_id: str, update_id: str, payload_sha256: str) -> None:
+        """Record an accepted update by the SHA-256 of its bytes (as computed by the caller)."""
+        self.open[node_id] = Accepted(update_id, payload_sha256)
 
     def close(self, round_id: int) -> None:
         """The open round's updates become round ``round_id``'s; the next round starts empty."""

@@ -2,8 +2,12 @@
 
 A node is admitted when it shares the federation's backbone fingerprint, label space, embedding
 width, method and seeded initial adapter; the configuration may pin fingerprint and label space,
-otherwise the first node admitted pins them. A node id keeps its role for the whole run. Each node
-is a :class:`NodeRecord`; checkpoints and reports hold it as a plain dict (:meth:`NodeRecord.to_dict`).
+otherwise the first node admitted pins them. A node id keeps its role for the whole run, and its
+training sample count too: the count weighs its updates (:func:`shared.learning.aggregation.capped_weights`),
+so a registration again with another count is refused (``sample_count_changed``) rather than let a
+node re-weigh itself mid-run. Every string a node sends is bounded here before it is kept or logged.
+Each node is a :class:`NodeRecord`; checkpoints and reports hold it as a plain dict
+(:meth:`NodeRecord.to_dict`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,11 @@ log = logging.getLogger("fedmedclip.aggregator")
 
 MAX_SAMPLES = 10**9  # a sample count beyond this is a lie (it would weigh the average), not a hospital
 MAX_VERSION_CHARS = 64  # a node's software_version is kept (checkpoint, report) up to this length
+MAX_FINGERPRINT_CHARS = 128  # a backbone fingerprint is a hex digest
+MAX_CLASSES = 1000  # a label space of more names is not one
+MAX_CLASS_NAME_CHARS = 200
 _NODE_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_TOKEN = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no space: fingerprint, method, digest
 
 
 class Role(StrEnum):
@@ -81,6 +89,12 @@ class Registry:
         known = self.nodes.get(reg.node_id)
         if known is not None and known.role != reg.role:
             raise EngineError(Reason.NODE_ID_TAKEN, f"node id {reg.node_id} is registered as a {known.role}")
+        if known is not None and known.num_train != reg.num_train:
+            log.warning("node %s registered again with %d training samples, %d at its first registration: refused",
+                        reg.node_id, reg.num_train, known.num_train)
+            raise EngineError(Reason.SAMPLE_COUNT_CHANGED,
+                              f"node {reg.node_id} registered with {known.num_train} training samples; the count "
+                              f"weighs its updates and is fixed for the run (now {reg.num_train})")
         if self.fingerprint is None:
             self.fingerprint = reg.fingerprint
         if self.class_names is None:
@@ -100,16 +114,24 @@ class Registry:
         if not all(0 <= n <= MAX_SAMPLES for n in (reg.num_train, reg.num_val, reg.num_test)):
             raise EngineError(Reason.BAD_SAMPLE_COUNT, f"sample counts must be in [0, {MAX_SAMPLES}]")
         problems = []
-        if self.fingerprint is not None and reg.fingerprint != self.fingerprint:
+        if not _TOKEN.fullmatch(reg.fingerprint) or len(reg.fingerprint) > MAX_FINGERPRINT_CHARS:
+            problems.append(f"backbone fingerprint must be 1-{MAX_FINGERPRINT_CHARS} printable ASCII characters")
+        elif self.fingerprint is not None and reg.fingerprint != self.fingerprint:
             problems.append(f"backbone fingerprint {reg.fingerprint[:16]}... differs from the federation's "
                             f"{self.fingerprint[:16]}...")
-        if self.class_names is not None and tuple(reg.class_names) != self.class_names:
-            problems.append(f"label space {list(reg.class_names)} differs from the federation's "
-                            f"{list(self.class_names)}")
+        if not (0 < len(reg.class_names) <= MAX_CLASSES and all(
+                0 < len(c) <= MAX_CLASS_NAME_CHARS and c.isprintable() for c in reg.class_names)):
+            problems.append(f"label space must be 1-{MAX_CLASSES} names of 1-{MAX_CLASS_NAME_CHARS} printable "
+                            "characters")
+        elif self.class_names is not None and tuple(reg.class_names) != self.class_names:
+            problems.append(f"label space {printable(list(reg.class_names), 300)} differs from the federation's "
+                            f"{printable(list(self.class_names), 300)}")
+        if not _TOKEN.fullmatch(reg.method) or not _TOKEN.fullmatch(reg.initial_sha256):
+            problems.append("method and initial_state_sha256 must be 1-128 printable ASCII characters")
         if reg.embed_dim != self.embed_dim:
             problems.append(f"embedding width {reg.embed_dim} differs from the federation's {self.embed_dim}")
         if reg.method != self.method:
-            problems.append(f"method {reg.method!r} differs from the federation's {self.method!r}")
+            problems.append(f"method {reg.method[:64]!r} differs from the federation's {self.method!r}")
         elif reg.initial_sha256 != self.initial_sha256:
             problems.append("initial adapter differs from the federation's (another seed?)")
         if reg.role == Role.TRAINER and reg.num_train <= 0:

@@ -81,6 +81,11 @@ class Launcher:
         return {name: proc.returncode for name, proc in self.procs.items()}
 
 
+def _fmt(value: float | None) -> str:
+    """An accuracy for the round table; a metric not reported (null in the strict-JSON report) is "-"."""
+    return "-" if value is None else f"{value:.4f}"
+
+
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -204,8 +209,8 @@ def run_federation(out: Path, *, hospitals: int = 3, rounds: int = 30, per_class
             while shown < len(history) and history[shown].get("complete"):
                 h = history[shown]
                 if not quiet:
-                    tests = "  ".join(f"{k} {v:.3f}" for k, v in h["test_accuracy"].items())
-                    print(f"{h['round']:>5}  {h['mean_val_accuracy']:>12.4f}  {(h['bytes_up'] or 0) / 1e3:>8.1f}  "
+                    tests = "  ".join(f"{k} {_fmt(v)}" for k, v in h["test_accuracy"].items())
+                    print(f"{h['round']:>5}  {_fmt(h['mean_val_accuracy']):>12}  {(h['bytes_up'] or 0) / 1e3:>8.1f}  "
                           f"{(h['bytes_down'] or 0) / 1e3:>8.1f}  {h['seconds'] or 0:>7.3f}  {tests}", flush=True)
                 shown += 1
             if finished:

@@ -11,11 +11,20 @@ A trainer, each round ``r`` (which trains from global version ``r``):
 
 An evaluator (held-out hospital) does 1 and 2 only, with the global FAM and the prompts alone.
 Every RPC has a deadline; transient failures are retried with exponential backoff and full jitter
-(bounded: ``give_up_after_s``). A refusal is handled by the :class:`~shared.wire.reasons.Reason` the
-aggregator gives (:meth:`NodeClient._call`): an unknown node registers again, an update the round
-no longer wants (stale, future, already in) is dropped and the node follows the current round, and a
-refusal for good (registration mismatch, identity, a payload refused) stops the node with the
-aggregator's message (:class:`NodeRefused`, exit code 3; 4 when the aggregator runs another run).
+(bounded: ``give_up_after_s``). A global the node cannot take (a stream without its header, more or
+fewer bytes than announced, another version, codec or delta mode than the federation's, a payload
+that fails the codec's validation) is a :class:`GlobalRefused` naming the
+:class:`~shared.wire.reasons.Reason` it would earn on the aggregator: the node keeps the global it
+holds, and its saved state, and fetches again after a backoff (:meth:`NodeClient._fetch_global`); a
+stalled download ends at ``transfer_timeout_s`` and is retried the same way. Only after
+``give_up_after_s`` of refused globals does the node stop (exit code 1). Every string the aggregator
+sends that reaches a log line is escaped (:func:`shared.ops.logs.printable`).
+
+A refusal is handled by the :class:`~shared.wire.reasons.Reason` the aggregator gives
+(:meth:`NodeClient._call`): an unknown node registers again, an update the round no longer wants
+(stale, future, already in) is dropped and the node follows the current round, and a refusal for good
+(registration mismatch, identity, a payload refused) stops the node with the aggregator's message
+(:class:`NodeRefused`, exit code 3; 4 when the aggregator runs another run).
 """
 
 from __future__ import annotations
@@ -37,20 +46,30 @@ from hospital_node.data import LocalData, load_local
 from hospital_node.state import NodeState, PendingUpdate, StateStore
 from shared import __version__
 from shared.backbone import DEFAULT_TEMPLATES, Backbone, BackboneSpec, load_backbone
-from shared.codec import CodecError
+from shared.codec import CODECS, CodecError
 from shared.data.features import encode_samples
 from shared.errors import FedMedCLIPError
-from shared.learning.rounds import WireConfig, decode_adapter, make_update
+from shared.learning.rounds import WireConfig, check_wire, decode_adapter, make_update
 from shared.learning.training import HospitalLearner, TrainConfig, build_adapter, get_method
 from shared.ops.config import ConfigError
 from shared.ops.exitcodes import ExitCode
+from shared.ops.logs import printable
 from shared.ops.telemetry import Telemetry
 from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
 from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2_grpc as pb_grpc
 from shared.wire.protocol import metrics_to_proto, state_digest
 from shared.wire.reasons import Action, Reason, reason_of
 from shared.wire.tls import TlsMaterial, secure_channel
-from shared.wire.transport import Backoff, assemble, call_with_retry, channel_options, chunk_size, chunks
+from shared.wire.transport import (
+    MAX_PAYLOAD_BYTES,
+    Backoff,
+    PayloadAssemblyError,
+    assemble,
+    call_with_retry,
+    channel_options,
+    chunk_size,
+    chunks,
+)
 
 log = logging.getLogger("fedmedclip.node")
 T = TypeVar("T")
@@ -64,8 +83,16 @@ class NodeRefused(FedMedCLIPError):
     """The aggregator refused this node for good; ``reason`` says why, the message is the aggregator's."""
 
     def __init__(self, reason: Reason, message: str) -> None:
-        super().__init__(f"{reason.code.name} ({reason}): {message}")
+        super().__init__(f"{reason.code.name} ({reason}): {printable(message, 1000)}")
         self.reason = reason
+
+
+class GlobalRefused(FedMedCLIPError):
+    """A global from the aggregator that this node will not take; ``reason`` says why (as the aggregator would)."""
+
+    def __init__(self, version: int, reason: Reason, message: str) -> None:
+        super().__init__(f"global v{version} refused ({reason}): {printable(message, 500)}")
+        self.version, self.reason = version, reason
 
 
 @dataclass
@@ -158,7 +185,7 @@ class NodeClient:
                 if reason is None:  # not the aggregator's refusal; transient failures were retried already
                     raise
                 if reason.action is Action.REREGISTER and not reregistered:
-                    log.warning("%s refused (%s): %s; registering again", what, reason, exc.details())
+                    log.warning("%s refused (%s): %s; registering again", what, reason, printable(exc.details()))
                     self._register()
                     reregistered = True
                     continue
@@ -180,12 +207,14 @@ class NodeClient:
             software_version=__version__)
         response = self._call("Register", lambda: self.stub.Register(request, timeout=self.cfg.rpc_timeout_s),
                               reregister=False)
+        if response.codec not in CODECS:
+            raise NodeRefused(Reason.UNKNOWN_CODEC, f"the aggregator announces codec {response.codec[:40]!r}")
         self.run_id = response.round.run_id
         self.wire = WireConfig(codec=response.codec, delta=response.delta, drop_masked_rows=response.drop_masked_rows)
         self.heartbeat_interval = max(0.5, response.heartbeat_interval_ms / 1000.0)
         self.chunk_bytes = chunk_size(response.max_chunk_bytes)
-        log.info("registered with %s: run %s, round %d of %d, codec %s", self.cfg.aggregator, self.run_id,
-                 response.round.round_id + 1, response.round.total_rounds, response.codec)
+        log.info("registered with %s: run %s, round %d of %d, codec %s", self.cfg.aggregator,
+                 printable(self.run_id, 64), response.round.round_id + 1, response.round.total_rounds, response.codec)
         return response
 
     def _get_round(self, wait_for: int, wait: bool = False) -> pb.RoundInfo:
@@ -197,19 +226,59 @@ class NodeClient:
             request, timeout=wait_s + self.cfg.rpc_timeout_s)).round
 
     def _fetch(self, version: int) -> tuple[pb.PayloadHeader, bytes]:
+        """Download global ``version``: transient failures (a stalled stream ends at ``transfer_timeout_s``,
+        a message over gRPC's size limit, the network) are retried; a stream that is not a payload as
+        announced is a :class:`GlobalRefused`."""
         def fetch() -> tuple[pb.PayloadHeader, bytes]:
             stream = self.stub.FetchGlobal(pb.FetchGlobalRequest(run_id=self.run_id, node_id=self.cfg.node_id,
                                                                  version=version),
                                            timeout=self.cfg.transfer_timeout_s)
-            first = next(stream)
-            if first.WhichOneof("content") != "header":
-                raise ValueError("FetchGlobal did not start with a header")
-            data = assemble((m.chunk for m in stream), first.header.wire_bytes)
-            return first.header, data
+            first = next(stream, None)
+            if first is None or first.WhichOneof("content") != "header":
+                stream.cancel()
+                raise GlobalRefused(version, Reason.BAD_STREAM, "the download did not start with a header")
+            header = first.header
+            if header.version != version:
+                stream.cancel()
+                raise GlobalRefused(version, Reason.BAD_ROUND_ID, f"the download is version {header.version}")
+            try:
+                data = assemble((m.chunk for m in stream), header.wire_bytes, MAX_PAYLOAD_BYTES)
+            except PayloadAssemblyError as exc:
+                stream.cancel()
+                raise GlobalRefused(version, exc.reason, str(exc)) from exc
+            return header, data
 
         header, data = self._call(f"FetchGlobal v{version}", fetch)
-        self.t.count_payload("down", header.codec, len(data), header.raw_bytes)
+        encoding = header.codec if header.codec in CODECS else "unknown"  # a bounded label set
+        self.t.count_payload("down", encoding, len(data), max(0, header.raw_bytes))
         return header, data
+
+    def _fetch_global(self, version: int, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Global ``version``, decoded against ``reference`` (version - 1) and fully validated.
+
+        A global refused (:class:`GlobalRefused`) changes nothing the node holds; it is fetched again after
+        a backoff with jitter, for at most ``give_up_after_s``, then the last refusal is raised.
+        """
+        start = time.monotonic()
+        attempt = 0
+        while True:
+            try:
+                header, data = self._fetch(version)
+                t0 = time.perf_counter()
+                try:
+                    check_wire(data, self.wire)  # the federation's codec and delta mode, as announced
+                    decoded = decode_adapter(data, header.sha256, reference, self.wire)
+                except CodecError as exc:
+                    raise GlobalRefused(version, exc.reason, str(exc)) from exc
+                self.t.codec_seconds.labels(operation="decode").observe(time.perf_counter() - t0)
+                return decoded.tensors
+            except GlobalRefused as exc:
+                if time.monotonic() - start > self.backoff.give_up_after_s:
+                    raise
+                wait = self.backoff.delay(attempt, self.rng)
+                log.warning("%s; keeping global v%d, fetching again in %.2fs", exc, version - 1, wait)
+                self._sleep(wait)
+                attempt += 1
 
     # -- state -------------------------------------------------------------------------------
     def _load_or_create_state(self) -> NodeState:
@@ -242,14 +311,8 @@ class NodeClient:
         assert state is not None
         while state.global_version < version:
             v = state.global_version + 1
-            header, data = self._fetch(v)
-            t0 = time.perf_counter()
-            try:
-                decoded = decode_adapter(data, header.sha256, state.global_state, self.wire)
-            except CodecError as exc:  # TCP and the SHA-256 make this a bug, not noise: stop loudly
-                raise RuntimeError(f"global v{v} from the aggregator does not decode: {exc}") from exc
-            self.t.codec_seconds.labels(operation="decode").observe(time.perf_counter() - t0)
-            state.global_state = decoded.tensors
+            tensors = self._fetch_global(v, state.global_state)  # a refused global leaves the state as it is
+            state.global_state = tensors
             state.global_version = v
         # not saved here: every published version stays on the aggregator, a restarted node fetches it again
 
@@ -323,7 +386,8 @@ class NodeClient:
             if reason is None or reason.action is not Action.RESYNC:
                 raise
             # the round closed without us, or it holds an update of ours already: go on with the current round
-            log.warning("update of round %d not taken (%s): %s", pending.round_id + 1, reason, exc.details())
+            log.warning("update of round %d not taken (%s): %s", pending.round_id + 1, reason,
+                        printable(exc.details()))
             return
         self.t.count_payload("up", pending.codec, len(pending.payload), pending.raw_bytes)
         self.t.updates_accepted.inc()
@@ -353,11 +417,11 @@ class NodeClient:
                 if wait_for:
                     info = self._get_round(wait_for, wait=True)
                 if info.run_id != self.run_id:
-                    log.error("the aggregator started another run (%s); this node's run was %s", info.run_id,
-                              self.run_id)
+                    log.error("the aggregator started another run (%s); this node's run was %s",
+                              printable(info.run_id, 64), printable(self.run_id, 64))
                     return ExitCode.RUN_CHANGED
                 if info.phase == pb.ROUND_PHASE_FAILED:
-                    log.error("the run failed: %s", info.message)
+                    log.error("the run failed: %s", printable(info.message, 1000))
                     return ExitCode.FAILED
                 if info.phase == pb.ROUND_PHASE_WAITING_FOR_NODES:
                     info = self._get_round(0, wait=True)  # long-polls until the first round opens
@@ -382,6 +446,10 @@ class NodeClient:
                     if pending is not None and pending.round_id == r and not info.update_accepted:
                         self._upload(pending)
                 wait_for = info.round_id + 1
+        except GlobalRefused as exc:
+            log.error("no global the node can take for %.0fs (%s); stopping with its state as it was",
+                      self.backoff.give_up_after_s, exc)
+            return ExitCode.FAILED
         except NodeRefused as exc:
             if exc.reason is Reason.WRONG_RUN:
                 log.error("the aggregator runs another run than this node's %s: %s", self.run_id, exc)

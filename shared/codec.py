@@ -7,12 +7,16 @@ from another model version. Decoding therefore checks, in this order and before 
 large allocation:
 
 1. the SHA-256 that travelled beside the payload (when the caller has one);
-2. the compressed length, the size the zstd frame declares, and the size actually
-   produced, read through a capped stream so a decompression bomb is stopped after
-   ``limit + 1`` bytes whether or not it declares its size;
-3. the binary layout (magic, version, header, exact body length);
-4. the tensor names and shapes against the caller's template, exactly;
-5. that every value is finite.
+2. the compressed length, and the size the zstd frame declares: a frame that declares
+   none is refused before a byte is decompressed, one that declares more than the cap too;
+3. the prefix and the JSON header, read alone through a stream (the header is capped at
+   ``MAX_HEADER_BYTES``; integers of more than 18 digits, floats and NaN are refused while
+   parsing, so no client string reaches Python's int conversion limit);
+4. the tensor names and shapes against the caller's template, exactly; then the declared
+   size against the largest body that template allows (every row sent, float32, bitmaps):
+   the rest of the frame is read up to that bound plus one byte, so a frame that lies about
+   its size is stopped after about one template's worth of output, never the 64 MiB cap;
+5. the binary layout (exact body length, bitmaps), then that every value is finite.
 
 Never pickle: a pickle is code, and the aggregator must not run code a hospital sent.
 
@@ -108,6 +112,9 @@ __all__ = [
     "encode_state",
     "decode_state",
     "payload_codec",
+    "payload_info",
+    "PayloadInfo",
+    "max_body_nbytes",
 ]
 
 CODECS: tuple[str, ...] = ("fp32", "fp16", "int8", "int4")
@@ -125,6 +132,7 @@ _MAGIC = b"FMCS"
 _PREFIX = struct.Struct("<4sHI")  # magic, version, header length
 _FP16_MAX = 65504.0
 _READ_CHUNK = 1024 * 1024
+_MAX_INT_DIGITS = 18  # header integers are dimensions: int64 at most, far below Python's 4300-digit limit
 
 # Which per-tensor encodings a payload of a given codec may contain.
 _ALLOWED_ENCS: dict[str, frozenset[str]] = {
@@ -441,49 +449,41 @@ def _as_bytes(data: object) -> bytes:
     raise MalformedPayloadError(f"payload must be bytes, got {type(data).__name__}")
 
 
-def _decompress_capped(data: bytes, limit: int) -> bytes:
-    """Decompress one zstd frame, never holding more than ``limit + 1`` output bytes.
-
-    The declared content size is checked first (cheap, rejects honest large frames);
-    the actual output is then read through a stream reader in chunks and abandoned as
-    soon as it passes ``limit``, which stops a bomb that declares no size or lies.
-    Once the frame is known to fit, a second pass checks that the input is exactly one
-    complete frame (the stream reader silently accepts a truncated frame or trailing
-    bytes); that pass is bounded by the same proven size.
-    """
+def _declared_size(data: bytes, limit: int) -> int:
+    """The decompressed size the frame declares; refused when it declares none or more than ``limit``."""
     try:
         declared = zstandard.frame_content_size(data)
     except zstandard.ZstdError as exc:
         raise MalformedPayloadError(f"not a zstd frame: {exc}") from exc
     if declared == zstandard.CONTENTSIZE_ERROR:
         raise MalformedPayloadError("not a zstd frame")
-    if declared != zstandard.CONTENTSIZE_UNKNOWN and declared > limit:
+    if declared < 0 or declared == zstandard.CONTENTSIZE_UNKNOWN:  # python-zstandard says -1 for "unknown"
+        # every payload declares its size (encode_state); one that does not is refused before
+        # anything is decompressed, whatever it holds
+        raise MalformedPayloadError("zstd frame does not declare its content size")
+    if declared > limit:
         raise PayloadTooLargeError(
             f"payload declares {declared} decompressed bytes, over the limit {limit}"
         )
+    return int(declared)
+
+
+def _read_up_to(reader, n: int) -> bytes:
+    """Up to ``n`` bytes from a zstd stream reader, in chunks (never more than ``n``)."""
     chunks: list[bytes] = []
-    total = 0
-    try:
-        reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=False)
-        with reader:
-            while True:
-                chunk = reader.read(min(_READ_CHUNK, limit + 1 - total))
-                if not chunk:
-                    break
-                total += len(chunk)
-                if total > limit:
-                    raise PayloadTooLargeError(
-                        f"payload decompresses to more than the limit {limit} bytes"
-                    )
-                chunks.append(chunk)
-    except zstandard.ZstdError as exc:
-        raise MalformedPayloadError(f"corrupt zstd data: {exc}") from exc
-    if declared == zstandard.CONTENTSIZE_UNKNOWN:
-        raise MalformedPayloadError("zstd frame does not declare its content size")
-    if total != declared:
-        raise MalformedPayloadError(
-            f"zstd frame declares {declared} bytes but holds {total} (truncated or corrupt)"
-        )
+    got = 0
+    while got < n:
+        chunk = reader.read(min(_READ_CHUNK, n - got))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _check_single_frame(data: bytes) -> None:
+    """The input is exactly one complete frame (the stream reader accepts a truncated frame or
+    trailing bytes silently). Only called once the frame's output is known to be small."""
     try:
         dobj = zstandard.ZstdDecompressor().decompressobj()
         dobj.decompress(data)
@@ -493,7 +493,17 @@ def _decompress_capped(data: bytes, limit: int) -> bytes:
         raise MalformedPayloadError("zstd frame is truncated")
     if dobj.unused_data:
         raise MalformedPayloadError(f"{len(dobj.unused_data)} bytes of trailing data after the frame")
-    return b"".join(chunks)
+
+
+def max_body_nbytes(template: Mapping[str, tuple[int, ...]]) -> int:
+    """The largest body a valid payload for ``template`` has: every row sent, float32, with bitmaps."""
+    total = 0
+    for name, shape in template.items():
+        dims = _shape_tuple(shape, f"template {name!r}")
+        if not dims:
+            raise ShapeMismatchError(f"template {name!r}: a tensor needs at least one dimension")
+        total += (dims[0] + 7) // 8 + 4 * math.prod(dims)
+    return total
 
 
 def _parse_prefix(raw: bytes) -> int:
@@ -510,11 +520,24 @@ def _parse_prefix(raw: bytes) -> int:
     return int(hlen)
 
 
+def _header_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise MalformedPayloadError(f"header holds an integer of {len(text)} characters")
+    return int(text)
+
+
+def _no_float(text: str) -> float:
+    raise MalformedPayloadError(f"header holds a number that is not an integer ({text[:20]!r})")
+
+
 def _parse_header(blob: bytes) -> dict[str, object]:
     """Parse and type-check the JSON header (no tensor data yet)."""
     try:
-        header = json.loads(blob.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        header = json.loads(blob.decode("utf-8"), parse_int=_header_int, parse_float=_no_float,
+                            parse_constant=_no_float)
+    except MalformedPayloadError:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise MalformedPayloadError(f"header is not valid JSON: {exc}") from exc
     if not isinstance(header, dict) or set(header) != {"codec", "delta", "tensors"}:
         raise MalformedPayloadError("header must be an object with keys codec, delta, tensors")
@@ -553,26 +576,39 @@ def _parse_header(blob: bytes) -> dict[str, object]:
     return header
 
 
-def payload_codec(data: bytes) -> str:
-    """Return the codec a payload names, decompressing only its prefix and header.
+@dataclass(frozen=True)
+class PayloadInfo:
+    """What a payload's header says about it, read without decoding the body (:func:`payload_info`)."""
 
-    This is a peek for logging and routing; it verifies nothing else. Use
-    :func:`decode_state` before trusting the payload.
+    codec: str
+    delta: bool
+
+
+def payload_info(data: bytes) -> PayloadInfo:
+    """The codec and delta flag a payload's header names, decompressing only its prefix and header.
+
+    A peek for routing and for checking a payload against the federation's settings before it is
+    decoded; it verifies nothing else. Use :func:`decode_state` before trusting the payload.
     """
     data = _as_bytes(data)
     try:
         reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=False)
         with reader:
-            prefix = reader.read(_PREFIX.size)
-            hlen = _parse_prefix(prefix)
-            blob = reader.read(hlen)
+            hlen = _parse_prefix(_read_up_to(reader, _PREFIX.size))
+            blob = _read_up_to(reader, hlen)
     except zstandard.ZstdError as exc:
         raise MalformedPayloadError(f"corrupt zstd data: {exc}") from exc
     if len(blob) != hlen:
         raise MalformedPayloadError("payload is truncated inside its header")
-    codec = _parse_header(blob)["codec"]
-    assert isinstance(codec, str)
-    return codec
+    header = _parse_header(blob)
+    codec, delta = header["codec"], header["delta"]
+    assert isinstance(codec, str) and isinstance(delta, bool)
+    return PayloadInfo(codec=codec, delta=delta)
+
+
+def payload_codec(data: bytes) -> str:
+    """The codec a payload names (:func:`payload_info`'s ``codec``)."""
+    return payload_info(data).codec
 
 
 def _check_mapping_against_template(
@@ -626,22 +662,46 @@ def decode_state(
         raise PayloadTooLargeError(
             f"payload of {len(data)} bytes is over the limit {max_payload_bytes}"
         )
-    raw = _decompress_capped(data, max_decompressed_bytes)
-
-    # 3. layout
-    hlen = _parse_prefix(raw)
-    start = _PREFIX.size
-    if len(raw) < start + hlen:
-        raise MalformedPayloadError("payload is truncated inside its header")
-    header = _parse_header(raw[start : start + hlen])
-    offset = start + hlen
-    entries: list[dict] = header["tensors"]  # type: ignore[assignment]
-
-    # 4. names and shapes against the template, before allocating anything they size
+    declared = _declared_size(data, max_decompressed_bytes)
     tmpl = {str(n): _shape_tuple(s, f"template {n!r}") for n, s in template.items()}
-    _check_mapping_against_template(
-        "payload", {e["name"]: tuple(e["shape"]) for e in entries}, tmpl
-    )
+
+    # 3. prefix and header alone
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=False)
+        with reader:
+            head = _read_up_to(reader, _PREFIX.size)
+            hlen = _parse_prefix(head)
+            start = _PREFIX.size
+            if start + hlen > declared:
+                raise MalformedPayloadError("payload declares less than its own header")
+            blob = _read_up_to(reader, hlen)
+            if len(blob) != hlen:
+                raise MalformedPayloadError("payload is truncated inside its header")
+            header = _parse_header(blob)
+            entries: list[dict] = header["tensors"]  # type: ignore[assignment]
+
+            # 4. names and shapes against the template, before allocating anything they size; the
+            # body can then be no longer than the template's largest, whatever the frame declares
+            _check_mapping_against_template(
+                "payload", {e["name"]: tuple(e["shape"]) for e in entries}, tmpl
+            )
+            bound = start + hlen + max_body_nbytes(tmpl)
+            if declared > bound:
+                raise PayloadTooLargeError(
+                    f"payload declares {declared} decompressed bytes; the template allows at most {bound}"
+                )
+            rest = _read_up_to(reader, declared - start - hlen + 1)
+    except zstandard.ZstdError as exc:
+        raise MalformedPayloadError(f"corrupt zstd data: {exc}") from exc
+    if start + hlen + len(rest) != declared:
+        raise MalformedPayloadError(
+            f"zstd frame declares {declared} bytes but holds "
+            f"{'more' if start + hlen + len(rest) > declared else start + hlen + len(rest)} "
+            "(truncated, corrupt or lying)"
+        )
+    _check_single_frame(data)  # bounded: the frame's output is `declared` bytes, at most `bound`
+    raw = head + blob + rest
+    offset = start + hlen
     is_delta = bool(header["delta"])
     if is_delta and reference is None:
         raise ReferenceRequiredError("payload is a delta; decode it with the same reference")

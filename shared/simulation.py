@@ -1,7 +1,10 @@
 """In-process federation: N hospitals plus a held-out one, R rounds, one process.
 
 It drives the same round steps as the services (:mod:`shared.learning.rounds`): local training, the
-codec in both directions, streaming aggregation. Per round it validates every training hospital's
+codec in both directions, streaming aggregation, with the aggregator's weights
+(:func:`shared.learning.aggregation.capped_weights` over the training hospitals' sample counts, with
+the same ``max_samples_per_node`` and ``max_weight_share``; every hospital reports every round, so
+the weights are those of a round in which no node drops out). Per round it validates every training hospital's
 ensemble on its val split and keeps the round with the best mean val accuracy; the test metrics
 of that round are the result (docs/method.md, section 11).
 
@@ -11,7 +14,6 @@ Run: ``fedmedclip simulate --help`` (``make simulate``; ``python -m shared.simul
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 
 from shared import __version__
-from shared.learning.aggregation import AGGREGATION_RULES, make_aggregator
+from shared.learning.aggregation import AGGREGATION_RULES, capped_weights, make_aggregator
 from shared.backbone import BACKBONE_KINDS, Backbone, BackboneSpec, load_backbone
 from shared.codec import CODECS
 from shared.data import Dataset, HospitalData, default_data_root
@@ -32,6 +34,7 @@ from shared.data.features import EncodeStats, encode_samples
 from shared.learning.metrics import mean_metrics, nanmean
 from shared.learning.training import METHODS, HospitalLearner, MethodConfig, TrainConfig, build_adapter, get_method
 from shared.ops.command import Command, main_for
+from shared.ops.report import dumps_strict
 
 log = logging.getLogger("fedmedclip.simulation")
 
@@ -48,6 +51,8 @@ class SimConfig:
     method: str = "fedmedclip"
     wire: WireConfig = field(default_factory=WireConfig)
     aggregation: str = "weighted"
+    max_samples_per_node: int | None = 1_000_000  # as the aggregator's: a hospital's count weighs at most this
+    max_weight_share: float | None = 0.5  # as the aggregator's: no hospital's share of the weighted average above this
     seed: int = 0
     backbone: BackboneSpec = field(default_factory=BackboneSpec)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -105,6 +110,8 @@ def run(cfg: SimConfig, prepared: Prepared | None = None) -> dict:
                                 device=prep.backbone.device if cfg.device is None else cfg.device)
                 for i in range(len(training))]
     global_state = build_adapter(method, dim, cfg.train, cfg.seed).travel_state()
+    weights = capped_weights({h.name: len(h.split.train) for h in training}, max_samples=cfg.max_samples_per_node,
+                             max_share=cfg.max_weight_share)
     rounds = cfg.rounds if method.trains else 1
     history: list[dict] = []
     for r in range(rounds):
@@ -120,7 +127,7 @@ def run(cfg: SimConfig, prepared: Prepared | None = None) -> dict:
                 timings["local_train"] += stats.seconds
                 timings["codec"] += time.perf_counter() - t0 - stats.seconds
                 t0 = time.perf_counter()
-                fold_update(aggregator, payload.data, payload.sha256, global_state, len(h.split.train), cfg.wire)
+                fold_update(aggregator, payload.data, payload.sha256, global_state, weights[h.name], cfg.wire)
                 timings["aggregate"] += time.perf_counter() - t0
                 bytes_up += payload.wire_nbytes
                 bytes_up_raw += payload.raw_nbytes
@@ -230,7 +237,7 @@ def _jsonable(value):
 def write_outputs(report: dict, out_dir: Path) -> None:
     """``report.json``, ``report.md`` and the two plots."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, allow_nan=True))
+    (out_dir / "report.json").write_text(dumps_strict(report, indent=2))  # strict JSON: NaN as null
     (out_dir / "report.md").write_text(render_markdown(report))
     plot_history(report, out_dir)
 
@@ -302,6 +309,8 @@ class SimulateConfig:
     codec: str = "int8"  # fp32, fp16, int8 or int4: how the adapter travels
     delta: bool = False  # send differences to the last global
     aggregation: str = "weighted"  # weighted, uniform, median or trimmed_mean
+    max_samples_per_node: int | None = 1_000_000  # a hospital's training samples weigh at most this (None: no cut)
+    max_weight_share: float | None = 0.5  # no hospital's share of the weighted average above this (None: off)
     seed: int = 0  # seeds the partition, the models and the batch order
     backbone: str = BackboneSpec().kind  # effnet-lite0-minilm (offline; not CLIP) or openclip
     arch: str = BackboneSpec().arch  # open_clip architecture (backbone: openclip)
@@ -318,12 +327,17 @@ class SimulateConfig:
                               ("backbone", BACKBONE_KINDS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {list(choices)}")
+        if self.max_samples_per_node is not None and self.max_samples_per_node < 1:
+            raise ValueError("max_samples_per_node must be >= 1 (or null: no cut)")
+        if self.max_weight_share is not None and not 0.0 < self.max_weight_share <= 1.0:
+            raise ValueError("max_weight_share must be in (0, 1] (or null: off)")
 
     def sim_config(self) -> SimConfig:
         return SimConfig(data_root=self.data or str(default_data_root()), per_class=self.per_class,
                          n_hospitals=self.hospitals, alpha=self.alpha if self.alpha > 0 else None,
                          holdout=self.holdout, rounds=self.rounds, method=self.method,
                          wire=WireConfig(codec=self.codec, delta=self.delta), aggregation=self.aggregation,
+                         max_samples_per_node=self.max_samples_per_node, max_weight_share=self.max_weight_share,
                          seed=self.seed,
                          backbone=BackboneSpec(kind=self.backbone, arch=self.arch, pretrained=self.pretrained),
                          train=replace(TrainConfig(), lr_adapter=self.lr_fam, lr_mlp=self.lr_mlp),

@@ -5,14 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from shared.codec import decode_state, encode_state
+from shared.errors import FedMedCLIPError
 from shared.learning.aggregation import (
     AGGREGATION_RULES,
     AggregationError,
     Aggregator,
+    capped_weights,
+    joiner_weight,
     make_aggregator,
 )
-from shared.codec import decode_state, encode_state
-from shared.errors import FedMedCLIPError
 
 SHAPES = {"fc.weight": (6, 4), "fc.bias": (6,), "fc.threshold": (6,)}
 
@@ -38,7 +40,7 @@ def test_weighted_mean_equals_torch_reference():
     states = [rand_state(i) for i in range(5)]
     samples = [10, 250, 3, 77, 1]
     agg = make_aggregator("weighted")
-    for s, n in zip(states, samples):
+    for s, n in zip(states, samples, strict=True):
         agg.add(s, num_samples=n)
     assert agg.count == 5
     out = agg.result(zeros_state())
@@ -84,7 +86,7 @@ def test_row_sent_by_some_updates_is_averaged_over_those_only(rule):
     c["fc.weight"][0] = 1e30
     weights = {"weighted": (2, 5, 7), "uniform": (1, 1, 1)}[rule]
     agg = make_aggregator(rule)
-    for s, p, n in zip((a, b, c), (pa, pb, pc), (2, 5, 7)):
+    for s, p, n in zip((a, b, c), (pa, pb, pc), (2, 5, 7), strict=True):
         agg.add(s, {"fc.weight": p, "fc.bias": p}, num_samples=n)
     previous = rand_state(99)
     out = agg.result(previous)
@@ -256,10 +258,100 @@ def test_result_without_updates_raises(rule):
         make_aggregator(rule).result(zeros_state())
 
 
-@pytest.mark.parametrize("bad", [0, -3, 1.5, True])
-def test_non_positive_or_non_integer_weight_raises(bad):
+@pytest.mark.parametrize("bad", [0, -3, -0.5, True, float("nan"), float("inf"), "10", None])
+def test_non_positive_non_finite_or_non_numeric_weight_raises(bad):
     with pytest.raises(AggregationError):
         make_aggregator("weighted").add(rand_state(0), num_samples=bad)
+
+
+def test_a_fractional_weight_is_a_weight():
+    a, b = rand_state(1), rand_state(2)
+    agg = make_aggregator("weighted")
+    agg.add(a, num_samples=1.5)
+    agg.add(b, num_samples=0.5)
+    out = agg.result(zeros_state())
+    assert torch.allclose(out["fc.weight"], 0.75 * a["fc.weight"] + 0.25 * b["fc.weight"], atol=1e-6)
+
+
+# ----------------------------------------------------------------------- weights no node can inflate
+
+
+def shares(weights: dict[str, float]) -> dict[str, float]:
+    total = sum(weights.values())
+    return {n: w / total for n, w in weights.items()}
+
+
+def test_capped_weights_are_the_counts_when_no_cap_binds():
+    counts = {"h1": 730, "h2": 841, "h3": 629, "h4": 1070}  # the default 4-hospital protocol's train splits
+    weights = capped_weights(counts, max_samples=1_000_000, max_share=0.5)
+    assert weights == {n: float(c) for n, c in counts.items()}
+    assert all(type(w) is float for w in weights.values())
+    assert capped_weights(counts) == weights  # no caps at all
+
+
+def test_a_node_claiming_1e9_samples_gets_at_most_the_share_cap():
+    counts = {"h1": 30, "h2": 10, "liar": 10**9}
+    assert shares(capped_weights(counts))["liar"] > 0.99999  # the old rule: it *is* the average
+    weights = capped_weights(counts, max_samples=1_000_000, max_share=0.5)
+    assert weights == {"h1": 30.0, "h2": 10.0, "liar": 40.0}  # water-filled: 40 = 0.5 * (30 + 10 + 40)
+    assert shares(weights)["liar"] == 0.5
+    assert capped_weights(counts, max_samples=100)["liar"] == 100.0  # the per-node cut alone
+
+
+@pytest.mark.parametrize("max_share", [0.2, 0.25, 0.3, 0.34, 0.5, 0.9])
+def test_water_filling_keeps_every_share_under_the_cap_and_orders_nodes_as_their_counts(max_share):
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        n = int(torch.randint(1, 12, (1,), generator=g))
+        raw = torch.randint(1, 10**6, (n,), generator=g).tolist()
+        if trial % 3 == 0:
+            raw[0] = 10**9  # a liar
+        counts = {f"h{i}": c for i, c in enumerate(raw)}
+        weights = capped_weights(counts, max_samples=10**7, max_share=max_share)
+        cut = {name: min(c, 10**7) for name, c in counts.items()}
+        assert all(0 < weights[name] <= cut[name] for name in counts)
+        share = shares(weights)
+        if n * max_share > 1:
+            assert max(share.values()) <= max_share * (1 + 1e-12)
+            # a node above the level keeps it, a node under it keeps its count: the largest T that works
+            level = max(weights.values())
+            assert all(weights[name] == cut[name] or weights[name] == level for name in counts)
+            if level < max(cut.values()):
+                assert max(share.values()) == pytest.approx(max_share, rel=1e-9)
+        else:  # the cap cannot hold: equal weights, the smallest largest share there is
+            assert len(set(weights.values())) == 1
+        order = sorted(counts, key=lambda name: cut[name])
+        assert [weights[name] for name in order] == sorted(weights.values())
+
+
+def test_two_nodes_and_a_half_share_cap_weigh_the_same():
+    assert capped_weights({"a": 10, "b": 20}, max_share=0.5) == {"a": 10.0, "b": 10.0}
+    assert capped_weights({"a": 10, "b": 10}, max_share=0.5) == {"a": 10.0, "b": 10.0}  # exactly 0.5: unchanged
+    assert capped_weights({"a": 10, "b": 20}, max_share=1.0) == {"a": 10.0, "b": 20.0}
+    assert capped_weights({"a": 10}, max_share=0.5) == {"a": 10.0}
+
+
+def test_a_joiner_during_an_open_round_takes_at_most_the_share_cap_of_the_whole_round():
+    open_weights = capped_weights({"h1": 30, "h2": 10}, max_share=0.5)
+    total = sum(open_weights.values())
+    late = joiner_weight(10**9, total, max_samples=10**6, max_share=0.5)
+    assert late == 20.0 and late / (total + late) <= 0.5
+    assert joiner_weight(5, total, max_share=0.5) == 5.0
+    assert joiner_weight(10**9, total, max_samples=10**6) == 10**6  # no share cap: the cut count
+    assert joiner_weight(7, total, max_share=0.25) == pytest.approx(20 / 3)
+
+
+@pytest.mark.parametrize("bad", [{"a": 0}, {"a": -1}, {"a": 1.5}, {"a": True}])
+def test_capped_weights_refuse_counts_that_are_not_positive_ints(bad):
+    with pytest.raises(AggregationError):
+        capped_weights(bad)
+
+
+@pytest.mark.parametrize("caps", [{"max_samples": 0}, {"max_share": 0.0}, {"max_share": 1.5},
+                                  {"max_share": float("nan")}, {"max_samples": 2.5}])
+def test_capped_weights_refuse_bad_caps(caps):
+    with pytest.raises(AggregationError):
+        capped_weights({"a": 1, "b": 2}, **caps)
 
 
 def test_bad_present_flags_raise():
@@ -294,7 +386,7 @@ def test_codec_output_feeds_the_aggregator():
     node_masks = [torch.tensor([1, 1, 0, 1, 0, 1], dtype=torch.bool),
                   torch.tensor([1, 0, 0, 1, 1, 1], dtype=torch.bool)]
     nodes = [rand_state(1), rand_state(2)]
-    for state, m, n in zip(nodes, node_masks, (30, 10)):
+    for state, m, n in zip(nodes, node_masks, (30, 10), strict=True):
         p = encode_state(state, codec="fp32", reference=previous, row_masks={"fc.weight": m})
         d = decode_state(p.data, sha256=p.sha256, template=template, reference=previous)
         agg.add(d.tensors, d.present, num_samples=n)

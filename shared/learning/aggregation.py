@@ -14,7 +14,9 @@ global state:
 Rules (:data:`AGGREGATION_RULES`):
 
 ``weighted`` (default)
-    Mean weighted by each node's number of training samples (FedAvg).
+    Mean weighted by each node's number of training samples (FedAvg), after the caps of
+    :func:`capped_weights`: no node weighs more than ``max_samples`` samples, and no node's
+    share of the average exceeds ``max_share`` (docs/trust-model.md, section 5).
 ``uniform``
     Plain mean, each update weight 1 (the public code's rule, for comparison).
 ``median``
@@ -49,6 +51,8 @@ __all__ = [
     "AGGREGATION_RULES",
     "AggregationError",
     "Aggregator",
+    "capped_weights",
+    "joiner_weight",
     "WeightedMeanAggregator",
     "MedianAggregator",
     "TrimmedMeanAggregator",
@@ -92,7 +96,7 @@ class Aggregator:
         tensors: Mapping[str, torch.Tensor],
         present: Mapping[str, torch.Tensor] | None = None,
         *,
-        num_samples: int = 1,
+        num_samples: float = 1,
     ) -> None:
         """Add one node's update.
 
@@ -101,11 +105,13 @@ class Aggregator:
                 gives them). Values of rows not present are ignored.
             present: name -> bool ``[shape[0]]``: rows this node sent. A name left out,
                 or ``present=None``, means every row was sent.
-            num_samples: the node's number of training samples (> 0); the weight of
-                the ``weighted`` rule, ignored by the others but still validated.
+            num_samples: the update's weight (> 0, finite): the node's number of training
+                samples, or its capped weight from :func:`capped_weights`; the weight of the
+                ``weighted`` rule, ignored by the others but still validated.
         """
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
-            raise AggregationError(f"num_samples must be a positive int, got {num_samples!r}")
+        if (isinstance(num_samples, bool) or not isinstance(num_samples, (int, float))
+                or not math.isfinite(num_samples) or num_samples <= 0):
+            raise AggregationError(f"num_samples must be a positive finite number, got {num_samples!r}")
         values = self._validate_tensors(tensors, "update")
         rows = self._validate_present(present or {}, values)
         self._fold(values, rows, num_samples)
@@ -124,7 +130,7 @@ class Aggregator:
 
     # -- for subclasses -------------------------------------------------------------
 
-    def _fold(self, values: dict[str, torch.Tensor], rows: dict[str, torch.Tensor], weight: int) -> None:
+    def _fold(self, values: dict[str, torch.Tensor], rows: dict[str, torch.Tensor], weight: float) -> None:
         raise NotImplementedError
 
     def _combine(self, previous: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -212,7 +218,7 @@ class WeightedMeanAggregator(Aggregator):
         self._sum: dict[str, torch.Tensor] = {}
         self._weight: dict[str, torch.Tensor] = {}
 
-    def _fold(self, values: dict[str, torch.Tensor], rows: dict[str, torch.Tensor], weight: int) -> None:
+    def _fold(self, values: dict[str, torch.Tensor], rows: dict[str, torch.Tensor], weight: float) -> None:
         w = 1.0 if self.uniform else float(weight)
         for n, x in values.items():
             p = rows[n]
@@ -248,7 +254,7 @@ class _BufferingAggregator(Aggregator):
         self._values: list[dict[str, torch.Tensor]] = []
         self._rows: list[dict[str, torch.Tensor]] = []
 
-    def _fold(self, values: dict[str, torch.Tensor], rows: dict[str, torch.Tensor], weight: int) -> None:
+    def _fold(self, values: dict[str, torch.Tensor], rows: dict[str, torch.Tensor], weight: float) -> None:
         # Own copies: the caller may reuse or mutate its tensors after add().
         self._values.append({n: t.clone() for n, t in values.items()})
         self._rows.append({n: p.clone() for n, p in rows.items()})
@@ -332,3 +338,79 @@ def make_aggregator(rule: str = "weighted", *, trim_ratio: float = 0.1) -> Aggre
     if rule == "trimmed_mean":
         return TrimmedMeanAggregator(trim_ratio)
     raise AggregationError(f"unknown aggregation rule {rule!r}; expected one of {AGGREGATION_RULES}")
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def _check_caps(max_samples: int | None, max_share: float | None) -> None:
+    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
+                                    or max_samples < 1):
+        raise AggregationError(f"max_samples must be a positive int or None, got {max_samples!r}")
+    if max_share is not None and (isinstance(max_share, bool) or not isinstance(max_share, (int, float))
+                                  or not 0.0 < float(max_share) <= 1.0):
+        raise AggregationError(f"max_share must be in (0, 1] or None, got {max_share!r}")
+
+
+def _capped_count(count: int, max_samples: int | None) -> float:
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise AggregationError(f"a sample count must be a positive int, got {count!r}")
+    return float(count if max_samples is None else min(count, max_samples))
+
+
+def capped_weights(counts: Mapping[str, int], *, max_samples: int | None = None,
+                   max_share: float | None = None) -> dict[str, float]:
+    """The ``weighted`` rule's weight of each node: sample counts no node can inflate.
+
+    1. Each count is cut to ``max_samples`` (None: no cut): ``c_i = min(n_i, max_samples)``.
+    2. Water-filling: ``w_i = min(c_i, T)`` with the largest level ``T`` such that no node holds
+       more than ``max_share`` of the sum, ``w_i <= max_share * sum_j w_j``. ``T`` is infinite
+       (the counts themselves) when no node's share is over ``max_share`` already: the plain
+       sample-weighted average (FedAvg) is unchanged whenever the cap does not bind. When the cap
+       cannot hold (fewer than ``1 / max_share`` nodes, e.g. two nodes and 0.5 is exactly
+       reachable, 0.4 is not), every node gets the same weight, the smallest share possible.
+
+    ``max_share`` None or 1 turns step 2 off. The weights are in sample units (floats); the
+    aggregator and the in-process simulation both call this one function, over the trainers
+    registered when a round opens (:mod:`aggregator.engine`) or over the simulated hospitals.
+    """
+    _check_caps(max_samples, max_share)
+    capped = {name: _capped_count(n, max_samples) for name, n in counts.items()}
+    if max_share is None or max_share >= 1.0 or len(capped) < 2:
+        return capped
+    s = float(max_share)
+    values = sorted(capped.values(), reverse=True)
+    total = sum(values)
+    if values[0] <= s * total:
+        return capped  # the cap does not bind: the counts themselves
+    if len(values) * s <= 1.0:
+        level = values[-1]  # the cap cannot hold: equal weights
+        return {name: level for name in capped}
+    # k largest nodes at the level T, the others at their counts: T = s * (k * T + rest), i.e.
+    # T = s * rest / (1 - k * s); the first k with values[k] <= T is the solution (k * s < 1 there).
+    rest = total
+    level = values[0]
+    for k in range(1, len(values)):
+        rest -= values[k - 1]
+        level = s * rest / (1.0 - k * s)
+        if values[k] <= level:
+            break
+    return {name: min(c, level) for name, c in capped.items()}
+
+
+def joiner_weight(count: int, open_total: float, *, max_samples: int | None = None,
+                  max_share: float | None = None) -> float:
+    """The weight of a node that joins while a round is open, whose weights were fixed at its opening.
+
+    ``min(c, max_share / (1 - max_share) * open_total)`` with ``c`` the count cut to ``max_samples``
+    and ``open_total`` the sum of the weights fixed at the opening: the joiner's share of the round's
+    whole weight (``open_total + w``) is at most ``max_share``, and nobody else's share grows.
+    """
+    _check_caps(max_samples, max_share)
+    c = _capped_count(count, max_samples)
+    if max_share is None or max_share >= 1.0:
+        return c
+    if not (math.isfinite(open_total) and open_total > 0):
+        raise AggregationError(f"open_total must be a positive finite number, got {open_total!r}")
+    s = float(max_share)
+    return min(c, s / (1.0 - s) * open_total)

@@ -18,7 +18,15 @@ from dataclasses import dataclass
 
 import torch
 
-from shared.codec import DEFAULT_MAX_DECOMPRESSED_BYTES, DecodedState, EncodedPayload, decode_state, encode_state
+from shared.codec import (
+    DEFAULT_MAX_DECOMPRESSED_BYTES,
+    CodecError,
+    DecodedState,
+    EncodedPayload,
+    decode_state,
+    encode_state,
+    payload_info,
+)
 from shared.errors import FedMedCLIPError
 from shared.learning.aggregation import Aggregator
 from shared.learning.training import HospitalLearner, RoundStats
@@ -59,6 +67,21 @@ def encode_adapter(state: Mapping[str, torch.Tensor], reference: Mapping[str, to
                    wire: WireConfig) -> EncodedPayload:
     return encode_state(state, codec=wire.codec, row_masks=row_masks_of(state) if wire.drop_masked_rows else None,
                         reference=reference if wire.delta else None)
+
+
+class WireMismatchError(CodecError):
+    """A well-formed payload in another codec, or delta mode, than the federation's."""
+
+    reason = Reason.WIRE_MISMATCH
+
+
+def check_wire(payload: bytes, wire: WireConfig) -> None:
+    """Refuse (:class:`WireMismatchError`) a payload whose header names another codec or delta flag than
+    ``wire``; reads only the payload's prefix and header. Both ends call it before decoding."""
+    info = payload_info(payload)
+    if info.codec != wire.codec or info.delta != wire.delta:
+        raise WireMismatchError(f"payload in codec {info.codec}{' (delta)' if info.delta else ''}, the federation "
+                                f"sends {wire.codec}{' (delta)' if wire.delta else ''}")
 
 
 def decode_adapter(payload: bytes, sha256: str | None, reference: Mapping[str, torch.Tensor],
@@ -124,12 +147,14 @@ def make_update(learner: HospitalLearner, global_state: Mapping[str, torch.Tenso
 
 
 def fold_update(aggregator: Aggregator, payload: bytes, sha256: str | None, global_state: Mapping[str, torch.Tensor],
-                num_samples: int, wire: WireConfig, bounds: UpdateBounds = UpdateBounds()) -> DecodedState:
+                weight: float, wire: WireConfig, bounds: UpdateBounds = UpdateBounds()) -> DecodedState:
     """The aggregator's part for one update: every byte is validated, and the values bounded, before it
-    touches the average."""
+    touches the average. ``weight``: the node's weight in the ``weighted`` rule
+    (:func:`shared.learning.aggregation.capped_weights`); its codec and delta flag must be ``wire``'s."""
+    check_wire(payload, wire)
     decoded = decode_adapter(payload, sha256, global_state, wire)
     check_bounds(decoded.tensors, global_state, bounds)
-    aggregator.add(decoded.tensors, decoded.present, num_samples=num_samples)
+    aggregator.add(decoded.tensors, decoded.present, num_samples=weight)
     return decoded
 
 

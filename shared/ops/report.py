@@ -4,6 +4,10 @@ The aggregator collects every node's evaluation of every global version (docs/me
 validate the ensemble on every training node's val split after each aggregation, keep the round
 with the best mean val accuracy, report test metrics at that round). Held-out evaluator nodes
 report test metrics only; they count in AVG like the simulation's "global" client.
+
+``report.json`` is strict JSON (RFC 8259): a value that is not a finite number (a round without every
+evaluation has no mean, a metric of an empty split none) is written as ``null``
+(:func:`strict_json`), never as a bare ``NaN`` that strict parsers refuse.
 """
 
 from __future__ import annotations
@@ -14,9 +18,32 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from shared.ops.atomic import atomic_write
 from shared.learning.metrics import mean_metrics, nanmean
+from shared.ops.atomic import atomic_write
 
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every float that is not finite (NaN, Inf) replaced by None: ``json.dumps(...,
+    allow_nan=False)`` then writes strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def dumps_strict(value: Any, **kwargs: Any) -> str:
+    """Strict JSON text of ``value`` (non-finite numbers as null)."""
+    return json.dumps(strict_json(value), allow_nan=False, **kwargs)
+
+
+def _num(value: Any, fmt: str = ".4f") -> str:
+    """A number for a Markdown table; '-' for a missing or non-finite one."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return format(value, fmt)
 
 
 def build_report(*, run_id: str, phase: str, message: str, method: str, rounds: int,
@@ -66,8 +93,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                   "test metrics at that round:", "",
                   "| client | accuracy | balanced acc. | macro-F1 | ECE |", "|---|---|---|---|---|"]
         for name, m in list(report["test"].items()) + [("AVG", report["avg"])]:
-            lines.append(f"| {name} | {m['accuracy']:.4f} | {m['balanced_accuracy']:.4f} | {m['macro_f1']:.4f} | "
-                         f"{m['ece']:.4f} |")
+            lines.append(f"| {name} | {_num(m['accuracy'])} | {_num(m['balanced_accuracy'])} | "
+                         f"{_num(m['macro_f1'])} | {_num(m['ece'])} |")
     else:
         lines.append("No complete round of evaluations yet.")
     lines += ["", "| round | mean val acc. | up KB | down KB | seconds |", "|---|---|---|---|---|"]
@@ -75,18 +102,17 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         up = (h.get("bytes_up") or 0) / 1e3
         down = (h.get("bytes_down") or 0) / 1e3
         sec = h.get("seconds")
-        lines.append(f"| {h['round']} | {h['mean_val_accuracy']:.4f} | {up:.1f} | {down:.1f} | "
-                     f"{'-' if sec is None else f'{sec:.3f}'} |")
+        lines.append(f"| {h['round']} | {_num(h['mean_val_accuracy'])} | {up:.1f} | {down:.1f} | "
+                     f"{_num(sec, '.3f')} |")
     b = report.get("bytes_per_round") or {}
     if b:
         lines += ["", f"Bytes per round: up {b['bytes_up'] / 1e3:.1f} KB (raw {b['bytes_up_raw'] / 1e3:.1f} KB), "
                   f"down {b['bytes_down'] / 1e3:.1f} KB (raw {b['bytes_down_raw'] / 1e3:.1f} KB); "
-                  f"{report['seconds_per_round']:.3f} s per round after the first."]
+                  f"{_num(report['seconds_per_round'], '.3f')} s per round after the first."]
     return "\n".join(lines) + "\n"
 
 
 def write_report(report: Mapping[str, Any], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_dir / "report.json", json.dumps(report, indent=2, allow_nan=True).encode("utf-8"),
-                 durable=False)
+    atomic_write(out_dir / "report.json", dumps_strict(report, indent=2).encode("utf-8"), durable=False)
     atomic_write(out_dir / "report.md", render_markdown(report).encode("utf-8"), durable=False)

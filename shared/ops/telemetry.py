@@ -75,6 +75,18 @@ class Telemetry:
             self.grpc_seconds = Histogram("fedmedclip_grpc_server_handling_seconds", "RPC handling time",
                                           ["grpc_service", "grpc_method", "grpc_type"], buckets=_SECONDS_BUCKETS,
                                           registry=r)
+            # load (aggregator/limits.py); refusals for a limit are in fedmedclip_requests_rejected_total{reason}
+            self.rpcs_in_flight = Gauge("fedmedclip_rpcs_in_flight",
+                                        "RPCs being handled now, each on a worker thread, by RPC", ["method"],
+                                        registry=r)
+            self.upload_slots_in_use = Gauge("fedmedclip_upload_slots_in_use",
+                                             "Upload slots taken (uploads being received)", registry=r)
+            self.overloaded = Gauge("fedmedclip_overloaded",
+                                    "1 while health reports overload: workers over the high-water mark, or requests "
+                                    "refused for a load limit within overload_hold_s", registry=r)
+            self.tls_handshake_failures = Counter("fedmedclip_tls_handshake_failures_total",
+                                                  "TLS handshakes that failed on the aggregator's ports, by failure "
+                                                  "(read from gRPC core's log)", ["reason"], registry=r)
         else:
             self.local_train_seconds = Histogram("fedmedclip_local_train_duration_seconds",
                                                  "Local training time of one round", buckets=_SECONDS_BUCKETS,

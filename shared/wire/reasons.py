@@ -102,6 +102,20 @@ class Reason(StrEnum):
     UPDATE_NORM_TOO_LARGE = "update_norm_too_large", "INVALID_ARGUMENT", _A.GIVE_UP
     UPDATE_VALUE_TOO_LARGE = "update_value_too_large", "INVALID_ARGUMENT", _A.GIVE_UP
     AGGREGATION = "aggregation", "INVALID_ARGUMENT", _A.GIVE_UP  # AggregationError
+    # load limits (aggregator/limits.py): one node's share of the server; the node retries after a backoff
+    TOO_MANY_REQUESTS = "too_many_requests", "RESOURCE_EXHAUSTED", _A.RETRY  # max_rpcs_per_node in flight
+    TOO_MANY_STREAMS = "too_many_streams", "RESOURCE_EXHAUSTED", _A.RETRY  # max_streams_per_node up/downloads
+    TOO_MANY_LONG_POLLS = "too_many_long_polls", "RESOURCE_EXHAUSTED", _A.RETRY  # max_long_polls_per_node
+    UPLOAD_SLOTS_BUSY = "upload_slots_busy", "RESOURCE_EXHAUSTED", _A.RETRY  # no slot free within the deadline
+    # the stream watchdog cancels the call: the node sees CANCELLED; the reason is the aggregator's log and metrics
+    STREAM_DEADLINE = "stream_deadline", "DEADLINE_EXCEEDED", _A.RETRY  # past stream_timeout_s
+    STREAM_TOO_SLOW = "stream_too_slow", "DEADLINE_EXCEEDED", _A.RETRY  # under stream_min_rate_bps after the grace
+    # trust, part two (docs/trust-model.md): weights, reports, ids, the federation's wire settings
+    SAMPLE_COUNT_CHANGED = "sample_count_changed", "FAILED_PRECONDITION", _A.GIVE_UP  # fixed at first registration
+    WIRE_MISMATCH = "wire_mismatch", "INVALID_ARGUMENT", _A.GIVE_UP  # another codec/delta: WireMismatchError
+    BAD_ROUND_ID = "bad_round_id", "INVALID_ARGUMENT", _A.GIVE_UP  # a round id or version beyond 32 bits
+    BAD_REPORT = "bad_report", "INVALID_ARGUMENT", _A.GIVE_UP  # a ReportMetrics field out of its range or format
+    CONFLICTING_REPORT = "conflicting_report", "ALREADY_EXISTS", _A.GIVE_UP  # that version has another report of it
 
 
 def abort(context: grpc.ServicerContext, reason: Reason, message: str) -> NoReturn:

@@ -16,6 +16,8 @@ from typing import TypeVar
 
 import grpc
 
+from shared.ops.logs import printable
+
 from shared.errors import FedMedCLIPError
 from shared.wire.reasons import Action, Reason, action_of
 
@@ -49,9 +51,21 @@ def _common_options() -> list[tuple[str, int]]:
     ]
 
 
+#: A connection that has not finished its TLS handshake by then is closed (gRPC's default: 120 s).
+SERVER_HANDSHAKE_TIMEOUT_MS = 20_000
+#: A connection with no RPC for this long is closed with GOAWAY (a node's heartbeats keep its own busy).
+MAX_CONNECTION_IDLE_MS = 600_000
+
+
 def server_options() -> list[tuple[str, int]]:
-    # clients may ping every 30 s without being told GOAWAY (too_many_pings)
-    return _common_options() + [("grpc.http2.min_ping_interval_without_data_ms", 30_000)]
+    # clients may ping every 30 s without being told GOAWAY (too_many_pings). The limits on what one node
+    # holds are the aggregator's, per identity (aggregator/limits.py). No per-connection stream cap
+    # (grpc.max_concurrent_streams): a stream grpcio fails to release would wedge the connection behind it.
+    return _common_options() + [
+        ("grpc.http2.min_ping_interval_without_data_ms", 30_000),
+        ("grpc.server_handshake_timeout_ms", SERVER_HANDSHAKE_TIMEOUT_MS),
+        ("grpc.max_connection_idle_ms", MAX_CONNECTION_IDLE_MS),
+    ]
 
 
 def channel_options() -> list[tuple[str, int]]:
@@ -150,7 +164,8 @@ def call_with_retry(fn: Callable[[], T], what: str, backoff: Backoff, rng: rando
 
 
 def _details(exc: grpc.RpcError) -> str:
+    """The peer's message, escaped for one log line (the other side may be hostile)."""
     try:
-        return str(exc.details())  # type: ignore[attr-defined]
+        return printable(str(exc.details()))  # type: ignore[attr-defined]
     except Exception:  # noqa: BLE001 - a best-effort log line
-        return str(exc)
+        return printable(str(exc))
