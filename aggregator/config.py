@@ -66,8 +66,9 @@ class AggregatorConfig:
     # poisoning guard: an update beyond these bounds is refused before it touches the average (None: off)
     max_update_norm: float | None = 50.0  # L2 norm of (update - current global), all tensors
     max_abs_value: float | None = 100.0  # largest |value| in the update
-    class_names: list[str] | None = None  # None: the first node to register pins the label space
-    backbone_fingerprint: str | None = None  # None: the first node to register pins it
+    class_names: list[str] | None = None  # the federation's label space (fedmedclip provision --classes pins it)
+    backbone_fingerprint: str | None = None  # the backbone every node must run (pinned by provision with the classes)
+    trust_first_node: bool = False  # True: without the two pins above, the first node to register sets them (tests only)
     # weights of the weighted rule (docs/trust-model.md, section 5): a node's count is fixed at its first registration
     max_samples_per_node: int | None = 1_000_000  # a node's stated training samples weigh at most this (None: no cut)
     max_weight_share: float | None = 0.5  # no node's share of the weighted average above this, water-filled (None: off)

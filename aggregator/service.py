@@ -481,7 +481,11 @@ def serve(cfg: AggregatorConfig) -> int:
                         key=cfg.tls_key)
     if tls is not None and not cfg.allowed_nodes:
         raise ConfigError("allowed_nodes is empty: with TLS the aggregator admits only the node ids (certificate "
-                          "CNs) listed there; `python -m aggregator provision` writes it")
+                          "CNs) listed there; `fedmedclip provision` writes it")
+    if not (cfg.class_names and cfg.backbone_fingerprint) and not cfg.trust_first_node:
+        raise ConfigError("class_names and backbone_fingerprint are not set: the first node to register would set "
+                          "the federation's label space and backbone. Provision with --classes or --classes-file "
+                          "(fedmedclip provision pins both), or set trust_first_node: true to allow it")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     telemetry = Telemetry("aggregator")

@@ -144,7 +144,8 @@ def measure(n: int, rounds: int, processes: int, tmp: Path) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=str(REPO_ROOT))
     log = (tmp / "aggregator.log").open("wb")
-    agg = subprocess.Popen([*resolve(["fedmedclip"]), "aggregator", "--config", str(pki / "aggregator" / "aggregator.yaml"),
+    agg = subprocess.Popen([*resolve(["fedmedclip"]), "aggregator", "--trust-first-node", "true",  # light nodes
+                            "--config", str(pki / "aggregator" / "aggregator.yaml"),
                             "--listen", f"127.0.0.1:{port}", "--health-port", "0", "--metrics-port", str(metrics_port),
                             "--out-dir", str(out), "--rounds", str(rounds), "--min-nodes", str(n),
                             "--embed-dim", str(DIM), "--round-timeout-s", "600", "--linger-s", "1",

@@ -127,7 +127,10 @@ def start_aggregator_process(cluster: Cluster, pki: Path, out: Path, *flags: str
     ports = {"grpc": free_port(), "health": free_port(), "metrics": free_port()}
     endpoints = out / "endpoints.json"
     endpoints.unlink(missing_ok=True)
-    proc = cluster.add(name, ["-m", "aggregator", *aggregator_identity(pki), "--listen", f"127.0.0.1:{ports['grpc']}",
+    # these federations let their first node pin the label space and fingerprint (light clients bring their own);
+    # the pinned set-up is what make demo, the testbed and the startup-kit tests run
+    proc = cluster.add(name, ["-m", "aggregator", *aggregator_identity(pki), "--trust-first-node", "true",
+                              "--listen", f"127.0.0.1:{ports['grpc']}",
                               "--health-port", str(ports["health"]), "--metrics-port", str(ports["metrics"]),
                               "--out-dir", str(out), *flags])
     info = wait_for(lambda: read_json(endpoints) or (not proc.alive() and {"dead": True}), timeout,
@@ -209,7 +212,8 @@ START_TIMEOUT = 240.0  # every wait is bounded; first start loads the backbone i
 def start_aggregator(cluster: Cluster, pki: Path, name: str, out: Path, port: int, health: int, metrics: int,
                      exit_when_done: bool, min_nodes: int = HOSPITALS, *extra: str,
                      env: dict[str, str] | None = None) -> Proc:
-    return cluster.add(name, ["-m", "aggregator", *aggregator_identity(pki), "--listen", f"127.0.0.1:{port}",
+    return cluster.add(name, ["-m", "aggregator", *aggregator_identity(pki), "--trust-first-node", "true",
+                              "--listen", f"127.0.0.1:{port}",
                               "--health-port", str(health),
                               "--metrics-port", str(metrics), "--out-dir", str(out), "--rounds", str(ROUNDS),
                               "--min-nodes", str(min_nodes), "--round-timeout-s", "120", "--linger-s", "60",

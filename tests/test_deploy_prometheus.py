@@ -114,7 +114,8 @@ def test_prometheus_evaluates_every_dashboard_panel_and_rule_on_a_live_federatio
     subprocess.run(lf.resolve(lf.partition_command(str(partition), hospitals=HOSPITALS, seed=0, alpha=0.5,
                                                    per_class=PER_CLASS, data=str(brain_tumor_root))),
                    cwd=REPO_ROOT, env=env, check=True, timeout=300, capture_output=True)
-    subprocess.run(lf.resolve(lf.provision_command(str(pki), nodes)), cwd=REPO_ROOT, env=env, check=True,
+    subprocess.run(lf.resolve(lf.provision_command(str(pki), nodes, classes_file=str(partition / "classes.txt"))),
+                   cwd=REPO_ROOT, env=env, check=True,
                    timeout=120, capture_output=True)
     grpc_port, health_port, metrics_port, prom_port = free_port(), free_port(), free_port(), free_port()
     node_ports = {n: free_port() for n in nodes}

@@ -181,6 +181,7 @@ def start_aggregator(cluster: Cluster, pki: Path, out: Path, *flags: str, env: d
     ports = {"grpc": free_port(), "health": free_port(), "metrics": free_port()}
     endpoints = out / "endpoints.json"
     proc = cluster.add(name, ["-m", "aggregator", "--config", str(pki / "aggregator" / "aggregator.yaml"),
+                              "--trust-first-node", "true",
                               "--listen", f"127.0.0.1:{ports['grpc']}", "--health-port", str(ports["health"]),
                               "--metrics-port", str(ports["metrics"]), "--out-dir", str(out), *flags], env=env)
     info = wait_for(lambda: read_json(endpoints) or (not proc.alive() and {"dead": True}), 180,

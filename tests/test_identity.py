@@ -70,7 +70,8 @@ def test_services_refuse_to_start_without_certificates_unless_insecure(tmp_path)
     try:
         out = tmp_path / "insecure"
         port = free_port()
-        proc = cluster.add("insecure", ["-m", "aggregator", "--insecure", "--listen", f"127.0.0.1:{port}",
+        proc = cluster.add("insecure", ["-m", "aggregator", "--insecure", "--trust-first-node", "true",
+                                        "--listen", f"127.0.0.1:{port}",
                                         "--health-port", "0", "--metrics-port", "0", "--out-dir", str(out),
                                         "--embed-dim", str(FED.embed_dim)])
         endpoints = wait_for(lambda: read_json(out / "endpoints.json"), 120, "the insecure aggregator", [proc])

@@ -109,3 +109,18 @@ def test_insecure_in_the_environment_cannot_downgrade_a_provisioned_service(tmp_
     assert done.returncode == 2, done.stderr
     assert "insecure is set, but so is TLS material" in done.stderr.strip().splitlines()[-1]
     assert not (kit / "runs" / "endpoints.json").exists()  # it never served
+
+
+def test_an_aggregator_without_pinned_classes_and_fingerprint_refuses_to_start(tmp_path):
+    """Trust on first use is an explicit choice: else an attacker registering first would lock others out."""
+    done = subprocess.run([str(FEDMEDCLIP), "provision", "--nodes", "hospital_1", "--out", str(tmp_path / "kits")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    config = tmp_path / "kits" / "aggregator" / "aggregator.yaml"
+    assert "class_names" not in yaml.safe_load(config.read_text())
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    done = subprocess.run([str(FEDMEDCLIP), "aggregator", "--config", str(config), "--metrics-port", "0",
+                           "--health-port", "0"], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2
+    assert "class_names and backbone_fingerprint are not set" in done.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "kits" / "aggregator" / "runs" / "endpoints.json").exists()

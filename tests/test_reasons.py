@@ -263,7 +263,8 @@ def test_a_checkpoint_from_other_settings_is_a_typed_one_line_error_and_the_cli_
     assert "\n" not in message and "codec 'int8' -> 'fp16'" in message
     assert message.endswith("use a new out_dir or the original settings")
 
-    done = subprocess.run([sys.executable, "-m", "aggregator", "--insecure", "--out-dir", str(out), "--embed-dim",
+    done = subprocess.run([sys.executable, "-m", "aggregator", "--insecure", "--trust-first-node", "true",
+                           "--out-dir", str(out), "--embed-dim",
                            str(DIM), "--codec", "fp16", "--listen", "127.0.0.1:0", "--health-port", "0",
                            "--metrics-port", "0"], cwd=REPO_ROOT, env=service_env(), capture_output=True, text=True,
                           timeout=180)
