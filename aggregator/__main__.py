@@ -27,9 +27,14 @@ def _serve(cfg: AggregatorConfig, _args: argparse.Namespace) -> int:
 
 
 COMMAND = Command(
-    name="aggregator", help="run the aggregator daemon", run=_serve, config=AggregatorConfig, env_prefix=ENV_PREFIX,
+    name="aggregator",
+    help="run the aggregator daemon",
+    run=_serve,
+    config=AggregatorConfig,
+    env_prefix=ENV_PREFIX,
     description="Run the FedMedCLIP aggregator: it admits the allow-listed hospitals (mTLS), opens rounds, "
-                "averages their adapter updates and publishes each global, until the run ends or SIGTERM.")
+    "averages their adapter updates and publishes each global, until the run ends or SIGTERM.",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,11 +54,16 @@ class CheckpointMismatchError(CheckpointError):
 
 def require_same_settings(root: Path, saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
     """Raise :class:`CheckpointMismatchError`, naming every setting that differs, when ``current`` is not ``saved``."""
-    changed = [f"{key} {_short(saved.get(key))} -> {_short(value)}" for key, value in current.items()
-               if saved.get(key) != value]
+    changed = [
+        f"{key} {_short(saved.get(key))} -> {_short(value)}"
+        for key, value in current.items()
+        if saved.get(key) != value
+    ]
     if changed:
-        raise CheckpointMismatchError(f"the checkpoint in {root} was made with other settings "
-                                      f"({', '.join(changed)}); use a new out_dir or the original settings")
+        raise CheckpointMismatchError(
+            f"the checkpoint in {root} was made with other settings "
+            f"({', '.join(changed)}); use a new out_dir or the original settings"
+        )
 
 
 def _short(value: Any) -> str:
@@ -102,13 +107,16 @@ class CheckpointStore:
                 snapshot = bytes(data["global"])
             return Checkpoint(global_snapshot=snapshot, **meta)
         except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
-            raise CheckpointError(f"the checkpoint {self.state_path} cannot be read ({exc}); "
-                                  "use a new out_dir or move it away") from exc
+            raise CheckpointError(
+                f"the checkpoint {self.state_path} cannot be read ({exc}); use a new out_dir or move it away"
+            ) from exc
 
     def save(self, ckpt: Checkpoint) -> None:
         meta = {k: v for k, v in ckpt.__dict__.items() if k != "global_snapshot"}
-        buf = _npz_bytes(meta=np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8),
-                         **{"global": np.frombuffer(ckpt.global_snapshot, dtype=np.uint8)})
+        buf = _npz_bytes(
+            meta=np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8),
+            **{"global": np.frombuffer(ckpt.global_snapshot, dtype=np.uint8)},
+        )
         if self.fault == f"die_during_checkpoint:{ckpt.version}":
             _die_mid_write(self.state_path, buf)
         atomic_write(self.state_path, buf)
@@ -142,8 +150,12 @@ class CheckpointStore:
 
     def append_report(self, version: int, node: str, entry: dict[str, Any]) -> None:
         """Append one report as one strict-JSON line (metrics, not model state: flushed, not fsynced)."""
-        line = json.dumps({"version": version, "node": node, "entry": entry}, allow_nan=False,
-                          separators=(",", ":")).encode("utf-8") + b"\n"
+        line = (
+            json.dumps(
+                {"version": version, "node": node, "entry": entry}, allow_nan=False, separators=(",", ":")
+            ).encode("utf-8")
+            + b"\n"
+        )
         self.root.mkdir(parents=True, exist_ok=True)
         with self.reports_path.open("a+b") as handle:
             handle.seek(0, os.SEEK_END)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from shared.learning.aggregation import AGGREGATION_RULES
 from shared.codec import CODECS
+from shared.learning.aggregation import AGGREGATION_RULES
 from shared.learning.training import METHODS
 
 ENV_PREFIX = "FEDMEDCLIP_AGGREGATOR_"
@@ -68,7 +68,7 @@ class AggregatorConfig:
     max_abs_value: float | None = 100.0  # largest |value| in the update
     class_names: list[str] | None = None  # the federation's label space (fedmedclip provision --classes pins it)
     backbone_fingerprint: str | None = None  # the backbone every node must run (pinned by provision with the classes)
-    trust_first_node: bool = False  # True: without the two pins above, the first node to register sets them (tests only)
+    trust_first_node: bool = False  # True: without both pins, the first node to register sets them
     # weights of the weighted rule (docs/trust-model.md, section 5): a node's count is fixed at its first registration
     max_samples_per_node: int | None = 1_000_000  # a node's stated training samples weigh at most this (None: no cut)
     max_weight_share: float | None = 0.5  # no node's share of the weighted average above this, water-filled (None: off)
@@ -99,8 +99,10 @@ class AggregatorConfig:
         if self.max_rpcs_per_node < max(self.max_streams_per_node, self.max_long_polls_per_node):
             raise ValueError("max_rpcs_per_node must be >= max_streams_per_node and max_long_polls_per_node")
         if 2 * self.max_rpcs_per_node > self.max_workers:
-            raise ValueError(f"max_rpcs_per_node ({self.max_rpcs_per_node}) must be at most half of max_workers "
-                             f"({self.max_workers}): one node must never hold the server")
+            raise ValueError(
+                f"max_rpcs_per_node ({self.max_rpcs_per_node}) must be at most half of max_workers "
+                f"({self.max_workers}): one node must never hold the server"
+            )
         if self.max_concurrent_rpcs < 0:
             raise ValueError("max_concurrent_rpcs must be >= 0 (0: 4 x max_workers)")
         for name in ("stream_timeout_s", "stream_grace_s", "overload_hold_s"):
@@ -112,7 +114,13 @@ class AggregatorConfig:
             raise ValueError("overload_ratio must be in (0, 1]")
         if self.rounds < 1 or self.min_nodes < 1:
             raise ValueError("rounds and min_nodes must be >= 1")
-        for name in ("round_timeout_s", "quorum_timeout_s", "registration_timeout_s", "linger_s",
-                     "heartbeat_interval_s", "node_timeout_s"):
+        for name in (
+            "round_timeout_s",
+            "quorum_timeout_s",
+            "registration_timeout_s",
+            "linger_s",
+            "heartbeat_interval_s",
+            "node_timeout_s",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0")

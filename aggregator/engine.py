@@ -72,8 +72,9 @@ ROUND_ID_RANGE = range(-(2**31), 2**31)
 MAX_TRAIN_SECONDS = 1e7  # a reported local training time beyond ~4 months is not one
 
 
-def _number(value: object, what: str, *, low: float = 0.0, high: float = math.inf,
-            nan_ok: bool = False) -> float | None:
+def _number(
+    value: object, what: str, *, low: float = 0.0, high: float = math.inf, nan_ok: bool = False
+) -> float | None:
     """``value`` as a float in [low, high]; NaN becomes None (no value) where ``nan_ok``; anything else refused."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise EngineError(Reason.BAD_REPORT, f"{what} is not a number")
@@ -110,8 +111,11 @@ def clean_train(train: dict | None) -> dict[str, Any]:
     steps = train["steps"]
     if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps < 2**31:
         raise EngineError(Reason.BAD_REPORT, "train steps must be an int in [0, 2**31)")
-    return {"steps": steps, "seconds": _number(train["seconds"], "train seconds", high=MAX_TRAIN_SECONDS),
-            "loss": _number(train["loss"], "train loss", low=-math.inf, high=math.inf, nan_ok=True)}
+    return {
+        "steps": steps,
+        "seconds": _number(train["seconds"], "train seconds", high=MAX_TRAIN_SECONDS),
+        "loss": _number(train["loss"], "train loss", low=-math.inf, high=math.inf, nan_ok=True),
+    }
 
 
 def check_round_id(value: int, what: str) -> None:
@@ -165,8 +169,15 @@ class RoundView:
 
 
 class RoundEngine:
-    def __init__(self, cfg: AggregatorConfig, store: CheckpointStore, telemetry: Telemetry, *,
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        cfg: AggregatorConfig,
+        store: CheckpointStore,
+        telemetry: Telemetry,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
         self.cfg, self.store, self.t = cfg, store, telemetry
         self.clock, self.wall = clock, wall
         self.wire = WireConfig(codec=cfg.codec, delta=cfg.delta, drop_masked_rows=cfg.drop_masked_rows)
@@ -179,12 +190,23 @@ class RoundEngine:
         self.initial_sha256 = state_digest(initial)
         self.template = {name: tuple(t.shape) for name, t in initial.items()}
         self.raw_bytes = raw_nbytes(initial)
-        self.signature = {"method": cfg.method, "seed": cfg.seed, "embed_dim": cfg.embed_dim, "codec": cfg.codec,
-                          "delta": cfg.delta, "drop_masked_rows": cfg.drop_masked_rows,
-                          "aggregation": cfg.aggregation, "initial_sha256": self.initial_sha256}
-        self.registry = Registry(method=cfg.method, embed_dim=cfg.embed_dim, initial_sha256=self.initial_sha256,
-                                 fingerprint=cfg.backbone_fingerprint,
-                                 class_names=tuple(cfg.class_names) if cfg.class_names else None)
+        self.signature = {
+            "method": cfg.method,
+            "seed": cfg.seed,
+            "embed_dim": cfg.embed_dim,
+            "codec": cfg.codec,
+            "delta": cfg.delta,
+            "drop_masked_rows": cfg.drop_masked_rows,
+            "aggregation": cfg.aggregation,
+            "initial_sha256": self.initial_sha256,
+        }
+        self.registry = Registry(
+            method=cfg.method,
+            embed_dim=cfg.embed_dim,
+            initial_sha256=self.initial_sha256,
+            fingerprint=cfg.backbone_fingerprint,
+            class_names=tuple(cfg.class_names) if cfg.class_names else None,
+        )
         self.ledger = Ledger()
         self.last_seen: dict[str, float] = {}
         self.rounds_log: list[dict[str, Any]] = []
@@ -199,8 +221,14 @@ class RoundEngine:
             self.version = 0
             self.global_state = initial
             self.phase = Phase.WAITING_FOR_NODES
-            log.info("new run %s: %d rounds, method %s, codec %s, quorum %d", self.run_id, cfg.rounds, cfg.method,
-                     cfg.codec, cfg.min_nodes)
+            log.info(
+                "new run %s: %d rounds, method %s, codec %s, quorum %d",
+                self.run_id,
+                cfg.rounds,
+                cfg.method,
+                cfg.codec,
+                cfg.min_nodes,
+            )
         else:
             self._restore(ckpt)
         self.round_bytes = {"up": 0, "up_raw": 0}
@@ -241,8 +269,13 @@ class RoundEngine:
             self.phase = Phase.COLLECTING
         else:
             self.phase = Phase.WAITING_FOR_NODES
-        log.info("restored run %s at global version %d (%s), %d nodes known", self.run_id, self.version, self.phase,
-                 len(self.registry.nodes))
+        log.info(
+            "restored run %s at global version %d (%s), %d nodes known",
+            self.run_id,
+            self.version,
+            self.phase,
+            len(self.registry.nodes),
+        )
 
     # -- views -------------------------------------------------------------------------------
     @property
@@ -269,15 +302,25 @@ class RoundEngine:
             self.seen_end.add(node_id)
             self._cond.notify_all()
         accepted = node_id is not None and self.ledger.accepted_in(node_id, self.version)
-        return RoundView(run_id=self.run_id, round_id=self.version, global_version=self.version,
-                         total_rounds=self.cfg.rounds, phase=self.phase, deadline_unix_ms=deadline_ms,
-                         update_accepted=accepted, registered_trainers=len(self.registry.trainers()),
-                         updates_received=len(self.ledger.open), message=self.status_message)
+        return RoundView(
+            run_id=self.run_id,
+            round_id=self.version,
+            global_version=self.version,
+            total_rounds=self.cfg.rounds,
+            phase=self.phase,
+            deadline_unix_ms=deadline_ms,
+            update_accepted=accepted,
+            registered_trainers=len(self.registry.trainers()),
+            updates_received=len(self.ledger.open),
+            message=self.status_message,
+        )
 
     def _check_node(self, run_id: str, node_id: str) -> NodeRecord:
         if run_id and run_id != self.run_id:
-            raise EngineError(Reason.WRONG_RUN, f"run {printable(repr(run_id), 80)} is not the current run "
-                              f"{self.run_id!r}; register again")
+            raise EngineError(
+                Reason.WRONG_RUN,
+                f"run {printable(repr(run_id), 80)} is not the current run {self.run_id!r}; register again",
+            )
         rec = self.nodes.get(node_id)
         if rec is None:
             raise EngineError(Reason.UNKNOWN_NODE, f"node {node_id!r} is not registered")
@@ -291,16 +334,31 @@ class RoundEngine:
             self.last_seen[reg.node_id] = self.clock()
             self._update_registered_gauge()
             if len(self.nodes) > self.cfg.max_workers - 4:
-                log.warning("%d nodes and max_workers %d: every node waiting for a round holds a worker thread; "
-                            "raise max_workers", len(self.nodes), self.cfg.max_workers)
+                log.warning(
+                    "%d nodes and max_workers %d: every node waiting for a round holds a worker thread; "
+                    "raise max_workers",
+                    len(self.nodes),
+                    self.cfg.max_workers,
+                )
             rec = self.nodes[reg.node_id]
-            log.info("%s %s (%s, %d train / %d val / %d test samples, version %s)",
-                     "re-registered" if known else "registered", reg.node_id, rec.role, rec.num_train, rec.num_val,
-                     rec.num_test, printable(rec.software_version or "unknown", 64))
+            log.info(
+                "%s %s (%s, %d train / %d val / %d test samples, version %s)",
+                "re-registered" if known else "registered",
+                reg.node_id,
+                rec.role,
+                rec.num_train,
+                rec.num_val,
+                rec.num_test,
+                printable(rec.software_version or "unknown", 64),
+            )
             cap = self.cfg.max_samples_per_node
             if not known and rec.role == Role.TRAINER and cap is not None and rec.num_train > cap:
-                log.warning("%s states %d training samples: it weighs %d (max_samples_per_node)", reg.node_id,
-                            rec.num_train, cap)
+                log.warning(
+                    "%s states %d training samples: it weighs %d (max_samples_per_node)",
+                    reg.node_id,
+                    rec.num_train,
+                    cap,
+                )
             self._cond.notify_all()
             return self._view(reg.node_id)
 
@@ -314,8 +372,12 @@ class RoundEngine:
         with self._cond:
             self._check_node(run_id, node_id)
             end = self.clock() + max(0.0, min(max_wait_s, 60.0))
-            while ((self.version < wait_for_round or self.phase == Phase.WAITING_FOR_NODES) and not self._ended()
-                   and not self.done and self.clock() < end):
+            while (
+                (self.version < wait_for_round or self.phase == Phase.WAITING_FOR_NODES)
+                and not self._ended()
+                and not self.done
+                and self.clock() < end
+            ):
                 self._advanced.wait(timeout=end - self.clock())
             return self._view(node_id)
 
@@ -325,9 +387,11 @@ class RoundEngine:
             self._check_node(run_id, node_id)
             check_round_id(version, "global version")
             if version < 1 or version > self.version:
-                raise EngineError(Reason.NO_SUCH_VERSION,
-                                  f"global version {version} does not exist (current {self.version}; version 0 is "
-                                  "the seeded initial adapter every node builds itself)")
+                raise EngineError(
+                    Reason.NO_SUCH_VERSION,
+                    f"global version {version} does not exist (current {self.version}; version 0 is "
+                    "the seeded initial adapter every node builds itself)",
+                )
             data = self.published.get(version)
             if data is None:
                 data = self.store.load_published(version)
@@ -346,8 +410,9 @@ class RoundEngine:
             actual = sha256_hex(payload)
             claimed = header.sha256.strip().lower() if isinstance(header.sha256, str) else ""
             if claimed != actual:
-                raise EngineError(Reason.CHECKSUM_MISMATCH, "update refused: payload SHA-256 does not match the "
-                                  "one sent with it")
+                raise EngineError(
+                    Reason.CHECKSUM_MISMATCH, "update refused: payload SHA-256 does not match the one sent with it"
+                )
             replayed = self.ledger.replay(header.node_id, header.update_id, actual, self.version)
             if replayed is not None:  # a retry of an accepted update: the same answer, not counted again
                 return UpdateAck(header.update_id, replayed[0], True, replayed[1])
@@ -356,22 +421,31 @@ class RoundEngine:
             if self.phase != Phase.COLLECTING:
                 raise EngineError(Reason.ROUND_NOT_OPEN, f"no round is open ({self.phase})")
             if header.round_id < self.version:
-                raise EngineError(Reason.STALE_ROUND,
-                                  f"round {header.round_id} is closed; round {self.version} is open")
+                raise EngineError(
+                    Reason.STALE_ROUND, f"round {header.round_id} is closed; round {self.version} is open"
+                )
             if header.round_id > self.version:
-                raise EngineError(Reason.FUTURE_ROUND,
-                                  f"round {header.round_id} is not open yet; round {self.version} is open")
+                raise EngineError(
+                    Reason.FUTURE_ROUND, f"round {header.round_id} is not open yet; round {self.version} is open"
+                )
             if header.node_id in self.ledger.open:
-                raise EngineError(Reason.CONFLICTING_UPDATE, f"{header.node_id} already has update "
-                                  f"{self.ledger.open[header.node_id].update_id} in round {self.version}")
+                raise EngineError(
+                    Reason.CONFLICTING_UPDATE,
+                    f"{header.node_id} already has update "
+                    f"{self.ledger.open[header.node_id].update_id} in round {self.version}",
+                )
             if header.num_train and header.num_train != rec.num_train:
-                raise EngineError(Reason.BAD_SAMPLE_COUNT, f"the update states {header.num_train} training samples, "
-                                  f"the node registered {rec.num_train}")
+                raise EngineError(
+                    Reason.BAD_SAMPLE_COUNT,
+                    f"the update states {header.num_train} training samples, the node registered {rec.num_train}",
+                )
             weight = self._weight_of(header.node_id, rec)
             try:
                 if payload_info(payload).codec != header.codec:
-                    raise EngineError(Reason.CODEC_MISMATCH, f"header says codec {printable(repr(header.codec), 40)}, "
-                                      "the payload another")
+                    raise EngineError(
+                        Reason.CODEC_MISMATCH,
+                        f"header says codec {printable(repr(header.codec), 40)}, the payload another",
+                    )
                 t0 = time.perf_counter()
                 with self.t.codec_seconds.labels(operation="decode").time():
                     # first checks the payload's codec and delta flag against the federation's (wire_mismatch)
@@ -385,10 +459,17 @@ class RoundEngine:
             self.round_bytes["up_raw"] += self.raw_bytes
             self.t.updates_accepted.inc()
             loss = header.train.get("loss", math.nan)
-            log.info("round %d: update %s from %s (%d bytes, weight %.6g, loss %.4f), %d/%d in", self.version + 1,
-                     printable(header.update_id), header.node_id, len(payload), weight,
-                     loss if isinstance(loss, float) else math.nan, len(self.ledger.open),
-                     len(self.registry.trainers()))
+            log.info(
+                "round %d: update %s from %s (%d bytes, weight %.6g, loss %.4f), %d/%d in",
+                self.version + 1,
+                printable(header.update_id),
+                header.node_id,
+                len(payload),
+                weight,
+                loss if isinstance(loss, float) else math.nan,
+                len(self.ledger.open),
+                len(self.registry.trainers()),
+            )
             self._cond.notify_all()
             return UpdateAck(header.update_id, self.version, False, len(self.ledger.open))
 
@@ -397,17 +478,29 @@ class RoundEngine:
         weight = self.weights.get(node_id)
         if weight is None:
             try:
-                weight = joiner_weight(rec.num_train, self.weights_open_total,
-                                       max_samples=self.cfg.max_samples_per_node,
-                                       max_share=self.cfg.max_weight_share)
+                weight = joiner_weight(
+                    rec.num_train,
+                    self.weights_open_total,
+                    max_samples=self.cfg.max_samples_per_node,
+                    max_share=self.cfg.max_weight_share,
+                )
             except AggregationError as exc:
                 raise EngineError(exc.reason, f"update refused: {exc}") from exc
             self.weights[node_id] = weight
             log.info("round %d: %s joined after the opening, weight %.6g", self.version + 1, node_id, weight)
         return weight
 
-    def report(self, run_id: str, node_id: str, version: int, report_id: str, val: dict | None, test: dict | None,
-               head: str, train: dict | None = None) -> bool:
+    def report(
+        self,
+        run_id: str,
+        node_id: str,
+        version: int,
+        report_id: str,
+        val: dict | None,
+        test: dict | None,
+        head: str,
+        train: dict | None = None,
+    ) -> bool:
         """Store a node's evaluation of global ``version``; returns True when it is a replay.
 
         Every field is validated and bounded before anything is kept (``bad_report``): ``report_id`` like an
@@ -420,21 +513,30 @@ class RoundEngine:
             rec = self._check_node(run_id, node_id)
             check_round_id(version, "version")
             if version < 1 or version > self.version:
-                raise EngineError(Reason.NO_SUCH_VERSION,
-                                  f"metrics for global version {version}, current is {self.version}")
+                raise EngineError(
+                    Reason.NO_SUCH_VERSION, f"metrics for global version {version}, current is {self.version}"
+                )
             if not CLIENT_ID.fullmatch(report_id):
                 raise EngineError(Reason.BAD_REPORT, "report_id must be 1-128 characters of [A-Za-z0-9_.:-]")
             if head not in HEADS:
                 raise EngineError(Reason.BAD_REPORT, f"head must be one of {', '.join(HEADS)}")
-            entry = {"report_id": report_id, "role": rec.role.value, "head": head,
-                     "val": clean_metrics(val, "val"), "test": clean_metrics(test, "test"), "train": clean_train(train)}
+            entry = {
+                "report_id": report_id,
+                "role": rec.role.value,
+                "head": head,
+                "val": clean_metrics(val, "val"),
+                "test": clean_metrics(test, "test"),
+                "train": clean_train(train),
+            }
             by_node = self.reports.setdefault(str(version), {})
             old = by_node.get(node_id)
             if old is not None:
                 if old.get("report_id") == report_id:
                     return True
-                raise EngineError(Reason.CONFLICTING_REPORT, f"{node_id} reported version {version} already, as "
-                                  f"{old.get('report_id')!r}")
+                raise EngineError(
+                    Reason.CONFLICTING_REPORT,
+                    f"{node_id} reported version {version} already, as {old.get('report_id')!r}",
+                )
             by_node[node_id] = entry
             self.store.append_report(version, node_id, entry)
             if version == self.cfg.rounds and all(n in by_node for n in self.nodes):
@@ -454,21 +556,31 @@ class RoundEngine:
         self.round_bytes = {"up": 0, "up_raw": 0}
         self.aggregator = self._new_aggregator()
         counts = {n: self.nodes[n].num_train for n in self.registry.trainers()}
-        self.weights = capped_weights(counts, max_samples=self.cfg.max_samples_per_node,
-                                      max_share=self.cfg.max_weight_share)
+        self.weights = capped_weights(
+            counts, max_samples=self.cfg.max_samples_per_node, max_share=self.cfg.max_weight_share
+        )
         self.weights_open_total = sum(self.weights.values())
         self.folded_weights = {}
         capped = {n: w for n, w in self.weights.items() if w < counts[n]}
         if capped:
-            log.warning("round %d: weights capped (max_samples_per_node %s, max_weight_share %s): %s",
-                        self.version + 1, self.cfg.max_samples_per_node, self.cfg.max_weight_share,
-                        ", ".join(f"{n} {counts[n]} -> {w:.6g}" for n, w in sorted(capped.items())))
+            log.warning(
+                "round %d: weights capped (max_samples_per_node %s, max_weight_share %s): %s",
+                self.version + 1,
+                self.cfg.max_samples_per_node,
+                self.cfg.max_weight_share,
+                ", ".join(f"{n} {counts[n]} -> {w:.6g}" for n, w in sorted(capped.items())),
+            )
         self.round_opened = self.clock()
         self.deadline = self.round_opened + self.cfg.round_timeout_s
         self.t.round_current.set(self.version)
         self._advanced.notify_all()
-        log.info("round %d/%d open: %d trainers registered, deadline in %.0fs", self.version + 1, self.cfg.rounds,
-                 len(self.registry.trainers()), self.cfg.round_timeout_s)
+        log.info(
+            "round %d/%d open: %d trainers registered, deadline in %.0fs",
+            self.version + 1,
+            self.cfg.rounds,
+            len(self.registry.trainers()),
+            self.cfg.round_timeout_s,
+        )
 
     def _close_round(self) -> None:
         r = self.version
@@ -482,30 +594,55 @@ class RoundEngine:
         self.ledger.close(r)
         seconds = self.clock() - self.round_opened
         n_trainers = len(self.registry.trainers())
-        self.rounds_log.append({"round": r + 1, "updates": len(updates), "nodes": updates, "seconds": seconds,
-                                "bytes_up": self.round_bytes["up"], "bytes_up_raw": self.round_bytes["up_raw"],
-                                "bytes_down": payload.wire_nbytes * n_trainers,
-                                "bytes_down_raw": payload.raw_nbytes * n_trainers,
-                                "global_wire_bytes": payload.wire_nbytes,
-                                "weights": {n: self.folded_weights[n] for n in updates if n in self.folded_weights}})
+        self.rounds_log.append(
+            {
+                "round": r + 1,
+                "updates": len(updates),
+                "nodes": updates,
+                "seconds": seconds,
+                "bytes_up": self.round_bytes["up"],
+                "bytes_up_raw": self.round_bytes["up_raw"],
+                "bytes_down": payload.wire_nbytes * n_trainers,
+                "bytes_down_raw": payload.raw_nbytes * n_trainers,
+                "global_wire_bytes": payload.wire_nbytes,
+                "weights": {n: self.folded_weights[n] for n in updates if n in self.folded_weights},
+            }
+        )
         self.version = r + 1
         self.global_state = decoded
         status = "finished" if self.version >= self.cfg.rounds else "running"
         t0 = time.perf_counter()
-        self.store.save(Checkpoint(run_id=self.run_id, version=self.version, global_snapshot=snapshot.data,
-                                   signature=self._signature_now(),
-                                   nodes={n: rec.to_dict() for n, rec in self.nodes.items()},
-                                   accepted=self.ledger.to_dict(), rounds_log=self.rounds_log, status=status))
+        self.store.save(
+            Checkpoint(
+                run_id=self.run_id,
+                version=self.version,
+                global_snapshot=snapshot.data,
+                signature=self._signature_now(),
+                nodes={n: rec.to_dict() for n, rec in self.nodes.items()},
+                accepted=self.ledger.to_dict(),
+                rounds_log=self.rounds_log,
+                status=status,
+            )
+        )
         self.t.aggregate_seconds.labels(step="checkpoint").observe(time.perf_counter() - t0)
         self.t.round_seconds.observe(seconds)
-        log.info("round %d/%d closed: %d updates, up %.1f KB, global %.1f KB, %.3fs", r + 1, self.cfg.rounds,
-                 len(updates), self.round_bytes["up"] / 1e3, payload.wire_nbytes / 1e3, seconds)
+        log.info(
+            "round %d/%d closed: %d updates, up %.1f KB, global %.1f KB, %.3fs",
+            r + 1,
+            self.cfg.rounds,
+            len(updates),
+            self.round_bytes["up"] / 1e3,
+            payload.wire_nbytes / 1e3,
+            seconds,
+        )
         self.t.round_current.set(self.version)
         self.write_report()
 
     def _signature_now(self) -> dict[str, Any]:
-        return self.signature | {"class_names": list(self.registry.class_names or ()),
-                                 "fingerprint": self.registry.fingerprint}
+        return self.signature | {
+            "class_names": list(self.registry.class_names or ()),
+            "fingerprint": self.registry.fingerprint,
+        }
 
     def _end(self, phase: Phase, message: str) -> None:
         self.phase = phase
@@ -535,8 +672,10 @@ class RoundEngine:
                 self._open_round()
                 return cfg.round_timeout_s
             if now >= self.reg_deadline:
-                self._end(Phase.FAILED, f"only {n} of {cfg.min_nodes} trainers registered within "
-                          f"{cfg.registration_timeout_s:.0f}s")
+                self._end(
+                    Phase.FAILED,
+                    f"only {n} of {cfg.min_nodes} trainers registered within {cfg.registration_timeout_s:.0f}s",
+                )
                 return 0.0
             return self.reg_deadline - now
         if self.phase == Phase.COLLECTING:
@@ -545,8 +684,13 @@ class RoundEngine:
             everyone = bool(got) and set(trainers) <= got
             if everyone or (now >= self.deadline and len(got) >= cfg.min_nodes):
                 if not everyone:
-                    log.warning("round %d: deadline passed, closing with %d of %d trainers (%s missing)",
-                                self.version + 1, len(got), len(trainers), sorted(set(trainers) - got))
+                    log.warning(
+                        "round %d: deadline passed, closing with %d of %d trainers (%s missing)",
+                        self.version + 1,
+                        len(got),
+                        len(trainers),
+                        sorted(set(trainers) - got),
+                    )
                 self._close_round()
                 if self.version >= cfg.rounds:
                     self._end(Phase.FINISHED, f"{cfg.rounds} rounds done")
@@ -555,8 +699,11 @@ class RoundEngine:
                 self._cond.notify_all()
                 return cfg.round_timeout_s
             if now >= self.deadline + cfg.quorum_timeout_s:
-                self._end(Phase.FAILED, f"round {self.version + 1}: {len(got)} of the quorum of {cfg.min_nodes} "
-                          f"updates {cfg.round_timeout_s + cfg.quorum_timeout_s:.0f}s after it opened")
+                self._end(
+                    Phase.FAILED,
+                    f"round {self.version + 1}: {len(got)} of the quorum of {cfg.min_nodes} "
+                    f"updates {cfg.round_timeout_s + cfg.quorum_timeout_s:.0f}s after it opened",
+                )
                 return 0.0
             return (self.deadline if now < self.deadline else self.deadline + cfg.quorum_timeout_s) - now
         # FINISHED or FAILED: serve the last global and collect final reports, for a bounded time
@@ -590,18 +737,29 @@ class RoundEngine:
     # -- report ------------------------------------------------------------------------------
     def report_dict(self) -> dict[str, Any]:
         with self._cond:
-            return build_report(run_id=self.run_id, phase=self.phase, message=self.status_message,
-                                method=self.cfg.method, rounds=self.cfg.rounds,
-                                nodes={n: rec.to_dict() for n, rec in self.nodes.items()},
-                                reports=self.reports, rounds_log=self.rounds_log,
-                                extra={"codec": self.cfg.codec, "aggregation": self.cfg.aggregation,
-                                       "max_samples_per_node": self.cfg.max_samples_per_node,
-                                       "max_weight_share": self.cfg.max_weight_share,
-                                       "min_nodes": self.cfg.min_nodes, "seed": self.cfg.seed,
-                                       "class_names": list(self.registry.class_names or ()),
-                                       "backbone_fingerprint": self.registry.fingerprint, "version": __version__,
-                                       "other_versions": self.registry.other_versions(),
-                                       "global_version": self.version})
+            return build_report(
+                run_id=self.run_id,
+                phase=self.phase,
+                message=self.status_message,
+                method=self.cfg.method,
+                rounds=self.cfg.rounds,
+                nodes={n: rec.to_dict() for n, rec in self.nodes.items()},
+                reports=self.reports,
+                rounds_log=self.rounds_log,
+                extra={
+                    "codec": self.cfg.codec,
+                    "aggregation": self.cfg.aggregation,
+                    "max_samples_per_node": self.cfg.max_samples_per_node,
+                    "max_weight_share": self.cfg.max_weight_share,
+                    "min_nodes": self.cfg.min_nodes,
+                    "seed": self.cfg.seed,
+                    "class_names": list(self.registry.class_names or ()),
+                    "backbone_fingerprint": self.registry.fingerprint,
+                    "version": __version__,
+                    "other_versions": self.registry.other_versions(),
+                    "global_version": self.version,
+                },
+            )
 
     def write_report(self) -> None:
         write_report(self.report_dict(), Path(self.cfg.out_dir))

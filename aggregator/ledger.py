@@ -30,7 +30,8 @@ class Ledger:
     def __init__(self, closed: Mapping[str, Mapping[str, Mapping[str, str]]] | None = None) -> None:
         self.closed: dict[int, dict[str, Accepted]] = {
             int(r): {node: Accepted(**entry) for node, entry in by_node.items()}
-            for r, by_node in (closed or {}).items()}
+            for r, by_node in (closed or {}).items()
+        }
         self.open: dict[str, Accepted] = {}  # the open round: node -> its accepted update
 
     def replay(self, node_id: str, update_id: str, payload_sha256: str, open_round: int) -> tuple[int, int] | None:

@@ -66,8 +66,11 @@ class NodeLimits:
             held = self._held.get(node, Counter())
             for kind in kinds:
                 if held[kind] >= self.caps[kind]:
-                    raise EngineError(LIMIT_REASONS[kind], f"node {node!r} already has {held[kind]} "
-                                      f"{_WHAT[kind]} in flight (limit {self.caps[kind]}); retry after a backoff")
+                    raise EngineError(
+                        LIMIT_REASONS[kind],
+                        f"node {node!r} already has {held[kind]} "
+                        f"{_WHAT[kind]} in flight (limit {self.caps[kind]}); retry after a backoff",
+                    )
             held.update(kinds)
             self._held[node] = held
 
@@ -176,8 +179,15 @@ class StreamWatchdog:
     the aggregator counts and logs the reason.
     """
 
-    def __init__(self, timeout_s: float, min_rate_bps: float, grace_s: float, *, interval_s: float = 0.25,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        timeout_s: float,
+        min_rate_bps: float,
+        grace_s: float,
+        *,
+        interval_s: float = 0.25,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.timeout_s, self.min_rate_bps, self.grace_s = timeout_s, min_rate_bps, grace_s
         self.clock = clock
         self._streams: set[Transfer] = set()
@@ -223,14 +233,18 @@ class StreamWatchdog:
                 if t.paused:  # waiting for an upload slot: the handler bounds that wait by the deadline itself
                     continue
                 if now >= t.deadline:
-                    t.tripped, t.why = Reason.STREAM_DEADLINE, \
-                        f"the stream ran past the aggregator's deadline of {self.timeout_s:g}s"
+                    t.tripped, t.why = (
+                        Reason.STREAM_DEADLINE,
+                        f"the stream ran past the aggregator's deadline of {self.timeout_s:g}s",
+                    )
                 elif not t.paused and now - t.window_start >= self.grace_s:
                     rate = (t.bytes - t.window_bytes) / (now - t.window_start)
                     if rate < self.min_rate_bps:
-                        t.tripped, t.why = Reason.STREAM_TOO_SLOW, \
-                            f"{rate:.0f} bytes/s over {now - t.window_start:.1f}s, under the minimum " \
-                            f"{self.min_rate_bps:g} bytes/s"
+                        t.tripped, t.why = (
+                            Reason.STREAM_TOO_SLOW,
+                            f"{rate:.0f} bytes/s over {now - t.window_start:.1f}s, under the minimum "
+                            f"{self.min_rate_bps:g} bytes/s",
+                        )
                 if t.tripped is not None:
                     self._streams.discard(t)
                     tripped.append(t)
@@ -257,9 +271,17 @@ class LoadMonitor:
     into its health status).
     """
 
-    def __init__(self, capacity: int, ratio: float, hold_s: float, on_change: Callable[[bool], None], *,
-                 in_flight: Any = None, overloaded_gauge: Any = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        ratio: float,
+        hold_s: float,
+        on_change: Callable[[bool], None],
+        *,
+        in_flight: Any = None,
+        overloaded_gauge: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.high_water = max(1, math.ceil(ratio * capacity))
         self.hold_s, self.on_change, self.clock = hold_s, on_change, clock
         self.in_flight, self.overloaded_gauge = in_flight, overloaded_gauge
@@ -315,10 +337,21 @@ _CORE_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+\s+(\d+) ([\w.]+):\d+\
 _PEER = re.compile(r"endpoint_peer_address=([^,}\s]+)")
 _CONTINUATION = re.compile(r"^(=== Source Location Trace: ===|src/\S+:\d+| shutdown=.*|)\s*$")
 #: BoringSSL reasons worth a label of their own; any other is "other" (the label set stays bounded).
-_SSL_REASONS = frozenset({"CERTIFICATE_VERIFY_FAILED", "PEER_DID_NOT_RETURN_A_CERTIFICATE", "WRONG_VERSION_NUMBER",
-                          "HTTP_REQUEST", "NO_SHARED_CIPHER", "UNSUPPORTED_PROTOCOL", "TLSV1_ALERT_UNKNOWN_CA",
-                          "SSLV3_ALERT_BAD_CERTIFICATE", "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
-                          "TLSV1_ALERT_DECRYPT_ERROR", "DECRYPTION_FAILED_OR_BAD_RECORD_MAC"})
+_SSL_REASONS = frozenset(
+    {
+        "CERTIFICATE_VERIFY_FAILED",
+        "PEER_DID_NOT_RETURN_A_CERTIFICATE",
+        "WRONG_VERSION_NUMBER",
+        "HTTP_REQUEST",
+        "NO_SHARED_CIPHER",
+        "UNSUPPORTED_PROTOCOL",
+        "TLSV1_ALERT_UNKNOWN_CA",
+        "SSLV3_ALERT_BAD_CERTIFICATE",
+        "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+        "TLSV1_ALERT_DECRYPT_ERROR",
+        "DECRYPTION_FAILED_OR_BAD_RECORD_MAC",
+    }
+)
 
 
 def handshake_failure_reason(error: str) -> str:
@@ -464,7 +497,8 @@ class HandshakeFailures:
         if not self.traced or source not in ("handshaker.cc", "channel_trace.h") or "andshake" not in message:
             return True
         if message.startswith("CallNextHandshakerLocked: error=") and not message.startswith(
-                "CallNextHandshakerLocked: error=OK "):  # the failing step: its arguments name the peer
+            "CallNextHandshakerLocked: error=OK "
+        ):  # the failing step: its arguments name the peer
             self._peer.pop(tid, None)
             self._cont = tid
             peer = _PEER.search(message)
@@ -480,9 +514,15 @@ class HandshakeFailures:
         self.on_failure(peer, error)
         if log.isEnabledFor(logging.WARNING):
             # written straight to the real stderr: this thread must never wait on the pipe it drains
-            record = log.makeRecord(log.name, logging.WARNING, __file__, 0, "TLS handshake from %s failed: %s",
-                                    (peer or "an unknown peer (GRPC_TRACE=handshaker logs the address)",
-                                     printable(error, 300)), None)
+            record = log.makeRecord(
+                log.name,
+                logging.WARNING,
+                __file__,
+                0,
+                "TLS handshake from %s failed: %s",
+                (peer or "an unknown peer (GRPC_TRACE=handshaker logs the address)", printable(error, 300)),
+                None,
+            )
             handlers = logging.getLogger().handlers
             text = handlers[0].format(record) if handlers else record.getMessage()
             self._write(text.encode("utf-8", "replace") + b"\n")

@@ -50,8 +50,9 @@ def _new_key() -> ec.EllipticCurvePrivateKey:
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _cert_pem(cert: x509.Certificate) -> bytes:
@@ -59,42 +60,85 @@ def _cert_pem(cert: x509.Certificate) -> bytes:
 
 
 def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "FedMedCLIP federation"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "FedMedCLIP federation"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
 
 
 def _builder(subject: x509.Name, issuer: x509.Name, public_key, days: int) -> x509.CertificateBuilder:
-    now = dt.datetime.now(dt.timezone.utc)
-    return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=days))
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False))
+    now = dt.datetime.now(dt.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    )
 
 
 def make_ca(common_name: str = "FedMedCLIP CA") -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = _new_key()
-    cert = (_builder(_name(common_name), _name(common_name), key.public_key(), CA_DAYS)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                         crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        _builder(_name(common_name), _name(common_name), key.public_key(), CA_DAYS)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
     return cert, key
 
 
-def issue(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, common_name: str, *, server: bool,
-          hosts: list[str] = ()) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def issue(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    common_name: str,
+    *,
+    server: bool,
+    hosts: list[str] = (),
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """A leaf certificate: the aggregator's (server auth, SANs for ``hosts``) or a node's (client auth)."""
     key = _new_key()
-    builder = (_builder(_name(common_name), ca_cert.subject, key.public_key(), LEAF_DAYS)
-               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-               .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                            data_encipherment=False, key_agreement=True, key_cert_sign=False,
-                                            crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-               .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
-                                                     else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                              critical=False))
+    builder = (
+        _builder(_name(common_name), ca_cert.subject, key.public_key(), LEAF_DAYS)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+    )
     if server:
         names: list[x509.GeneralName] = []
         for host in dict.fromkeys([*hosts, "localhost", "127.0.0.1"]):
@@ -205,8 +249,12 @@ Issued on {date}. Keep this folder private: `key.pem` is the aggregator's identi
 def _fingerprint(classes: list[str], cfg: ProvisionConfig) -> str:
     from shared.backbone import DEFAULT_TEMPLATES, BackboneSpec, load_backbone  # torch: only when pinning
 
-    spec = BackboneSpec(kind=cfg.backbone, arch=cfg.arch, pretrained=cfg.pretrained,
-                        templates=tuple(cfg.templates) if cfg.templates else DEFAULT_TEMPLATES)
+    spec = BackboneSpec(
+        kind=cfg.backbone,
+        arch=cfg.arch,
+        pretrained=cfg.pretrained,
+        templates=tuple(cfg.templates) if cfg.templates else DEFAULT_TEMPLATES,
+    )
     return load_backbone(spec, "cpu").fingerprint(classes)
 
 
@@ -221,8 +269,10 @@ def provision(cfg: ProvisionConfig) -> dict[str, Path]:
     nodes = list(cfg.nodes or ())
     bad = [n for n in nodes if not _NODE_ID.fullmatch(n) or n in ("ca", "aggregator")]
     if bad or not nodes or len(set(nodes)) != len(nodes):
-        raise ConfigError(f"nodes: node ids must be distinct, 1-64 characters [A-Za-z0-9_.-], not 'ca' or "
-                          f"'aggregator': {bad or nodes}")
+        raise ConfigError(
+            f"nodes: node ids must be distinct, 1-64 characters [A-Za-z0-9_.-], not 'ca' or "
+            f"'aggregator': {bad or nodes}"
+        )
     unknown = sorted(set(cfg.evaluators or ()) - set(nodes))
     if unknown:
         raise ConfigError(f"evaluators: {unknown} are not among the nodes {nodes}")
@@ -244,26 +294,62 @@ def provision(cfg: ProvisionConfig) -> dict[str, Path]:
     if classes:
         pins = {"class_names": classes, "backbone_fingerprint": _fingerprint(classes, cfg)}
     configs["aggregator"] = agg / "aggregator.yaml"
-    _write_config(configs["aggregator"], f"FedMedCLIP aggregator, {stamp}; key.pem is private (mode 0600)",
-                  {"listen": listen, "tls_ca": "ca.pem", "tls_cert": "cert.pem", "tls_key": "key.pem",
-                   "allowed_nodes": nodes, "out_dir": "runs", **pins})
-    _kit(agg, "aggregator.yaml", "aggregator", "runs/aggregator.lock",
-         _AGGREGATOR_README.format(date=date, listen=listen, n=len(nodes), hosts=", ".join(hosts),
-                                   pins=f"; the class names {classes} and the backbone fingerprint" if pins else ""))
+    _write_config(
+        configs["aggregator"],
+        f"FedMedCLIP aggregator, {stamp}; key.pem is private (mode 0600)",
+        {
+            "listen": listen,
+            "tls_ca": "ca.pem",
+            "tls_cert": "cert.pem",
+            "tls_key": "key.pem",
+            "allowed_nodes": nodes,
+            "out_dir": "runs",
+            **pins,
+        },
+    )
+    _kit(
+        agg,
+        "aggregator.yaml",
+        "aggregator",
+        "runs/aggregator.lock",
+        _AGGREGATOR_README.format(
+            date=date,
+            listen=listen,
+            n=len(nodes),
+            hosts=", ".join(hosts),
+            pins=f"; the class names {classes} and the backbone fingerprint" if pins else "",
+        ),
+    )
     for node in nodes:
         folder = _party_dir(root, node)
         _issue_into(folder, ca_cert, ca_key, node, server=False)
         configs[node] = folder / "node.yaml"
-        values = {"node_id": node, "aggregator": f"{hosts[0]}:{cfg.port}", "tls_ca": "ca.pem",
-                  "tls_cert": "cert.pem", "tls_key": "key.pem", "state_dir": "state", "cache_dir": "cache"}
+        values = {
+            "node_id": node,
+            "aggregator": f"{hosts[0]}:{cfg.port}",
+            "tls_ca": "ca.pem",
+            "tls_cert": "cert.pem",
+            "tls_key": "key.pem",
+            "state_dir": "state",
+            "cache_dir": "cache",
+        }
         if node in (cfg.evaluators or ()):
             values["role"] = "evaluator"
         if classes:
             values["classes"] = classes
         _write_config(configs[node], f"FedMedCLIP node {node}, {stamp}; key.pem is private (mode 0600)", values)
-        _kit(folder, "node.yaml", "node run", "state/node.lock",
-             _NODE_README.format(node=node, date=date, aggregator=values["aggregator"],
-                                 classes_line=f", the federation's classes {classes}" if classes else ""))
+        _kit(
+            folder,
+            "node.yaml",
+            "node run",
+            "state/node.lock",
+            _NODE_README.format(
+                node=node,
+                date=date,
+                aggregator=values["aggregator"],
+                classes_line=f", the federation's classes {classes}" if classes else "",
+            ),
+        )
     return configs
 
 
@@ -288,12 +374,12 @@ def _classes(cfg: ProvisionConfig) -> list[str] | None:
 class ProvisionConfig:
     nodes: list[str] | None = None  # node ids, comma-separated (each becomes a certificate's CN); required
     out: str = "pki"  # the kits' folder, one sub-folder per party (reused: existing certificates are kept)
-    aggregator_host: list[str] = field(default_factory=lambda: ["localhost"])  # the aggregator's host names or IPs; the first goes into the node configs (localhost and 127.0.0.1 are always in its certificate)
+    aggregator_host: list[str] = field(default_factory=lambda: ["localhost"])  # its names/IPs: the first goes in kits
     port: int = DEFAULT_PORT  # the aggregator's gRPC port
-    listen: str | None = None  # the aggregator's listen address (default: loopback 127.0.0.1:<port>; 0.0.0.0:<port> to serve the network)
+    listen: str | None = None  # the aggregator's address (default 127.0.0.1:<port>; 0.0.0.0:<port>: the network)
     ca_dir: str | None = None  # the CA's folder (default: <out>-ca, beside the kits and never inside them)
     evaluators: list[str] | None = None  # nodes that only evaluate (held-out hospitals): role evaluator in their kit
-    classes: list[str] | None = None  # the federation's class names: pins them (and the backbone fingerprint) in every kit
+    classes: list[str] | None = None  # the federation's classes: pinned with the fingerprint in every kit
     classes_file: str | None = None  # the class names, one a line (e.g. a partition's classes.txt)
     backbone: str = "effnet-lite0-minilm"  # the backbone the nodes run (for the pinned fingerprint)
     arch: str = "ViT-B-32"  # open_clip architecture (backbone: openclip)
@@ -314,8 +400,14 @@ def _run(cfg: ProvisionConfig, _args: argparse.Namespace) -> int:
     return 0
 
 
-COMMAND = Command(name="provision", help="make a federation's CA, certificates and configs", run=_run,
-                  config=ProvisionConfig, env_prefix="FEDMEDCLIP_PROVISION_", description=__doc__.split("\n\n")[0])
+COMMAND = Command(
+    name="provision",
+    help="make a federation's CA, certificates and configs",
+    run=_run,
+    config=ProvisionConfig,
+    env_prefix="FEDMEDCLIP_PROVISION_",
+    description=__doc__.split("\n\n")[0],
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,15 +69,27 @@ class NodeRecord:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> NodeRecord:
         """A record as :meth:`to_dict` wrote it (``software_version`` is absent from older checkpoints)."""
-        return cls(role=Role(data["role"]), num_train=int(data["num_train"]), num_val=int(data.get("num_val", 0)),
-                   num_test=int(data.get("num_test", 0)), software_version=str(data.get("software_version", "")))
+        return cls(
+            role=Role(data["role"]),
+            num_train=int(data["num_train"]),
+            num_val=int(data.get("num_val", 0)),
+            num_test=int(data.get("num_test", 0)),
+            software_version=str(data.get("software_version", "")),
+        )
 
 
 class Registry:
     """The registered nodes and what every node must share with the federation (not thread-safe: the engine locks)."""
 
-    def __init__(self, *, method: str, embed_dim: int, initial_sha256: str, fingerprint: str | None = None,
-                 class_names: tuple[str, ...] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        method: str,
+        embed_dim: int,
+        initial_sha256: str,
+        fingerprint: str | None = None,
+        class_names: tuple[str, ...] | None = None,
+    ) -> None:
         self.method, self.embed_dim, self.initial_sha256 = method, embed_dim, initial_sha256
         self.fingerprint = fingerprint
         self.class_names = class_names
@@ -90,11 +102,17 @@ class Registry:
         if known is not None and known.role != reg.role:
             raise EngineError(Reason.NODE_ID_TAKEN, f"node id {reg.node_id} is registered as a {known.role}")
         if known is not None and known.num_train != reg.num_train:
-            log.warning("node %s registered again with %d training samples, %d at its first registration: refused",
-                        reg.node_id, reg.num_train, known.num_train)
-            raise EngineError(Reason.SAMPLE_COUNT_CHANGED,
-                              f"node {reg.node_id} registered with {known.num_train} training samples; the count "
-                              f"weighs its updates and is fixed for the run (now {reg.num_train})")
+            log.warning(
+                "node %s registered again with %d training samples, %d at its first registration: refused",
+                reg.node_id,
+                reg.num_train,
+                known.num_train,
+            )
+            raise EngineError(
+                Reason.SAMPLE_COUNT_CHANGED,
+                f"node {reg.node_id} registered with {known.num_train} training samples; the count "
+                f"weighs its updates and is fixed for the run (now {reg.num_train})",
+            )
         if self.fingerprint is None:
             self.fingerprint = reg.fingerprint
         if self.class_names is None:
@@ -102,8 +120,9 @@ class Registry:
         version = reg.software_version[:MAX_VERSION_CHARS]
         if version and version != __version__:
             log.warning("node %s runs FedMedCLIP %r, this aggregator %s", reg.node_id, version, __version__)
-        self.nodes[reg.node_id] = NodeRecord(role=reg.role, num_train=reg.num_train, num_val=reg.num_val,
-                                             num_test=reg.num_test, software_version=version)
+        self.nodes[reg.node_id] = NodeRecord(
+            role=reg.role, num_train=reg.num_train, num_val=reg.num_val, num_test=reg.num_test, software_version=version
+        )
         return known is not None
 
     def _check(self, reg: Registration) -> None:
@@ -117,15 +136,22 @@ class Registry:
         if not _TOKEN.fullmatch(reg.fingerprint) or len(reg.fingerprint) > MAX_FINGERPRINT_CHARS:
             problems.append(f"backbone fingerprint must be 1-{MAX_FINGERPRINT_CHARS} printable ASCII characters")
         elif self.fingerprint is not None and reg.fingerprint != self.fingerprint:
-            problems.append(f"backbone fingerprint {reg.fingerprint[:16]}... differs from the federation's "
-                            f"{self.fingerprint[:16]}...")
-        if not (0 < len(reg.class_names) <= MAX_CLASSES and all(
-                0 < len(c) <= MAX_CLASS_NAME_CHARS and c.isprintable() for c in reg.class_names)):
-            problems.append(f"label space must be 1-{MAX_CLASSES} names of 1-{MAX_CLASS_NAME_CHARS} printable "
-                            "characters")
+            problems.append(
+                f"backbone fingerprint {reg.fingerprint[:16]}... differs from the federation's "
+                f"{self.fingerprint[:16]}..."
+            )
+        if not (
+            0 < len(reg.class_names) <= MAX_CLASSES
+            and all(0 < len(c) <= MAX_CLASS_NAME_CHARS and c.isprintable() for c in reg.class_names)
+        ):
+            problems.append(
+                f"label space must be 1-{MAX_CLASSES} names of 1-{MAX_CLASS_NAME_CHARS} printable characters"
+            )
         elif self.class_names is not None and tuple(reg.class_names) != self.class_names:
-            problems.append(f"label space {printable(list(reg.class_names), 300)} differs from the federation's "
-                            f"{printable(list(self.class_names), 300)}")
+            problems.append(
+                f"label space {printable(list(reg.class_names), 300)} differs from the federation's "
+                f"{printable(list(self.class_names), 300)}"
+            )
         if not _TOKEN.fullmatch(reg.method) or not _TOKEN.fullmatch(reg.initial_sha256):
             problems.append("method and initial_state_sha256 must be 1-128 printable ASCII characters")
         if reg.embed_dim != self.embed_dim:
@@ -148,5 +174,8 @@ class Registry:
 
     def other_versions(self) -> dict[str, str]:
         """Nodes that said they run another FedMedCLIP version than this aggregator: node -> version."""
-        return {n: rec.software_version for n, rec in sorted(self.nodes.items())
-                if rec.software_version and rec.software_version != __version__}
+        return {
+            n: rec.software_version
+            for n, rec in sorted(self.nodes.items())
+            if rec.software_version and rec.software_version != __version__
+        }

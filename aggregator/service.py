@@ -65,9 +65,12 @@ from shared.wire.transport import CHUNK_BYTES, MAX_PAYLOAD_BYTES, PayloadAssembl
 
 log = logging.getLogger("fedmedclip.aggregator")
 
-PHASE_TO_PROTO = {Phase.WAITING_FOR_NODES: pb.ROUND_PHASE_WAITING_FOR_NODES,
-                  Phase.COLLECTING: pb.ROUND_PHASE_COLLECTING, Phase.FINISHED: pb.ROUND_PHASE_FINISHED,
-                  Phase.FAILED: pb.ROUND_PHASE_FAILED}
+PHASE_TO_PROTO = {
+    Phase.WAITING_FOR_NODES: pb.ROUND_PHASE_WAITING_FOR_NODES,
+    Phase.COLLECTING: pb.ROUND_PHASE_COLLECTING,
+    Phase.FINISHED: pb.ROUND_PHASE_FINISHED,
+    Phase.FAILED: pb.ROUND_PHASE_FAILED,
+}
 ROLE_TO_PROTO = {Role.TRAINER: pb.NODE_ROLE_TRAINER, Role.EVALUATOR: pb.NODE_ROLE_EVALUATOR}
 ROLE_FROM_PROTO = {v: k for k, v in ROLE_TO_PROTO.items()}
 MAX_LONG_POLL_S = 30.0
@@ -76,26 +79,40 @@ UNDECODABLE = object()
 
 
 def round_info(view: RoundView) -> pb.RoundInfo:
-    return pb.RoundInfo(run_id=view.run_id, round_id=view.round_id, global_version=view.global_version,
-                        total_rounds=view.total_rounds, phase=PHASE_TO_PROTO[view.phase],
-                        deadline_unix_ms=view.deadline_unix_ms, update_accepted=view.update_accepted,
-                        registered_trainers=view.registered_trainers, updates_received=view.updates_received,
-                        message=view.message)
+    return pb.RoundInfo(
+        run_id=view.run_id,
+        round_id=view.round_id,
+        global_version=view.global_version,
+        total_rounds=view.total_rounds,
+        phase=PHASE_TO_PROTO[view.phase],
+        deadline_unix_ms=view.deadline_unix_ms,
+        update_accepted=view.update_accepted,
+        registered_trainers=view.registered_trainers,
+        updates_received=view.updates_received,
+        message=view.message,
+    )
 
 
 class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
-    def __init__(self, engine: RoundEngine, cfg: AggregatorConfig, telemetry: Telemetry, *, tls: bool,
-                 on_overload=None) -> None:
+    def __init__(
+        self, engine: RoundEngine, cfg: AggregatorConfig, telemetry: Telemetry, *, tls: bool, on_overload=None
+    ) -> None:
         self.engine, self.cfg, self.t, self.tls = engine, cfg, telemetry, tls
         self.allowed = frozenset(cfg.allowed_nodes) if cfg.allowed_nodes else None
         # folding is serialised by the engine anyway: more payloads in memory at once buy nothing
         self.upload_slots = threading.BoundedSemaphore(cfg.upload_slots)
-        self.limits = NodeLimits({RPC: cfg.max_rpcs_per_node, STREAM: cfg.max_streams_per_node,
-                                  LONG_POLL: cfg.max_long_polls_per_node})
+        self.limits = NodeLimits(
+            {RPC: cfg.max_rpcs_per_node, STREAM: cfg.max_streams_per_node, LONG_POLL: cfg.max_long_polls_per_node}
+        )
         self.watchdog = StreamWatchdog(cfg.stream_timeout_s, cfg.stream_min_rate_bps, cfg.stream_grace_s)
-        self.load = LoadMonitor(cfg.max_workers, cfg.overload_ratio, cfg.overload_hold_s,
-                                on_overload or (lambda overloaded: None), in_flight=telemetry.rpcs_in_flight,
-                                overloaded_gauge=telemetry.overloaded)
+        self.load = LoadMonitor(
+            cfg.max_workers,
+            cfg.overload_ratio,
+            cfg.overload_hold_s,
+            on_overload or (lambda overloaded: None),
+            in_flight=telemetry.rpcs_in_flight,
+            overloaded_gauge=telemetry.overloaded,
+        )
         self.quiet = LogThrottle()  # a flood of refusals for a load limit is not a flood of log lines
 
     def _certified(self, context: grpc.ServicerContext) -> str:
@@ -133,8 +150,15 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
             held_back = self.quiet.admit((node_id, method, exc.reason))
             if held_back is None:
                 return
-        log.warning("%s from %r refused (%s, %s): %s%s", method, node_id[:64], exc.code.name, exc.reason,
-                    printable(exc.message, 1000), f" ({held_back} more like it not logged)" if held_back else "")
+        log.warning(
+            "%s from %r refused (%s, %s): %s%s",
+            method,
+            node_id[:64],
+            exc.code.name,
+            exc.reason,
+            printable(exc.message, 1000),
+            f" ({held_back} more like it not logged)" if held_back else "",
+        )
 
     @contextmanager
     def _serving(self, context: grpc.ServicerContext, method: str, node_id: str, *kinds: str) -> Iterator[None]:
@@ -150,8 +174,12 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
     def refuse_undecodable(self, context: grpc.ServicerContext, method: str) -> None:
         """A request that is not the protobuf message it claims to be (raises, as context.abort does)."""
         sender = (peer_common_name(context) if self.tls else None) or context.peer()  # no node id to go by
-        self._refuse(context, method, sender, EngineError(Reason.UNDECODABLE, f"the {method} request is not a "
-                                                          "valid protobuf message of its type"))
+        self._refuse(
+            context,
+            method,
+            sender,
+            EngineError(Reason.UNDECODABLE, f"the {method} request is not a valid protobuf message of its type"),
+        )
 
     def _unary(self, context: grpc.ServicerContext, method: str, node_id: str, call, *kinds: str):
         try:
@@ -161,21 +189,33 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
             self._refuse(context, method, node_id, exc)
 
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterResponse:
-        reg = Registration(node_id=request.node_id, role=ROLE_FROM_PROTO.get(request.role),
-                           fingerprint=request.backbone_fingerprint, class_names=tuple(request.class_names),
-                           embed_dim=request.embed_dim, method=request.method,
-                           initial_sha256=request.initial_state_sha256, num_train=request.num_train_samples,
-                           num_val=request.num_val_samples, num_test=request.num_test_samples,
-                           software_version=request.software_version)
+        reg = Registration(
+            node_id=request.node_id,
+            role=ROLE_FROM_PROTO.get(request.role),
+            fingerprint=request.backbone_fingerprint,
+            class_names=tuple(request.class_names),
+            embed_dim=request.embed_dim,
+            method=request.method,
+            initial_sha256=request.initial_state_sha256,
+            num_train=request.num_train_samples,
+            num_val=request.num_val_samples,
+            num_test=request.num_test_samples,
+            software_version=request.software_version,
+        )
         view = self._unary(context, "Register", request.node_id, lambda: self.engine.register(reg))
-        return pb.RegisterResponse(round=round_info(view), codec=self.cfg.codec, delta=self.cfg.delta,
-                                   drop_masked_rows=self.cfg.drop_masked_rows,
-                                   heartbeat_interval_ms=int(self.cfg.heartbeat_interval_s * 1000),
-                                   max_chunk_bytes=CHUNK_BYTES)
+        return pb.RegisterResponse(
+            round=round_info(view),
+            codec=self.cfg.codec,
+            delta=self.cfg.delta,
+            drop_masked_rows=self.cfg.drop_masked_rows,
+            heartbeat_interval_ms=int(self.cfg.heartbeat_interval_s * 1000),
+            max_chunk_bytes=CHUNK_BYTES,
+        )
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
-        view = self._unary(context, "Heartbeat", request.node_id,
-                           lambda: self.engine.heartbeat(request.run_id, request.node_id))
+        view = self._unary(
+            context, "Heartbeat", request.node_id, lambda: self.engine.heartbeat(request.run_id, request.node_id)
+        )
         return pb.HeartbeatResponse(round=round_info(view))
 
     def GetRound(self, request: pb.GetRoundRequest, context: grpc.ServicerContext) -> pb.GetRoundResponse:
@@ -183,21 +223,37 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
         remaining = context.time_remaining()
         if remaining is not None:  # answer before the caller's deadline, never after it
             wait = max(0.0, min(wait, remaining - 1.0))
-        view = self._unary(context, "GetRound", request.node_id, lambda: self.engine.round_view(
-            request.run_id, request.node_id, request.wait_for_round, wait), *((LONG_POLL,) if wait > 0 else ()))
+        view = self._unary(
+            context,
+            "GetRound",
+            request.node_id,
+            lambda: self.engine.round_view(request.run_id, request.node_id, request.wait_for_round, wait),
+            *((LONG_POLL,) if wait > 0 else ()),
+        )
         return pb.GetRoundResponse(round=round_info(view))
 
     def FetchGlobal(self, request: pb.FetchGlobalRequest, context: grpc.ServicerContext):
         node_id = request.node_id
         try:
-            with self._serving(context, "FetchGlobal", node_id, STREAM), \
-                    self.watchdog.watching(context.cancel) as transfer:
+            with (
+                self._serving(context, "FetchGlobal", node_id, STREAM),
+                self.watchdog.watching(context.cancel) as transfer,
+            ):
                 data, sha = self.engine.published_global(request.run_id, node_id, request.version)
                 try:
-                    yield pb.FetchGlobalResponse(header=pb.PayloadHeader(
-                        run_id=self.engine.run_id, round_id=request.version - 1, node_id=node_id,
-                        version=request.version, codec=self.cfg.codec, delta=self.cfg.delta,
-                        raw_bytes=self.engine.raw_bytes, wire_bytes=len(data), sha256=sha))
+                    yield pb.FetchGlobalResponse(
+                        header=pb.PayloadHeader(
+                            run_id=self.engine.run_id,
+                            round_id=request.version - 1,
+                            node_id=node_id,
+                            version=request.version,
+                            codec=self.cfg.codec,
+                            delta=self.cfg.delta,
+                            raw_bytes=self.engine.raw_bytes,
+                            wire_bytes=len(data),
+                            sha256=sha,
+                        )
+                    )
                     for part in chunks(data):
                         yield pb.FetchGlobalResponse(chunk=part)
                         transfer.add(len(part))
@@ -235,15 +291,25 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
             if not held:
                 self.limits.acquire(node_id, (RPC, STREAM))
                 held = node_id
-            header = UpdateHeader(run_id=h.run_id, round_id=h.round_id, node_id=h.node_id, update_id=h.update_id,
-                                  codec=h.codec, sha256=h.sha256, wire_bytes=h.wire_bytes,
-                                  num_train=h.num_train_samples,
-                                  train={"steps": h.train.steps, "seconds": h.train.seconds, "loss": h.train.loss})
+            header = UpdateHeader(
+                run_id=h.run_id,
+                round_id=h.round_id,
+                node_id=h.node_id,
+                update_id=h.update_id,
+                codec=h.codec,
+                sha256=h.sha256,
+                wire_bytes=h.wire_bytes,
+                num_train=h.num_train_samples,
+                train={"steps": h.train.steps, "seconds": h.train.seconds, "loss": h.train.loss},
+            )
             self._admissible(header)
             self.watchdog.pause(transfer)  # waiting for a slot reads nothing: not the node's slowness
             if not self.upload_slots.acquire(timeout=self.watchdog.remaining(transfer)):
-                raise EngineError(Reason.UPLOAD_SLOTS_BUSY, f"no upload slot came free within the aggregator's "
-                                  f"stream deadline of {self.cfg.stream_timeout_s:g}s; retry after a backoff")
+                raise EngineError(
+                    Reason.UPLOAD_SLOTS_BUSY,
+                    f"no upload slot came free within the aggregator's "
+                    f"stream deadline of {self.cfg.stream_timeout_s:g}s; retry after a backoff",
+                )
             self.t.upload_slots_in_use.inc()
             try:
                 self.watchdog.resume(transfer)
@@ -264,8 +330,9 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
             self.load.leave("UploadUpdate")
         if ack.replayed:
             self.t.updates_replayed.inc()
-        return pb.UploadUpdateResponse(update_id=ack.update_id, round_id=ack.round_id, replayed=ack.replayed,
-                                       updates_received=ack.updates_received)
+        return pb.UploadUpdateResponse(
+            update_id=ack.update_id, round_id=ack.round_id, replayed=ack.replayed, updates_received=ack.updates_received
+        )
 
     @staticmethod
     def _cut_off(transfer: Transfer) -> None:
@@ -313,30 +380,42 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
         """
         engine = self.engine
         if header.run_id and header.run_id != engine.run_id:
-            raise EngineError(Reason.WRONG_RUN, f"run {header.run_id!r} is not the current run {engine.run_id!r}; "
-                              "register again")
+            raise EngineError(
+                Reason.WRONG_RUN, f"run {header.run_id!r} is not the current run {engine.run_id!r}; register again"
+            )
         rec = engine.nodes.get(header.node_id)
         if rec is None:
             raise EngineError(Reason.UNKNOWN_NODE, f"node {header.node_id!r} is not registered")
         if rec.role != Role.TRAINER:
             raise EngineError(Reason.NOT_TRAINER, f"{header.node_id} is an evaluator")
         if not 0 <= header.wire_bytes <= MAX_PAYLOAD_BYTES:
-            raise EngineError(Reason.BAD_STREAM, f"announced payload of {header.wire_bytes} bytes is outside "
-                              f"[0, {MAX_PAYLOAD_BYTES}]")
+            raise EngineError(
+                Reason.BAD_STREAM, f"announced payload of {header.wire_bytes} bytes is outside [0, {MAX_PAYLOAD_BYTES}]"
+            )
         return rec
 
     def _count_up(self, codec: str, wire: int, raw: int) -> None:
         encoding = codec if codec in ("fp32", "fp16", "int8", "int4") else "unknown"  # bounded label set
         self.t.count_payload("up", encoding, wire, raw)
 
-    def ReportMetrics(self, request: pb.ReportMetricsRequest,
-                      context: grpc.ServicerContext) -> pb.ReportMetricsResponse:
+    def ReportMetrics(
+        self, request: pb.ReportMetricsRequest, context: grpc.ServicerContext
+    ) -> pb.ReportMetricsResponse:
         val = metrics_from_proto(request.val) if request.HasField("val") else None
         test = metrics_from_proto(request.test) if request.HasField("test") else None
-        train = {"steps": request.train.steps, "seconds": request.train.seconds, "loss": request.train.loss} \
-            if request.HasField("train") else None
-        replayed = self._unary(context, "ReportMetrics", request.node_id, lambda: self.engine.report(
-            request.run_id, request.node_id, request.version, request.report_id, val, test, request.head, train))
+        train = (
+            {"steps": request.train.steps, "seconds": request.train.seconds, "loss": request.train.loss}
+            if request.HasField("train")
+            else None
+        )
+        replayed = self._unary(
+            context,
+            "ReportMetrics",
+            request.node_id,
+            lambda: self.engine.report(
+                request.run_id, request.node_id, request.version, request.report_id, val, test, request.head, train
+            ),
+        )
         return pb.ReportMetricsResponse(report_id=request.report_id, replayed=replayed)
 
 
@@ -389,6 +468,7 @@ class DecodeGuard(grpc.ServerInterceptor):
                 if request is UNDECODABLE:
                     self._refuse(context, full)
                 return unary(request, context)
+
             return grpc.unary_unary_rpc_method_handler(checked_unary, deserialize, out)
         if handler.unary_stream:
             server_stream = handler.unary_stream
@@ -397,6 +477,7 @@ class DecodeGuard(grpc.ServerInterceptor):
                 if request is UNDECODABLE:
                     self._refuse(context, full)
                 yield from server_stream(request, context)
+
             return grpc.unary_stream_rpc_method_handler(checked_server_stream, deserialize, out)
         if handler.stream_unary:
             client_stream = handler.stream_unary
@@ -404,10 +485,13 @@ class DecodeGuard(grpc.ServerInterceptor):
                 return grpc.stream_unary_rpc_method_handler(client_stream, deserialize, out)
             return grpc.stream_unary_rpc_method_handler(
                 lambda requests, context: client_stream(self._checked(requests, context, full), context),
-                deserialize, out)
+                deserialize,
+                out,
+            )
         bidi = handler.stream_stream
         return grpc.stream_stream_rpc_method_handler(
-            lambda requests, context: bidi(self._checked(requests, context, full), context), deserialize, out)
+            lambda requests, context: bidi(self._checked(requests, context, full), context), deserialize, out
+        )
 
 
 class ServiceHealth:
@@ -434,8 +518,12 @@ class ServiceHealth:
     def overloaded(self, value: bool) -> None:
         with self._lock:
             if value != self._overloaded and self._up:
-                (log.warning if value else log.info)("overload %s: health of %s is %s", "began" if value else "ended",
-                                                     SERVICE_NAME, "NOT_SERVING" if value else "SERVING")
+                (log.warning if value else log.info)(
+                    "overload %s: health of %s is %s",
+                    "began" if value else "ended",
+                    SERVICE_NAME,
+                    "NOT_SERVING" if value else "SERVING",
+                )
             self._overloaded = value
             self._publish()
 
@@ -447,13 +535,16 @@ class ServiceHealth:
 
 def _watch_handshakes(telemetry: Telemetry) -> HandshakeFailures:
     """Count (``fedmedclip_tls_handshake_failures_total``) and log every failed TLS handshake; see the class."""
+
     def failed(peer: str | None, error: str) -> None:
         telemetry.tls_handshake_failures.labels(reason=handshake_failure_reason(error)).inc()
 
     watcher = HandshakeFailures(failed)
     if not watcher.traced:
-        log.info("TLS handshake failures are counted; their peer address is logged only with GRPC_TRACE=handshaker "
-                 "in the aggregator's environment")
+        log.info(
+            "TLS handshake failures are counted; their peer address is logged only with GRPC_TRACE=handshaker "
+            "in the aggregator's environment"
+        )
     watcher.start()
     return watcher
 
@@ -466,8 +557,11 @@ def _host_port(listen: str, port: int) -> str:
 def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
     """Listen on ``address`` (TLS with ``credentials``); the port, or a ConfigError naming the address."""
     try:
-        port = (server.add_secure_port(address, credentials) if credentials is not None
-                else server.add_insecure_port(address))
+        port = (
+            server.add_secure_port(address, credentials)
+            if credentials is not None
+            else server.add_insecure_port(address)
+        )
     except RuntimeError:
         port = 0
     if port == 0:
@@ -477,15 +571,20 @@ def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials
 
 def serve(cfg: AggregatorConfig) -> int:
     """Run the aggregator until its rounds are done (``exit_when_done``) or SIGTERM/SIGINT; the exit code."""
-    tls = load_material("the aggregator", cfg.listen, insecure=cfg.insecure, ca=cfg.tls_ca, cert=cfg.tls_cert,
-                        key=cfg.tls_key)
+    tls = load_material(
+        "the aggregator", cfg.listen, insecure=cfg.insecure, ca=cfg.tls_ca, cert=cfg.tls_cert, key=cfg.tls_key
+    )
     if tls is not None and not cfg.allowed_nodes:
-        raise ConfigError("allowed_nodes is empty: with TLS the aggregator admits only the node ids (certificate "
-                          "CNs) listed there; `fedmedclip provision` writes it")
+        raise ConfigError(
+            "allowed_nodes is empty: with TLS the aggregator admits only the node ids (certificate "
+            "CNs) listed there; `fedmedclip provision` writes it"
+        )
     if not (cfg.class_names and cfg.backbone_fingerprint) and not cfg.trust_first_node:
-        raise ConfigError("class_names and backbone_fingerprint are not set: the first node to register would set "
-                          "the federation's label space and backbone. Provision with --classes or --classes-file "
-                          "(fedmedclip provision pins both), or set trust_first_node: true to allow it")
+        raise ConfigError(
+            "class_names and backbone_fingerprint are not set: the first node to register would set "
+            "the federation's label space and backbone. Provision with --classes or --classes-file "
+            "(fedmedclip provision pins both), or set trust_first_node: true to allow it"
+        )
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     telemetry = Telemetry("aggregator")
@@ -494,8 +593,9 @@ def serve(cfg: AggregatorConfig) -> int:
     metrics_server, metrics_port = serve_metrics(telemetry, cfg.metrics_port, cfg.metrics_addr)
 
     health_servicer = health.HealthServicer()
-    health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=server_options(),
-                                interceptors=[DecodeGuard()])  # plaintext, reachable without a certificate
+    health_server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=2), options=server_options(), interceptors=[DecodeGuard()]
+    )  # plaintext, reachable without a certificate
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
     health_port = _bind(health_server, _host_port(cfg.listen, cfg.health_port))
     status = ServiceHealth(health_servicer)  # NOT_SERVING until the service listens
@@ -503,9 +603,12 @@ def serve(cfg: AggregatorConfig) -> int:
 
     servicer = AggregatorServicer(engine, cfg, telemetry, tls=tls is not None, on_overload=status.overloaded)
     # gRPC refuses RPCs beyond max_concurrent_rpcs itself (RESOURCE_EXHAUSTED, no reason): a bound on the queue
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.max_workers),
-                         interceptors=[MetricsInterceptor(telemetry), DecodeGuard(servicer)], options=server_options(),
-                         maximum_concurrent_rpcs=cfg.max_concurrent_rpcs or 4 * cfg.max_workers)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=cfg.max_workers),
+        interceptors=[MetricsInterceptor(telemetry), DecodeGuard(servicer)],
+        options=server_options(),
+        maximum_concurrent_rpcs=cfg.max_concurrent_rpcs or 4 * cfg.max_workers,
+    )
     pb_grpc.add_AggregatorServiceServicer_to_server(servicer, server)
     if cfg.reflection:
         reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -513,12 +616,23 @@ def serve(cfg: AggregatorConfig) -> int:
     handshakes = _watch_handshakes(telemetry) if tls is not None else None
     server.start()
     status.up(True)
-    endpoints = {"pid": os.getpid(), "run_id": engine.run_id, "address": _host_port(cfg.listen, port),
-                 "health_address": _host_port(cfg.listen, health_port), "metrics_port": metrics_port}
+    endpoints = {
+        "pid": os.getpid(),
+        "run_id": engine.run_id,
+        "address": _host_port(cfg.listen, port),
+        "health_address": _host_port(cfg.listen, health_port),
+        "metrics_port": metrics_port,
+    }
     atomic_write(out / "endpoints.json", json.dumps(endpoints, indent=1).encode())
-    log.info("aggregator serving on %s (%s; health %s, metrics :%d%s), run %s", endpoints["address"],
-             f"mTLS, {len(cfg.allowed_nodes or ())} nodes allowed" if tls else "PLAINTEXT, no identity",
-             endpoints["health_address"], metrics_port, ", reflection on" if cfg.reflection else "", engine.run_id)
+    log.info(
+        "aggregator serving on %s (%s; health %s, metrics :%d%s), run %s",
+        endpoints["address"],
+        f"mTLS, {len(cfg.allowed_nodes or ())} nodes allowed" if tls else "PLAINTEXT, no identity",
+        endpoints["health_address"],
+        metrics_port,
+        ", reflection on" if cfg.reflection else "",
+        engine.run_id,
+    )
 
     stop = threading.Event()
     finished = threading.Event()

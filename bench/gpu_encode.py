@@ -37,9 +37,17 @@ class _ImageOnly(nn.Module):
 
 def image_only_backbone(device: str) -> Backbone:
     model = _ImageOnly(offline_image_tower(seed=0)).to(device)
-    return Backbone(spec=BackboneSpec(), model=model, preprocess=offline_preprocess(), tokenizer=None,
-                    description="EfficientNet-Lite0 image tower (offline default), image side only", is_clip=False,
-                    weights_id="", preprocess_id="", device=torch.device(device))
+    return Backbone(
+        spec=BackboneSpec(),
+        model=model,
+        preprocess=offline_preprocess(),
+        tokenizer=None,
+        description="EfficientNet-Lite0 image tower (offline default), image side only",
+        is_clip=False,
+        weights_id="",
+        preprocess_id="",
+        device=torch.device(device),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device")
     backbone = image_only_backbone("cuda")
-    encode_samples(backbone, samples[: args.batch_size], None, batch_size=args.batch_size, num_workers=args.workers,
-                   progress=False)  # warm-up: cuDNN autotuning, worker start
+    encode_samples(
+        backbone, samples[: args.batch_size], None, batch_size=args.batch_size, num_workers=args.workers, progress=False
+    )  # warm-up: cuDNN autotuning, worker start
     torch.cuda.synchronize()
     feats, stats = encode_samples(backbone, samples, None, batch_size=args.batch_size, num_workers=args.workers)
     batch = torch.randn(args.batch_size, 3, 224, 224, device="cuda")
@@ -74,17 +83,26 @@ def main(argv: list[str] | None = None) -> int:
             backbone.model.encode_image(batch)
         torch.cuda.synchronize()
         forward_ips = reps * args.batch_size / (time.perf_counter() - start)
-    result = {"device_name": torch.cuda.get_device_name(0), "torch": torch.__version__, "images": len(samples),
-              "batch_size": args.batch_size, "workers": args.workers, "images_per_second": stats.images_per_second,
-              "forward_only_images_per_second": forward_ips}
+    result = {
+        "device_name": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "images": len(samples),
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "images_per_second": stats.images_per_second,
+        "forward_only_images_per_second": forward_ips,
+    }
     if args.reference:
         with np.load(args.reference) as ref:
             order = {h: i for i, h in enumerate(ref["hashes"])}
             expected = torch.from_numpy(ref["features"][[order[s.sha256] for s in samples]])
         diff = (feats - expected).abs()
         cos = torch.nn.functional.cosine_similarity(feats, expected, dim=-1)
-        result.update(max_abs_diff_vs_cpu=float(diff.max()), min_cosine_vs_cpu=float(cos.min()),
-                      feature_scale=float(expected.abs().mean()))
+        result.update(
+            max_abs_diff_vs_cpu=float(diff.max()),
+            min_cosine_vs_cpu=float(cos.min()),
+            feature_scale=float(expected.abs().mean()),
+        )
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     return 0

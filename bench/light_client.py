@@ -19,11 +19,11 @@ import torch
 
 from shared.codec import EncodedPayload
 from shared.learning.rounds import WireConfig, encode_adapter
+from shared.learning.training import TrainConfig, build_adapter, get_method
 from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
 from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2_grpc as pb_grpc
 from shared.wire.protocol import state_digest
 from shared.wire.tls import TlsMaterial, secure_channel
-from shared.learning.training import TrainConfig, build_adapter, get_method
 from shared.wire.transport import CHUNK_BYTES, channel_options, chunks
 
 
@@ -64,9 +64,18 @@ def encode(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], c
 
 
 class LightNode:
-    def __init__(self, address: str, node_id: str, tls: TlsMaterial | None, fed: Federation = Federation(), *,
-                 num_train: int = 100, evaluator: bool = False, timeout_s: float = 30.0,
-                 options: list[tuple[str, object]] | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        node_id: str,
+        tls: TlsMaterial | None,
+        fed: Federation = Federation(),
+        *,
+        num_train: int = 100,
+        evaluator: bool = False,
+        timeout_s: float = 30.0,
+        options: list[tuple[str, object]] | None = None,
+    ) -> None:
         self.node_id, self.fed, self.num_train = node_id, fed, num_train
         self.evaluator, self.timeout_s = evaluator, timeout_s
         self.channel = secure_channel(address, tls, options or channel_options())
@@ -77,41 +86,59 @@ class LightNode:
         self.channel.close()
 
     def register(self, node_id: str | None = None, **overrides) -> pb.RegisterResponse:
-        fields = dict(node_id=node_id or self.node_id,
-                      role=pb.NODE_ROLE_EVALUATOR if self.evaluator else pb.NODE_ROLE_TRAINER,
-                      backbone_fingerprint=self.fed.fingerprint, class_names=list(self.fed.class_names),
-                      embed_dim=self.fed.embed_dim, method=self.fed.method,
-                      initial_state_sha256=self.fed.initial_sha256(),
-                      num_train_samples=0 if self.evaluator else self.num_train, num_val_samples=10,
-                      num_test_samples=10)
+        fields = dict(
+            node_id=node_id or self.node_id,
+            role=pb.NODE_ROLE_EVALUATOR if self.evaluator else pb.NODE_ROLE_TRAINER,
+            backbone_fingerprint=self.fed.fingerprint,
+            class_names=list(self.fed.class_names),
+            embed_dim=self.fed.embed_dim,
+            method=self.fed.method,
+            initial_state_sha256=self.fed.initial_sha256(),
+            num_train_samples=0 if self.evaluator else self.num_train,
+            num_val_samples=10,
+            num_test_samples=10,
+        )
         response = self.stub.Register(pb.RegisterRequest(**(fields | overrides)), timeout=self.timeout_s)
         self.run_id = response.round.run_id
         return response
 
     def round(self, wait_for: int = 0, max_wait_s: float = 0.0) -> pb.RoundInfo:
-        request = pb.GetRoundRequest(run_id=self.run_id, node_id=self.node_id, wait_for_round=wait_for,
-                                     max_wait_ms=int(max_wait_s * 1000))
+        request = pb.GetRoundRequest(
+            run_id=self.run_id, node_id=self.node_id, wait_for_round=wait_for, max_wait_ms=int(max_wait_s * 1000)
+        )
         return self.stub.GetRound(request, timeout=max_wait_s + self.timeout_s).round
 
     def header(self, payload: EncodedPayload, round_id: int, **overrides) -> pb.PayloadHeader:
-        fields = dict(run_id=self.run_id, round_id=round_id, node_id=self.node_id,
-                      update_id=f"{self.run_id}-{self.node_id}-r{round_id}", version=round_id, codec=payload.codec,
-                      raw_bytes=payload.raw_nbytes, wire_bytes=len(payload.data), sha256=payload.sha256,
-                      num_train_samples=self.num_train)
+        fields = dict(
+            run_id=self.run_id,
+            round_id=round_id,
+            node_id=self.node_id,
+            update_id=f"{self.run_id}-{self.node_id}-r{round_id}",
+            version=round_id,
+            codec=payload.codec,
+            raw_bytes=payload.raw_nbytes,
+            wire_bytes=len(payload.data),
+            sha256=payload.sha256,
+            num_train_samples=self.num_train,
+        )
         return pb.PayloadHeader(**(fields | overrides))
 
-    def upload(self, payload: EncodedPayload, round_id: int, chunk_bytes: int = CHUNK_BYTES,
-               **header_overrides) -> pb.UploadUpdateResponse:
+    def upload(
+        self, payload: EncodedPayload, round_id: int, chunk_bytes: int = CHUNK_BYTES, **header_overrides
+    ) -> pb.UploadUpdateResponse:
         head = self.header(payload, round_id, **header_overrides)
-        return self.upload_messages([pb.UploadUpdateRequest(header=head)]
-                                    + [pb.UploadUpdateRequest(chunk=c) for c in chunks(payload.data, chunk_bytes)])
+        return self.upload_messages(
+            [pb.UploadUpdateRequest(header=head)]
+            + [pb.UploadUpdateRequest(chunk=c) for c in chunks(payload.data, chunk_bytes)]
+        )
 
     def upload_messages(self, messages: Iterable[pb.UploadUpdateRequest]) -> pb.UploadUpdateResponse:
         return self.stub.UploadUpdate(iter(messages), timeout=self.timeout_s)
 
     def fetch(self, version: int) -> tuple[pb.PayloadHeader, bytes]:
         stream: Iterator[pb.FetchGlobalResponse] = self.stub.FetchGlobal(
-            pb.FetchGlobalRequest(run_id=self.run_id, node_id=self.node_id, version=version), timeout=self.timeout_s)
+            pb.FetchGlobalRequest(run_id=self.run_id, node_id=self.node_id, version=version), timeout=self.timeout_s
+        )
         first = next(stream)
         return first.header, b"".join(m.chunk for m in stream)
 

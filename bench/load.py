@@ -61,8 +61,11 @@ def _metrics(port: int) -> dict[tuple[str, tuple], float]:
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         text = response.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def _sum(metrics: dict, name: str, **labels: str) -> float:
@@ -107,12 +110,12 @@ def worker(address: str, pki: Path, node_ids: list[str], variants: int = 4) -> i
             call(node.register, "Register")
             wait_for = 0
             while True:
-                info = call(lambda: node.round(wait_for, max_wait_s=20), "GetRound")
+                info = call(lambda wait_for=wait_for: node.round(wait_for, max_wait_s=20), "GetRound")
                 if info.phase in (pb.ROUND_PHASE_FINISHED, pb.ROUND_PHASE_FAILED):
                     return
                 if info.phase == pb.ROUND_PHASE_COLLECTING:
                     if not info.update_accepted:
-                        call(lambda: node.upload(payloads[i % variants], info.round_id), "UploadUpdate")
+                        call(lambda info=info: node.upload(payloads[i % variants], info.round_id), "UploadUpdate")
                         with lock:
                             uploads[0] += 1
                     wait_for = info.round_id + 1
@@ -141,17 +144,48 @@ def measure(n: int, rounds: int, processes: int, tmp: Path) -> dict:
     pki = tmp / "pki"
     provision(ProvisionConfig(nodes=node_ids, out=str(pki)))
     out, port, metrics_port = tmp / "agg", _free_port(), _free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=str(REPO_ROOT))
+    env = dict(
+        os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO_ROOT)
+    )
     log = (tmp / "aggregator.log").open("wb")
-    agg = subprocess.Popen([*resolve(["fedmedclip"]), "aggregator", "--trust-first-node", "true",  # light nodes
-                            "--config", str(pki / "aggregator" / "aggregator.yaml"),
-                            "--listen", f"127.0.0.1:{port}", "--health-port", "0", "--metrics-port", str(metrics_port),
-                            "--out-dir", str(out), "--rounds", str(rounds), "--min-nodes", str(n),
-                            "--embed-dim", str(DIM), "--round-timeout-s", "600", "--linger-s", "1",
-                            "--registration-timeout-s", "600", "--exit-when-done", "false",
-                            "--max-workers", str(n + 32)], cwd=REPO_ROOT, env=env, stdout=log,
-                           stderr=subprocess.STDOUT)
+    agg = subprocess.Popen(
+        [
+            *resolve(["fedmedclip"]),
+            "aggregator",
+            "--trust-first-node",
+            "true",  # light nodes
+            "--config",
+            str(pki / "aggregator" / "aggregator.yaml"),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--health-port",
+            "0",
+            "--metrics-port",
+            str(metrics_port),
+            "--out-dir",
+            str(out),
+            "--rounds",
+            str(rounds),
+            "--min-nodes",
+            str(n),
+            "--embed-dim",
+            str(DIM),
+            "--round-timeout-s",
+            "600",
+            "--linger-s",
+            "1",
+            "--registration-timeout-s",
+            "600",
+            "--exit-when-done",
+            "false",
+            "--max-workers",
+            str(n + 32),
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     workers: list[subprocess.Popen] = []
     try:
         end = time.monotonic() + 120
@@ -166,9 +200,26 @@ def measure(n: int, rounds: int, processes: int, tmp: Path) -> dict:
         cpu0 = _cpu_s(agg.pid)
         t0 = time.perf_counter()
         for ids in per:
-            workers.append(subprocess.Popen([sys.executable, "-m", "bench.load", "--worker", "--address",
-                                             f"127.0.0.1:{port}", "--pki", str(pki), "--node-ids", ",".join(ids)],
-                                            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, text=True))
+            workers.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "bench.load",
+                        "--worker",
+                        "--address",
+                        f"127.0.0.1:{port}",
+                        "--pki",
+                        str(pki),
+                        "--node-ids",
+                        ",".join(ids),
+                    ],
+                    cwd=REPO_ROOT,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+            )
         results = []
         for w in workers:
             stdout, _ = w.communicate(timeout=900)
@@ -193,52 +244,69 @@ def measure(n: int, rounds: int, processes: int, tmp: Path) -> dict:
     log_rounds = report["rounds_log"]
     later = log_rounds[1:] or log_rounds  # round 1 waits for the registrations' tail
     return {
-        "nodes": n, "rounds": len(log_rounds), "complete": len(log_rounds) == rounds,
+        "nodes": n,
+        "rounds": len(log_rounds),
+        "complete": len(log_rounds) == rounds,
         "errors_nodes": sum(len(r["errors"]) for r in results),
         "error_samples": [e for r in results for e in r["errors"]][:5],
         "refused": _sum(m, "fedmedclip_requests_rejected_total"),
-        "uploads": sum(r["uploads"] for r in results), "retries": sum(r["retries"] for r in results),
+        "uploads": sum(r["uploads"] for r in results),
+        "retries": sum(r["retries"] for r in results),
         "accepted": _sum(m, "fedmedclip_updates_accepted_total"),
         "fold_s": steps["fold"] / max(1, len(log_rounds)),
         "close_s": (steps["publish"] + steps["checkpoint"]) / max(1, len(log_rounds)),
         "round_s": sum(r["seconds"] for r in later) / len(later),
         "round_max_s": max(r["seconds"] for r in later),
-        "wall_s": wall, "cpu_s": cpu / max(1, len(log_rounds)),
-        "rss_serving_mb": rss_serving / 1024, "hwm_serving_mb": hwm_serving / 1024,
-        "rss_end_mb": rss_end / 1024, "hwm_mb": hwm / 1024,
+        "wall_s": wall,
+        "cpu_s": cpu / max(1, len(log_rounds)),
+        "rss_serving_mb": rss_serving / 1024,
+        "hwm_serving_mb": hwm_serving / 1024,
+        "rss_end_mb": rss_end / 1024,
+        "hwm_mb": hwm / 1024,
     }
 
 
 def render(rows: list[dict], rounds: int, processes: int) -> str:
-    lines = ["# Load: one aggregator, many nodes (real gRPC, mTLS)", "",
-             f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; the "
-             f"aggregator and {processes} worker processes of light nodes (one thread and one TLS channel per node) "
-             f"share the cores. Adapter D = {DIM} (int8 on the wire, ~0.53 MB per update), weighted average "
-             f"(streaming), {rounds} rounds per size. Aggregation overhead = the aggregator's own time per round to "
-             "validate, decode and fold every update, publish the global and write the checkpoint "
-             "(fedmedclip_aggregate_duration_seconds, wall time on the shared cores). Aggregator CPU = all of the "
-             "aggregator process's CPU time per round (TLS, protobuf, registration and long polls included). "
-             "Client retries: transient failures (UNAVAILABLE, DEADLINE_EXCEEDED, e.g. TLS handshakes of hundreds of "
-             "nodes at once on a saturated CPU) retried with backoff and jitter, as a real node does. "
-             "Round wall time (open to publish, rounds 2..) also holds every "
-             "node's upload over loopback. Memory: the aggregator's VmRSS once serving, and its peak (VmHWM) at the "
-             "end of the run.", "",
-             "| nodes | rounds | errors | updates accepted | fold s / round | publish + checkpoint s / round | "
-             "aggregation overhead s / round | aggregator CPU s / round | round wall s (mean / max) | RSS serving MB | "
-             "peak RSS MB | client retries |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Load: one aggregator, many nodes (real gRPC, mTLS)",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; the "
+        f"aggregator and {processes} worker processes of light nodes (one thread and one TLS channel per node) "
+        f"share the cores. Adapter D = {DIM} (int8 on the wire, ~0.53 MB per update), weighted average "
+        f"(streaming), {rounds} rounds per size. Aggregation overhead = the aggregator's own time per round to "
+        "validate, decode and fold every update, publish the global and write the checkpoint "
+        "(fedmedclip_aggregate_duration_seconds, wall time on the shared cores). Aggregator CPU = all of the "
+        "aggregator process's CPU time per round (TLS, protobuf, registration and long polls included). "
+        "Client retries: transient failures (UNAVAILABLE, DEADLINE_EXCEEDED, e.g. TLS handshakes of hundreds of "
+        "nodes at once on a saturated CPU) retried with backoff and jitter, as a real node does. "
+        "Round wall time (open to publish, rounds 2..) also holds every "
+        "node's upload over loopback. Memory: the aggregator's VmRSS once serving, and its peak (VmHWM) at the "
+        "end of the run.",
+        "",
+        "| nodes | rounds | errors | updates accepted | fold s / round | publish + checkpoint s / round | "
+        "aggregation overhead s / round | aggregator CPU s / round | round wall s (mean / max) | RSS serving MB | "
+        "peak RSS MB | client retries |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['nodes']} | {r['rounds']} | {r['errors_nodes'] + int(r['refused'])} | {int(r['accepted'])} | "
-                     f"{r['fold_s']:.3f} | {r['close_s']:.3f} | {r['fold_s'] + r['close_s']:.3f} | {r['cpu_s']:.2f} | "
-                     f"{r['round_s']:.2f} / {r['round_max_s']:.2f} | {r['rss_serving_mb']:.0f} | {r['hwm_mb']:.0f} | "
-                     f"{r['retries']} |")
+        lines.append(
+            f"| {r['nodes']} | {r['rounds']} | {r['errors_nodes'] + int(r['refused'])} | {int(r['accepted'])} | "
+            f"{r['fold_s']:.3f} | {r['close_s']:.3f} | {r['fold_s'] + r['close_s']:.3f} | {r['cpu_s']:.2f} | "
+            f"{r['round_s']:.2f} / {r['round_max_s']:.2f} | {r['rss_serving_mb']:.0f} | {r['hwm_mb']:.0f} | "
+            f"{r['retries']} |"
+        )
     big = rows[-1]
     overhead = big["fold_s"] + big["close_s"]
     growth = rows[-1]["hwm_mb"] - rows[0]["hwm_mb"]
     ok = all(r["errors_nodes"] == 0 and r["refused"] == 0 and r["complete"] for r in rows)
-    lines += ["", f"Goals: no errors: {'met' if ok else 'NOT met'}; at most 2 s of aggregation overhead per round at "
-              f"{big['nodes']} nodes: {overhead:.2f} s, {'met' if overhead <= 2.0 else 'NOT met'}; peak RSS flat in the "
-              f"number of nodes: {growth:+.0f} MB from {rows[0]['nodes']} to {big['nodes']} nodes "
-              f"({growth / rows[0]['hwm_mb']:+.1%}).", ""]
+    lines += [
+        "",
+        f"Goals: no errors: {'met' if ok else 'NOT met'}; at most 2 s of aggregation overhead per round at "
+        f"{big['nodes']} nodes: {overhead:.2f} s, {'met' if overhead <= 2.0 else 'NOT met'}; peak RSS flat in the "
+        f"number of nodes: {growth:+.0f} MB from {rows[0]['nodes']} to {big['nodes']} nodes "
+        f"({growth / rows[0]['hwm_mb']:+.1%}).",
+        "",
+    ]
     return "\n".join(lines)
 
 

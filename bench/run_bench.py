@@ -48,14 +48,17 @@ def _key(method: str, codec: str, delta: bool, seed: int) -> str:
 
 
 def _summary(report: dict) -> dict:
-    return {"test_accuracy": {k: v["accuracy"] for k, v in report["test"].items()},
-            "avg": report["avg"], "best_round": report["best_round"],
-            "bytes_per_round": report["bytes_per_round"],
-            "seconds_per_round": report["timings"]["seconds_per_round"],
-            "phase_seconds_per_round": report["timings"]["phase_seconds_per_round"],
-            "wall_seconds": report["timings"]["wall_seconds"],
-            "keep_ratio_fc1_last": report["history"][-1]["keep_ratios"].get("adapter.fc1"),
-            "bytes_up_last_round": report["history"][-1]["bytes_up"]}
+    return {
+        "test_accuracy": {k: v["accuracy"] for k, v in report["test"].items()},
+        "avg": report["avg"],
+        "best_round": report["best_round"],
+        "bytes_per_round": report["bytes_per_round"],
+        "seconds_per_round": report["timings"]["seconds_per_round"],
+        "phase_seconds_per_round": report["timings"]["phase_seconds_per_round"],
+        "wall_seconds": report["timings"]["wall_seconds"],
+        "keep_ratio_fc1_last": report["history"][-1]["keep_ratios"].get("adapter.fc1"),
+        "bytes_up_last_round": report["history"][-1]["bytes_up"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,8 +83,14 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     backbone = load_backbone(device=args.device)
-    base = SimConfig(n_hospitals=args.hospitals, alpha=args.alpha, rounds=args.rounds, cache_dir=args.cache_dir,
-                     device=args.device, progress=True)
+    base = SimConfig(
+        n_hospitals=args.hospitals,
+        alpha=args.alpha,
+        rounds=args.rounds,
+        cache_dir=args.cache_dir,
+        device=args.device,
+        progress=True,
+    )
     jobs = [(m, "int8", False, s) for s in args.seeds for m, _ in METHOD_ROWS]
     # codecs in order of interest, so a benchmark cut short still has the comparisons that matter
     priority = [("fp32", False), ("int4", True), ("int8", True), ("int4", False), ("fp16", False)]
@@ -96,8 +105,12 @@ def main(argv: list[str] | None = None) -> int:
             prepared[seed] = prepare(cfg, backbone=backbone)
             enc = prepared[seed].encode
             if enc.n_encoded:
-                results["encode"] = {"images": enc.n_encoded, "seconds": enc.seconds, "device": enc.device,
-                                     "images_per_second": enc.images_per_second}
+                results["encode"] = {
+                    "images": enc.n_encoded,
+                    "seconds": enc.seconds,
+                    "device": enc.device,
+                    "images_per_second": enc.images_per_second,
+                }
             results["backbone"] = prepared[seed].backbone_record
             results["duplicates"] = prepared[seed].duplicates
         runs[_key(method, codec, delta, seed)] = _summary(run(cfg, prepared[seed]))
@@ -107,11 +120,18 @@ def main(argv: list[str] | None = None) -> int:
     sample_cfg = replace(base, seed=args.seeds[0])
     prep = prepared.get(args.seeds[0]) or prepare(sample_cfg, backbone=backbone)
     _, enc = encode_samples(backbone, prep.dataset.samples[: args.encode_images], None, progress=False)
-    results["encode"] = {"images": enc.n_encoded, "seconds": enc.seconds, "device": enc.device,
-                         "images_per_second": enc.images_per_second}
+    results["encode"] = {
+        "images": enc.n_encoded,
+        "seconds": enc.seconds,
+        "device": enc.device,
+        "images_per_second": enc.images_per_second,
+    }
     timing = run(replace(sample_cfg, rounds=args.timing_rounds), prep)
-    results["timing"] = {"rounds": args.timing_rounds, "seconds_per_round": timing["timings"]["seconds_per_round"],
-                         "phase_seconds_per_round": timing["timings"]["phase_seconds_per_round"]}
+    results["timing"] = {
+        "rounds": args.timing_rounds,
+        "seconds_per_round": timing["timings"]["seconds_per_round"],
+        "phase_seconds_per_round": timing["timings"]["phase_seconds_per_round"],
+    }
     results["last_invocation_wall_seconds"] = time.perf_counter() - t0
     gpu = out / "gpu_encode.json"  # written by bench/gpu_encode.py on a lent GPU machine
     if gpu.exists():
@@ -139,15 +159,21 @@ def render(results: dict) -> str:
     seeds = cfg["seeds"]
     clients = [f"hospital_{i + 1}" for i in range(cfg["hospitals"])] + ["global"]
     b = results["backbone"]
-    lines = ["# Benchmark: brain tumor MRI, accuracy (%)", "",
-             f"Backbone: **{b['description']}**. Not CLIP: zero-shot is chance by construction.",
-             f"Setting: {results['duplicates']['n_unique']} de-duplicated images, {cfg['hospitals']} hospitals by "
-             f"Dirichlet alpha {cfg['alpha']} + 1 held-out ('global'), {cfg['rounds']} rounds, seeds {seeds} "
-             "(each seed its own partition); model selection on mean val accuracy; test accuracy at the selected "
-             "round; mean ± std over seeds. AVG = unweighted mean over the training hospitals and the global one "
-             "(the paper's AVG). Made by `make bench`.", "",
-             "| method | " + " | ".join(c.replace("hospital_", "C") for c in clients) + " | AVG | balanced AVG | macro-F1 AVG |",
-             "|---|" + "---|" * (len(clients) + 3)]
+    lines = [
+        "# Benchmark: brain tumor MRI, accuracy (%)",
+        "",
+        f"Backbone: **{b['description']}**. Not CLIP: zero-shot is chance by construction.",
+        f"Setting: {results['duplicates']['n_unique']} de-duplicated images, {cfg['hospitals']} hospitals by "
+        f"Dirichlet alpha {cfg['alpha']} + 1 held-out ('global'), {cfg['rounds']} rounds, seeds {seeds} "
+        "(each seed its own partition); model selection on mean val accuracy; test accuracy at the selected "
+        "round; mean ± std over seeds. AVG = unweighted mean over the training hospitals and the global one "
+        "(the paper's AVG). Made by `make bench`.",
+        "",
+        "| method | "
+        + " | ".join(c.replace("hospital_", "C") for c in clients)
+        + " | AVG | balanced AVG | macro-F1 AVG |",
+        "|---|" + "---|" * (len(clients) + 3),
+    ]
     for method, label in METHOD_ROWS:
         rows = [runs.get(_key(method, "int8", False, s)) for s in seeds]
         rows = [r for r in rows if r]
@@ -155,14 +181,21 @@ def render(results: dict) -> str:
             continue
         cells = [_fmt([r["test_accuracy"][c] for r in rows]) for c in clients]
         label = label if len(rows) == len(seeds) else f"{label} (n={len(rows)} seeds)"
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | **{_fmt([r['avg']['accuracy'] for r in rows])}** | "
-                     f"{_fmt([r['avg']['balanced_accuracy'] for r in rows])} | {_fmt([r['avg']['macro_f1'] for r in rows])} |")
-    lines += ["", "## Codecs (FedMedCLIP)", "",
-              "Bytes of one adapter transfer (node to aggregator, wire), mean over rounds; raw = the same tensors "
-              "as float32. Rows masked off by the learned thresholds are not sent, so transfers shrink as masks "
-              "close (last-round figure).", "",
-              "| codec | bytes/transfer (mean) | last round | raw fp32 | AVG (%) | AVG change vs fp32 (points) |",
-              "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {label} | " + " | ".join(cells) + f" | **{_fmt([r['avg']['accuracy'] for r in rows])}** | "
+            f"{_fmt([r['avg']['balanced_accuracy'] for r in rows])} | {_fmt([r['avg']['macro_f1'] for r in rows])} |"
+        )
+    lines += [
+        "",
+        "## Codecs (FedMedCLIP)",
+        "",
+        "Bytes of one adapter transfer (node to aggregator, wire), mean over rounds; raw = the same tensors "
+        "as float32. Rows masked off by the learned thresholds are not sent, so transfers shrink as masks "
+        "close (last-round figure).",
+        "",
+        "| codec | bytes/transfer (mean) | last round | raw fp32 | AVG (%) | AVG change vs fp32 (points) |",
+        "|---|---|---|---|---|---|",
+    ]
     fp32 = [runs.get(_key("fedmedclip", "fp32", False, s)) for s in seeds]
     for codec, delta in CODEC_ROWS:
         rows = [runs.get(_key("fedmedclip", codec, delta, s)) for s in seeds]
@@ -177,34 +210,46 @@ def render(results: dict) -> str:
         if pairs:  # paired by seed: same partition, same initialisation
             diffs = [(r["avg"]["accuracy"] - f["avg"]["accuracy"]) * 100 for r, f in pairs]
             change = f"{np.mean(diffs):+.2f} ± {np.std(diffs):.2f} (n={len(pairs)})"
-        lines.append(f"| {codec}{' + delta' if delta else ''} + zstd | {np.mean(per) / 1e6:.3f} MB | "
-                     f"{np.mean(last) / 1e6:.3f} MB | {raw / 1e6:.3f} MB | {_fmt([r['avg']['accuracy'] for r in rows])} "
-                     f"(n={len(rows)}) | {change} |")
+        lines.append(
+            f"| {codec}{' + delta' if delta else ''} + zstd | {np.mean(per) / 1e6:.3f} MB | "
+            f"{np.mean(last) / 1e6:.3f} MB | {raw / 1e6:.3f} MB | {_fmt([r['avg']['accuracy'] for r in rows])} "
+            f"(n={len(rows)}) | {change} |"
+        )
     fed = [runs[_key("fedmedclip", "int8", False, s)] for s in seeds if _key("fedmedclip", "int8", False, s) in runs]
     lines += ["", "## Time", ""]
     if "encode" in results:
         e = results["encode"]
-        lines.append(f"- Encoding (once per image, then cached): {e['images']} images in {e['seconds']:.1f} s on {e['device']}, "
-                     f"{e['images_per_second']:.1f} images/s (JPEG decode, preprocessing, forward).")
+        lines.append(
+            f"- Encoding (once per image, then cached): {e['images']} images in {e['seconds']:.1f} s on {e['device']}, "
+            f"{e['images_per_second']:.1f} images/s (JPEG decode, preprocessing, forward)."
+        )
     if "timing" in results:
         t = results["timing"]
         phases = ", ".join(f"{k} {v:.3f}" for k, v in t["phase_seconds_per_round"].items())
-        lines.append(f"- FedMedCLIP, seconds per round after caching ({cfg['hospitals']} hospitals, one process, all "
-                     f"phases; dedicated {t['rounds']}-round run): {t['seconds_per_round']:.3f} s ({phases}).")
+        lines.append(
+            f"- FedMedCLIP, seconds per round after caching ({cfg['hospitals']} hospitals, one process, all "
+            f"phases; dedicated {t['rounds']}-round run): {t['seconds_per_round']:.3f} s ({phases})."
+        )
     if fed:
-        lines.append(f"- FedMedCLIP, wall time of one {cfg['rounds']}-round run in the accuracy table: "
-                     f"{np.mean([r['wall_seconds'] for r in fed]):.1f} s (these runs may have shared the machine).")
+        lines.append(
+            f"- FedMedCLIP, wall time of one {cfg['rounds']}-round run in the accuracy table: "
+            f"{np.mean([r['wall_seconds'] for r in fed]):.1f} s (these runs may have shared the machine)."
+        )
     total = sum(r["wall_seconds"] for r in runs.values())
     lines.append(f"- Sum of the wall times of all {len(runs)} runs: {total / 60:.1f} min.")
     if "gpu_encode" in results:
         g = results["gpu_encode"]
-        lines.append(f"- CUDA encode ({g['device_name']}, torch {g['torch']}, `bench/gpu_encode.py`): "
-                     f"{g['images_per_second']:.0f} images/s end to end over {g['images']} real images (JPEG decode and "
-                     f"preprocessing in {g['workers']} workers, batch {g['batch_size']}), {g['forward_only_images_per_second']:.0f} "
-                     f"images/s for the forward pass alone; features match the CPU's (min cosine "
-                     f"{g.get('min_cosine_vs_cpu', float('nan')):.6f}, max abs diff {g.get('max_abs_diff_vs_cpu', float('nan')):.4f} "
-                     "on features of mean magnitude "
-                     f"{g.get('feature_scale', float('nan')):.3f}).")
+        lines.append(
+            f"- CUDA encode ({g['device_name']}, torch {g['torch']}, `bench/gpu_encode.py`): "
+            f"{g['images_per_second']:.0f} images/s end to end over {g['images']} real images (JPEG decode and "
+            f"preprocessing in {g['workers']} workers, batch {g['batch_size']}), "
+            f"{g['forward_only_images_per_second']:.0f} "
+            f"images/s for the forward pass alone; features match the CPU's (min cosine "
+            f"{g.get('min_cosine_vs_cpu', float('nan')):.6f}, "
+            f"max abs diff {g.get('max_abs_diff_vs_cpu', float('nan')):.4f} "
+            "on features of mean magnitude "
+            f"{g.get('feature_scale', float('nan')):.3f})."
+        )
     lines.append("")
     return "\n".join(lines)
 

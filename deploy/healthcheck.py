@@ -23,8 +23,9 @@ def check_grpc(address: str, service: str = "", timeout_s: float = 3.0) -> bool:
 
     with grpc.insecure_channel(address) as channel:  # the health port is plaintext, like a kubelet probe
         try:
-            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
-                                                                  timeout=timeout_s)
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
+            )
         except grpc.RpcError as exc:
             print(f"{address}: {exc.code().name}", file=sys.stderr)
             return False

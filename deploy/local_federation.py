@@ -31,8 +31,9 @@ def fedmedclip_exe() -> str:
     """The ``fedmedclip`` console script of this interpreter's environment (``make venv`` installs it)."""
     exe = Path(sys.executable).with_name("fedmedclip")
     if not exe.is_file():
-        raise RuntimeError(f"{exe} is missing: install the project into this environment (pip install -e .; "
-                           "make venv does it)")
+        raise RuntimeError(
+            f"{exe} is missing: install the project into this environment (pip install -e .; make venv does it)"
+        )
     return str(exe)
 
 
@@ -56,13 +57,18 @@ class Launcher:
 
     def start(self, name: str, args: list[str]) -> subprocess.Popen:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"), PYTHONUNBUFFERED="1",
-                   TOKENIZERS_PARALLELISM="false")
+        env = dict(
+            os.environ,
+            HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"),
+            PYTHONUNBUFFERED="1",
+            TOKENIZERS_PARALLELISM="false",
+        )
         with (self.log_dir / f"{name}.log").open("ab") as handle:
             # own process group: a Ctrl-C in the terminal reaches this launcher only, which then stops
             # the services in order instead of all of them dying at once
-            proc = subprocess.Popen(resolve(args), cwd=REPO_ROOT, env=env, stdout=handle,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                resolve(args), cwd=REPO_ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self.procs[name] = proc
         return proc
 
@@ -98,11 +104,29 @@ def node_names(hospitals: int, holdout: bool = True) -> list[str]:
     return [f"hospital_{i}" for i in range(1, hospitals + 1)] + (["global"] if holdout else [])
 
 
-def partition_command(out: str, *, hospitals: int, seed: int, alpha: float | None, per_class: int | None,
-                      holdout: bool = True, data: str | None = None) -> list[str]:
+def partition_command(
+    out: str,
+    *,
+    hospitals: int,
+    seed: int,
+    alpha: float | None,
+    per_class: int | None,
+    holdout: bool = True,
+    data: str | None = None,
+) -> list[str]:
     """The command that writes every hospital's manifest and node config."""
-    cmd = ["fedmedclip", "partition", "--hospitals", str(hospitals), "--seed", str(seed),
-           "--alpha", str(alpha if alpha is not None else 0), "--out", out]
+    cmd = [
+        "fedmedclip",
+        "partition",
+        "--hospitals",
+        str(hospitals),
+        "--seed",
+        str(seed),
+        "--alpha",
+        str(alpha if alpha is not None else 0),
+        "--out",
+        out,
+    ]
     if data:
         cmd += ["--data", data]
     if per_class:
@@ -112,16 +136,30 @@ def partition_command(out: str, *, hospitals: int, seed: int, alpha: float | Non
     return cmd
 
 
-def provision_command(pki_dir: str, nodes: list[str], *, aggregator_hosts: str = "localhost",
-                      classes_file: str | None = None, evaluators: tuple[str, ...] = ("global",),
-                      ca_dir: str | None = None) -> list[str]:
+def provision_command(
+    pki_dir: str,
+    nodes: list[str],
+    *,
+    aggregator_hosts: str = "localhost",
+    classes_file: str | None = None,
+    evaluators: tuple[str, ...] = ("global",),
+    ca_dir: str | None = None,
+) -> list[str]:
     """The command that writes the federation's CA and every party's startup kit.
 
     ``classes_file`` (a partition's ``classes.txt``) pins the label space and the backbone fingerprint
     in the aggregator's config, so no node can set them by registering first.
     """
-    cmd = ["fedmedclip", "provision", "--nodes", ",".join(nodes), "--out", pki_dir,
-           "--aggregator-host", aggregator_hosts]
+    cmd = [
+        "fedmedclip",
+        "provision",
+        "--nodes",
+        ",".join(nodes),
+        "--out",
+        pki_dir,
+        "--aggregator-host",
+        aggregator_hosts,
+    ]
     held_out = [n for n in evaluators if n in nodes]
     if held_out:
         cmd += ["--evaluators", ",".join(held_out)]
@@ -136,10 +174,25 @@ def identity_args(pki_dir: str | None, party: str) -> list[str]:
     return ["--config", f"{pki_dir}/{party}/{'aggregator' if party == 'aggregator' else 'node'}.yaml"]
 
 
-def service_commands(nodes: list[str], *, min_nodes: int, rounds: int, codec: str, seed: int, threads: int,
-                     partition_dir: str, out_dir: str, cache_dir: str, listen: str, aggregator_address: str,
-                     health_port: int, metrics_port: int, node_metrics_ports: dict[str, int],
-                     extra_aggregator: tuple[str, ...] = (), pki_dir: str | None = None) -> dict[str, list[str]]:
+def service_commands(
+    nodes: list[str],
+    *,
+    min_nodes: int,
+    rounds: int,
+    codec: str,
+    seed: int,
+    threads: int,
+    partition_dir: str,
+    out_dir: str,
+    cache_dir: str,
+    listen: str,
+    aggregator_address: str,
+    health_port: int,
+    metrics_port: int,
+    node_metrics_ports: dict[str, int],
+    extra_aggregator: tuple[str, ...] = (),
+    pki_dir: str | None = None,
+) -> dict[str, list[str]]:
     """The command of every service of a federation, by service name.
 
     ``make demo`` runs exactly these on loopback (host paths, free ports); ``deploy/compose.yaml`` runs
@@ -147,58 +200,132 @@ def service_commands(nodes: list[str], *, min_nodes: int, rounds: int, codec: st
     Paths are joined with ``/`` so container paths can be asked for from any host. ``pki_dir``: the
     folder :func:`provision_command` wrote (mTLS); None runs plaintext (``--insecure``, loud warnings).
     """
-    commands = {"aggregator": ["fedmedclip", "aggregator", *identity_args(pki_dir, "aggregator"), "--listen", listen, "--health-port", str(health_port),
-                               "--metrics-port", str(metrics_port), "--out-dir", f"{out_dir}/aggregator",
-                               "--rounds", str(rounds), "--min-nodes", str(min_nodes), "--codec", codec,
-                               "--seed", str(seed), "--round-timeout-s", "300", "--linger-s", "60",
-                               *extra_aggregator]}
+    commands = {
+        "aggregator": [
+            "fedmedclip",
+            "aggregator",
+            *identity_args(pki_dir, "aggregator"),
+            "--listen",
+            listen,
+            "--health-port",
+            str(health_port),
+            "--metrics-port",
+            str(metrics_port),
+            "--out-dir",
+            f"{out_dir}/aggregator",
+            "--rounds",
+            str(rounds),
+            "--min-nodes",
+            str(min_nodes),
+            "--codec",
+            codec,
+            "--seed",
+            str(seed),
+            "--round-timeout-s",
+            "300",
+            "--linger-s",
+            "60",
+            *extra_aggregator,
+        ]
+    }
     for node in nodes:
-        commands[node] = ["fedmedclip", "node", "run", "--config", f"{partition_dir}/{node}.yaml",
-                          *identity_args(pki_dir, node),
-                          "--aggregator", aggregator_address, "--metrics-port", str(node_metrics_ports[node]),
-                          "--state-dir", f"{out_dir}/nodes/{node}", "--cache-dir", cache_dir,
-                          "--threads", str(threads), "--progress", "false"]
+        commands[node] = [
+            "fedmedclip",
+            "node",
+            "run",
+            "--config",
+            f"{partition_dir}/{node}.yaml",
+            *identity_args(pki_dir, node),
+            "--aggregator",
+            aggregator_address,
+            "--metrics-port",
+            str(node_metrics_ports[node]),
+            "--state-dir",
+            f"{out_dir}/nodes/{node}",
+            "--cache-dir",
+            cache_dir,
+            "--threads",
+            str(threads),
+            "--progress",
+            "false",
+        ]
     return commands
 
 
-def run_federation(out: Path, *, hospitals: int = 3, rounds: int = 30, per_class: int | None = None,
-                   alpha: float | None = 0.5, seed: int = 0, codec: str = "int8", holdout: bool = True,
-                   cache_dir: str = ".cache/features", timeout_s: float = 1800.0, threads: int = 1,
-                   quiet: bool = False, extra_aggregator: tuple[str, ...] = (), tls: bool = True) -> dict:
+def run_federation(
+    out: Path,
+    *,
+    hospitals: int = 3,
+    rounds: int = 30,
+    per_class: int | None = None,
+    alpha: float | None = 0.5,
+    seed: int = 0,
+    codec: str = "int8",
+    holdout: bool = True,
+    cache_dir: str = ".cache/features",
+    timeout_s: float = 1800.0,
+    threads: int = 1,
+    quiet: bool = False,
+    extra_aggregator: tuple[str, ...] = (),
+    tls: bool = True,
+) -> dict:
     """Run one federation to the end; returns the aggregator's report (raises on failure or timeout).
 
     ``tls=False`` runs plaintext (``--insecure``): no certificates, loud warnings in every log.
     """
     out = out.resolve()
     partition_dir = out / "partition"
-    cmd = resolve(partition_command(str(partition_dir), hospitals=hospitals, seed=seed, alpha=alpha,
-                                         per_class=per_class, holdout=holdout))
+    cmd = resolve(
+        partition_command(
+            str(partition_dir), hospitals=hospitals, seed=seed, alpha=alpha, per_class=per_class, holdout=holdout
+        )
+    )
     subprocess.run(cmd, cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL if quiet else None)
     nodes = node_names(hospitals, holdout)
     pki = out / "pki"
     if tls:
-        subprocess.run(resolve(provision_command(str(pki), nodes, classes_file=str(partition_dir / "classes.txt"))),
-                       cwd=REPO_ROOT, check=True,
-                       stdout=subprocess.DEVNULL if quiet else None)
+        subprocess.run(
+            resolve(provision_command(str(pki), nodes, classes_file=str(partition_dir / "classes.txt"))),
+            cwd=REPO_ROOT,
+            check=True,
+            stdout=subprocess.DEVNULL if quiet else None,
+        )
     port = free_port()
     launcher = Launcher(out / "logs")
     agg_out = out / "aggregator"
     report_path = agg_out / "report.json"
     shown = 0
-    commands = service_commands(nodes, min_nodes=hospitals, rounds=rounds, codec=codec, seed=seed, threads=threads,
-                                partition_dir=str(partition_dir), out_dir=str(out), cache_dir=cache_dir,
-                                listen=f"127.0.0.1:{port}", aggregator_address=f"127.0.0.1:{port}",
-                                health_port=free_port(), metrics_port=free_port(),
-                                node_metrics_ports={node: free_port() for node in nodes},
-                                extra_aggregator=extra_aggregator, pki_dir=str(pki) if tls else None)
+    commands = service_commands(
+        nodes,
+        min_nodes=hospitals,
+        rounds=rounds,
+        codec=codec,
+        seed=seed,
+        threads=threads,
+        partition_dir=str(partition_dir),
+        out_dir=str(out),
+        cache_dir=cache_dir,
+        listen=f"127.0.0.1:{port}",
+        aggregator_address=f"127.0.0.1:{port}",
+        health_port=free_port(),
+        metrics_port=free_port(),
+        node_metrics_ports={node: free_port() for node in nodes},
+        extra_aggregator=extra_aggregator,
+        pki_dir=str(pki) if tls else None,
+    )
     try:
         for name, argv in commands.items():
             launcher.start(name, argv)
         if not quiet:
-            print(f"aggregator on 127.0.0.1:{port} ({f'mTLS, certificates in {pki}' if tls else 'PLAINTEXT'}); "
-                  f"{len(nodes)} nodes; logs in {launcher.log_dir}", flush=True)
-            print(f"{'round':>5}  {'mean val acc':>12}  {'up KB':>8}  {'down KB':>8}  {'seconds':>7}  test accuracy",
-                  flush=True)
+            print(
+                f"aggregator on 127.0.0.1:{port} ({f'mTLS, certificates in {pki}' if tls else 'PLAINTEXT'}); "
+                f"{len(nodes)} nodes; logs in {launcher.log_dir}",
+                flush=True,
+            )
+            print(
+                f"{'round':>5}  {'mean val acc':>12}  {'up KB':>8}  {'down KB':>8}  {'seconds':>7}  test accuracy",
+                flush=True,
+            )
         deadline = time.monotonic() + timeout_s
         aggregator = launcher.procs["aggregator"]
         while True:
@@ -210,8 +337,11 @@ def run_federation(out: Path, *, hospitals: int = 3, rounds: int = 30, per_class
                 h = history[shown]
                 if not quiet:
                     tests = "  ".join(f"{k} {_fmt(v)}" for k, v in h["test_accuracy"].items())
-                    print(f"{h['round']:>5}  {_fmt(h['mean_val_accuracy']):>12}  {(h['bytes_up'] or 0) / 1e3:>8.1f}  "
-                          f"{(h['bytes_down'] or 0) / 1e3:>8.1f}  {h['seconds'] or 0:>7.3f}  {tests}", flush=True)
+                    print(
+                        f"{h['round']:>5}  {_fmt(h['mean_val_accuracy']):>12}  {(h['bytes_up'] or 0) / 1e3:>8.1f}  "
+                        f"{(h['bytes_down'] or 0) / 1e3:>8.1f}  {h['seconds'] or 0:>7.3f}  {tests}",
+                        flush=True,
+                    )
                 shown += 1
             if finished:
                 break
@@ -252,9 +382,18 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        run_federation(out, hospitals=args.hospitals, rounds=args.rounds, per_class=args.per_class,
-                       alpha=args.alpha if args.alpha > 0 else None, seed=args.seed, codec=args.codec,
-                       cache_dir=args.cache_dir, timeout_s=args.timeout_s, tls=not args.insecure)
+        run_federation(
+            out,
+            hospitals=args.hospitals,
+            rounds=args.rounds,
+            per_class=args.per_class,
+            alpha=args.alpha if args.alpha > 0 else None,
+            seed=args.seed,
+            codec=args.codec,
+            cache_dir=args.cache_dir,
+            timeout_s=args.timeout_s,
+            tls=not args.insecure,
+        )
     except KeyboardInterrupt:
         print("\ninterrupted: every service was stopped", file=sys.stderr)
         return 130

@@ -41,9 +41,15 @@ MARKER = ".testbed.json"
 
 
 def _settings(args: argparse.Namespace) -> dict:
-    return {"hospitals": args.hospitals, "alpha": args.alpha, "seed": args.seed, "per_class": args.per_class or None,
-            "holdout": not args.no_holdout, "node_data_dir": args.node_data_dir,
-            "aggregator_host": args.aggregator_host}
+    return {
+        "hospitals": args.hospitals,
+        "alpha": args.alpha,
+        "seed": args.seed,
+        "per_class": args.per_class or None,
+        "holdout": not args.no_holdout,
+        "node_data_dir": args.node_data_dir,
+        "aggregator_host": args.aggregator_host,
+    }
 
 
 def _ready(volumes: Path, nodes: list[str], settings: dict) -> bool:
@@ -92,8 +98,13 @@ def provision_certificates(volumes: Path, nodes: list[str], *, aggregator_host: 
     """
     with tempfile.TemporaryDirectory(prefix="pki-") as scratch:
         kits = Path(scratch) / "kits"
-        cmd = provision_command(str(kits), nodes, aggregator_hosts=aggregator_host, classes_file=str(classes_file),
-                                ca_dir=str(Path(scratch) / "ca"))
+        cmd = provision_command(
+            str(kits),
+            nodes,
+            aggregator_hosts=aggregator_host,
+            classes_file=str(classes_file),
+            ca_dir=str(Path(scratch) / "ca"),
+        )
         subprocess.run(resolve(cmd), cwd=REPO_ROOT, check=True)
         for party in ["aggregator", *nodes]:
             target = volumes / party / "tls"
@@ -116,7 +127,9 @@ def _chown(path: Path, owner: str | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m deploy.testbed_setup", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="the pooled ImageFolder to split among the hospitals")
-    p.add_argument("--volumes", required=True, help="where the parties' volumes are mounted: <volumes>/<party>/{data,tls}")
+    p.add_argument(
+        "--volumes", required=True, help="where the parties' volumes are mounted: <volumes>/<party>/{data,tls}"
+    )
     p.add_argument("--hospitals", type=int, default=3)
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label skew; 0 or less = iid")
     p.add_argument("--seed", type=int, default=0)
@@ -135,15 +148,22 @@ def main(argv: list[str] | None = None) -> int:
         log.info("volumes already set up for %s: nothing to do (--force to redo)", nodes)
         return 0
     with tempfile.TemporaryDirectory(prefix="partition-") as scratch:
-        cmd = partition_command(scratch, hospitals=args.hospitals, seed=args.seed,
-                                alpha=args.alpha if args.alpha > 0 else None, per_class=args.per_class or None,
-                                holdout=not args.no_holdout, data=str(Path(args.data).resolve()))
+        cmd = partition_command(
+            scratch,
+            hospitals=args.hospitals,
+            seed=args.seed,
+            alpha=args.alpha if args.alpha > 0 else None,
+            per_class=args.per_class or None,
+            holdout=not args.no_holdout,
+            data=str(Path(args.data).resolve()),
+        )
         subprocess.run(resolve(cmd), cwd=REPO_ROOT, check=True)
         for node in nodes:
             n = materialise_node(Path(scratch), node, volumes / node / "data", args.node_data_dir)
             log.info("%s: %d images in its own data volume", node, n)
-        provision_certificates(volumes, nodes, aggregator_host=args.aggregator_host,
-                               classes_file=Path(scratch) / "classes.txt")
+        provision_certificates(
+            volumes, nodes, aggregator_host=args.aggregator_host, classes_file=Path(scratch) / "classes.txt"
+        )
     for node in nodes:  # the marker last: an interrupted set-up is redone
         (volumes / node / "data" / MARKER).write_text(json.dumps(settings), encoding="utf-8")
     for party in ["aggregator", *nodes]:

@@ -30,8 +30,9 @@ def _run(cfg: NodeConfig, args: argparse.Namespace) -> int:
         raise ConfigError("data: set the hospital's images (an ImageFolder or a CSV manifest path,label[,split])")
     from shared.wire.tls import load_material
 
-    tls = load_material(f"node {cfg.node_id}", cfg.aggregator, insecure=cfg.insecure, ca=cfg.tls_ca,
-                        cert=cfg.tls_cert, key=cfg.tls_key)  # refuses to start without certificates or --insecure
+    tls = load_material(
+        f"node {cfg.node_id}", cfg.aggregator, insecure=cfg.insecure, ca=cfg.tls_ca, cert=cfg.tls_cert, key=cfg.tls_key
+    )  # refuses to start without certificates or --insecure
     for check in preflight.require(cfg):  # seconds, before minutes of encoding; raises on a problem
         log.info("preflight %s: %s %s", check.name, check.status.value, check.detail)
     with DaemonLock(cfg.state_dir, "node"):  # one node per state folder
@@ -60,14 +61,29 @@ def _serve(cfg: NodeConfig, tls) -> int:
 
 
 def _run_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--eval-only", action="store_true",
-                        help="held-out hospital: evaluate every global, never train (same as role: evaluator)")
+    parser.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="held-out hospital: evaluate every global, never train (same as role: evaluator)",
+    )
 
 
-RUN = Command(name="run", help="run the node daemon", run=_run, config=NodeConfig, env_prefix=ENV_PREFIX,
-              arguments=_run_arguments, description=__doc__.split("\n\n")[0])
-COMMAND = Command(name="node", help="a hospital node", subcommands=(RUN, preflight.CHECK), default_subcommand="run",
-                  description="A hospital node: `node run` is the daemon, `node check` checks its set-up.")
+RUN = Command(
+    name="run",
+    help="run the node daemon",
+    run=_run,
+    config=NodeConfig,
+    env_prefix=ENV_PREFIX,
+    arguments=_run_arguments,
+    description=__doc__.split("\n\n")[0],
+)
+COMMAND = Command(
+    name="node",
+    help="a hospital node",
+    subcommands=(RUN, preflight.CHECK),
+    default_subcommand="run",
+    description="A hospital node: `node run` is the daemon, `node check` checks its set-up.",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -108,13 +108,22 @@ class Prepared:
 
 
 def train_config(cfg: NodeConfig) -> TrainConfig:
-    return replace(TrainConfig(), lr_adapter=cfg.lr_fam, lr_mlp=cfg.lr_mlp, batch_size=cfg.batch_size,
-                   local_epochs=cfg.local_epochs)
+    return replace(
+        TrainConfig(),
+        lr_adapter=cfg.lr_fam,
+        lr_mlp=cfg.lr_mlp,
+        batch_size=cfg.batch_size,
+        local_epochs=cfg.local_epochs,
+    )
 
 
 def backbone_spec(cfg: NodeConfig) -> BackboneSpec:
-    return BackboneSpec(kind=cfg.backbone, arch=cfg.arch, pretrained=cfg.pretrained,
-                        templates=tuple(cfg.templates) if cfg.templates else DEFAULT_TEMPLATES)
+    return BackboneSpec(
+        kind=cfg.backbone,
+        arch=cfg.arch,
+        pretrained=cfg.pretrained,
+        templates=tuple(cfg.templates) if cfg.templates else DEFAULT_TEMPLATES,
+    )
 
 
 def prepare(cfg: NodeConfig, telemetry: Telemetry | None = None) -> Prepared:
@@ -131,23 +140,46 @@ def prepare(cfg: NodeConfig, telemetry: Telemetry | None = None) -> Prepared:
         telemetry.encode_images.labels(source="cache").inc(stats.n_cached)
     names = data.dataset.class_names
     text = backbone.text_features(names)
-    log.info("%s: %d images (train %d / val %d / test %d), %d encoded in %.1fs, %d from cache", cfg.node_id,
-             len(data.dataset), *data.counts(), stats.n_encoded, stats.seconds, stats.n_cached)
-    return Prepared(backbone=backbone, data=data, features=features,
-                    labels=torch.from_numpy(data.dataset.labels()), class_names=names,
-                    fingerprint=backbone.fingerprint(names), text=text, dim=int(features.shape[1]))
+    log.info(
+        "%s: %d images (train %d / val %d / test %d), %d encoded in %.1fs, %d from cache",
+        cfg.node_id,
+        len(data.dataset),
+        *data.counts(),
+        stats.n_encoded,
+        stats.seconds,
+        stats.n_cached,
+    )
+    return Prepared(
+        backbone=backbone,
+        data=data,
+        features=features,
+        labels=torch.from_numpy(data.dataset.labels()),
+        class_names=names,
+        fingerprint=backbone.fingerprint(names),
+        text=text,
+        dim=int(features.shape[1]),
+    )
 
 
 def build_learner(cfg: NodeConfig, prep: Prepared) -> HospitalLearner:
     """Exactly as the simulation builds hospital ``hospital_index``'s learner."""
-    return HospitalLearner(get_method(cfg.method), train_config(cfg), dim=prep.dim, num_classes=len(prep.class_names),
-                           text_features=prep.text, logit_scale=prep.backbone.logit_scale, seed=cfg.seed,
-                           hospital_index=cfg.hospital_index, device=cfg.device)
+    return HospitalLearner(
+        get_method(cfg.method),
+        train_config(cfg),
+        dim=prep.dim,
+        num_classes=len(prep.class_names),
+        text_features=prep.text,
+        logit_scale=prep.backbone.logit_scale,
+        seed=cfg.seed,
+        hospital_index=cfg.hospital_index,
+        device=cfg.device,
+    )
 
 
 class NodeClient:
-    def __init__(self, cfg: NodeConfig, prep: Prepared, telemetry: Telemetry, stop: threading.Event,
-                 tls: TlsMaterial | None) -> None:
+    def __init__(
+        self, cfg: NodeConfig, prep: Prepared, telemetry: Telemetry, stop: threading.Event, tls: TlsMaterial | None
+    ) -> None:
         self.cfg, self.prep, self.t, self.stop = cfg, prep, telemetry, stop
         self.method = get_method(cfg.method)
         self.learner = build_learner(cfg, prep)
@@ -200,39 +232,57 @@ class NodeClient:
     def _register(self) -> pb.RegisterResponse:
         n_train, n_val, n_test = self.prep.data.counts()
         request = pb.RegisterRequest(
-            node_id=self.cfg.node_id, role=pb.NODE_ROLE_EVALUATOR if self.evaluator else pb.NODE_ROLE_TRAINER,
-            backbone_fingerprint=self.prep.fingerprint, class_names=list(self.prep.class_names),
-            embed_dim=self.prep.dim, method=self.cfg.method, initial_state_sha256=state_digest(self.initial),
-            num_train_samples=0 if self.evaluator else n_train, num_val_samples=n_val, num_test_samples=n_test,
-            software_version=__version__)
-        response = self._call("Register", lambda: self.stub.Register(request, timeout=self.cfg.rpc_timeout_s),
-                              reregister=False)
+            node_id=self.cfg.node_id,
+            role=pb.NODE_ROLE_EVALUATOR if self.evaluator else pb.NODE_ROLE_TRAINER,
+            backbone_fingerprint=self.prep.fingerprint,
+            class_names=list(self.prep.class_names),
+            embed_dim=self.prep.dim,
+            method=self.cfg.method,
+            initial_state_sha256=state_digest(self.initial),
+            num_train_samples=0 if self.evaluator else n_train,
+            num_val_samples=n_val,
+            num_test_samples=n_test,
+            software_version=__version__,
+        )
+        response = self._call(
+            "Register", lambda: self.stub.Register(request, timeout=self.cfg.rpc_timeout_s), reregister=False
+        )
         if response.codec not in CODECS:
             raise NodeRefused(Reason.UNKNOWN_CODEC, f"the aggregator announces codec {response.codec[:40]!r}")
         self.run_id = response.round.run_id
         self.wire = WireConfig(codec=response.codec, delta=response.delta, drop_masked_rows=response.drop_masked_rows)
         self.heartbeat_interval = max(0.5, response.heartbeat_interval_ms / 1000.0)
         self.chunk_bytes = chunk_size(response.max_chunk_bytes)
-        log.info("registered with %s: run %s, round %d of %d, codec %s", self.cfg.aggregator,
-                 printable(self.run_id, 64), response.round.round_id + 1, response.round.total_rounds, response.codec)
+        log.info(
+            "registered with %s: run %s, round %d of %d, codec %s",
+            self.cfg.aggregator,
+            printable(self.run_id, 64),
+            response.round.round_id + 1,
+            response.round.total_rounds,
+            response.codec,
+        )
         return response
 
     def _get_round(self, wait_for: int, wait: bool = False) -> pb.RoundInfo:
         """The current round; with ``wait``, long-poll until round ``wait_for`` is open or the run ends."""
         wait_s = self.cfg.long_poll_s if wait else 0.0
-        request = pb.GetRoundRequest(run_id=self.run_id, node_id=self.cfg.node_id, wait_for_round=wait_for,
-                                     max_wait_ms=int(wait_s * 1000))
-        return self._call("GetRound", lambda: self.stub.GetRound(
-            request, timeout=wait_s + self.cfg.rpc_timeout_s)).round
+        request = pb.GetRoundRequest(
+            run_id=self.run_id, node_id=self.cfg.node_id, wait_for_round=wait_for, max_wait_ms=int(wait_s * 1000)
+        )
+        return self._call(
+            "GetRound", lambda: self.stub.GetRound(request, timeout=wait_s + self.cfg.rpc_timeout_s)
+        ).round
 
     def _fetch(self, version: int) -> tuple[pb.PayloadHeader, bytes]:
         """Download global ``version``: transient failures (a stalled stream ends at ``transfer_timeout_s``,
         a message over gRPC's size limit, the network) are retried; a stream that is not a payload as
         announced is a :class:`GlobalRefused`."""
+
         def fetch() -> tuple[pb.PayloadHeader, bytes]:
-            stream = self.stub.FetchGlobal(pb.FetchGlobalRequest(run_id=self.run_id, node_id=self.cfg.node_id,
-                                                                 version=version),
-                                           timeout=self.cfg.transfer_timeout_s)
+            stream = self.stub.FetchGlobal(
+                pb.FetchGlobalRequest(run_id=self.run_id, node_id=self.cfg.node_id, version=version),
+                timeout=self.cfg.transfer_timeout_s,
+            )
             first = next(stream, None)
             if first is None or first.WhichOneof("content") != "header":
                 stream.cancel()
@@ -283,20 +333,33 @@ class NodeClient:
     # -- state -------------------------------------------------------------------------------
     def _load_or_create_state(self) -> NodeState:
         state = self.store.load()
-        if state is not None and (state.run_id != self.run_id or state.node_id != self.cfg.node_id
-                                  or state.fingerprint != self.prep.fingerprint):
+        if state is not None and (
+            state.run_id != self.run_id
+            or state.node_id != self.cfg.node_id
+            or state.fingerprint != self.prep.fingerprint
+        ):
             self.store.discard(f"it belongs to run {state.run_id} / node {state.node_id}, this is run {self.run_id}")
             state = None
         if state is None:
-            state = NodeState(run_id=self.run_id, node_id=self.cfg.node_id, fingerprint=self.prep.fingerprint,
-                              global_version=0, global_state={k: v.clone() for k, v in self.initial.items()})
+            state = NodeState(
+                run_id=self.run_id,
+                node_id=self.cfg.node_id,
+                fingerprint=self.prep.fingerprint,
+                global_version=0,
+                global_state={k: v.clone() for k, v in self.initial.items()},
+            )
             self.store.save(state)
             return state
         if state.learner is not None:
             self.learner.load_private_state(state.learner)
-        log.info("resumed from %s: global version %d, trained through round %d, evaluated version %d%s",
-                 self.store.path, state.global_version, state.trained_round + 1, state.evaluated_version,
-                 f", update of round {state.pending.round_id + 1} pending" if state.pending else "")
+        log.info(
+            "resumed from %s: global version %d, trained through round %d, evaluated version %d%s",
+            self.store.path,
+            state.global_version,
+            state.trained_round + 1,
+            state.evaluated_version,
+            f", update of round {state.pending.round_id + 1} pending" if state.pending else "",
+        )
         return state
 
     def _save(self) -> None:
@@ -323,9 +386,14 @@ class NodeClient:
         head = "clip" if self.evaluator else None
         val = None if self.evaluator else self.learner.evaluate(*self.parts["val"])
         test = self.learner.evaluate(*self.parts["test"], head=head)
-        request = pb.ReportMetricsRequest(run_id=self.run_id, node_id=self.cfg.node_id, version=version,
-                                          report_id=f"{self.cfg.node_id}-v{version}", test=metrics_to_proto(test),
-                                          head=head or self.method.head)
+        request = pb.ReportMetricsRequest(
+            run_id=self.run_id,
+            node_id=self.cfg.node_id,
+            version=version,
+            report_id=f"{self.cfg.node_id}-v{version}",
+            test=metrics_to_proto(test),
+            head=head or self.method.head,
+        )
         if val is not None:
             request.val.CopyFrom(metrics_to_proto(val))
         shown = val if val is not None else test
@@ -334,8 +402,13 @@ class NodeClient:
         state.evaluated_version = version
         if self.evaluator:
             self._save()  # a trainer saves once a round, after training (a repeated report is recognised)
-        log.info("global v%d: %s accuracy %.4f, test %.4f", version, "val" if val is not None else "test",
-                 shown["accuracy"], test["accuracy"])
+        log.info(
+            "global v%d: %s accuracy %.4f, test %.4f",
+            version,
+            "val" if val is not None else "test",
+            shown["accuracy"],
+            test["accuracy"],
+        )
 
     def _train(self, round_id: int) -> None:
         state = self.state
@@ -346,22 +419,42 @@ class NodeClient:
         self.t.local_train_seconds.observe(stats.seconds)
         self.t.codec_seconds.labels(operation="encode").observe(time.perf_counter() - t0 - stats.seconds)
         state.trained_round = round_id
-        state.pending = PendingUpdate(round_id=round_id, update_id=f"{self.run_id}-{self.cfg.node_id}-r{round_id}",
-                                      payload=payload.data, sha256=payload.sha256, codec=payload.codec,
-                                      raw_bytes=payload.raw_nbytes,
-                                      train={"steps": stats.steps, "seconds": stats.seconds, "loss": stats.loss})
+        state.pending = PendingUpdate(
+            round_id=round_id,
+            update_id=f"{self.run_id}-{self.cfg.node_id}-r{round_id}",
+            payload=payload.data,
+            sha256=payload.sha256,
+            codec=payload.codec,
+            raw_bytes=payload.raw_nbytes,
+            train={"steps": stats.steps, "seconds": stats.seconds, "loss": stats.loss},
+        )
         self._save()  # before the upload: a node killed now re-sends these bytes, it does not retrain
-        log.info("round %d: trained %d steps in %.2fs, loss %.4f, update %d bytes", round_id + 1, stats.steps,
-                 stats.seconds, stats.loss, len(payload.data))
+        log.info(
+            "round %d: trained %d steps in %.2fs, loss %.4f, update %d bytes",
+            round_id + 1,
+            stats.steps,
+            stats.seconds,
+            stats.loss,
+            len(payload.data),
+        )
 
     def _upload(self, pending: PendingUpdate) -> None:
-        header = pb.PayloadHeader(run_id=self.run_id, round_id=pending.round_id, node_id=self.cfg.node_id,
-                                  update_id=pending.update_id, version=pending.round_id, codec=pending.codec,
-                                  delta=self.wire.delta, raw_bytes=pending.raw_bytes,
-                                  wire_bytes=len(pending.payload), sha256=pending.sha256,
-                                  num_train_samples=len(self.parts["train"][1]),
-                                  train=pb.TrainSummary(steps=int(pending.train["steps"]),
-                                                        seconds=pending.train["seconds"], loss=pending.train["loss"]))
+        header = pb.PayloadHeader(
+            run_id=self.run_id,
+            round_id=pending.round_id,
+            node_id=self.cfg.node_id,
+            update_id=pending.update_id,
+            version=pending.round_id,
+            codec=pending.codec,
+            delta=self.wire.delta,
+            raw_bytes=pending.raw_bytes,
+            wire_bytes=len(pending.payload),
+            sha256=pending.sha256,
+            num_train_samples=len(self.parts["train"][1]),
+            train=pb.TrainSummary(
+                steps=int(pending.train["steps"]), seconds=pending.train["seconds"], loss=pending.train["loss"]
+            ),
+        )
 
         def messages():
             yield pb.UploadUpdateRequest(header=header)
@@ -386,20 +479,24 @@ class NodeClient:
             if reason is None or reason.action is not Action.RESYNC:
                 raise
             # the round closed without us, or it holds an update of ours already: go on with the current round
-            log.warning("update of round %d not taken (%s): %s", pending.round_id + 1, reason,
-                        printable(exc.details()))
+            log.warning("update of round %d not taken (%s): %s", pending.round_id + 1, reason, printable(exc.details()))
             return
         self.t.count_payload("up", pending.codec, len(pending.payload), pending.raw_bytes)
         self.t.updates_accepted.inc()
-        log.info("round %d: update accepted%s (%d in)", pending.round_id + 1, " (replayed)" if ack.replayed else "",
-                 ack.updates_received)
+        log.info(
+            "round %d: update accepted%s (%d in)",
+            pending.round_id + 1,
+            " (replayed)" if ack.replayed else "",
+            ack.updates_received,
+        )
 
     # -- heartbeat ---------------------------------------------------------------------------
     def _heartbeat_loop(self, done: threading.Event) -> None:
         while not done.wait(self.heartbeat_interval):
             try:
-                self.stub.Heartbeat(pb.HeartbeatRequest(run_id=self.run_id, node_id=self.cfg.node_id),
-                                    timeout=self.cfg.rpc_timeout_s)
+                self.stub.Heartbeat(
+                    pb.HeartbeatRequest(run_id=self.run_id, node_id=self.cfg.node_id), timeout=self.cfg.rpc_timeout_s
+                )
             except grpc.RpcError as exc:
                 log.debug("heartbeat failed: %s", exc.code())
 
@@ -417,8 +514,11 @@ class NodeClient:
                 if wait_for:
                     info = self._get_round(wait_for, wait=True)
                 if info.run_id != self.run_id:
-                    log.error("the aggregator started another run (%s); this node's run was %s",
-                              printable(info.run_id, 64), printable(self.run_id, 64))
+                    log.error(
+                        "the aggregator started another run (%s); this node's run was %s",
+                        printable(info.run_id, 64),
+                        printable(self.run_id, 64),
+                    )
                     return ExitCode.RUN_CHANGED
                 if info.phase == pb.ROUND_PHASE_FAILED:
                     log.error("the run failed: %s", printable(info.message, 1000))
@@ -447,8 +547,11 @@ class NodeClient:
                         self._upload(pending)
                 wait_for = info.round_id + 1
         except GlobalRefused as exc:
-            log.error("no global the node can take for %.0fs (%s); stopping with its state as it was",
-                      self.backoff.give_up_after_s, exc)
+            log.error(
+                "no global the node can take for %.0fs (%s); stopping with its state as it was",
+                self.backoff.give_up_after_s,
+                exc,
+            )
             return ExitCode.FAILED
         except NodeRefused as exc:
             if exc.reason is Reason.WRONG_RUN:

@@ -65,7 +65,13 @@ class NodeConfig:
             raise ValueError(f"method must be one of {list(METHODS)}")
         if self.backbone not in BACKBONE_KINDS:
             raise ValueError(f"backbone must be one of {list(BACKBONE_KINDS)}")
-        for name in ("rpc_timeout_s", "transfer_timeout_s", "long_poll_s", "retry_initial_s", "retry_max_s",
-                     "give_up_after_s"):
+        for name in (
+            "rpc_timeout_s",
+            "transfer_timeout_s",
+            "long_poll_s",
+            "retry_initial_s",
+            "retry_max_s",
+            "give_up_after_s",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0")

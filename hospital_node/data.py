@@ -19,8 +19,15 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from shared.data import (Dataset, Split, deduplicate, default_data_root, read_split_manifest, scan_image_folder,
-                         split_indices)
+from shared.data import (
+    Dataset,
+    Split,
+    deduplicate,
+    default_data_root,
+    read_split_manifest,
+    scan_image_folder,
+    split_indices,
+)
 from shared.data.pipeline import prepare_federation
 from shared.ops.command import Command
 
@@ -29,35 +36,66 @@ log = logging.getLogger("fedmedclip.node")
 CLASSES_FILE = "classes.txt"
 
 
-def partition(data_root: Path | str, out_dir: Path | str, *, hospitals: int, alpha: float | None, seed: int = 0,
-              per_class: int | None = None, holdout: bool = True) -> dict:
+def partition(
+    data_root: Path | str,
+    out_dir: Path | str,
+    *,
+    hospitals: int,
+    alpha: float | None,
+    seed: int = 0,
+    per_class: int | None = None,
+    holdout: bool = True,
+) -> dict:
     """Write the manifests of a simulated federation; returns the summary written to ``federation.json``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fed = prepare_federation(data_root, hospitals=hospitals, alpha=alpha, seed=seed, per_class=per_class,
-                             holdout=holdout)
+    fed = prepare_federation(
+        data_root, hospitals=hospitals, alpha=alpha, seed=seed, per_class=per_class, holdout=holdout
+    )
     ds = fed.dataset
     (out / CLASSES_FILE).write_text("\n".join(ds.class_names) + "\n", encoding="utf-8")
-    summary = {"data_root": str(data_root), "seed": seed, "alpha": alpha, "per_class": per_class,
-               "duplicates_removed": fed.duplicates.n_removed, "classes": list(ds.class_names), "hospitals": []}
+    summary = {
+        "data_root": str(data_root),
+        "seed": seed,
+        "alpha": alpha,
+        "per_class": per_class,
+        "duplicates_removed": fed.duplicates.n_removed,
+        "classes": list(ds.class_names),
+        "hospitals": [],
+    }
     training = [h for h in fed.hospitals if not h.held_out]
     for h in fed.hospitals:
         manifest = out / f"{h.name}.csv"
-        split_of = {int(i): name for name, idx in (("train", h.split.train), ("val", h.split.val),
-                                                   ("test", h.split.test)) for i in idx}
+        split_of = {
+            int(i): name
+            for name, idx in (("train", h.split.train), ("val", h.split.val), ("test", h.split.test))
+            for i in idx
+        }
         with manifest.open("w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
             writer.writerow(["path", "label", "split"])
             for i in sorted(split_of):
                 sample = ds.samples[i]
                 writer.writerow([sample.path.as_posix(), ds.class_names[sample.label], split_of[i]])
-        node = {"node_id": h.name, "data": str(manifest.resolve()), "role": "evaluator" if h.held_out else "trainer",
-                "hospital_index": training.index(h) if not h.held_out else 0, "seed": seed}
+        node = {
+            "node_id": h.name,
+            "data": str(manifest.resolve()),
+            "role": "evaluator" if h.held_out else "trainer",
+            "hospital_index": training.index(h) if not h.held_out else 0,
+            "seed": seed,
+        }
         (out / f"{h.name}.yaml").write_text(yaml.safe_dump(node, sort_keys=False), encoding="utf-8")
-        summary["hospitals"].append({"name": h.name, "held_out": h.held_out, "manifest": str(manifest),
-                                     "train": len(h.split.train), "val": len(h.split.val), "test": len(h.split.test),
-                                     "class_counts": np.bincount(ds.labels()[h.indices],
-                                                                 minlength=ds.num_classes).tolist()})
+        summary["hospitals"].append(
+            {
+                "name": h.name,
+                "held_out": h.held_out,
+                "manifest": str(manifest),
+                "train": len(h.split.train),
+                "val": len(h.split.val),
+                "test": len(h.split.test),
+                "class_counts": np.bincount(ds.labels()[h.indices], minlength=ds.num_classes).tolist(),
+            }
+        )
     (out / "federation.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     return summary
 
@@ -74,17 +112,31 @@ class PartitionConfig:
 
 
 def _partition(cfg: PartitionConfig, _args: argparse.Namespace) -> int:
-    summary = partition(cfg.data or default_data_root(), cfg.out, hospitals=cfg.hospitals,
-                        alpha=cfg.alpha if cfg.alpha > 0 else None, seed=cfg.seed, per_class=cfg.per_class,
-                        holdout=cfg.holdout)
+    summary = partition(
+        cfg.data or default_data_root(),
+        cfg.out,
+        hospitals=cfg.hospitals,
+        alpha=cfg.alpha if cfg.alpha > 0 else None,
+        seed=cfg.seed,
+        per_class=cfg.per_class,
+        holdout=cfg.holdout,
+    )
     for h in summary["hospitals"]:
-        print(f"{h['name']:>12}: train {h['train']:4d}  val {h['val']:4d}  test {h['test']:4d}  "
-              f"classes {h['class_counts']}  -> {h['manifest']}")
+        print(
+            f"{h['name']:>12}: train {h['train']:4d}  val {h['val']:4d}  test {h['test']:4d}  "
+            f"classes {h['class_counts']}  -> {h['manifest']}"
+        )
     return 0
 
 
-PARTITION = Command(name="partition", help="write per-hospital manifests of a simulated federation", run=_partition,
-                    config=PartitionConfig, env_prefix="FEDMEDCLIP_PARTITION_", description=__doc__.split("\n\n")[0])
+PARTITION = Command(
+    name="partition",
+    help="write per-hospital manifests of a simulated federation",
+    run=_partition,
+    config=PartitionConfig,
+    env_prefix="FEDMEDCLIP_PARTITION_",
+    description=__doc__.split("\n\n")[0],
+)
 
 
 @dataclass(frozen=True)
@@ -106,8 +158,9 @@ def label_space(data: Path, classes: list[str] | None) -> tuple[str, ...] | None
     return None
 
 
-def load_local(data: Path | str, classes: list[str] | None = None, *, split_seed: int = 0,
-               evaluator: bool = False) -> LocalData:
+def load_local(
+    data: Path | str, classes: list[str] | None = None, *, split_seed: int = 0, evaluator: bool = False
+) -> LocalData:
     """A manifest (with or without a split column) or an ImageFolder, split 60/20/20 when not given.
 
     An evaluator (held-out hospital) tests on everything it has when the data names no split.

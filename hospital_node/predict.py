@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from hospital_node.client import backbone_spec, build_learner, Prepared
+from hospital_node.client import Prepared, backbone_spec, build_learner
 from hospital_node.config import ENV_PREFIX, NodeConfig
 from hospital_node.data import label_space, load_local
 from hospital_node.state import StateStore
@@ -29,8 +29,11 @@ log = logging.getLogger("fedmedclip.node")
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                  and not p.name.startswith("."))
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+    )
 
 
 def predict_folder(cfg: NodeConfig, images: Path | str, out_csv: Path | str) -> int:
@@ -46,8 +49,10 @@ def predict_folder(cfg: NodeConfig, images: Path | str, out_csv: Path | str) -> 
         raise ConfigError("the label space is unknown: set classes or data")
     backbone = load_backbone(backbone_spec(cfg), cfg.device)
     if backbone.fingerprint(names) != state.fingerprint:
-        raise ConfigError("this backbone or label space is not the one the saved state in "
-                          f"{store.path} was trained with: use the node's own settings")
+        raise ConfigError(
+            "this backbone or label space is not the one the saved state in "
+            f"{store.path} was trained with: use the node's own settings"
+        )
     if not Path(images).is_dir():
         raise MissingInputError(f"image folder {images} does not exist")
     paths = _images(Path(images))
@@ -55,9 +60,16 @@ def predict_folder(cfg: NodeConfig, images: Path | str, out_csv: Path | str) -> 
         raise MissingInputError(f"no images under {images}")
     samples = [Sample(p.resolve(), 0, hashlib.sha256(p.read_bytes()).hexdigest()) for p in paths]
     features, _ = encode_samples(backbone, samples, cfg.cache_dir, progress=cfg.progress)
-    prep = Prepared(backbone=backbone, data=None, features=features, labels=torch.zeros(len(samples)),  # type: ignore[arg-type]
-                    class_names=tuple(names), fingerprint=state.fingerprint,
-                    text=backbone.text_features(names), dim=int(features.shape[1]))
+    prep = Prepared(
+        backbone=backbone,
+        data=None,
+        features=features,
+        labels=torch.zeros(len(samples)),  # type: ignore[arg-type]
+        class_names=tuple(names),
+        fingerprint=state.fingerprint,
+        text=backbone.text_features(names),
+        dim=int(features.shape[1]),
+    )
     learner = build_learner(cfg, prep)
     if state.learner is not None:
         learner.load_private_state(state.learner)
@@ -72,8 +84,13 @@ def predict_folder(cfg: NodeConfig, images: Path | str, out_csv: Path | str) -> 
         for path, row in zip(paths, probs):
             k = int(row.argmax())
             writer.writerow([path.as_posix(), names[k], f"{float(row[k]):.6f}", *[f"{float(p):.6f}" for p in row]])
-    log.info("classified %d images with global v%d (%s head) -> %s", len(paths), state.global_version,
-             head or "ensemble", out)
+    log.info(
+        "classified %d images with global v%d (%s head) -> %s",
+        len(paths),
+        state.global_version,
+        head or "ensemble",
+        out,
+    )
     return len(paths)
 
 
@@ -94,16 +111,28 @@ def _encode(cfg: NodeConfig, _args: argparse.Namespace) -> int:
     data = load_local(cfg.data, cfg.classes, split_seed=cfg.split_seed, evaluator=cfg.role == "evaluator")
     backbone = load_backbone(backbone_spec(cfg), cfg.device)
     _, stats = encode_samples(backbone, data.dataset.samples, cfg.cache_dir, progress=cfg.progress)
-    print(f"{len(data.dataset)} images: {stats.n_encoded} encoded in {stats.seconds:.1f}s, {stats.n_cached} already "
-          f"cached -> {cfg.cache_dir}")
+    print(
+        f"{len(data.dataset)} images: {stats.n_encoded} encoded in {stats.seconds:.1f}s, {stats.n_cached} already "
+        f"cached -> {cfg.cache_dir}"
+    )
     return 0
 
 
-PREDICT = Command(name="predict", help="classify a folder of images, write a CSV", run=_predict, config=NodeConfig,
-                  env_prefix=ENV_PREFIX, arguments=_predict_arguments,
-                  description="Classify a folder of images with this hospital's ensemble (the node's settings: "
-                              "--config node.yaml).")
-ENCODE = Command(name="encode", help="build a node's feature cache ahead of time", run=_encode, config=NodeConfig,
-                 env_prefix=ENV_PREFIX,
-                 description="Encode a node's images into its feature cache ahead of time (the node's settings: "
-                             "--config node.yaml; data and cache_dir matter). `node run` then starts in seconds.")
+PREDICT = Command(
+    name="predict",
+    help="classify a folder of images, write a CSV",
+    run=_predict,
+    config=NodeConfig,
+    env_prefix=ENV_PREFIX,
+    arguments=_predict_arguments,
+    description="Classify a folder of images with this hospital's ensemble (the node's settings: --config node.yaml).",
+)
+ENCODE = Command(
+    name="encode",
+    help="build a node's feature cache ahead of time",
+    run=_encode,
+    config=NodeConfig,
+    env_prefix=ENV_PREFIX,
+    description="Encode a node's images into its feature cache ahead of time (the node's settings: "
+    "--config node.yaml; data and cache_dir matter). `node run` then starts in seconds.",
+)

@@ -19,7 +19,7 @@ import socket
 import ssl
 import tempfile
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 from hospital_node.config import ENV_PREFIX, NodeConfig
@@ -28,7 +28,7 @@ from shared.ops.command import Command
 from shared.ops.exitcodes import ExitCode
 
 
-class Status(str, Enum):
+class Status(StrEnum):
     PASSED = "PASSED"
     PROBLEM = "PROBLEM"
     UNREACHABLE = "UNREACHABLE"  # the aggregator did not answer: maybe not up yet, maybe a wrong address
@@ -76,29 +76,47 @@ def check_identity(cfg: NodeConfig) -> Check:
         cert = x509.load_pem_x509_certificate(Path(cfg.tls_cert).read_bytes())
         key = serialization.load_pem_private_key(Path(cfg.tls_key).read_bytes(), password=None)
     except (ValueError, TypeError) as exc:
-        return _problem("identity", f"a certificate or key file is not valid PEM: {exc}",
-                        "use the files of this hospital's startup kit, unmodified")
+        return _problem(
+            "identity",
+            f"a certificate or key file is not valid PEM: {exc}",
+            "use the files of this hospital's startup kit, unmodified",
+        )
     names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
     cn = names[0].value if names else ""
     if cn != cfg.node_id:
-        return _problem("identity", f"the certificate is issued to {cn!r}, but node_id is {cfg.node_id!r}",
-                        "set node_id to the certificate's name, or use this hospital's own kit")
+        return _problem(
+            "identity",
+            f"the certificate is issued to {cn!r}, but node_id is {cfg.node_id!r}",
+            "set node_id to the certificate's name, or use this hospital's own kit",
+        )
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, Exception) as exc:  # InvalidSignature has no common base with the others
-        return _problem("identity", f"the certificate was not signed by the CA in {cfg.tls_ca} ({type(exc).__name__})",
-                        "the certificate and ca.pem come from different federations: use one kit's files")
-    now = dt.datetime.now(dt.timezone.utc)
+        return _problem(
+            "identity",
+            f"the certificate was not signed by the CA in {cfg.tls_ca} ({type(exc).__name__})",
+            "the certificate and ca.pem come from different federations: use one kit's files",
+        )
+    now = dt.datetime.now(dt.UTC)
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-        return _problem("identity", f"the certificate is valid from {cert.not_valid_before_utc:%Y-%m-%d} to "
-                        f"{cert.not_valid_after_utc:%Y-%m-%d}, not today",
-                        "ask the federation's operator for a new kit (or check this machine's clock)")
+        return _problem(
+            "identity",
+            f"the certificate is valid from {cert.not_valid_before_utc:%Y-%m-%d} to "
+            f"{cert.not_valid_after_utc:%Y-%m-%d}, not today",
+            "ask the federation's operator for a new kit (or check this machine's clock)",
+        )
     fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     if key.public_key().public_bytes(*fmt) != cert.public_key().public_bytes(*fmt):
-        return _problem("identity", f"the key {cfg.tls_key} does not belong to the certificate {cfg.tls_cert}",
-                        "use key.pem and cert.pem from the same kit")
-    return Check("identity", Status.PASSED, f"certificate for {cn!r}, signed by the federation's CA, valid until "
-                 f"{cert.not_valid_after_utc:%Y-%m-%d}")
+        return _problem(
+            "identity",
+            f"the key {cfg.tls_key} does not belong to the certificate {cfg.tls_cert}",
+            "use key.pem and cert.pem from the same kit",
+        )
+    return Check(
+        "identity",
+        Status.PASSED,
+        f"certificate for {cn!r}, signed by the federation's CA, valid until {cert.not_valid_after_utc:%Y-%m-%d}",
+    )
 
 
 # --------------------------------------------------------------------------- data
@@ -109,8 +127,12 @@ def check_data(cfg: NodeConfig) -> Check:
     from shared.data import UnknownClassError
 
     if not cfg.data:
-        return _problem("data", "data is not set", "set data: to this hospital's ImageFolder "
-                        "(<folder>/<class>/<images>) or a CSV manifest (path,label[,split])")
+        return _problem(
+            "data",
+            "data is not set",
+            "set data: to this hospital's ImageFolder "
+            "(<folder>/<class>/<images>) or a CSV manifest (path,label[,split])",
+        )
     path = Path(cfg.data).expanduser()
     if not path.exists():
         return _problem("data", f"{path} does not exist", "set data: to the folder that holds the class folders")
@@ -118,8 +140,12 @@ def check_data(cfg: NodeConfig) -> Check:
     try:
         local = load_local(path, cfg.classes, split_seed=cfg.split_seed, evaluator=cfg.role == "evaluator")
     except UnknownClassError as exc:
-        return _problem("data", str(exc), "class folders (or labels) must be named as the federation's classes "
-                        f"{list(federation or ())}: rename or move that one")
+        return _problem(
+            "data",
+            str(exc),
+            "class folders (or labels) must be named as the federation's classes "
+            f"{list(federation or ())}: rename or move that one",
+        )
     except FedMedCLIPError as exc:
         return _problem("data", str(exc), "fix the file or folder named above")
     counts = local.dataset.class_counts()
@@ -128,11 +154,16 @@ def check_data(cfg: NodeConfig) -> Check:
         return _problem("data", f"{path} holds no images", "put the images into one folder per class")
     train, val, test = local.counts()
     missing = [name for name, n in counts.items() if not n]
-    detail = (f"{len(local.dataset)} images in {len(present)} of {len(counts)} classes "
-              f"(train {train} / val {val} / test {test})")
+    detail = (
+        f"{len(local.dataset)} images in {len(present)} of {len(counts)} classes "
+        f"(train {train} / val {val} / test {test})"
+    )
     if federation is None:
-        return _problem("data", detail + "; the federation's classes are unknown",
-                        "set classes: to the federation's class names (the kit's node.yaml has them)")
+        return _problem(
+            "data",
+            detail + "; the federation's classes are unknown",
+            "set classes: to the federation's class names (the kit's node.yaml has them)",
+        )
     if missing:
         detail += f"; no images of {missing} here (fine: hospitals differ)"
     return Check("data", Status.PASSED, detail)
@@ -149,8 +180,11 @@ def check_folders(cfg: NodeConfig) -> Check:
             with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
                 pass
         except OSError as exc:
-            return _problem("folders", f"{key} {folder} cannot be written: {exc.strerror or exc}",
-                            f"give {key} a folder this user may write to")
+            return _problem(
+                "folders",
+                f"{key} {folder} cannot be written: {exc.strerror or exc}",
+                f"give {key} a folder this user may write to",
+            )
     return Check("folders", Status.PASSED, f"state {cfg.state_dir} and cache {cfg.cache_dir} are writable")
 
 
@@ -171,8 +205,12 @@ def check_aggregator(cfg: NodeConfig, timeout_s: float = 5.0) -> Check:
     try:
         sock = socket.create_connection((host, port), timeout=timeout_s)
     except OSError as exc:
-        return Check("aggregator", Status.UNREACHABLE, f"{cfg.aggregator} does not answer ({exc.strerror or exc})",
-                     "start the aggregator, or check the address and the firewall")
+        return Check(
+            "aggregator",
+            Status.UNREACHABLE,
+            f"{cfg.aggregator} does not answer ({exc.strerror or exc})",
+            "start the aggregator, or check the address and the firewall",
+        )
     if cfg.insecure:
         sock.close()
         return Check("aggregator", Status.PASSED, f"{cfg.aggregator} answers (plaintext)")
@@ -186,21 +224,37 @@ def check_aggregator(cfg: NodeConfig, timeout_s: float = 5.0) -> Check:
             # connection (or sends an alert) when it refuses it, and sends its HTTP/2 settings when not
             accepted = bool(tls.recv(1))
     except ssl.SSLCertVerificationError as exc:
-        return _problem("aggregator", f"this node does not trust the aggregator's certificate: {exc.verify_message}",
-                        "the aggregator is not the one this kit's CA signed: check the address, or the kit")
+        return _problem(
+            "aggregator",
+            f"this node does not trust the aggregator's certificate: {exc.verify_message}",
+            "the aggregator is not the one this kit's CA signed: check the address, or the kit",
+        )
     except ssl.SSLError as exc:
         reason = (exc.reason or str(exc)).upper()
         if "UNKNOWN_CA" in reason or "BAD_CERTIFICATE" in reason or "CERTIFICATE_REQUIRED" in reason:
-            return _problem("aggregator", "the aggregator refused this certificate: not signed by this federation's CA "
-                            f"({exc.reason})", "use the kit the federation's operator issued for this hospital")
-        return _problem("aggregator", f"the TLS handshake failed: {exc.reason or exc}",
-                        "check that the address is the aggregator's gRPC port")
-    except (socket.timeout, OSError) as exc:
-        return Check("aggregator", Status.UNREACHABLE, f"{cfg.aggregator} accepted the connection but did not finish "
-                     f"the handshake ({exc})", "check that the address is the aggregator's gRPC port")
+            return _problem(
+                "aggregator",
+                f"the aggregator refused this certificate: not signed by this federation's CA ({exc.reason})",
+                "use the kit the federation's operator issued for this hospital",
+            )
+        return _problem(
+            "aggregator",
+            f"the TLS handshake failed: {exc.reason or exc}",
+            "check that the address is the aggregator's gRPC port",
+        )
+    except (TimeoutError, OSError) as exc:
+        return Check(
+            "aggregator",
+            Status.UNREACHABLE,
+            f"{cfg.aggregator} accepted the connection but did not finish the handshake ({exc})",
+            "check that the address is the aggregator's gRPC port",
+        )
     if not accepted:
-        return _problem("aggregator", "the aggregator refused this certificate: not signed by this federation's CA",
-                        "use the kit the federation's operator issued for this hospital")
+        return _problem(
+            "aggregator",
+            "the aggregator refused this certificate: not signed by this federation's CA",
+            "use the kit the federation's operator issued for this hospital",
+        )
     return Check("aggregator", Status.PASSED, f"{cfg.aggregator} accepted this node's certificate (mTLS)")
 
 
@@ -244,5 +298,11 @@ def _check(cfg: NodeConfig, _args: argparse.Namespace) -> int:
     return ExitCode.OK if not bad else ExitCode.USAGE
 
 
-CHECK = Command(name="check", help="check the kit, the data and the connection in seconds, before running",
-                run=_check, config=NodeConfig, env_prefix=ENV_PREFIX, description=__doc__.split("\n\n")[0])
+CHECK = Command(
+    name="check",
+    help="check the kit, the data and the connection in seconds, before running",
+    run=_check,
+    config=NodeConfig,
+    env_prefix=ENV_PREFIX,
+    description=__doc__.split("\n\n")[0],
+)

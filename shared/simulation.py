@@ -16,27 +16,28 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
 from shared import __version__
-from shared.learning.aggregation import AGGREGATION_RULES, capped_weights, make_aggregator
 from shared.backbone import BACKBONE_KINDS, Backbone, BackboneSpec, load_backbone
 from shared.codec import CODECS
 from shared.data import Dataset, HospitalData, default_data_root
-from shared.data.pipeline import prepare_federation
-from shared.learning.rounds import WireConfig, fold_update, make_update, publish_global
 from shared.data.features import EncodeStats, encode_samples
+from shared.data.pipeline import prepare_federation
+from shared.learning.aggregation import AGGREGATION_RULES, capped_weights, make_aggregator
 from shared.learning.metrics import mean_metrics, nanmean
+from shared.learning.rounds import WireConfig, fold_update, make_update, publish_global
 from shared.learning.training import METHODS, HospitalLearner, MethodConfig, TrainConfig, build_adapter, get_method
 from shared.ops.command import Command, main_for
 from shared.ops.report import dumps_strict
 
 log = logging.getLogger("fedmedclip.simulation")
+
 
 @dataclass(frozen=True)
 class SimConfig:
@@ -78,16 +79,29 @@ class Prepared:
 
 def prepare(cfg: SimConfig, backbone: Backbone | None = None) -> Prepared:
     """Scan, de-duplicate, encode (cached) and partition the data for ``cfg``."""
-    fed = prepare_federation(cfg.data_root, hospitals=cfg.n_hospitals, alpha=cfg.alpha, seed=cfg.seed,
-                             per_class=cfg.per_class, holdout=cfg.holdout)
+    fed = prepare_federation(
+        cfg.data_root,
+        hospitals=cfg.n_hospitals,
+        alpha=cfg.alpha,
+        seed=cfg.seed,
+        per_class=cfg.per_class,
+        holdout=cfg.holdout,
+    )
     ds, hospitals = fed.dataset, fed.hospitals
     backbone = backbone or load_backbone(cfg.backbone, cfg.device)
     features, enc = encode_samples(backbone, ds.samples, cfg.cache_dir, progress=cfg.progress)
     dup = {k: v for k, v in asdict(fed.duplicates).items() if isinstance(v, (int, float, str))}
-    return Prepared(dataset=ds, duplicates=dup, backbone=backbone, features=features,
-                    labels=torch.from_numpy(ds.labels()), hospitals=hospitals,
-                    text=backbone.text_features(ds.class_names), encode=enc,
-                    backbone_record=backbone.record(ds.class_names))
+    return Prepared(
+        dataset=ds,
+        duplicates=dup,
+        backbone=backbone,
+        features=features,
+        labels=torch.from_numpy(ds.labels()),
+        hospitals=hospitals,
+        text=backbone.text_features(ds.class_names),
+        encode=enc,
+        backbone_record=backbone.record(ds.class_names),
+    )
 
 
 def run(cfg: SimConfig, prepared: Prepared | None = None) -> dict:
@@ -105,13 +119,26 @@ def run(cfg: SimConfig, prepared: Prepared | None = None) -> dict:
         index = torch.from_numpy(np.array(idx, dtype=np.int64))  # a writable copy
         return prep.features[index], prep.labels[index]
 
-    learners = [HospitalLearner(method, cfg.train, dim=dim, num_classes=num_classes, text_features=prep.text,
-                                logit_scale=prep.backbone.logit_scale, seed=cfg.seed, hospital_index=i,
-                                device=prep.backbone.device if cfg.device is None else cfg.device)
-                for i in range(len(training))]
+    learners = [
+        HospitalLearner(
+            method,
+            cfg.train,
+            dim=dim,
+            num_classes=num_classes,
+            text_features=prep.text,
+            logit_scale=prep.backbone.logit_scale,
+            seed=cfg.seed,
+            hospital_index=i,
+            device=prep.backbone.device if cfg.device is None else cfg.device,
+        )
+        for i in range(len(training))
+    ]
     global_state = build_adapter(method, dim, cfg.train, cfg.seed).travel_state()
-    weights = capped_weights({h.name: len(h.split.train) for h in training}, max_samples=cfg.max_samples_per_node,
-                             max_share=cfg.max_weight_share)
+    weights = capped_weights(
+        {h.name: len(h.split.train) for h in training},
+        max_samples=cfg.max_samples_per_node,
+        max_share=cfg.max_weight_share,
+    )
     rounds = cfg.rounds if method.trains else 1
     history: list[dict] = []
     for r in range(rounds):
@@ -144,17 +171,36 @@ def run(cfg: SimConfig, prepared: Prepared | None = None) -> dict:
         t0 = time.perf_counter()
         record = _evaluate_round(r, method, training, held_out, learners, part)
         timings["validate"] = time.perf_counter() - t0
-        record.update(bytes_up=bytes_up, bytes_up_raw=bytes_up_raw, bytes_down=bytes_down,
-                      bytes_down_raw=bytes_down_raw, seconds=time.perf_counter() - t_round, timings=timings,
-                      keep_ratios=learners[0].keep_ratios() if learners else {})
+        record.update(
+            bytes_up=bytes_up,
+            bytes_up_raw=bytes_up_raw,
+            bytes_down=bytes_down,
+            bytes_down_raw=bytes_down_raw,
+            seconds=time.perf_counter() - t_round,
+            timings=timings,
+            keep_ratios=learners[0].keep_ratios() if learners else {},
+        )
         history.append(record)
-        log.info("round %3d/%d  val acc %.4f  up %8.1f KB  down %8.1f KB  %.2fs", r + 1, rounds, record["mean_val_accuracy"],
-                 bytes_up / 1e3, bytes_down / 1e3, record["seconds"])
+        log.info(
+            "round %3d/%d  val acc %.4f  up %8.1f KB  down %8.1f KB  %.2fs",
+            r + 1,
+            rounds,
+            record["mean_val_accuracy"],
+            bytes_up / 1e3,
+            bytes_down / 1e3,
+            record["seconds"],
+        )
     return _report(cfg, method, prep, history, time.perf_counter() - t_start)
 
 
-def _evaluate_round(r: int, method: MethodConfig, training: list[HospitalData], held_out: list[HospitalData],
-                    learners: list[HospitalLearner], part) -> dict:
+def _evaluate_round(
+    r: int,
+    method: MethodConfig,
+    training: list[HospitalData],
+    held_out: list[HospitalData],
+    learners: list[HospitalLearner],
+    part,
+) -> dict:
     clients: dict[str, dict] = {}
     val_accs = []
     for h, learner in zip(training, learners):
@@ -191,28 +237,46 @@ def _report(cfg: SimConfig, method: MethodConfig, prep: Prepared, history: list[
         "test": per_client,
         "avg": avg,
         "test_heads": {name: c["test_heads"] for name, c in best["clients"].items() if "test_heads" in c},
-        "history": [{k: v for k, v in rec.items() if k != "clients"} | {
-            "test_accuracy": {n: c["test"]["accuracy"] for n, c in rec["clients"].items()}} for rec in history],
+        "history": [
+            {k: v for k, v in rec.items() if k != "clients"}
+            | {"test_accuracy": {n: c["test"]["accuracy"] for n, c in rec["clients"].items()}}
+            for rec in history
+        ],
         "bytes_per_round": {
-            "up": nanmean([h["bytes_up"] for h in history]), "up_raw": nanmean([h["bytes_up_raw"] for h in history]),
-            "down": nanmean([h["bytes_down"] for h in history]), "down_raw": nanmean([h["bytes_down_raw"] for h in history]),
+            "up": nanmean([h["bytes_up"] for h in history]),
+            "up_raw": nanmean([h["bytes_up_raw"] for h in history]),
+            "down": nanmean([h["bytes_down"] for h in history]),
+            "down_raw": nanmean([h["bytes_down_raw"] for h in history]),
             "per_transfer": (nanmean([h["bytes_up"] for h in history]) / max(1, len(prep.hospitals) - cfg.holdout)),
         },
         "timings": {
-            "encode_seconds": prep.encode.seconds, "encode_images": prep.encode.n_encoded,
-            "encode_cached": prep.encode.n_cached, "encode_images_per_second": prep.encode.images_per_second,
+            "encode_seconds": prep.encode.seconds,
+            "encode_images": prep.encode.n_encoded,
+            "encode_cached": prep.encode.n_cached,
+            "encode_images_per_second": prep.encode.images_per_second,
             "encode_device": prep.encode.device,
             "seconds_per_round": nanmean([h["seconds"] for h in rounds_after_first]),
-            "phase_seconds_per_round": {k: nanmean([h["timings"][k] for h in rounds_after_first])
-                                        for k in history[0]["timings"]},
+            "phase_seconds_per_round": {
+                k: nanmean([h["timings"][k] for h in rounds_after_first]) for k in history[0]["timings"]
+            },
             "wall_seconds": wall,
         },
         "peak_rss_mb": _peak_rss_mb(),
-        "hospitals": [{"name": h.name, "held_out": h.held_out, "n": len(h.indices), "train": len(h.split.train),
-                       "val": len(h.split.val), "test": len(h.split.test),
-                       "class_counts": np.bincount(prep.labels[torch.from_numpy(np.array(h.indices, dtype=np.int64))].numpy(),
-                                                   minlength=len(prep.dataset.class_names)).tolist()}
-                      for h in prep.hospitals],
+        "hospitals": [
+            {
+                "name": h.name,
+                "held_out": h.held_out,
+                "n": len(h.indices),
+                "train": len(h.split.train),
+                "val": len(h.split.val),
+                "test": len(h.split.test),
+                "class_counts": np.bincount(
+                    prep.labels[torch.from_numpy(np.array(h.indices, dtype=np.int64))].numpy(),
+                    minlength=len(prep.dataset.class_names),
+                ).tolist(),
+            }
+            for h in prep.hospitals
+        ],
         "classes": list(prep.dataset.class_names),
         "duplicates": prep.duplicates,
         "backbone": prep.backbone_record,
@@ -244,25 +308,38 @@ def write_outputs(report: dict, out_dir: Path) -> None:
 
 def render_markdown(report: dict) -> str:
     b = report["backbone"]
-    lines = [f"# FedMedCLIP run: {report['method']}", "",
-             f"{report['method_description']}", "",
-             f"Backbone: {b['description']} (fingerprint `{b['fingerprint'][:16]}`)"
-             + ("" if b["is_clip"] else ". Not CLIP: zero-shot accuracy is chance by construction."), "",
-             f"Best round {report['best_round']} by mean val accuracy ({report['best_mean_val_accuracy']:.4f}); "
-             "test metrics at that round:", "",
-             "| client | accuracy | balanced acc. | macro-F1 | ECE |", "|---|---|---|---|---|"]
+    lines = [
+        f"# FedMedCLIP run: {report['method']}",
+        "",
+        f"{report['method_description']}",
+        "",
+        f"Backbone: {b['description']} (fingerprint `{b['fingerprint'][:16]}`)"
+        + ("" if b["is_clip"] else ". Not CLIP: zero-shot accuracy is chance by construction."),
+        "",
+        f"Best round {report['best_round']} by mean val accuracy ({report['best_mean_val_accuracy']:.4f}); "
+        "test metrics at that round:",
+        "",
+        "| client | accuracy | balanced acc. | macro-F1 | ECE |",
+        "|---|---|---|---|---|",
+    ]
     for name, m in list(report["test"].items()) + [("AVG", report["avg"])]:
-        lines.append(f"| {name} | {m['accuracy']:.4f} | {m['balanced_accuracy']:.4f} | {m['macro_f1']:.4f} | {m['ece']:.4f} |")
+        lines.append(
+            f"| {name} | {m['accuracy']:.4f} | {m['balanced_accuracy']:.4f} | {m['macro_f1']:.4f} | {m['ece']:.4f} |"
+        )
     bpr, t = report["bytes_per_round"], report["timings"]
-    lines += ["", f"Bytes per round: up {bpr['up'] / 1e3:.1f} KB (raw {bpr['up_raw'] / 1e3:.1f} KB), "
-              f"down {bpr['down'] / 1e3:.1f} KB (raw {bpr['down_raw'] / 1e3:.1f} KB).",
-              f"Seconds per round: {t['seconds_per_round']:.3f} "
-              f"({', '.join(f'{k} {v:.3f}' for k, v in t['phase_seconds_per_round'].items())}); "
-              f"encode: {t['encode_images']} images in {t['encode_seconds']:.1f}s on {t['encode_device']}, "
-              f"{t['encode_cached']} from cache; wall {t['wall_seconds']:.1f}s.",
-              f"Duplicates removed: {report['duplicates'].get('n_removed')} "
-              f"({report['duplicates'].get('n_groups')} groups, {report['duplicates'].get('n_cross_folder_groups')} "
-              "across top-level folders).", ""]
+    lines += [
+        "",
+        f"Bytes per round: up {bpr['up'] / 1e3:.1f} KB (raw {bpr['up_raw'] / 1e3:.1f} KB), "
+        f"down {bpr['down'] / 1e3:.1f} KB (raw {bpr['down_raw'] / 1e3:.1f} KB).",
+        f"Seconds per round: {t['seconds_per_round']:.3f} "
+        f"({', '.join(f'{k} {v:.3f}' for k, v in t['phase_seconds_per_round'].items())}); "
+        f"encode: {t['encode_images']} images in {t['encode_seconds']:.1f}s on {t['encode_device']}, "
+        f"{t['encode_cached']} from cache; wall {t['wall_seconds']:.1f}s.",
+        f"Duplicates removed: {report['duplicates'].get('n_removed')} "
+        f"({report['duplicates'].get('n_groups')} groups, {report['duplicates'].get('n_cross_folder_groups')} "
+        "across top-level folders).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -276,7 +353,12 @@ def plot_history(report: dict, out_dir: Path) -> None:
     rounds = [h["round"] for h in hist]
     fig, ax = plt.subplots(figsize=(7, 4))
     for name in hist[0]["test_accuracy"]:
-        ax.plot(rounds, [h["test_accuracy"][name] for h in hist], label=f"{name} (test)", marker="." if len(hist) < 30 else None)
+        ax.plot(
+            rounds,
+            [h["test_accuracy"][name] for h in hist],
+            label=f"{name} (test)",
+            marker="." if len(hist) < 30 else None,
+        )
     ax.plot(rounds, [h["mean_val_accuracy"] for h in hist], "k--", label="mean val (selection)")
     ax.axvline(report["best_round"], color="grey", lw=0.8)
     ax.set(xlabel="round", ylabel="accuracy", title=f"{report['method']}: accuracy per round per hospital")
@@ -285,8 +367,12 @@ def plot_history(report: dict, out_dir: Path) -> None:
     fig.savefig(out_dir / "accuracy.png", dpi=120)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("bytes_up", "up (wire)"), ("bytes_up_raw", "up (raw fp32)"),
-                       ("bytes_down", "down (wire)"), ("bytes_down_raw", "down (raw fp32)")):
+    for key, label in (
+        ("bytes_up", "up (wire)"),
+        ("bytes_up_raw", "up (raw fp32)"),
+        ("bytes_down", "down (wire)"),
+        ("bytes_down_raw", "down (raw fp32)"),
+    ):
         ax.plot(rounds, [h[key] / 1e6 for h in hist], label=label)
     ax.set(xlabel="round", ylabel="MB per round", title=f"{report['method']}: bytes per round")
     ax.legend(fontsize=7)
@@ -323,8 +409,12 @@ class SimulateConfig:
     progress: bool = True  # progress bars and per-round log lines
 
     def __post_init__(self) -> None:
-        for name, choices in (("method", METHODS), ("codec", CODECS), ("aggregation", AGGREGATION_RULES),
-                              ("backbone", BACKBONE_KINDS)):
+        for name, choices in (
+            ("method", METHODS),
+            ("codec", CODECS),
+            ("aggregation", AGGREGATION_RULES),
+            ("backbone", BACKBONE_KINDS),
+        ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {list(choices)}")
         if self.max_samples_per_node is not None and self.max_samples_per_node < 1:
@@ -333,15 +423,25 @@ class SimulateConfig:
             raise ValueError("max_weight_share must be in (0, 1] (or null: off)")
 
     def sim_config(self) -> SimConfig:
-        return SimConfig(data_root=self.data or str(default_data_root()), per_class=self.per_class,
-                         n_hospitals=self.hospitals, alpha=self.alpha if self.alpha > 0 else None,
-                         holdout=self.holdout, rounds=self.rounds, method=self.method,
-                         wire=WireConfig(codec=self.codec, delta=self.delta), aggregation=self.aggregation,
-                         max_samples_per_node=self.max_samples_per_node, max_weight_share=self.max_weight_share,
-                         seed=self.seed,
-                         backbone=BackboneSpec(kind=self.backbone, arch=self.arch, pretrained=self.pretrained),
-                         train=replace(TrainConfig(), lr_adapter=self.lr_fam, lr_mlp=self.lr_mlp),
-                         cache_dir=self.cache_dir, device=self.device, progress=self.progress)
+        return SimConfig(
+            data_root=self.data or str(default_data_root()),
+            per_class=self.per_class,
+            n_hospitals=self.hospitals,
+            alpha=self.alpha if self.alpha > 0 else None,
+            holdout=self.holdout,
+            rounds=self.rounds,
+            method=self.method,
+            wire=WireConfig(codec=self.codec, delta=self.delta),
+            aggregation=self.aggregation,
+            max_samples_per_node=self.max_samples_per_node,
+            max_weight_share=self.max_weight_share,
+            seed=self.seed,
+            backbone=BackboneSpec(kind=self.backbone, arch=self.arch, pretrained=self.pretrained),
+            train=replace(TrainConfig(), lr_adapter=self.lr_fam, lr_mlp=self.lr_mlp),
+            cache_dir=self.cache_dir,
+            device=self.device,
+            progress=self.progress,
+        )
 
 
 def _simulate(cfg: SimulateConfig, _args: argparse.Namespace) -> int:
@@ -355,8 +455,14 @@ def _simulate(cfg: SimulateConfig, _args: argparse.Namespace) -> int:
     return 0
 
 
-COMMAND = Command(name="simulate", help="an in-process federation", run=_simulate, config=SimulateConfig,
-                  env_prefix="FEDMEDCLIP_SIMULATE_", description=__doc__.split("\n\n")[0])
+COMMAND = Command(
+    name="simulate",
+    help="an in-process federation",
+    run=_simulate,
+    config=SimulateConfig,
+    env_prefix="FEDMEDCLIP_SIMULATE_",
+    description=__doc__.split("\n\n")[0],
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -35,7 +35,7 @@ MARKER_HELP = {
     "unit": "fast in-process tests (pytest -m unit)",
     "services": "real gRPC processes, or more than a few seconds in-process (pytest -m services)",
     "deploy": "deployment checks: compose, promtool, Kubernetes schemas, a live Prometheus, the compose testbed "
-              "(pytest -m deploy)",
+    "(pytest -m deploy)",
 }
 
 # test module (path under tests/) -> its marker; a module missing here fails the collection
@@ -90,7 +90,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if unmarked:
         raise pytest.UsageError(
             f"tests/conftest.py: no marker for {', '.join(sorted(unmarked))}; add each module to MARKERS "
-            f"with one of {', '.join(MARKER_HELP)}")
+            f"with one of {', '.join(MARKER_HELP)}"
+        )
 
 
 # --------------------------------------------------------------------------- data and backbone
@@ -107,7 +108,10 @@ def brain_tumor_root() -> Path:
 
     root = default_data_root()
     if not root.is_dir():
-        pytest.fail(f"brain tumor MRI set not found at {root}: set FEDMEDCLIP_DATA or place the team's shared/ beside the checkout")
+        pytest.fail(
+            f"brain tumor MRI set not found at {root}: set FEDMEDCLIP_DATA or place the team's shared/ "
+            "beside the checkout"
+        )
     return root
 
 
@@ -143,10 +147,31 @@ def partition_dir(tmp_path_factory, brain_tumor_root) -> Path:
     from tests.services_support import HOSPITALS, PER_CLASS, service_env
 
     out = tmp_path_factory.mktemp("partition")
-    subprocess.run([sys.executable, "-m", "hospital_node", "partition", "--data", str(brain_tumor_root),
-                    "--hospitals", str(HOSPITALS), "--alpha", "0.5", "--seed", "0", "--per-class", str(PER_CLASS),
-                    "--out", str(out)], cwd=REPO_ROOT, env=service_env(), check=True, timeout=300,
-                   capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hospital_node",
+            "partition",
+            "--data",
+            str(brain_tumor_root),
+            "--hospitals",
+            str(HOSPITALS),
+            "--alpha",
+            "0.5",
+            "--seed",
+            "0",
+            "--per-class",
+            str(PER_CLASS),
+            "--out",
+            str(out),
+        ],
+        cwd=REPO_ROOT,
+        env=service_env(),
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
     return out
 
 
@@ -161,7 +186,16 @@ def reference(brain_tumor_root, feature_cache) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return run(SimConfig(data_root=str(brain_tumor_root), per_class=PER_CLASS, n_hospitals=HOSPITALS,
-                             rounds=ROUNDS, seed=0, cache_dir=str(feature_cache), progress=False))
+        return run(
+            SimConfig(
+                data_root=str(brain_tumor_root),
+                per_class=PER_CLASS,
+                n_hospitals=HOSPITALS,
+                rounds=ROUNDS,
+                seed=0,
+                cache_dir=str(feature_cache),
+                progress=False,
+            )
+        )
     finally:
         torch.set_num_threads(threads)

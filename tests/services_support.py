@@ -15,9 +15,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -32,8 +32,12 @@ def free_port() -> int:
 
 def service_env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
-               PYTHONPATH=str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+    )
     return env
 
 
@@ -66,10 +70,15 @@ class Proc:
     popen: subprocess.Popen | None = None
     env: dict[str, str] = field(default_factory=dict)  # on top of service_env()
 
-    def start(self) -> "Proc":
+    def start(self) -> Proc:
         handle = self.log.open("ab")
-        self.popen = subprocess.Popen([sys.executable, *self.args], cwd=REPO_ROOT, env=service_env() | self.env,
-                                      stdout=handle, stderr=subprocess.STDOUT)
+        self.popen = subprocess.Popen(
+            [sys.executable, *self.args],
+            cwd=REPO_ROOT,
+            env=service_env() | self.env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
         handle.close()
         return self
 
@@ -88,7 +97,9 @@ class Proc:
         try:
             return self.popen.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"{self.name} did not exit within {timeout}s; log tail:\n{self.text()[-3000:]}")
+            raise AssertionError(
+                f"{self.name} did not exit within {timeout}s; log tail:\n{self.text()[-3000:]}"
+            ) from None
 
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGTERM, then SIGKILL if it does not exit in time; the exit code."""
@@ -121,20 +132,40 @@ class Cluster:
             proc.stop()
 
 
-def start_aggregator_process(cluster: Cluster, pki: Path, out: Path, *flags: str, name: str = "aggregator",
-                             timeout: float = 120.0) -> dict:
+def start_aggregator_process(
+    cluster: Cluster, pki: Path, out: Path, *flags: str, name: str = "aggregator", timeout: float = 120.0
+) -> dict:
     """A real aggregator process with mTLS on free ports; waits until it serves. Its endpoints and ports."""
     ports = {"grpc": free_port(), "health": free_port(), "metrics": free_port()}
     endpoints = out / "endpoints.json"
     endpoints.unlink(missing_ok=True)
     # these federations let their first node pin the label space and fingerprint (light clients bring their own);
     # the pinned set-up is what make demo, the testbed and the startup-kit tests run
-    proc = cluster.add(name, ["-m", "aggregator", *aggregator_identity(pki), "--trust-first-node", "true",
-                              "--listen", f"127.0.0.1:{ports['grpc']}",
-                              "--health-port", str(ports["health"]), "--metrics-port", str(ports["metrics"]),
-                              "--out-dir", str(out), *flags])
-    info = wait_for(lambda: read_json(endpoints) or (not proc.alive() and {"dead": True}), timeout,
-                    "the aggregator to serve", [proc])
+    proc = cluster.add(
+        name,
+        [
+            "-m",
+            "aggregator",
+            *aggregator_identity(pki),
+            "--trust-first-node",
+            "true",
+            "--listen",
+            f"127.0.0.1:{ports['grpc']}",
+            "--health-port",
+            str(ports["health"]),
+            "--metrics-port",
+            str(ports["metrics"]),
+            "--out-dir",
+            str(out),
+            *flags,
+        ],
+    )
+    info = wait_for(
+        lambda: read_json(endpoints) or (not proc.alive() and {"dead": True}),
+        timeout,
+        "the aggregator to serve",
+        [proc],
+    )
     assert "dead" not in info, proc.text()[-3000:]
     return ports | {"proc": proc, "address": f"127.0.0.1:{ports['grpc']}", "run_id": info["run_id"]}
 
@@ -146,8 +177,9 @@ def tls_of(pki: Path, party: str):
     return party_material(pki / party)
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, what: str, procs: list[Proc] = (),
-             interval: float = 0.25):
+def wait_for(
+    predicate: Callable[[], object], timeout: float, what: str, procs: list[Proc] = (), interval: float = 0.25
+):
     """Poll ``predicate`` until truthy; fail with the logs of ``procs`` after ``timeout`` s."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -209,25 +241,91 @@ ALL_NODES = TRAINERS + ["global"]
 START_TIMEOUT = 240.0  # every wait is bounded; first start loads the backbone in 4 processes on 2 cores
 
 
-def start_aggregator(cluster: Cluster, pki: Path, name: str, out: Path, port: int, health: int, metrics: int,
-                     exit_when_done: bool, min_nodes: int = HOSPITALS, *extra: str,
-                     env: dict[str, str] | None = None) -> Proc:
-    return cluster.add(name, ["-m", "aggregator", *aggregator_identity(pki), "--trust-first-node", "true",
-                              "--listen", f"127.0.0.1:{port}",
-                              "--health-port", str(health),
-                              "--metrics-port", str(metrics), "--out-dir", str(out), "--rounds", str(ROUNDS),
-                              "--min-nodes", str(min_nodes), "--round-timeout-s", "120", "--linger-s", "60",
-                              "--heartbeat-interval-s", "1", "--exit-when-done", str(exit_when_done).lower(),
-                              *extra], env=env)
+def start_aggregator(
+    cluster: Cluster,
+    pki: Path,
+    name: str,
+    out: Path,
+    port: int,
+    health: int,
+    metrics: int,
+    exit_when_done: bool,
+    min_nodes: int = HOSPITALS,
+    *extra: str,
+    env: dict[str, str] | None = None,
+) -> Proc:
+    return cluster.add(
+        name,
+        [
+            "-m",
+            "aggregator",
+            *aggregator_identity(pki),
+            "--trust-first-node",
+            "true",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--health-port",
+            str(health),
+            "--metrics-port",
+            str(metrics),
+            "--out-dir",
+            str(out),
+            "--rounds",
+            str(ROUNDS),
+            "--min-nodes",
+            str(min_nodes),
+            "--round-timeout-s",
+            "120",
+            "--linger-s",
+            "60",
+            "--heartbeat-interval-s",
+            "1",
+            "--exit-when-done",
+            str(exit_when_done).lower(),
+            *extra,
+        ],
+        env=env,
+    )
 
 
-def start_node(cluster: Cluster, pki: Path, partition: Path, node: str, port: int, metrics: int, state: Path,
-               cache: Path, *extra: str, identity: str | None = None) -> Proc:
-    return cluster.add(identity or node, ["-m", "hospital_node", "run", "--config", str(partition / f"{node}.yaml"),
-                                          *node_identity(pki, identity or node),
-                                          "--aggregator", f"127.0.0.1:{port}", "--metrics-port", str(metrics),
-                                          "--state-dir", str(state / node), "--cache-dir", str(cache),
-                                          "--threads", "1", "--progress", "false", "--retry-max-s", "2", *extra])
+def start_node(
+    cluster: Cluster,
+    pki: Path,
+    partition: Path,
+    node: str,
+    port: int,
+    metrics: int,
+    state: Path,
+    cache: Path,
+    *extra: str,
+    identity: str | None = None,
+) -> Proc:
+    return cluster.add(
+        identity or node,
+        [
+            "-m",
+            "hospital_node",
+            "run",
+            "--config",
+            str(partition / f"{node}.yaml"),
+            *node_identity(pki, identity or node),
+            "--aggregator",
+            f"127.0.0.1:{port}",
+            "--metrics-port",
+            str(metrics),
+            "--state-dir",
+            str(state / node),
+            "--cache-dir",
+            str(cache),
+            "--threads",
+            "1",
+            "--progress",
+            "false",
+            "--retry-max-s",
+            "2",
+            *extra,
+        ],
+    )
 
 
 def finished(report_path: Path, nodes: list[str]):
@@ -262,9 +360,15 @@ def assert_matches_reference(report: dict, ref: dict) -> None:
 
 def trainers_only(reference: dict, report: dict) -> dict:
     """The reference without the held-out evaluator, for runs without one (AVG includes the held-out one)."""
-    return dict(reference, test={k: v for k, v in reference["test"].items() if k != "global"}, avg=report["avg"],
-                history=[dict(h, test_accuracy={k: v for k, v in h["test_accuracy"].items() if k != "global"})
-                         for h in reference["history"]])
+    return dict(
+        reference,
+        test={k: v for k, v in reference["test"].items() if k != "global"},
+        avg=report["avg"],
+        history=[
+            dict(h, test_accuracy={k: v for k, v in h["test_accuracy"].items() if k != "global"})
+            for h in reference["history"]
+        ],
+    )
 
 
 # --------------------------------------------------------------------------- dashboards and rules
@@ -290,16 +394,23 @@ def rules() -> list[dict]:
     """Every recording and alerting rule of deploy/prometheus/rules/."""
     import yaml
 
-    return [r for f in sorted((PROM_DIR / "rules").glob("*.yml")) for g in yaml.safe_load(f.read_text())["groups"]
-            for r in g["rules"]]
+    return [
+        r
+        for f in sorted((PROM_DIR / "rules").glob("*.yml"))
+        for g in yaml.safe_load(f.read_text())["groups"]
+        for r in g["rules"]
+    ]
 
 
 def show(result: list[dict]) -> str:
     """A Prometheus instant-query result in one short line (for the results table)."""
     parts = []
     for sample in result[:6]:
-        labels = ",".join(f"{k}={v}" for k, v in sorted(sample["metric"].items())
-                          if k in ("direction", "reason", "node", "hospital", "job"))
+        labels = ",".join(
+            f"{k}={v}"
+            for k, v in sorted(sample["metric"].items())
+            if k in ("direction", "reason", "node", "hospital", "job")
+        )
         value = float(sample["value"][1])
         parts.append(f"{labels + ' ' if labels else ''}{value:.4g}")
     return "; ".join(parts) + (f"; ... ({len(result)} series)" if len(result) > 6 else "")

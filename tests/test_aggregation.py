@@ -94,9 +94,7 @@ def test_row_sent_by_some_updates_is_averaged_over_those_only(rule):
     wa, wb, wc = weights
     w = out["fc.weight"]
     assert torch.allclose(w[0], a["fc.weight"][0], atol=1e-6)
-    assert torch.allclose(
-        w[1], (wa * a["fc.weight"][1] + wc * c["fc.weight"][1]) / (wa + wc), atol=1e-6
-    )
+    assert torch.allclose(w[1], (wa * a["fc.weight"][1] + wc * c["fc.weight"][1]) / (wa + wc), atol=1e-6)
     assert torch.equal(w[2], previous["fc.weight"][2])
     assert torch.allclose(
         w[3],
@@ -105,9 +103,7 @@ def test_row_sent_by_some_updates_is_averaged_over_those_only(rule):
     )
     assert torch.equal(out["fc.bias"][2], previous["fc.bias"][2])
     # thresholds had no present flags: every update counts for every row
-    expected_thr = (wa * a["fc.threshold"] + wb * b["fc.threshold"] + wc * c["fc.threshold"]) / (
-        wa + wb + wc
-    )
+    expected_thr = (wa * a["fc.threshold"] + wb * b["fc.threshold"] + wc * c["fc.threshold"]) / (wa + wb + wc)
     assert torch.allclose(out["fc.threshold"], expected_thr, atol=1e-6)
 
 
@@ -347,8 +343,10 @@ def test_capped_weights_refuse_counts_that_are_not_positive_ints(bad):
         capped_weights(bad)
 
 
-@pytest.mark.parametrize("caps", [{"max_samples": 0}, {"max_share": 0.0}, {"max_share": 1.5},
-                                  {"max_share": float("nan")}, {"max_samples": 2.5}])
+@pytest.mark.parametrize(
+    "caps",
+    [{"max_samples": 0}, {"max_share": 0.0}, {"max_share": 1.5}, {"max_share": float("nan")}, {"max_samples": 2.5}],
+)
 def test_capped_weights_refuse_bad_caps(caps):
     with pytest.raises(AggregationError):
         capped_weights({"a": 1, "b": 2}, **caps)
@@ -383,8 +381,10 @@ def test_codec_output_feeds_the_aggregator():
     previous = rand_state(100)
     template = {n: tuple(s) for n, s in SHAPES.items()}
     agg = make_aggregator("weighted")
-    node_masks = [torch.tensor([1, 1, 0, 1, 0, 1], dtype=torch.bool),
-                  torch.tensor([1, 0, 0, 1, 1, 1], dtype=torch.bool)]
+    node_masks = [
+        torch.tensor([1, 1, 0, 1, 0, 1], dtype=torch.bool),
+        torch.tensor([1, 0, 0, 1, 1, 1], dtype=torch.bool),
+    ]
     nodes = [rand_state(1), rand_state(2)]
     for state, m, n in zip(nodes, node_masks, (30, 10), strict=True):
         p = encode_state(state, codec="fp32", reference=previous, row_masks={"fc.weight": m})
@@ -395,6 +395,4 @@ def test_codec_output_feeds_the_aggregator():
     assert torch.equal(w[2], previous["fc.weight"][2])  # nobody sent row 2
     assert torch.allclose(w[1], nodes[0]["fc.weight"][1], atol=1e-5)  # only node 0
     assert torch.allclose(w[4], nodes[1]["fc.weight"][4], atol=1e-5)  # only node 1
-    assert torch.allclose(
-        w[0], (30 * nodes[0]["fc.weight"][0] + 10 * nodes[1]["fc.weight"][0]) / 40, atol=1e-5
-    )
+    assert torch.allclose(w[0], (30 * nodes[0]["fc.weight"][0] + 10 * nodes[1]["fc.weight"][0]) / 40, atol=1e-5)

@@ -75,7 +75,9 @@ def test_openclip_rejects_unknown_tag_arch_and_missing_checkpoint(tmp_path):
     with pytest.raises(BackboneError, match="unknown open_clip architecture"):
         load_backbone(BackboneSpec(kind="openclip", arch="ViT-Nope"), device="cpu")
     with pytest.raises(BackboneUnavailableError, match="not found"):
-        load_backbone(BackboneSpec(kind="openclip", arch="ViT-B-32", pretrained=str(tmp_path / "missing.pt")), device="cpu")
+        load_backbone(
+            BackboneSpec(kind="openclip", arch="ViT-B-32", pretrained=str(tmp_path / "missing.pt")), device="cpu"
+        )
     with pytest.raises(BackboneError, match="unknown backbone kind"):
         load_backbone(BackboneSpec(kind="resnet"), device="cpu")
 
@@ -84,9 +86,11 @@ def test_openclip_loads_a_local_checkpoint_file(tmp_path):
     """The air-gapped hospital's path: an open_clip architecture plus a checkpoint file on disk."""
     import open_clip
 
-    config = {"embed_dim": 32,
-              "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
-              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
+    config = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+    }
     config_path = tmp_path / "tiny-test-clip.json"
     config_path.write_text(json.dumps(config))
     open_clip.add_model_config(config_path)
@@ -95,7 +99,9 @@ def test_openclip_loads_a_local_checkpoint_file(tmp_path):
     checkpoint = tmp_path / "tiny.pt"
     torch.save(model.state_dict(), checkpoint)
 
-    loaded = load_backbone(BackboneSpec(kind="openclip", arch="tiny-test-clip", pretrained=str(checkpoint)), device="cpu")
+    loaded = load_backbone(
+        BackboneSpec(kind="openclip", arch="tiny-test-clip", pretrained=str(checkpoint)), device="cpu"
+    )
     assert loaded.is_clip
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[name], tensor), name

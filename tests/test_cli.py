@@ -23,8 +23,9 @@ FEDMEDCLIP = Path(sys.executable).with_name("fedmedclip")
 
 def _cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     full_env = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
-    return subprocess.run([str(FEDMEDCLIP), *args], capture_output=True, text=True, timeout=timeout, env=full_env,
-                          cwd=REPO_ROOT)
+    return subprocess.run(
+        [str(FEDMEDCLIP), *args], capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO_ROOT
+    )
 
 
 def _leaves(cmd: Command) -> list[Command]:
@@ -61,8 +62,9 @@ def test_subcommand_help_runs_and_names_the_settings():
 
 def test_python_dash_m_entry_points_still_work():
     for module in ("aggregator", "hospital_node"):
-        done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60,
-                              cwd=REPO_ROOT)
+        done = subprocess.run(
+            [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT
+        )
         assert done.returncode == 0, done.stderr
 
 
@@ -72,8 +74,13 @@ def test_settings_come_from_yaml_then_environment_then_flags(tmp_path):
     path = tmp_path / "node.yaml"
     path.write_text(yaml.safe_dump({"node_id": "from_yaml", "batch_size": 8, "long_poll_s": 3.0}))
     flags = argparse.Namespace(cfg_long_poll_s="7")
-    cfg = load_config(NodeConfig, yaml_path=[path], env_prefix="FEDMEDCLIP_NODE_",
-                      env={"FEDMEDCLIP_NODE_BATCH_SIZE": "16", "FEDMEDCLIP_NODE_LONG_POLL_S": "5"}, flags=flags)
+    cfg = load_config(
+        NodeConfig,
+        yaml_path=[path],
+        env_prefix="FEDMEDCLIP_NODE_",
+        env={"FEDMEDCLIP_NODE_BATCH_SIZE": "16", "FEDMEDCLIP_NODE_LONG_POLL_S": "5"},
+        flags=flags,
+    )
     assert (cfg.node_id, cfg.batch_size, cfg.long_poll_s) == ("from_yaml", 16, 7.0)
 
 
@@ -97,22 +104,26 @@ def test_relative_paths_in_a_yaml_file_are_relative_to_that_file(tmp_path):
     kit = tmp_path / "kit"
     kit.mkdir()
     (kit / "node.yaml").write_text(yaml.safe_dump({"tls_ca": "ca.pem", "state_dir": "state", "data": "/abs/images"}))
-    cfg = load_config(NodeConfig, yaml_path=[kit / "node.yaml"], env={},
-                      flags=argparse.Namespace(cfg_cache_dir="rel-cache"))
+    cfg = load_config(
+        NodeConfig, yaml_path=[kit / "node.yaml"], env={}, flags=argparse.Namespace(cfg_cache_dir="rel-cache")
+    )
     assert cfg.tls_ca == str(kit / "ca.pem") and cfg.state_dir == str(kit / "state")
     assert cfg.data == "/abs/images"
     assert cfg.cache_dir == "rel-cache"  # flags are relative to the working directory, as a shell user expects
 
 
-@pytest.mark.parametrize("args, env, needle", [
-    (["simulate", "--data", "/no/such/folder"], {}, "/no/such/folder"),
-    (["simulate", "--rounds", "many"], {}, "rounds"),
-    (["simulate"], {"FEDMEDCLIP_SIMULATE_ROUND": "3"}, "FEDMEDCLIP_SIMULATE_ROUND"),
-    (["node", "run", "--insecure"], {}, "data"),
-    (["predict", "--images", "/no/such/images", "--state-dir", "/no/such/state"], {}, "no saved state"),
-    (["provision", "--nodes", "a b"], {}, "node ids"),
-    (["aggregator", "--config", "/no/such.yaml"], {}, "/no/such.yaml"),
-])
+@pytest.mark.parametrize(
+    "args, env, needle",
+    [
+        (["simulate", "--data", "/no/such/folder"], {}, "/no/such/folder"),
+        (["simulate", "--rounds", "many"], {}, "rounds"),
+        (["simulate"], {"FEDMEDCLIP_SIMULATE_ROUND": "3"}, "FEDMEDCLIP_SIMULATE_ROUND"),
+        (["node", "run", "--insecure"], {}, "data"),
+        (["predict", "--images", "/no/such/images", "--state-dir", "/no/such/state"], {}, "no saved state"),
+        (["provision", "--nodes", "a b"], {}, "node ids"),
+        (["aggregator", "--config", "/no/such.yaml"], {}, "/no/such.yaml"),
+    ],
+)
 def test_a_user_error_is_one_line_and_exit_2(args, env, needle):
     done = _cli(*args, env=env)
     assert done.returncode == 2, (done.stdout, done.stderr)
@@ -128,13 +139,31 @@ def test_a_second_node_on_the_same_state_folder_stops_at_once(tmp_path, brain_tu
         (images / cls).mkdir(parents=True)
         for src in sorted((brain_tumor_root / "Training" / cls).iterdir())[:6]:
             shutil.copy(src, images / cls / src.name)
-    common = ["node", "run", "--insecure", "--data", str(images), "--classes", "glioma,notumor",
-              "--state-dir", str(tmp_path / "state"),
-              "--cache-dir", str(tmp_path / "cache"), "--metrics-port", "0", "--aggregator", "127.0.0.1:9",
-              "--give-up-after-s", "120", "--progress", "false"]
+    common = [
+        "node",
+        "run",
+        "--insecure",
+        "--data",
+        str(images),
+        "--classes",
+        "glioma,notumor",
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--metrics-port",
+        "0",
+        "--aggregator",
+        "127.0.0.1:9",
+        "--give-up-after-s",
+        "120",
+        "--progress",
+        "false",
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    first = subprocess.Popen([str(FEDMEDCLIP), *common], env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, cwd=REPO_ROOT)
+    first = subprocess.Popen(
+        [str(FEDMEDCLIP), *common], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO_ROOT
+    )
     try:
         lock = tmp_path / "state" / "node.lock"
         for _ in range(600):  # the lock is taken before anything slow (backbone, encoding)

@@ -60,9 +60,7 @@ def template_of(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
 def roundtrip(state, **kwargs) -> tuple[EncodedPayload, DecodedState]:
     ref = kwargs.get("reference")
     payload = encode_state(state, **kwargs)
-    decoded = decode_state(
-        payload.data, sha256=payload.sha256, template=template_of(state), reference=ref
-    )
+    decoded = decode_state(payload.data, sha256=payload.sha256, template=template_of(state), reference=ref)
     return payload, decoded
 
 
@@ -237,9 +235,7 @@ def test_masked_rows_are_left_out_and_filled_from_reference():
     assert part.wire_nbytes < full.wire_nbytes * 0.85
     assert part.raw_nbytes == full.raw_nbytes  # raw accounting counts all rows
 
-    dec = decode_state(
-        part.data, sha256=part.sha256, template=template_of(state), reference=reference
-    )
+    dec = decode_state(part.data, sha256=part.sha256, template=template_of(state), reference=reference)
     for n, m in masks.items():
         assert torch.equal(dec.present[n], m)
         assert torch.equal(dec.tensors[n][~m], reference[n][~m])
@@ -291,12 +287,7 @@ def test_wire_sizes_of_a_fam_like_state(capsys):
         for c, p in sizes.items():
             print(f"  FAM D={D} {c:>5}: wire {p.wire_nbytes:>9,d} B  raw {p.raw_nbytes:>9,d} B")
     assert sizes["int8"].wire_nbytes <= 0.55e6
-    assert (
-        sizes["fp32"].wire_nbytes
-        > sizes["fp16"].wire_nbytes
-        > sizes["int8"].wire_nbytes
-        > sizes["int4"].wire_nbytes
-    )
+    assert sizes["fp32"].wire_nbytes > sizes["fp16"].wire_nbytes > sizes["int8"].wire_nbytes > sizes["int4"].wire_nbytes
     assert all(p.raw_nbytes == 4 * sum(t.numel() for t in state.values()) for p in sizes.values())
 
 
@@ -478,7 +469,7 @@ def _frame(raw_head: bytes, zeros: int, declared: int | None) -> bytes:
         fhd = data[4]
         assert fhd >> 6 == 2, "a 4-byte content size field"
         offset = 5 + (0 if fhd & 0x20 else 1) + [0, 1, 2, 4][fhd & 0x03]
-        data[offset:offset + 4] = struct.pack("<I", declared)
+        data[offset : offset + 4] = struct.pack("<I", declared)
     assert zstandard.frame_content_size(bytes(data)) == (declared if declared is not None else total)
     return bytes(data)
 
@@ -513,10 +504,12 @@ def test_decompression_is_bounded_by_the_template_not_by_the_64_mib_cap():
 @pytest.mark.parametrize("number", ["9" * 5000, "-" + "9" * 5000, "1" * 19, "1.5", "1e400", "NaN", "Infinity"])
 def test_a_header_number_that_is_not_a_small_integer_is_malformed_not_a_crash(number):
     """A 5,000-digit integer once hit Python's int-string limit (ValueError, not a CodecError)."""
-    header = ('{"codec":"fp32","delta":false,"tensors":[{"name":"w","shape":[' + number
-              + ',2],"enc":"f32","masked":false}]}').encode()
-    data = zstandard.ZstdCompressor().compress(struct.pack("<4sHI", b"FMCS", 1, len(header)) + header
-                                               + np.zeros(4, "<f4").tobytes())
+    header = (
+        '{"codec":"fp32","delta":false,"tensors":[{"name":"w","shape":[' + number + ',2],"enc":"f32","masked":false}]}'
+    ).encode()
+    data = zstandard.ZstdCompressor().compress(
+        struct.pack("<4sHI", b"FMCS", 1, len(header)) + header + np.zeros(4, "<f4").tobytes()
+    )
     with pytest.raises(MalformedPayloadError):
         decode_state(data, sha256=None, template={"w": (2, 2)})
     with pytest.raises(MalformedPayloadError):
@@ -616,12 +609,10 @@ def test_valid_zstd_with_bad_magic_version_or_header_raises_malformed():
 
 def test_int_payload_with_out_of_range_codes_raises_malformed():
     scales = np.array([0.5, 0.5], "<f2").tobytes()
-    h8 = {"codec": "int8", "delta": False,
-          "tensors": [{"name": "w", "shape": [2, 2], "enc": "q8", "masked": False}]}
+    h8 = {"codec": "int8", "delta": False, "tensors": [{"name": "w", "shape": [2, 2], "enc": "q8", "masked": False}]}
     with pytest.raises(MalformedPayloadError):
         decode_state(craft(h8, scales + bytes([0x80, 1, 2, 3])), sha256=None, template={"w": (2, 2)})
-    h4 = {**h8, "codec": "int4",
-          "tensors": [{"name": "w", "shape": [2, 2], "enc": "q4", "masked": False}]}
+    h4 = {**h8, "codec": "int4", "tensors": [{"name": "w", "shape": [2, 2], "enc": "q4", "masked": False}]}
     with pytest.raises(MalformedPayloadError):
         decode_state(craft(h4, scales + bytes([0xF7, 0x77])), sha256=None, template={"w": (2, 2)})
 

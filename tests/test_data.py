@@ -388,8 +388,14 @@ def test_manifest_listing_a_missing_file_raises_missing_input(tmp_path):
 
 
 def test_every_data_error_is_a_fedmedclip_error():
-    for cls in (MissingInputError, EmptyDatasetError, UnreadableImageError, ManifestError,
-                UnknownClassError, DataConfigError):
+    for cls in (
+        MissingInputError,
+        EmptyDatasetError,
+        UnreadableImageError,
+        ManifestError,
+        UnknownClassError,
+        DataConfigError,
+    ):
         assert issubclass(cls, DataError) and issubclass(cls, FedMedCLIPError)
 
 

@@ -11,7 +11,8 @@
   mounts, non-root, the same image and commands as compose);
 - the set-up step gives each hospital its own images only, and the healthcheck reads grpc.health.v1.
 
-``make test`` installs promtool and docker-compose (deploy/install-system-deps.sh); these tests fail (never skip) without them.
+``make test`` installs promtool and docker-compose (deploy/install-system-deps.sh); these tests fail
+(never skip) without them.
 """
 
 from __future__ import annotations
@@ -39,20 +40,32 @@ K8S = DEPLOY / "k8s"
 TELEMETRY = (REPO_ROOT / "shared" / "ops" / "telemetry.py").read_text()
 
 # container layout shared by compose and Kubernetes (deploy/Dockerfile creates these, owned by uid 10001)
-CONTAINER = {"partition_dir": "/srv/fedmedclip/partition", "out_dir": "/var/lib/fedmedclip",
-             "cache_dir": "/var/cache/fedmedclip/features", "listen": "0.0.0.0:50051",
-             "aggregator_address": "aggregator:50051", "health_port": 50052, "metrics_port": 9100,
-             "pki_dir": "/etc/fedmedclip/tls"}
+CONTAINER = {
+    "partition_dir": "/srv/fedmedclip/partition",
+    "out_dir": "/var/lib/fedmedclip",
+    "cache_dir": "/var/cache/fedmedclip/features",
+    "listen": "0.0.0.0:50051",
+    "aggregator_address": "aggregator:50051",
+    "health_port": 50052,
+    "metrics_port": 9100,
+    "pki_dir": "/etc/fedmedclip/tls",
+}
 NODE_METRICS_PORT = 9101
-SERVICE_OF_NODE = {"hospital_1": "hospital-1", "hospital_2": "hospital-2", "hospital_3": "hospital-3",
-                   "global": "global"}
+SERVICE_OF_NODE = {
+    "hospital_1": "hospital-1",
+    "hospital_2": "hospital-2",
+    "hospital_3": "hospital-3",
+    "global": "global",
+}
 
 
 def tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        pytest.fail(f"{name} is not installed: run make system-deps (it installs the Debian packages prometheus and "
-                    "docker-compose), or apt-get install -y prometheus docker-compose")
+        pytest.fail(
+            f"{name} is not installed: run make system-deps (it installs the Debian packages prometheus and "
+            "docker-compose), or apt-get install -y prometheus docker-compose"
+        )
     return path
 
 
@@ -65,8 +78,14 @@ def run_tool(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def compose_config() -> dict:
     env = {k: v for k, v in service_env().items() if not k.startswith(("FEDMEDCLIP_", "TORCH_INDEX_URL"))}
-    result = subprocess.run([tool("docker-compose"), "-f", str(COMPOSE), "config"], cwd=REPO_ROOT, env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [tool("docker-compose"), "-f", str(COMPOSE), "config"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, f"docker-compose config failed:\n{result.stderr}"
     return yaml.safe_load(result.stdout)
 
@@ -75,19 +94,34 @@ def demo_commands() -> dict[str, list[str]]:
     """What ``make demo`` runs, with its own defaults, asked for container paths and fixed ports."""
     from deploy import local_federation as lf
 
-    defaults = {k: p.default for k, p in inspect.signature(lf.run_federation).parameters.items()
-                if p.default is not inspect.Parameter.empty}
+    defaults = {
+        k: p.default
+        for k, p in inspect.signature(lf.run_federation).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
     rounds = int(re.search(r"^DEMO_ROUNDS \?= (\d+)$", (REPO_ROOT / "Makefile").read_text(), re.M).group(1))
     nodes = lf.node_names(defaults["hospitals"], defaults["holdout"])
     assert defaults["tls"] is True, "make demo runs over mTLS, and so does the testbed"
-    return lf.service_commands(nodes, min_nodes=defaults["hospitals"], rounds=rounds, codec=defaults["codec"],
-                               seed=defaults["seed"], threads=defaults["threads"],
-                               node_metrics_ports=dict.fromkeys(nodes, NODE_METRICS_PORT), **CONTAINER)
+    return lf.service_commands(
+        nodes,
+        min_nodes=defaults["hospitals"],
+        rounds=rounds,
+        codec=defaults["codec"],
+        seed=defaults["seed"],
+        threads=defaults["threads"],
+        node_metrics_ports=dict.fromkeys(nodes, NODE_METRICS_PORT),
+        **CONTAINER,
+    )
 
 
 def k8s_docs() -> list[dict]:
-    return [d for f in sorted(K8S.glob("*.yaml")) if f.name != "kustomization.yaml"
-            for d in yaml.safe_load_all(f.read_text()) if d]
+    return [
+        d
+        for f in sorted(K8S.glob("*.yaml"))
+        if f.name != "kustomization.yaml"
+        for d in yaml.safe_load_all(f.read_text())
+        if d
+    ]
 
 
 def metric_names(expr: str) -> set[str]:
@@ -100,8 +134,9 @@ def metric_names(expr: str) -> set[str]:
 
 def test_compose_file_validates_with_docker_compose(compose_config):
     services = compose_config["services"]
-    assert {"setup", "aggregator", "hospital-1", "hospital-2", "hospital-3", "global", "prometheus",
-            "grafana"} <= set(services)
+    assert {"setup", "aggregator", "hospital-1", "hospital-2", "hospital-3", "global", "prometheus", "grafana"} <= set(
+        services
+    )
     for name in ("aggregator", "hospital-1", "prometheus", "grafana"):
         assert services[name]["healthcheck"]["test"], name
 
@@ -144,8 +179,11 @@ def test_compose_orders_start_up_and_keeps_state_in_named_volumes(compose_config
 
 
 def test_no_secret_in_any_committed_deployment_file():
-    texts = {p: p.read_text(errors="replace") for p in [*DEPLOY.rglob("*"), REPO_ROOT / ".dockerignore"]
-             if p.is_file() and "__pycache__" not in p.parts}
+    texts = {
+        p: p.read_text(errors="replace")
+        for p in [*DEPLOY.rglob("*"), REPO_ROOT / ".dockerignore"]
+        if p.is_file() and "__pycache__" not in p.parts
+    }
     assert not [p for p in texts if p.suffix in (".pem", ".key", ".crt", ".p12")]
     for path, text in texts.items():
         assert "BEGIN PRIVATE KEY" not in text and "BEGIN EC PRIVATE KEY" not in text, path
@@ -161,8 +199,14 @@ def test_dockerfile_is_slim_non_root_cpu_torch_with_a_grpc_health_check():
     assert user and not user[-1].startswith(("root", "0")), "the image must not run as root"
     assert re.search(r"^HEALTHCHECK .*\n?.*healthcheck\.py", text, re.M)
     assert 'FEDMEDCLIP_HEALTHCHECK="grpc 127.0.0.1:50052"' in text
-    for module in ("shared/", "aggregator/", "hospital_node/", "deploy/healthcheck.py", "deploy/testbed_setup.py",
-                   "deploy/local_federation.py"):
+    for module in (
+        "shared/",
+        "aggregator/",
+        "hospital_node/",
+        "deploy/healthcheck.py",
+        "deploy/testbed_setup.py",
+        "deploy/local_federation.py",
+    ):
         assert module in text, module
     ignore = (REPO_ROOT / ".dockerignore").read_text().splitlines()
     assert ignore[ignore.index("*") if "*" in ignore else 0] == "*"  # allow-list: no .venv, runs or data in the context
@@ -214,23 +258,36 @@ def test_grafana_provisioning_follows_the_opentelemetry_demo_layout():
 def test_dashboard_panels_cover_the_issue_and_name_only_exported_metrics():
     dash = json.loads(DASHBOARDS[0].read_text())
     titles = [p["title"] for p in dash["panels"]]
-    for wanted in ("Rounds over time", "Round duration", "Bytes per round: raw vs wire", "Compression ratio",
-                   "Updates accepted and rejected", "Validation accuracy per node", "Nodes connected",
-                   "Local train time per node"):
+    for wanted in (
+        "Rounds over time",
+        "Round duration",
+        "Bytes per round: raw vs wire",
+        "Compression ratio",
+        "Updates accepted and rejected",
+        "Validation accuracy per node",
+        "Nodes connected",
+        "Local train time per node",
+    ):
         assert any(t.startswith(wanted) for t in titles), wanted
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
     assert all(p["datasource"]["uid"] == "fedmedclip-prometheus" for p in dash["panels"])
     assert all(t["datasource"]["uid"] == "fedmedclip-prometheus" for p in dash["panels"] for t in p["targets"])
     assert any("histogram_quantile(0.99" in e for e in exprs) and any("histogram_quantile(0.5" in e for e in exprs)
-    assert any("fedmedclip_update_raw_bytes_total" in e and "/" in e and "fedmedclip_update_bytes_total" in e
-               for e in exprs)
-    rules = [r["expr"] for f in (PROM / "rules").glob("*.yml")
-             for g in yaml.safe_load(f.read_text())["groups"] for r in g["rules"]]
+    assert any(
+        "fedmedclip_update_raw_bytes_total" in e and "/" in e and "fedmedclip_update_bytes_total" in e for e in exprs
+    )
+    rules = [
+        r["expr"]
+        for f in (PROM / "rules").glob("*.yml")
+        for g in yaml.safe_load(f.read_text())["groups"]
+        for r in g["rules"]
+    ]
     named = set().union(*(metric_names(e) for e in exprs + rules))
     assert named, "no metric found in the panels"
     for name in named:
-        assert f'"{name}"' in TELEMETRY or f'"{name.removesuffix("_total")}"' in TELEMETRY, \
+        assert f'"{name}"' in TELEMETRY or f'"{name.removesuffix("_total")}"' in TELEMETRY, (
             f"{name} is not exported by shared/ops/telemetry.py"
+        )
 
 
 # --------------------------------------------------------------------------- Kubernetes
@@ -244,8 +301,9 @@ def test_kubernetes_manifests_pass_the_schema_validator():
     for doc in docs:
         kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    assert sorted(kustomization["resources"]) == sorted(f.name for f in K8S.glob("*.yaml")
-                                                        if f.name != "kustomization.yaml")
+    assert sorted(kustomization["resources"]) == sorted(
+        f.name for f in K8S.glob("*.yaml") if f.name != "kustomization.yaml"
+    )
 
 
 def test_kubernetes_aggregator_statefulset_node_deployment_probes_mounts_and_commands(compose_config):
@@ -260,7 +318,9 @@ def test_kubernetes_aggregator_statefulset_node_deployment_probes_mounts_and_com
     (agg,) = pod["containers"]
     claims = {c["metadata"]["name"] for c in sts["spec"]["volumeClaimTemplates"]}
     assert sts["spec"]["replicas"] == 1 and sts["spec"]["serviceName"] == "aggregator"
-    assert {"name": "checkpoints", "mountPath": "/var/lib/fedmedclip"} in agg["volumeMounts"] and "checkpoints" in claims
+    assert {"name": "checkpoints", "mountPath": "/var/lib/fedmedclip"} in agg[
+        "volumeMounts"
+    ] and "checkpoints" in claims
     ports = {p["name"]: p["containerPort"] for p in agg["ports"]}
     assert ports == {"grpc": 50051, "health": 50052, "metrics": 9100}
     assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == ports
@@ -275,7 +335,10 @@ def test_kubernetes_aggregator_statefulset_node_deployment_probes_mounts_and_com
     mounts = {m["mountPath"]: m for m in node["volumeMounts"]}
     assert volumes[mounts["/srv/fedmedclip/partition"]["name"]]["persistentVolumeClaim"]["readOnly"] is True
     tls = volumes[mounts["/etc/fedmedclip/tls/hospital_1"]["name"]]
-    assert tls["secret"]["secretName"] == "fedmedclip-hospital-1-tls" and mounts["/etc/fedmedclip/tls/hospital_1"]["readOnly"]
+    assert (
+        tls["secret"]["secretName"] == "fedmedclip-hospital-1-tls"
+        and mounts["/etc/fedmedclip/tls/hospital_1"]["readOnly"]
+    )
     agg_tls = {v["name"]: v for v in pod["volumes"]}["tls"]
     assert agg_tls["secret"]["secretName"] == "fedmedclip-aggregator-tls"
     for p, c in ((pod, agg), (npod, node)):
@@ -301,9 +364,26 @@ def test_testbed_setup_gives_each_hospital_only_its_own_images(tmp_path, brain_t
 
     volumes = tmp_path / "volumes"
     view = tmp_path / "view"  # where a node "mounts" its data volume; a symlink per node stands in for it
-    subprocess.run([sys.executable, "-m", "deploy.testbed_setup", "--data", str(brain_tumor_root), "--volumes",
-                    str(volumes), "--per-class", "15", "--node-data-dir", str(view)], cwd=REPO_ROOT,
-                   env=service_env(), check=True, timeout=300, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deploy.testbed_setup",
+            "--data",
+            str(brain_tumor_root),
+            "--volumes",
+            str(volumes),
+            "--per-class",
+            "15",
+            "--node-data-dir",
+            str(view),
+        ],
+        cwd=REPO_ROOT,
+        env=service_env(),
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
     names = {}
     for node in SERVICE_OF_NODE:
         data = volumes / node / "data"
@@ -334,9 +414,26 @@ def test_testbed_setup_gives_each_hospital_only_its_own_images(tmp_path, brain_t
     assert not list(volumes.rglob("ca.key")), "the CA key must never reach a volume"
     # idempotent: a second run finds the volumes ready and leaves them alone
     before = (volumes / "hospital_1" / "data" / "hospital_1.csv").stat().st_mtime_ns
-    subprocess.run([sys.executable, "-m", "deploy.testbed_setup", "--data", str(brain_tumor_root), "--volumes",
-                    str(volumes), "--per-class", "15", "--node-data-dir", str(view)], cwd=REPO_ROOT,
-                   env=service_env(), check=True, timeout=120, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deploy.testbed_setup",
+            "--data",
+            str(brain_tumor_root),
+            "--volumes",
+            str(volumes),
+            "--per-class",
+            "15",
+            "--node-data-dir",
+            str(view),
+        ],
+        cwd=REPO_ROOT,
+        env=service_env(),
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
     assert (volumes / "hospital_1" / "data" / "hospital_1.csv").stat().st_mtime_ns == before
 
 

@@ -33,8 +33,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.services_support import (PROM_DIR, RATE_INTERVAL, REPO_ROOT, Cluster, free_port, panel_queries, rules,
-                                    service_env, show, wait_for)
+from tests.services_support import (
+    PROM_DIR,
+    RATE_INTERVAL,
+    REPO_ROOT,
+    Cluster,
+    free_port,
+    panel_queries,
+    rules,
+    service_env,
+    show,
+    wait_for,
+)
 
 RESULTS = REPO_ROOT / "bench" / "results" / "dashboard_queries.md"
 PER_CLASS = 20
@@ -86,9 +96,11 @@ def reject_one_update(address: str, pki: Path) -> None:
     from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2_grpc as pb_grpc
 
     party = pki / "hospital_1"
-    creds = grpc.ssl_channel_credentials(root_certificates=(party / "ca.pem").read_bytes(),
-                                         private_key=(party / "key.pem").read_bytes(),
-                                         certificate_chain=(party / "cert.pem").read_bytes())
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=(party / "ca.pem").read_bytes(),
+        private_key=(party / "key.pem").read_bytes(),
+        certificate_chain=(party / "cert.pem").read_bytes(),
+    )
     with grpc.secure_channel(address, creds) as channel:
         stub = pb_grpc.AggregatorServiceStub(channel)
         with pytest.raises(grpc.RpcError) as err:
@@ -105,44 +117,88 @@ def prometheus_binary() -> str:
 
 
 def test_prometheus_evaluates_every_dashboard_panel_and_rule_on_a_live_federation(
-        tmp_path, brain_tumor_root, feature_cache, prometheus_binary):
+    tmp_path, brain_tumor_root, feature_cache, prometheus_binary
+):
     from deploy import local_federation as lf
 
     nodes = lf.node_names(HOSPITALS)
     partition, pki = tmp_path / "partition", tmp_path / "pki"
     env = service_env()
-    subprocess.run(lf.resolve(lf.partition_command(str(partition), hospitals=HOSPITALS, seed=0, alpha=0.5,
-                                                   per_class=PER_CLASS, data=str(brain_tumor_root))),
-                   cwd=REPO_ROOT, env=env, check=True, timeout=300, capture_output=True)
-    subprocess.run(lf.resolve(lf.provision_command(str(pki), nodes, classes_file=str(partition / "classes.txt"))),
-                   cwd=REPO_ROOT, env=env, check=True,
-                   timeout=120, capture_output=True)
+    subprocess.run(
+        lf.resolve(
+            lf.partition_command(
+                str(partition), hospitals=HOSPITALS, seed=0, alpha=0.5, per_class=PER_CLASS, data=str(brain_tumor_root)
+            )
+        ),
+        cwd=REPO_ROOT,
+        env=env,
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
+    subprocess.run(
+        lf.resolve(lf.provision_command(str(pki), nodes, classes_file=str(partition / "classes.txt"))),
+        cwd=REPO_ROOT,
+        env=env,
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
     grpc_port, health_port, metrics_port, prom_port = free_port(), free_port(), free_port(), free_port()
     node_ports = {n: free_port() for n in nodes}
     commands = lf.service_commands(
-        nodes, min_nodes=HOSPITALS, rounds=ROUNDS, codec="int8", seed=0, threads=1, partition_dir=str(partition),
-        out_dir=str(tmp_path / "run"), cache_dir=str(feature_cache), listen=f"127.0.0.1:{grpc_port}",
-        aggregator_address=f"127.0.0.1:{grpc_port}", health_port=health_port, metrics_port=metrics_port,
-        node_metrics_ports=node_ports, pki_dir=str(pki),
-        extra_aggregator=("--heartbeat-interval-s", "1", "--node-timeout-s", "4", "--exit-when-done", "false"))
-    config = render_config(tmp_path, {
-        "aggregator": [{"targets": [f"127.0.0.1:{metrics_port}"]}],
-        "hospital_node": [{"targets": [f"127.0.0.1:{p}"], "labels": {"hospital": n}} for n, p in node_ports.items()],
-        "prometheus": [{"targets": [f"127.0.0.1:{prom_port}"]}],
-    })
+        nodes,
+        min_nodes=HOSPITALS,
+        rounds=ROUNDS,
+        codec="int8",
+        seed=0,
+        threads=1,
+        partition_dir=str(partition),
+        out_dir=str(tmp_path / "run"),
+        cache_dir=str(feature_cache),
+        listen=f"127.0.0.1:{grpc_port}",
+        aggregator_address=f"127.0.0.1:{grpc_port}",
+        health_port=health_port,
+        metrics_port=metrics_port,
+        node_metrics_ports=node_ports,
+        pki_dir=str(pki),
+        extra_aggregator=("--heartbeat-interval-s", "1", "--node-timeout-s", "4", "--exit-when-done", "false"),
+    )
+    config = render_config(
+        tmp_path,
+        {
+            "aggregator": [{"targets": [f"127.0.0.1:{metrics_port}"]}],
+            "hospital_node": [
+                {"targets": [f"127.0.0.1:{p}"], "labels": {"hospital": n}} for n, p in node_ports.items()
+            ],
+            "prometheus": [{"targets": [f"127.0.0.1:{prom_port}"]}],
+        },
+    )
     (tmp_path / "logs").mkdir()
     cluster = Cluster(tmp_path / "logs")  # the services; Prometheus is not a Python process
     prom_log = (tmp_path / "logs" / "prometheus.log").open("ab")
-    prom = subprocess.Popen([prometheus_binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                             f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"],
-                            stdout=prom_log, stderr=subprocess.STDOUT)
+    prom = subprocess.Popen(
+        [
+            prometheus_binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{prom_port}",
+            "--log.level=warn",
+        ],
+        stdout=prom_log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_for(lambda: _ready(prom_port), 60, "prometheus to be ready")
         cluster.add("aggregator", lf.resolve(commands["aggregator"]))  # the console script, run by python
         from deploy.healthcheck import check_grpc
 
-        wait_for(lambda: check_grpc(f"127.0.0.1:{health_port}", timeout_s=1), START_TIMEOUT,
-                 "the aggregator's grpc.health.v1 to say SERVING", cluster.procs)
+        wait_for(
+            lambda: check_grpc(f"127.0.0.1:{health_port}", timeout_s=1),
+            START_TIMEOUT,
+            "the aggregator's grpc.health.v1 to say SERVING",
+            cluster.procs,
+        )
         reject_one_update(f"127.0.0.1:{grpc_port}", pki)  # the first rejection (the series appears at 1)
         for node in nodes:
             cluster.add(node, lf.resolve(commands[node]))
@@ -161,7 +217,7 @@ def test_prometheus_evaluates_every_dashboard_panel_and_rule_on_a_live_federatio
         assert all(t["health"] == "up" for t in active), [(t["scrapeUrl"], t["lastError"]) for t in active]
 
         rows, failures = [], []
-        for dash, panel, ref, expr in panel_queries():
+        for _dash, panel, ref, expr in panel_queries():
             result = query(prom_port, expr.replace("$__rate_interval", RATE_INTERVAL))
             finite = [s for s in result if math.isfinite(float(s["value"][1]))]
             rows.append((panel, ref, expr, show(result)))
@@ -184,20 +240,36 @@ def test_prometheus_evaluates_every_dashboard_panel_and_rule_on_a_live_federatio
         victim.popen.send_signal(signal.SIGKILL)
         for name in ("FedMedCLIPNodeSilent", "FedMedCLIPTargetDown"):
             rule = [r for r in rules() if r.get("alert") == name][0]
-            result = wait_for(lambda: query(prom_port, rule["expr"]), 60, f"{name}'s expression to return data",
-                              cluster.procs, interval=1)
+            result = wait_for(
+                lambda rule=rule: query(prom_port, rule["expr"]),
+                60,
+                f"{name}'s expression to return data",
+                cluster.procs,
+                interval=1,
+            )
             rule_rows.append((f"alert {name} (after SIGKILL of node global)", show(result)))
-        wait_for(lambda: {a["labels"]["alertname"] for a in prom_get(prom_port, "/api/v1/alerts")["alerts"]
-                          if a["state"] == "pending"} >= {"FedMedCLIPNodeSilent", "FedMedCLIPTargetDown"},
-                 30, "the two alerts to go pending", interval=1)
+        wait_for(
+            lambda: (
+                {
+                    a["labels"]["alertname"]
+                    for a in prom_get(prom_port, "/api/v1/alerts")["alerts"]
+                    if a["state"] == "pending"
+                }
+                >= {"FedMedCLIPNodeSilent", "FedMedCLIPTargetDown"}
+            ),
+            30,
+            "the two alerts to go pending",
+            interval=1,
+        )
         groups = prom_get(prom_port, "/api/v1/rules")["groups"]
         assert all(r["health"] == "ok" for g in groups for r in g["rules"]), groups
         assert len([r for g in groups for r in g["rules"]]) == len(rules())
 
         _write_table(rows, rule_rows)
         print("\n" + RESULTS.read_text())
-        assert not failures, "queries without data:\n" + "\n".join(f"{p} {r}: {e} -> {res}"
-                                                                   for p, r, e, res in failures)
+        assert not failures, "queries without data:\n" + "\n".join(
+            f"{p} {r}: {e} -> {res}" for p, r, e, res in failures
+        )
     finally:
         cluster.close()
         prom.send_signal(signal.SIGTERM)
@@ -217,16 +289,18 @@ def _ready(port: int) -> bool:
 
 
 def _write_table(rows: list[tuple[str, str, str, str]], rule_rows: list[tuple[str, str]]) -> None:
-    lines = ["# Dashboard and rule queries against a live federation",
-             "",
-             f"Written by `tests/test_deploy_prometheus.py` ({time.strftime('%Y-%m-%d %H:%M')}): Prometheus "
-             f"{_prom_version()} with `deploy/prometheus/prometheus.yml` (scrape interval 1 s) scraping the "
-             f"aggregator and {HOSPITALS} + 1 nodes of a `make demo` federation over mTLS ({PER_CLASS} images per class, "
-             f"int8), after at least {MIN_ROUNDS} rounds and one rejected update inside the window; "
-             f"`$__rate_interval` = {RATE_INTERVAL}. Values are instant query results at that moment.",
-             "",
-             "| panel | query | value |",
-             "|---|---|---|"]
+    lines = [
+        "# Dashboard and rule queries against a live federation",
+        "",
+        f"Written by `tests/test_deploy_prometheus.py` ({time.strftime('%Y-%m-%d %H:%M')}): Prometheus "
+        f"{_prom_version()} with `deploy/prometheus/prometheus.yml` (scrape interval 1 s) scraping the "
+        f"aggregator and {HOSPITALS} + 1 nodes of a `make demo` federation over mTLS ({PER_CLASS} images per class, "
+        f"int8), after at least {MIN_ROUNDS} rounds and one rejected update inside the window; "
+        f"`$__rate_interval` = {RATE_INTERVAL}. Values are instant query results at that moment.",
+        "",
+        "| panel | query | value |",
+        "|---|---|---|",
+    ]
     for panel, ref, expr, value in rows:
         lines.append(f"| {panel} | {ref}: `{expr.replace('|', '∣')}` | {value or '(no data)'} |")
     lines += ["", "| rule | value |", "|---|---|"]

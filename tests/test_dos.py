@@ -82,15 +82,25 @@ async def _flood(args) -> dict:
     from shared.wire.tls import party_material
 
     material = party_material(Path(args.kit))
-    creds = grpc.ssl_channel_credentials(root_certificates=material.ca, private_key=material.key,
-                                         certificate_chain=material.cert)
-    channels = [grpc.aio.secure_channel(args.address, creds, options=channel_options() + [("fedmedclip.test.conn", i)])
-                for i in range(args.connections)]
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=material.ca, private_key=material.key, certificate_chain=material.cert
+    )
+    channels = [
+        grpc.aio.secure_channel(args.address, creds, options=channel_options() + [("fedmedclip.test.conn", i)])
+        for i in range(args.connections)
+    ]
     stubs = [pb_grpc.AggregatorServiceStub(c) for c in channels]
     # connected first: streams opened before the server's HTTP/2 settings arrive would be refused by the transport
     await asyncio.wait_for(asyncio.gather(*[c.channel_ready() for c in channels]), 30)
-    header = pb.PayloadHeader(run_id=args.run_id, round_id=0, node_id=args.node, update_id="stall", codec="int8",
-                              wire_bytes=1_000_000, sha256="0" * 64)
+    header = pb.PayloadHeader(
+        run_id=args.run_id,
+        round_id=0,
+        node_id=args.node,
+        update_id="stall",
+        codec="int8",
+        wire_bytes=1_000_000,
+        sha256="0" * 64,
+    )
     start = time.monotonic()
     stop_at = start + args.seconds
     outcomes: list[tuple[str, str, str | None, float, float]] = []  # kind, code, reason, seconds, opened at
@@ -105,8 +115,9 @@ async def _flood(args) -> dict:
         await call  # and then nothing, until the call ends
 
     async def poll(stub) -> None:
-        await stub.GetRound(pb.GetRoundRequest(run_id=args.run_id, node_id=args.node, wait_for_round=99,
-                                               max_wait_ms=5000), timeout=20)
+        await stub.GetRound(
+            pb.GetRoundRequest(run_id=args.run_id, node_id=args.node, wait_for_round=99, max_wait_ms=5000), timeout=20
+        )
 
     async def keep(kind: str, i: int) -> None:
         stub = stubs[i % len(stubs)]
@@ -122,8 +133,9 @@ async def _flood(args) -> dict:
             outcomes.append((kind, code, reason, time.monotonic() - t0, t0 - start))
             await asyncio.sleep(REOPEN_S)
 
-    await asyncio.gather(*[keep("upload", i) for i in range(args.streams)],
-                         *[keep("poll", i) for i in range(args.polls)])
+    await asyncio.gather(
+        *[keep("upload", i) for i in range(args.streams)], *[keep("poll", i) for i in range(args.polls)]
+    )
     for channel in channels:
         await channel.close()
     return {"outcomes": outcomes, "seconds": time.monotonic() - start}
@@ -175,17 +187,36 @@ from tests.services_support import (  # noqa: E402
 FED = Federation(embed_dim=16)
 
 
-def start_aggregator(cluster: Cluster, pki: Path, out: Path, *flags: str, env: dict[str, str] | None = None,
-                     name: str = "aggregator") -> dict:
+def start_aggregator(
+    cluster: Cluster, pki: Path, out: Path, *flags: str, env: dict[str, str] | None = None, name: str = "aggregator"
+) -> dict:
     """A real aggregator process with mTLS on free ports (``env`` on top of the suite's); waits until it serves."""
     ports = {"grpc": free_port(), "health": free_port(), "metrics": free_port()}
     endpoints = out / "endpoints.json"
-    proc = cluster.add(name, ["-m", "aggregator", "--config", str(pki / "aggregator" / "aggregator.yaml"),
-                              "--trust-first-node", "true",
-                              "--listen", f"127.0.0.1:{ports['grpc']}", "--health-port", str(ports["health"]),
-                              "--metrics-port", str(ports["metrics"]), "--out-dir", str(out), *flags], env=env)
-    info = wait_for(lambda: read_json(endpoints) or (not proc.alive() and {"dead": True}), 180,
-                    "the aggregator to serve", [proc])
+    proc = cluster.add(
+        name,
+        [
+            "-m",
+            "aggregator",
+            "--config",
+            str(pki / "aggregator" / "aggregator.yaml"),
+            "--trust-first-node",
+            "true",
+            "--listen",
+            f"127.0.0.1:{ports['grpc']}",
+            "--health-port",
+            str(ports["health"]),
+            "--metrics-port",
+            str(ports["metrics"]),
+            "--out-dir",
+            str(out),
+            *flags,
+        ],
+        env=env,
+    )
+    info = wait_for(
+        lambda: read_json(endpoints) or (not proc.alive() and {"dead": True}), 180, "the aggregator to serve", [proc]
+    )
     assert "dead" not in info, proc.text()[-3000:]
     return ports | {"proc": proc, "address": f"127.0.0.1:{ports['grpc']}", "run_id": info["run_id"]}
 
@@ -236,15 +267,45 @@ def fed(tmp_path_factory):
     health = None
     try:
         agg = start_aggregator(
-            cluster, pki, root / "agg", "--rounds", "2", "--min-nodes", "2", "--embed-dim", str(FED.embed_dim),
-            "--round-timeout-s", "5", "--quorum-timeout-s", "900", "--linger-s", "600", "--exit-when-done", "false",
-            "--max-workers", str(MAX_WORKERS), "--max-streams-per-node", str(MAX_STREAMS),
-            "--max-long-polls-per-node", str(MAX_POLLS), "--stream-timeout-s", str(STREAM_TIMEOUT_S),
-            "--stream-grace-s", str(GRACE_S), "--stream-min-rate-bps", str(MIN_RATE),
-            "--overload-ratio", str(OVERLOAD_RATIO), "--overload-hold-s", str(HOLD_S),
-            env={"GRPC_TRACE": "handshaker"})  # what `python -m aggregator` should set itself (see the report)
-        nodes = {n: LightNode(agg["address"], n, tls_of(pki, n), FED, num_train=10 * (i + 1))
-                 for i, n in enumerate(HONEST + [ATTACKER])}
+            cluster,
+            pki,
+            root / "agg",
+            "--rounds",
+            "2",
+            "--min-nodes",
+            "2",
+            "--embed-dim",
+            str(FED.embed_dim),
+            "--round-timeout-s",
+            "5",
+            "--quorum-timeout-s",
+            "900",
+            "--linger-s",
+            "600",
+            "--exit-when-done",
+            "false",
+            "--max-workers",
+            str(MAX_WORKERS),
+            "--max-streams-per-node",
+            str(MAX_STREAMS),
+            "--max-long-polls-per-node",
+            str(MAX_POLLS),
+            "--stream-timeout-s",
+            str(STREAM_TIMEOUT_S),
+            "--stream-grace-s",
+            str(GRACE_S),
+            "--stream-min-rate-bps",
+            str(MIN_RATE),
+            "--overload-ratio",
+            str(OVERLOAD_RATIO),
+            "--overload-hold-s",
+            str(HOLD_S),
+            env={"GRPC_TRACE": "handshaker"},
+        )  # what `python -m aggregator` should set itself (see the report)
+        nodes = {
+            n: LightNode(agg["address"], n, tls_of(pki, n), FED, num_train=10 * (i + 1))
+            for i, n in enumerate(HONEST + [ATTACKER])
+        }
         for node in nodes.values():
             node.register()
         nodes[STRANGER] = LightNode(agg["address"], STRANGER, tls_of(pki, STRANGER), FED)
@@ -262,8 +323,15 @@ def fed(tmp_path_factory):
 
 def stalled_upload(node: LightNode, gate: threading.Event, **header):
     """An upload that sends its header and 100 bytes and then nothing until ``gate`` is set: a future."""
-    head = pb.PayloadHeader(run_id=node.run_id, round_id=0, node_id=node.node_id, update_id="stall", codec="int8",
-                            wire_bytes=1_000_000, sha256="0" * 64)
+    head = pb.PayloadHeader(
+        run_id=node.run_id,
+        round_id=0,
+        node_id=node.node_id,
+        update_id="stall",
+        codec="int8",
+        wire_bytes=1_000_000,
+        sha256="0" * 64,
+    )
     head.MergeFrom(pb.PayloadHeader(**header))
 
     def messages():
@@ -307,18 +375,37 @@ def test_a_node_that_is_not_registered_cannot_take_an_upload_slot(fed):
     try:
         t0 = time.monotonic()
         call = stalled_upload(fed.nodes[ATTACKER], gate, run_id=fed.agg["run_id"])
-        wait_for(lambda: total(scrape(fed.agg["metrics"]), "fedmedclip_upload_slots_in_use") == 1, GRACE_S,
-                 "the registered node's stalled upload to hold a slot", [fed.agg["proc"]], interval=0.05)
+        wait_for(
+            lambda: total(scrape(fed.agg["metrics"]), "fedmedclip_upload_slots_in_use") == 1,
+            GRACE_S,
+            "the registered node's stalled upload to hold a slot",
+            [fed.agg["proc"]],
+            interval=0.05,
+        )
         code, _ = ended(call)
         cut = time.monotonic() - t0
     finally:
         gate.set()
     assert code == grpc.StatusCode.CANCELLED and GRACE_S <= cut < STREAM_TIMEOUT_S, (code, cut)
     assert total(scrape(fed.agg["metrics"]), "fedmedclip_upload_slots_in_use") == 0
-    assert total(scrape(fed.agg["metrics"]), "fedmedclip_requests_rejected_total", method="UploadUpdate",
-                 reason="stream_too_slow") >= 1
-    assert total(scrape(fed.agg["metrics"]), "fedmedclip_requests_rejected_total", method="UploadUpdate",
-                 reason="unknown_node") >= 1
+    assert (
+        total(
+            scrape(fed.agg["metrics"]),
+            "fedmedclip_requests_rejected_total",
+            method="UploadUpdate",
+            reason="stream_too_slow",
+        )
+        >= 1
+    )
+    assert (
+        total(
+            scrape(fed.agg["metrics"]),
+            "fedmedclip_requests_rejected_total",
+            method="UploadUpdate",
+            reason="unknown_node",
+        )
+        >= 1
+    )
 
 
 def _other_ca_material(fed: Fed) -> TlsMaterial:
@@ -348,8 +435,12 @@ def test_failed_handshakes_are_logged_with_the_peer_and_counted(fed):
     assert len(peers) == 2 and all(len(p) == 1 for p in peers), log[-3000:]  # one line per failure, with its peer
     assert peers[0] != peers[1]  # each names its own connection
     assert "handshaker.cc" not in log  # gRPC core's trace is read, not passed on
-    wait_for(lambda: fed.health.status(SERVICE_NAME) == "SERVING", HOLD_S + 5, "the aggregator to serve on",
-             [fed.agg["proc"]])  # (the last test's refusals for a load limit count as overload for HOLD_S)
+    wait_for(
+        lambda: fed.health.status(SERVICE_NAME) == "SERVING",
+        HOLD_S + 5,
+        "the aggregator to serve on",
+        [fed.agg["proc"]],
+    )  # (the last test's refusals for a load limit count as overload for HOLD_S)
 
 
 def test_without_the_handshaker_trace_handshake_failures_are_still_counted(tmp_path):
@@ -359,8 +450,11 @@ def test_without_the_handshaker_trace_handshake_failures_are_still_counted(tmp_p
     env = {"GRPC_TRACE": ""}  # whatever the environment of the suite says
     try:
         agg = start_aggregator(cluster, pki, tmp_path / "agg", "--embed-dim", "16", env=env)
-        bad = TlsMaterial(ca=party_material(pki / "hospital_1").ca, cert=party_material(other / "hospital_1").cert,
-                          key=party_material(other / "hospital_1").key)
+        bad = TlsMaterial(
+            ca=party_material(pki / "hospital_1").ca,
+            cert=party_material(other / "hospital_1").cert,
+            key=party_material(other / "hospital_1").key,
+        )
         for material in (bad, None):  # another CA's certificate; plaintext on the TLS port
             intruder = LightNode(agg["address"], "hospital_1", material, FED, timeout_s=5)
             try:
@@ -368,8 +462,12 @@ def test_without_the_handshaker_trace_handshake_failures_are_still_counted(tmp_p
                     intruder.register()
             finally:
                 intruder.close()
-        wait_for(lambda: total(scrape_or_none(agg["metrics"]) or {}, "fedmedclip_tls_handshake_failures_total") >= 2,
-                 10, "both failed handshakes to be counted", [agg["proc"]])
+        wait_for(
+            lambda: total(scrape_or_none(agg["metrics"]) or {}, "fedmedclip_tls_handshake_failures_total") >= 2,
+            10,
+            "both failed handshakes to be counted",
+            [agg["proc"]],
+        )
         samples = scrape(agg["metrics"])
         assert total(samples, "fedmedclip_tls_handshake_failures_total", reason="certificate_verify_failed") >= 1
         assert "CERTIFICATE_VERIFY_FAILED" in agg["proc"].text()  # logged, without a peer address to give
@@ -385,18 +483,32 @@ def test_health_reports_overload_when_long_polls_fill_the_workers_past_the_high_
         for w in waiters:
             w.register()
         wait_for(lambda: fed.health.status(SERVICE_NAME) == "SERVING", HOLD_S + 5, "no overload to begin with")
-        polls = [w.stub.GetRound.future(pb.GetRoundRequest(run_id=w.run_id, node_id=w.node_id, wait_for_round=99,
-                                                           max_wait_ms=12000), timeout=40)
-                 for w in waiters for _ in range(MAX_POLLS)]
-        wait_for(lambda: fed.health.status(SERVICE_NAME) == "NOT_SERVING", 10, "health to report overload",
-                 [fed.agg["proc"]], interval=0.1)
+        polls = [
+            w.stub.GetRound.future(
+                pb.GetRoundRequest(run_id=w.run_id, node_id=w.node_id, wait_for_round=99, max_wait_ms=12000), timeout=40
+            )
+            for w in waiters
+            for _ in range(MAX_POLLS)
+        ]
+        wait_for(
+            lambda: fed.health.status(SERVICE_NAME) == "NOT_SERVING",
+            10,
+            "health to report overload",
+            [fed.agg["proc"]],
+            interval=0.1,
+        )
         samples = scrape(fed.agg["metrics"])
         assert total(samples, "fedmedclip_overloaded") == 1
         assert total(samples, "fedmedclip_rpcs_in_flight", method="GetRound") >= high_water
         assert fed.health.status("") == "SERVING"  # liveness: the process serves, loaded or not
         assert all(ended(p)[0] == grpc.StatusCode.OK for p in polls)  # every one served: no limit was reached
-        wait_for(lambda: fed.health.status(SERVICE_NAME) == "SERVING", 10, "health to recover", [fed.agg["proc"]],
-                 interval=0.1)
+        wait_for(
+            lambda: fed.health.status(SERVICE_NAME) == "SERVING",
+            10,
+            "health to recover",
+            [fed.agg["proc"]],
+            interval=0.1,
+        )
         assert total(scrape(fed.agg["metrics"]), "fedmedclip_overloaded") == 0
     finally:
         for w in waiters:
@@ -407,12 +519,15 @@ def test_undecodable_requests_neither_grow_the_aggregator_nor_break_the_connecti
     """grpcio keeps ~16 KB and an open stream per request it fails to parse: the aggregator parses for it."""
     n = 2000
     node = fed.nodes["hospital_1"]
-    register = node.channel.unary_unary("/fedmedclip.v1.AggregatorService/Register", request_serializer=None,
-                                        response_deserializer=None)
-    check = fed.health.channel.unary_unary("/grpc.health.v1.Health/Check", request_serializer=None,
-                                           response_deserializer=None)
-    rejected = total(scrape(fed.agg["metrics"]), "fedmedclip_requests_rejected_total", method="Register",
-                     reason="undecodable")
+    register = node.channel.unary_unary(
+        "/fedmedclip.v1.AggregatorService/Register", request_serializer=None, response_deserializer=None
+    )
+    check = fed.health.channel.unary_unary(
+        "/grpc.health.v1.Health/Check", request_serializer=None, response_deserializer=None
+    )
+    rejected = total(
+        scrape(fed.agg["metrics"]), "fedmedclip_requests_rejected_total", method="Register", reason="undecodable"
+    )
     rss_before, _ = proc_status(fed.pid)
     outcomes: dict[tuple, int] = {}
     for _ in range(n):
@@ -426,8 +541,10 @@ def test_undecodable_requests_neither_grow_the_aggregator_nor_break_the_connecti
     grown = proc_status(fed.pid)[0] - rss_before
     assert outcomes == {("INTERNAL", Reason.UNDECODABLE): n, ("INTERNAL", None): n}, outcomes
     assert grown < 16, f"RSS grew {grown:.0f} MiB over {2 * n} undecodable requests (grpcio alone: ~60 MiB)"
-    assert total(scrape(fed.agg["metrics"]), "fedmedclip_requests_rejected_total", method="Register",
-                 reason="undecodable") == rejected + n
+    assert (
+        total(scrape(fed.agg["metrics"]), "fedmedclip_requests_rejected_total", method="Register", reason="undecodable")
+        == rejected + n
+    )
     node.round(0)  # the same connection serves on
     assert fed.health.status("") == "SERVING"
 
@@ -488,8 +605,15 @@ def flood(fed):
     def sample() -> None:
         while not stop.wait(0.5):
             rss, threads = proc_status(fed.pid)
-            samples.append({"t": time.monotonic(), "rss": rss, "threads": threads,
-                            "service": fed.health.status(SERVICE_NAME), "server": fed.health.status("")})
+            samples.append(
+                {
+                    "t": time.monotonic(),
+                    "rss": rss,
+                    "threads": threads,
+                    "service": fed.health.status(SERVICE_NAME),
+                    "server": fed.health.status(""),
+                }
+            )
 
     wait_for(lambda: fed.health.status(SERVICE_NAME) == "SERVING", HOLD_S + 5, "no overload before the flood")
     threads = [threading.Thread(target=heartbeat, args=(n,), daemon=True) for n in honest]
@@ -497,9 +621,24 @@ def flood(fed):
     for t in threads:
         t.start()
     out = fed.root / "attacker.json"
-    attacker = Proc("attacker", [str(Path(__file__).resolve()), "flood", "--address", agg["address"],
-                                 "--kit", str(fed.pki / ATTACKER), "--node", ATTACKER, "--run-id", agg["run_id"],
-                                 "--out", str(out)], fed.root / "attacker.log")
+    attacker = Proc(
+        "attacker",
+        [
+            str(Path(__file__).resolve()),
+            "flood",
+            "--address",
+            agg["address"],
+            "--kit",
+            str(fed.pki / ATTACKER),
+            "--node",
+            ATTACKER,
+            "--run-id",
+            agg["run_id"],
+            "--out",
+            str(out),
+        ],
+        fed.root / "attacker.log",
+    )
     result = Flood(attacker={}, heartbeats=beats, window=(0.0, 0.0), samples=samples)
     try:
         time.sleep(3.0)  # the baseline: heartbeats without a flood
@@ -507,8 +646,12 @@ def flood(fed):
         result.metrics_before = scrape(agg["metrics"])
         result.load = os.getloadavg()
         attacker.start()
-        wait_for(lambda: total(scrape(agg["metrics"]), "fedmedclip_requests_rejected_total",
-                               reason="too_many_streams") > 0, 60, "the flood to begin", [attacker, agg["proc"]])
+        wait_for(
+            lambda: total(scrape(agg["metrics"]), "fedmedclip_requests_rejected_total", reason="too_many_streams") > 0,
+            60,
+            "the flood to begin",
+            [attacker, agg["proc"]],
+        )
         flood_began = time.monotonic()
         time.sleep(3.0)
         initial = FED.initial_state()
@@ -525,8 +668,13 @@ def flood(fed):
         result.attacker = json.loads(out.read_text())
         result.metrics = scrape(agg["metrics"])
         t0 = time.monotonic()
-        wait_for(lambda: fed.health.status(SERVICE_NAME) == "SERVING", HOLD_S + 10, "health to recover after the flood",
-                 [agg["proc"]], interval=0.1)
+        wait_for(
+            lambda: fed.health.status(SERVICE_NAME) == "SERVING",
+            HOLD_S + 10,
+            "health to recover after the flood",
+            [agg["proc"]],
+            interval=0.1,
+        )
         result.recovered_s = time.monotonic() - t0
         time.sleep(2.0)
         result.after = proc_status(fed.pid)
@@ -542,8 +690,11 @@ def flood(fed):
 
 
 def _count(result: Flood, kind: str, code: str, reason: str | None = "any") -> int:
-    return sum(1 for k, c, r, _, _ in result.attacker["outcomes"]
-               if k == kind and c == code and (reason == "any" or r == reason))
+    return sum(
+        1
+        for k, c, r, _, _ in result.attacker["outcomes"]
+        if k == kind and c == code and (reason == "any" or r == reason)
+    )
 
 
 def test_flood_extra_streams_and_long_polls_are_refused_and_stalled_ones_are_cancelled(flood):
@@ -568,10 +719,12 @@ def test_flood_extra_streams_and_long_polls_are_refused_and_stalled_ones_are_can
     lost = [o for o in uploads if o[1] == "INTERNAL"]
     assert {o[1] for o in uploads} <= {"RESOURCE_EXHAUSTED", "CANCELLED", "INTERNAL"}, {o[1] for o in uploads}
     assert {(o[1], o[2]) for o in polls} <= {("OK", None), ("RESOURCE_EXHAUSTED", Reason.TOO_MANY_LONG_POLLS.name)}
+
     # the aggregator's own account of the flood
     def counted(method: str, reason: str) -> float:
-        return (total(flood.metrics, "fedmedclip_requests_rejected_total", method=method, reason=reason)
-                - total(flood.metrics_before, "fedmedclip_requests_rejected_total", method=method, reason=reason))
+        return total(flood.metrics, "fedmedclip_requests_rejected_total", method=method, reason=reason) - total(
+            flood.metrics_before, "fedmedclip_requests_rejected_total", method=method, reason=reason
+        )
 
     assert counted("UploadUpdate", "stream_too_slow") == len(cancelled)
     assert counted("UploadUpdate", "too_many_streams") == len(refused_up) + len(lost)
@@ -587,8 +740,10 @@ def test_flood_other_nodes_complete_their_round_and_their_heartbeats_stay_fast(f
     assert len(during) >= 100
     failed = [1 for beats in flood.heartbeats.values() for t, s, ok in beats if not ok]
     p99, base = percentile(during, 0.99), percentile(flood.baseline(), 0.99)
-    seen = (f"heartbeat p99 {p99 * 1000:.1f} ms under the flood over {len(during)} heartbeats; {base * 1000:.1f} ms "
-            f"just before it, without a flood (a high figure there is the machine's load, not the flood's)")
+    seen = (
+        f"heartbeat p99 {p99 * 1000:.1f} ms under the flood over {len(during)} heartbeats; {base * 1000:.1f} ms "
+        f"just before it, without a flood (a high figure there is the machine's load, not the flood's)"
+    )
     print(seen)
     assert not failed, f"{len(failed)} heartbeats failed; {seen}"
     assert p99 < P99_BOUND_S, seen
@@ -622,45 +777,58 @@ def write_report(path: Path, r: Flood) -> None:
         return _count(r, kind, code, reason)
 
     lines = [
-        "# One hospital floods the aggregator (tests/test_dos.py)", "",
+        "# One hospital floods the aggregator (tests/test_dos.py)",
+        "",
         "Produced by `FEDMEDCLIP_FLOOD_REPORT=bench/results/flood.md .venv/bin/python -m pytest -q "
         f"tests/test_dos.py` on this machine: {os.cpu_count()} cores, shared with the attacker, the honest nodes "
-        f"and whatever else ran (load average {r.load[0]:.1f} as the flood began).", "",
+        f"and whatever else ran (load average {r.load[0]:.1f} as the flood began).",
+        "",
         f"A real aggregator process (mTLS, `max_workers` {MAX_WORKERS}, `upload_slots` 4, `max_streams_per_node` "
         f"{MAX_STREAMS}, `max_long_polls_per_node` {MAX_POLLS}, `stream_timeout_s` {STREAM_TIMEOUT_S:g}, "
         f"`stream_grace_s` {GRACE_S:g}, `stream_min_rate_bps` {MIN_RATE}). One registered hospital keeps "
         f"{FLOOD_STREAMS} upload streams (header + 100 bytes, then a stall) and {FLOOD_POLLS} `GetRound` long "
         f"polls going over {CONNECTIONS} connections for {FLOOD_S:g} s, re-opening each {REOPEN_S:g} s after it "
         f"ends. Two honest hospitals heartbeat every {HEARTBEAT_EVERY_S * 1000:.0f} ms and complete a round in the "
-        "middle of it.", "",
+        "middle of it.",
+        "",
         f"The attacker made {len(r.attacker['outcomes'])} calls in {r.attacker['seconds']:.0f} s "
-        f"({len(r.attacker['outcomes']) / r.attacker['seconds']:.0f}/s):", "",
-        "| attacker's calls | count |", "|---|---|",
+        f"({len(r.attacker['outcomes']) / r.attacker['seconds']:.0f}/s):",
+        "",
+        "| attacker's calls | count |",
+        "|---|---|",
         f"| uploads refused `too_many_streams` (RESOURCE_EXHAUSTED) | {n('upload', 'RESOURCE_EXHAUSTED')} |",
         f"| uploads admitted, stalled, cancelled by the watchdog | {n('upload', 'CANCELLED')} |",
         f"| uploads refused, the status lost by the aio client (INTERNAL, a client-side race) | "
         f"{n('upload', 'INTERNAL')} |",
         f"| long polls refused `too_many_long_polls` | {n('poll', 'RESOURCE_EXHAUSTED')} |",
-        f"| long polls admitted and answered | {n('poll', 'OK')} |", "",
+        f"| long polls admitted and answered | {n('poll', 'OK')} |",
+        "",
     ]
     cut = sorted(o[3] for o in r.attacker["outcomes"] if o[0] == "upload" and o[1] == "CANCELLED")
     if cut:
-        lines += [f"Stalled uploads were cancelled {cut[0]:.2f}-{cut[-1]:.2f} s after they opened "
-                  f"(grace {GRACE_S:g} s, deadline {STREAM_TIMEOUT_S:g} s).", ""]
+        lines += [
+            f"Stalled uploads were cancelled {cut[0]:.2f}-{cut[-1]:.2f} s after they opened "
+            f"(grace {GRACE_S:g} s, deadline {STREAM_TIMEOUT_S:g} s).",
+            "",
+        ]
     lines += [
-        "| honest nodes | before the flood | under the flood |", "|---|---|---|",
+        "| honest nodes | before the flood | under the flood |",
+        "|---|---|---|",
         f"| heartbeats measured | {len(base)} | {len(flooded)} |",
         f"| heartbeat round trip p50 (ms) | {ms(base, 0.5)} | {ms(flooded, 0.5)} |",
         f"| heartbeat round trip p99 (ms) | {ms(base, 0.99)} | {ms(flooded, 0.99)} |",
         f"| heartbeat round trip max (ms) | {ms(base, 1.0)} | {ms(flooded, 1.0)} |",
-        f"| round completed (both updates in, round 2 open) | - | {r.round_done_s:.1f} s after the flood began |", "",
-        "| aggregator process | before | under the flood (peak) | after |", "|---|---|---|---|",
+        f"| round completed (both updates in, round 2 open) | - | {r.round_done_s:.1f} s after the flood began |",
+        "",
+        "| aggregator process | before | under the flood (peak) | after |",
+        "|---|---|---|---|",
         f"| RSS (MiB) | {r.before[0]:.0f} | {max((s['rss'] for s in during), default=math.nan):.0f} | "
         f"{r.after[0]:.0f} |",
         f"| threads | {r.before[1]} | {max((s['threads'] for s in during), default=0)} | {r.after[1]} |",
         f"| health of {SERVICE_NAME} | SERVING | NOT_SERVING in "
         f"{sum(s['service'] == 'NOT_SERVING' for s in during)}/{len(during)} samples | SERVING again "
-        f"{r.recovered_s:.1f} s after the flood |", "",
+        f"{r.recovered_s:.1f} s after the flood |",
+        "",
     ]
     lines += [
         "Before this change (measured once, the same flood against `aggregator/service.py` and "
@@ -668,6 +836,8 @@ def write_report(path: Path, r: Flood) -> None:
         "heartbeats' p99 was 3004 ms (3 s client timeouts; p50 5.7 ms), their round completed only 28.5 s into the "
         "flood, when the attacker's stalled uploads reached their own 30 s deadline; every attacker upload ended "
         "DEADLINE_EXCEEDED on its side, the aggregator ran 77 threads (its 64 workers all taken) and health said "
-        "SERVING throughout.", ""]
+        "SERVING throughout.",
+        "",
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))

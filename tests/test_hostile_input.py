@@ -88,16 +88,36 @@ FED = Federation(embed_dim=16)
 NODES = ["hospital_1", "hospital_2", "hospital_3", "global"]  # hospital_3: allowed, never registers here
 SAMPLES = {"hospital_1": 30, "hospital_2": 10}
 EXAMPLES = 60  # per hypothesis test
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 METHODS = ["Register", "Heartbeat", "GetRound", "FetchGlobal", "UploadUpdate", "ReportMetrics"]
-REFUSED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED,
-           grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.RESOURCE_EXHAUSTED,
-           grpc.StatusCode.INTERNAL, grpc.StatusCode.NOT_FOUND}
+REFUSED = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.NOT_FOUND,
+}
 #: what a payload that is not a valid adapter of the federation can be refused for
-PAYLOAD_REASONS = {Reason.CODEC_MISMATCH, Reason.CODEC, Reason.UNKNOWN_CODEC, Reason.CHECKSUM_MISMATCH,
-                   Reason.SHAPE_MISMATCH, Reason.NON_FINITE, Reason.PAYLOAD_TOO_LARGE, Reason.MALFORMED_PAYLOAD,
-                   Reason.REFERENCE_REQUIRED, Reason.WIRE_MISMATCH}
+PAYLOAD_REASONS = {
+    Reason.CODEC_MISMATCH,
+    Reason.CODEC,
+    Reason.UNKNOWN_CODEC,
+    Reason.CHECKSUM_MISMATCH,
+    Reason.SHAPE_MISMATCH,
+    Reason.NON_FINITE,
+    Reason.PAYLOAD_TOO_LARGE,
+    Reason.MALFORMED_PAYLOAD,
+    Reason.REFERENCE_REQUIRED,
+    Reason.WIRE_MISMATCH,
+}
 ANY = None  # no expectation about the reason (gRPC itself may refuse before the servicer)
 #: "within their normal latency": the slowest heartbeat another hospital may get while a case runs. A
 #: heartbeat takes a few ms on loopback; a stalled engine (a lock held by a decode, a blocked worker pool)
@@ -173,8 +193,9 @@ class Target:
     def rejections(self) -> float:
         return total(scrape(self.agg["metrics"]), "fedmedclip_requests_rejected_total")
 
-    def refuse(self, category: str, call, reasons: set[Reason] | None, codes=REFUSED,
-               counted: bool = True) -> grpc.StatusCode:
+    def refuse(
+        self, category: str, call, reasons: set[Reason] | None, codes=REFUSED, counted: bool = True
+    ) -> grpc.StatusCode:
         """Run one hostile case: refused with one of ``codes`` naming one of ``reasons`` (None: any or none),
         and (``counted``) the rejection counter bumped."""
         t = self.tally
@@ -191,8 +212,13 @@ class Target:
         if reason is not None:
             t.reasons.setdefault(category, set()).add(reason.value)
         if counted:  # the status can reach the client before the servicer has finished counting
-            wait_for(lambda: self.rejections() >= before + 1, 10, f"{category}: a rejection to be counted",
-                     [self.agg["proc"]], interval=0.02)
+            wait_for(
+                lambda: self.rejections() >= before + 1,
+                10,
+                f"{category}: a rejection to be counted",
+                [self.agg["proc"]],
+                interval=0.02,
+            )
             t.counted[category] += 1
         return code
 
@@ -216,12 +242,28 @@ def target(tmp_path_factory):
     cluster = Cluster(root)
     nodes: dict[str, LightNode] = {}
     try:
-        agg = start_aggregator_process(cluster, pki, root / "agg", "--rounds", "1", "--min-nodes", "2",
-                                       "--embed-dim", str(FED.embed_dim), "--round-timeout-s", "600",
-                                       "--linger-s", "600", "--exit-when-done", "false")
+        agg = start_aggregator_process(
+            cluster,
+            pki,
+            root / "agg",
+            "--rounds",
+            "1",
+            "--min-nodes",
+            "2",
+            "--embed-dim",
+            str(FED.embed_dim),
+            "--round-timeout-s",
+            "600",
+            "--linger-s",
+            "600",
+            "--exit-when-done",
+            "false",
+        )
         agg["out"] = root / "agg"
-        nodes = {n: LightNode(agg["address"], n, tls_of(pki, n), FED, num_train=SAMPLES.get(n, 0),
-                              evaluator=n == "global") for n in NODES}
+        nodes = {
+            n: LightNode(agg["address"], n, tls_of(pki, n), FED, num_train=SAMPLES.get(n, 0), evaluator=n == "global")
+            for n in NODES
+        }
         for n in ("hospital_1", "hospital_2", "global"):
             nodes[n].register()
         nodes["hospital_3"].run_id = nodes["hospital_1"].run_id
@@ -230,16 +272,24 @@ def target(tmp_path_factory):
         initial = FED.initial_state()
         valid = {n: encode(perturbed(initial, 0.01, seed=i), initial) for i, n in enumerate(SAMPLES, start=1)}
         big_opts = [o for o in channel_options() if o[0] != "grpc.max_send_message_length"]
-        big = LightNode(agg["address"], "hospital_1", tls_of(pki, "hospital_1"), FED,
-                        options=big_opts + [("grpc.max_send_message_length", 64 * 1024 * 1024)])
+        big = LightNode(
+            agg["address"],
+            "hospital_1",
+            tls_of(pki, "hospital_1"),
+            FED,
+            options=big_opts + [("grpc.max_send_message_length", 64 * 1024 * 1024)],
+        )
         big.run_id = nodes["hospital_1"].run_id
         nodes["_big"] = big
         bystander_log = root / "bystander.txt"
-        cluster.add("bystander", ["-c", BYSTANDER, agg["address"], str(pki), "hospital_2",
-                                  nodes["hospital_2"].run_id, str(bystander_log)])
+        cluster.add(
+            "bystander",
+            ["-c", BYSTANDER, agg["address"], str(pki), "hospital_2", nodes["hospital_2"].run_id, str(bystander_log)],
+        )
         wait_for(lambda: len(_samples(bystander_log)) >= 50, 60, "the bystander's first heartbeats", cluster.procs)
-        yield Target(agg=agg, nodes=nodes, valid=valid | {"initial": initial}, big=big, pki=pki,
-                     bystander_log=bystander_log)
+        yield Target(
+            agg=agg, nodes=nodes, valid=valid | {"initial": initial}, big=big, pki=pki, bystander_log=bystander_log
+        )
     finally:
         for node in nodes.values():
             node.close()
@@ -259,11 +309,19 @@ def _samples(path: Path) -> list[tuple[float, float, bool]]:
 
 
 def _raw_payload_upload(node: LightNode, data: bytes, codec: str = "int8", **header):
-    head = pb.PayloadHeader(run_id=node.run_id, round_id=0, node_id=node.node_id, update_id="hostile",
-                            codec=codec, wire_bytes=len(data), sha256=sha256_hex(data))
+    head = pb.PayloadHeader(
+        run_id=node.run_id,
+        round_id=0,
+        node_id=node.node_id,
+        update_id="hostile",
+        codec=codec,
+        wire_bytes=len(data),
+        sha256=sha256_hex(data),
+    )
     head.MergeFrom(pb.PayloadHeader(**header))
-    return lambda: node.upload_messages([pb.UploadUpdateRequest(header=head)]
-                                        + [pb.UploadUpdateRequest(chunk=c) for c in chunks(data, 4096)])
+    return lambda: node.upload_messages(
+        [pb.UploadUpdateRequest(header=head)] + [pb.UploadUpdateRequest(chunk=c) for c in chunks(data, 4096)]
+    )
 
 
 def _varint(n: int) -> bytes:
@@ -289,8 +347,12 @@ def _frame(message_field: int, body: bytes) -> bytes:
 @FUZZ
 @given(data=st.binary(max_size=4096))
 def test_random_bytes_as_payload_are_refused(target, data):
-    target.refuse("random payload bytes", _raw_payload_upload(target.h1, data), PAYLOAD_REASONS,
-                  {grpc.StatusCode.INVALID_ARGUMENT})
+    target.refuse(
+        "random payload bytes",
+        _raw_payload_upload(target.h1, data),
+        PAYLOAD_REASONS,
+        {grpc.StatusCode.INVALID_ARGUMENT},
+    )
 
 
 @FUZZ
@@ -310,8 +372,12 @@ def test_random_bytes_as_protobuf_messages_are_refused(target, method, data):
 
 
 @FUZZ
-@given(wire_bytes=st.integers(min_value=-2**63, max_value=2**63 - 1), round_id=st.integers(-2**31, 2**31 - 1),
-       chunk=st.integers(min_value=1, max_value=64 * 1024), which=st.sampled_from(["size", "round"]))
+@given(
+    wire_bytes=st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    round_id=st.integers(-(2**31), 2**31 - 1),
+    chunk=st.integers(min_value=1, max_value=64 * 1024),
+    which=st.sampled_from(["size", "round"]),
+)
 def test_fuzzed_sizes_and_rounds_are_refused(target, wire_bytes, round_id, chunk, which):
     payload = target.valid["hospital_1"]
     if which == "size":
@@ -322,8 +388,12 @@ def test_fuzzed_sizes_and_rounds_are_refused(target, wire_bytes, round_id, chunk
     else:
         round_id = round_id if round_id != 0 else 1
         call = lambda: target.h1.upload(payload, round_id, chunk_bytes=chunk)  # noqa: E731
-        target.refuse("stale and future rounds", call, {Reason.STALE_ROUND, Reason.FUTURE_ROUND},
-                      {grpc.StatusCode.FAILED_PRECONDITION})
+        target.refuse(
+            "stale and future rounds",
+            call,
+            {Reason.STALE_ROUND, Reason.FUTURE_ROUND},
+            {grpc.StatusCode.FAILED_PRECONDITION},
+        )
 
 
 def _int8_raw() -> bytes:
@@ -347,7 +417,7 @@ def _lying_bomb() -> bytes:
     fhd = data[4]
     assert fhd >> 6 == 2  # a 4-byte content size field
     offset = 5 + (0 if fhd & 0x20 else 1) + [0, 1, 2, 4][fhd & 0x03]
-    data[offset:offset + 4] = struct.pack("<I", len(_int8_raw()))
+    data[offset : offset + 4] = struct.pack("<I", len(_int8_raw()))
     return bytes(data)
 
 
@@ -363,11 +433,11 @@ def _huge_integer_header() -> bytes:
     """An int8 payload whose header names a dimension of 5,000 digits (Python's int-string limit is 4,300)."""
     raw = _int8_raw()
     hlen = struct.unpack_from("<I", raw, 6)[0]
-    header = json.loads(raw[10:10 + hlen])
+    header = json.loads(raw[10 : 10 + hlen])
     header["tensors"][0]["shape"][0] = 0  # a placeholder, replaced by the digits below
     text = json.dumps(header, separators=(",", ":")).replace('"shape":[0,', '"shape":[' + "7" * 5000 + ",", 1)
     blob = text.encode()
-    return zstandard.ZstdCompressor().compress(struct.pack("<4sHI", b"FMCS", 1, len(blob)) + blob + raw[10 + hlen:])
+    return zstandard.ZstdCompressor().compress(struct.pack("<4sHI", b"FMCS", 1, len(blob)) + blob + raw[10 + hlen :])
 
 
 def test_malformed_streams_and_payloads_are_refused(target):
@@ -395,9 +465,11 @@ def test_malformed_streams_and_payloads_are_refused(target):
     t.refuse("no header", stream([]), bad_stream)
     for sha in ("0" * 64, "f" * 64, "not-hex", ""):
         t.refuse("wrong SHA-256", lambda sha=sha: h1.upload(payload, 0, sha256=sha), {Reason.CHECKSUM_MISMATCH})
-    for dim_state in (Federation(embed_dim=32).initial_state(),
-                      FED.initial_state() | {"extra": torch.zeros(2, 2)},
-                      {k: v for k, v in FED.initial_state().items() if k != "fc2.bias"}):
+    for dim_state in (
+        Federation(embed_dim=32).initial_state(),
+        FED.initial_state() | {"extra": torch.zeros(2, 2)},
+        {k: v for k, v in FED.initial_state().items() if k != "fc2.bias"},
+    ):
         wrong = encode(dim_state, dim_state)
         t.refuse("wrong shapes", lambda wrong=wrong: h1.upload(wrong, 0), {Reason.SHAPE_MISMATCH})
     for value in (float("nan"), float("inf"), float("-inf")):
@@ -405,44 +477,75 @@ def test_malformed_streams_and_payloads_are_refused(target):
     bomb = _bomb(declared=True)
     assert len(bomb) < 64 * 1024
     t.refuse("zstd bomb declaring 96 MiB", _raw_payload_upload(h1, bomb), {Reason.PAYLOAD_TOO_LARGE})
-    t.refuse("zstd frame declaring no size (refused before decompressing)",
-             _raw_payload_upload(h1, _bomb(declared=False)), {Reason.MALFORMED_PAYLOAD})
-    t.refuse("zstd frame lying about its size (stopped after one template's size)",
-             _raw_payload_upload(h1, _lying_bomb()), {Reason.MALFORMED_PAYLOAD, Reason.PAYLOAD_TOO_LARGE})
-    t.refuse("5,000-digit integer in the payload header", _raw_payload_upload(h1, _huge_integer_header()),
-             {Reason.MALFORMED_PAYLOAD})
-    t.refuse("codec mismatch (header vs payload)", lambda: h1.upload(payload, 0, codec="fp16"),
-             {Reason.CODEC_MISMATCH})
+    t.refuse(
+        "zstd frame declaring no size (refused before decompressing)",
+        _raw_payload_upload(h1, _bomb(declared=False)),
+        {Reason.MALFORMED_PAYLOAD},
+    )
+    t.refuse(
+        "zstd frame lying about its size (stopped after one template's size)",
+        _raw_payload_upload(h1, _lying_bomb()),
+        {Reason.MALFORMED_PAYLOAD, Reason.PAYLOAD_TOO_LARGE},
+    )
+    t.refuse(
+        "5,000-digit integer in the payload header",
+        _raw_payload_upload(h1, _huge_integer_header()),
+        {Reason.MALFORMED_PAYLOAD},
+    )
+    t.refuse("codec mismatch (header vs payload)", lambda: h1.upload(payload, 0, codec="fp16"), {Reason.CODEC_MISMATCH})
     initial = t.valid["initial"]
     other_codec = encode(perturbed(initial, 0.01, seed=7), initial, "fp32")
-    t.refuse("payload in another codec than the federation's", lambda: h1.upload(other_codec, 0),
-             {Reason.WIRE_MISMATCH})
+    t.refuse(
+        "payload in another codec than the federation's", lambda: h1.upload(other_codec, 0), {Reason.WIRE_MISMATCH}
+    )
     delta = encode_adapter(perturbed(initial, 0.01, seed=8), initial, WireConfig(delta=True))
     t.refuse("delta payload in a federation without delta", lambda: h1.upload(delta, 0), {Reason.WIRE_MISMATCH})
     big = target.big
-    t.refuse("oversized message", lambda: big.upload_messages([H, pb.UploadUpdateRequest(chunk=bytes(5 << 20))]),
-             {None}, {grpc.StatusCode.RESOURCE_EXHAUSTED})  # gRPC answers; the servicer counts stream_broken
-    t.refuse("oversized message", lambda: big.stub.Heartbeat(pb.HeartbeatRequest(
-        run_id="x" * (5 << 20), node_id="hospital_1"), timeout=10), {None}, {grpc.StatusCode.RESOURCE_EXHAUSTED},
-        counted=False)  # gRPC's transport refuses it before any servicer code runs
+    t.refuse(
+        "oversized message",
+        lambda: big.upload_messages([H, pb.UploadUpdateRequest(chunk=bytes(5 << 20))]),
+        {None},
+        {grpc.StatusCode.RESOURCE_EXHAUSTED},
+    )  # gRPC answers; the servicer counts stream_broken
+    t.refuse(
+        "oversized message",
+        lambda: big.stub.Heartbeat(pb.HeartbeatRequest(run_id="x" * (5 << 20), node_id="hospital_1"), timeout=10),
+        {None},
+        {grpc.StatusCode.RESOURCE_EXHAUSTED},
+        counted=False,
+    )  # gRPC's transport refuses it before any servicer code runs
     t.refuse("oversized payload", lambda: big.upload(payload, 0, wire_bytes=65 << 20), bad_stream)
     huge = replace_header(head, wire_bytes=66 << 20, update_id="huge")
-    t.refuse("oversized payload", lambda: big.upload_messages(  # 66 MiB announced and streamed
-        [pb.UploadUpdateRequest(header=huge)] + [pb.UploadUpdateRequest(chunk=bytes(1 << 20))] * 66), bad_stream)
+    t.refuse(
+        "oversized payload",
+        lambda: big.upload_messages(  # 66 MiB announced and streamed
+            [pb.UploadUpdateRequest(header=huge)] + [pb.UploadUpdateRequest(chunk=bytes(1 << 20))] * 66
+        ),
+        bad_stream,
+    )
     for n in (-1, 10**15):
         t.refuse("negative or absurd sizes", lambda n=n: h1.register(num_train_samples=n), {Reason.BAD_SAMPLE_COUNT})
     t.refuse("negative or absurd sizes", lambda: h1.register(embed_dim=-5), {Reason.REGISTRATION_MISMATCH})
-    t.refuse("negative or absurd sizes", lambda: h1.upload(payload, 0, num_train_samples=10**15),
-             {Reason.BAD_SAMPLE_COUNT})  # not the count hospital_1 registered
+    t.refuse(
+        "negative or absurd sizes", lambda: h1.upload(payload, 0, num_train_samples=10**15), {Reason.BAD_SAMPLE_COUNT}
+    )  # not the count hospital_1 registered
     t.refuse("bad update id", lambda: h1.upload(payload, 0, update_id=""), {Reason.BAD_UPDATE_ID})
     t.refuse("bad update id", lambda: h1.upload(payload, 0, update_id="u" * 10_000), {Reason.BAD_UPDATE_ID})
     t.refuse("wrong run id", lambda: h1.upload(payload, 0, run_id="another-run"), {Reason.WRONG_RUN})
     for version in (0, -1, 2**31 - 1):
         t.refuse("absent global version", lambda v=version: h1.fetch(v), {Reason.NO_SUCH_VERSION})
-    t.refuse("absent global version", lambda: h1.stub.ReportMetrics(pb.ReportMetricsRequest(
-        run_id=h1.run_id, node_id="hospital_1", version=99, report_id="r"), timeout=10), {Reason.NO_SUCH_VERSION})
-    t.refuse("poisoning: norm", lambda: h1.upload(encode({k: v + 5.0 for k, v in initial.items()}, initial), 0),
-             {Reason.UPDATE_NORM_TOO_LARGE})
+    t.refuse(
+        "absent global version",
+        lambda: h1.stub.ReportMetrics(
+            pb.ReportMetricsRequest(run_id=h1.run_id, node_id="hospital_1", version=99, report_id="r"), timeout=10
+        ),
+        {Reason.NO_SUCH_VERSION},
+    )
+    t.refuse(
+        "poisoning: norm",
+        lambda: h1.upload(encode({k: v + 5.0 for k, v in initial.items()}, initial), 0),
+        {Reason.UPDATE_NORM_TOO_LARGE},
+    )
     spike = {k: v.clone() for k, v in initial.items()}
     spike["fc2.weight"][3, 3] = 500.0
     t.refuse("poisoning: value", lambda: h1.upload(encode(spike, initial), 0), {Reason.UPDATE_VALUE_TOO_LARGE})
@@ -461,8 +564,11 @@ def test_a_sample_count_is_fixed_at_the_first_registration(target):
     """Registering again mid-round with another count was the way to re-weigh oneself: now refused."""
     t, h1 = target, target.h1
     for n in (10**9, 31, 1):
-        t.refuse("sample count changed by registering again mid-round",
-                 lambda n=n: h1.register(num_train_samples=n), {Reason.SAMPLE_COUNT_CHANGED})
+        t.refuse(
+            "sample count changed by registering again mid-round",
+            lambda n=n: h1.register(num_train_samples=n),
+            {Reason.SAMPLE_COUNT_CHANGED},
+        )
     again = t.accept("registering again with the same count", lambda: h1.register())
     assert again.round.phase == pb.ROUND_PHASE_COLLECTING
 
@@ -472,48 +578,79 @@ def test_client_strings_cannot_forge_log_lines(target):
     t, h1 = target, target.h1
     payload = t.valid["hospital_1"]
     forged = f"\n{FORGED}"
-    t.refuse("newline in update_id", lambda: h1.upload(payload, 0, update_id="u" + forged),
-             {Reason.BAD_UPDATE_ID})
+    t.refuse("newline in update_id", lambda: h1.upload(payload, 0, update_id="u" + forged), {Reason.BAD_UPDATE_ID})
     t.refuse("newline in run_id", lambda: h1.upload(payload, 0, run_id="r" + forged), {Reason.WRONG_RUN})
-    t.refuse("newline in the codec name", lambda: h1.upload(payload, 0, codec="int8" + forged),
-             {Reason.CODEC_MISMATCH})
-    t.refuse("newline in fingerprint or class names", lambda: h1.register(backbone_fingerprint="f" + forged),
-             {Reason.REGISTRATION_MISMATCH})
-    t.refuse("newline in fingerprint or class names",
-             lambda: h1.register(class_names=["glioma" + forged, "meningioma", "notumor", "pituitary"]),
-             {Reason.REGISTRATION_MISMATCH})
+    t.refuse("newline in the codec name", lambda: h1.upload(payload, 0, codec="int8" + forged), {Reason.CODEC_MISMATCH})
+    t.refuse(
+        "newline in fingerprint or class names",
+        lambda: h1.register(backbone_fingerprint="f" + forged),
+        {Reason.REGISTRATION_MISMATCH},
+    )
+    t.refuse(
+        "newline in fingerprint or class names",
+        lambda: h1.register(class_names=["glioma" + forged, "meningioma", "notumor", "pituitary"]),
+        {Reason.REGISTRATION_MISMATCH},
+    )
     # report_id: after the round, when a report can reach its checks (test_reports_are_validated...)
-    t.accept("newline in software_version (kept, escaped in the log)",
-             lambda: h1.register(software_version="9.9" + forged), note="registration accepted, logged escaped")
+    t.accept(
+        "newline in software_version (kept, escaped in the log)",
+        lambda: h1.register(software_version="9.9" + forged),
+        note="registration accepted, logged escaped",
+    )
 
 
 def test_other_and_unknown_node_ids_and_replays(target):
     t, h1 = target, target.h1
     payload = t.valid["hospital_1"]
     for claimed in ("hospital_2", "hospital_9", "", "h" * 300, "../../etc/passwd"):
-        t.refuse("other or unknown node id", lambda c=claimed: h1.upload(payload, 0, node_id=c),
-                 {Reason.IDENTITY_MISMATCH}, {grpc.StatusCode.PERMISSION_DENIED})
-        t.refuse("other or unknown node id", lambda c=claimed: h1.stub.Heartbeat(
-            pb.HeartbeatRequest(run_id=h1.run_id, node_id=c), timeout=10), {Reason.IDENTITY_MISMATCH},
-            {grpc.StatusCode.PERMISSION_DENIED})
+        t.refuse(
+            "other or unknown node id",
+            lambda c=claimed: h1.upload(payload, 0, node_id=c),
+            {Reason.IDENTITY_MISMATCH},
+            {grpc.StatusCode.PERMISSION_DENIED},
+        )
+        t.refuse(
+            "other or unknown node id",
+            lambda c=claimed: h1.stub.Heartbeat(pb.HeartbeatRequest(run_id=h1.run_id, node_id=c), timeout=10),
+            {Reason.IDENTITY_MISMATCH},
+            {grpc.StatusCode.PERMISSION_DENIED},
+        )
     stranger = t.nodes["hospital_3"]  # allowed and certified, never registered
-    t.refuse("other or unknown node id", lambda: stranger.upload(payload, 0), {Reason.UNKNOWN_NODE},
-             {grpc.StatusCode.UNAUTHENTICATED})
+    t.refuse(
+        "other or unknown node id",
+        lambda: stranger.upload(payload, 0),
+        {Reason.UNKNOWN_NODE},
+        {grpc.StatusCode.UNAUTHENTICATED},
+    )
     first = h1.upload(payload, 0)  # the one valid update of hospital_1
     assert not first.replayed
-    again = t.accept("exact replay (answered replayed=true, not counted)", lambda: h1.upload(payload, 0),
-                     note="the same bytes again: the same answer, folded once")
+    again = t.accept(
+        "exact replay (answered replayed=true, not counted)",
+        lambda: h1.upload(payload, 0),
+        note="the same bytes again: the same answer, folded once",
+    )
     assert again.replayed and again.update_id == first.update_id
     other = encode(perturbed(t.valid["initial"], 0.01, seed=99), t.valid["initial"])
-    t.refuse("replay with other bytes", lambda: h1.upload(other, 0), {Reason.CONFLICTING_REPLAY},
-             {grpc.StatusCode.ALREADY_EXISTS})
+    t.refuse(
+        "replay with other bytes",
+        lambda: h1.upload(other, 0),
+        {Reason.CONFLICTING_REPLAY},
+        {grpc.StatusCode.ALREADY_EXISTS},
+    )
     # the accepted id and the accepted SHA-256, other bytes: the bytes are hashed before a replay is answered
     junk = os.urandom(len(payload.data))
-    t.refuse("replay: the accepted id and SHA-256, other bytes",
-             _raw_payload_upload(h1, junk, update_id=first.update_id, sha256=payload.sha256),
-             {Reason.CHECKSUM_MISMATCH}, {grpc.StatusCode.INVALID_ARGUMENT})
-    t.refuse("second update in a round", lambda: h1.upload(other, 0, update_id="hostile-2"),
-             {Reason.CONFLICTING_UPDATE}, {grpc.StatusCode.ALREADY_EXISTS})
+    t.refuse(
+        "replay: the accepted id and SHA-256, other bytes",
+        _raw_payload_upload(h1, junk, update_id=first.update_id, sha256=payload.sha256),
+        {Reason.CHECKSUM_MISMATCH},
+        {grpc.StatusCode.INVALID_ARGUMENT},
+    )
+    t.refuse(
+        "second update in a round",
+        lambda: h1.upload(other, 0, update_id="hostile-2"),
+        {Reason.CONFLICTING_UPDATE},
+        {grpc.StatusCode.ALREADY_EXISTS},
+    )
 
 
 def test_aggregator_keeps_serving_and_the_global_equals_the_valid_updates_alone(target):
@@ -533,8 +670,9 @@ def test_aggregator_keeps_serving_and_the_global_equals_the_valid_updates_alone(
         fold_update(expected, p.data, p.sha256, initial, weights[node], WireConfig())
     want, _ = publish_global(expected, initial, WireConfig())
     assert data == want.data and header.sha256 == want.sha256
-    t.refuse("stale round", lambda: t.h1.upload(t.valid["hospital_1"], 0, update_id="late"),
-             {Reason.ROUND_NOT_OPEN})  # the run's one round closed: no round is open any more
+    t.refuse(
+        "stale round", lambda: t.h1.upload(t.valid["hospital_1"], 0, update_id="late"), {Reason.ROUND_NOT_OPEN}
+    )  # the run's one round closed: no round is open any more
     metrics = scrape(t.agg["metrics"])
     assert total(metrics, "fedmedclip_updates_accepted_total") == 2
     assert total(metrics, "fedmedclip_updates_replayed_total") == 1
@@ -550,11 +688,13 @@ def test_round_ids_and_versions_beyond_32_bits_are_refused_not_truncated(target)
     payload = t.valid["hospital_1"]
     head = _with_field(h1.header(payload, 0, update_id="wide-round"), 2, ROUND_BEYOND_32_BITS)
     messages = [_frame(1, head)] + [pb.UploadUpdateRequest(chunk=c).SerializeToString() for c in chunks(payload.data)]
-    upload = h1.channel.stream_unary("/fedmedclip.v1.AggregatorService/UploadUpdate", request_serializer=None,
-                                     response_deserializer=None)
+    upload = h1.channel.stream_unary(
+        "/fedmedclip.v1.AggregatorService/UploadUpdate", request_serializer=None, response_deserializer=None
+    )
     t.refuse("round id beyond 32 bits", lambda: upload(iter(messages), timeout=10), {Reason.BAD_ROUND_ID})
-    fetch = h1.channel.unary_stream("/fedmedclip.v1.AggregatorService/FetchGlobal", request_serializer=None,
-                                    response_deserializer=None)
+    fetch = h1.channel.unary_stream(
+        "/fedmedclip.v1.AggregatorService/FetchGlobal", request_serializer=None, response_deserializer=None
+    )
     request = _with_field(pb.FetchGlobalRequest(run_id=h1.run_id, node_id="hospital_1"), 3, 2**32 + 1)
     t.refuse("global version beyond 32 bits", lambda: list(fetch(request, timeout=10)), {Reason.BAD_ROUND_ID})
 
@@ -566,8 +706,10 @@ def _metrics(**values) -> pb.EvalMetrics:
 
 def _strict(text: str):
     """``json.loads`` as a strict RFC 8259 parser: NaN, Infinity and -Infinity are not JSON."""
+
     def refuse(name: str):
         raise ValueError(f"{name} is not JSON")
+
     return json.loads(text, parse_constant=refuse)
 
 
@@ -575,9 +717,15 @@ def test_reports_are_validated_bounded_and_strict_json(target):
     t, h1, h2, ev = target, target.h1, target.nodes["hospital_2"], target.nodes["global"]
 
     def report(node: LightNode, **fields):
-        request = pb.ReportMetricsRequest(run_id=node.run_id, node_id=node.node_id, version=1,
-                                          report_id=f"{node.node_id}-v1", head="ensemble", val=_metrics(),
-                                          test=_metrics())
+        request = pb.ReportMetricsRequest(
+            run_id=node.run_id,
+            node_id=node.node_id,
+            version=1,
+            report_id=f"{node.node_id}-v1",
+            head="ensemble",
+            val=_metrics(),
+            test=_metrics(),
+        )
         for key, value in fields.items():
             if hasattr(value, "DESCRIPTOR") or value is None:  # a message field: replaced, or cleared
                 request.ClearField(key)
@@ -592,8 +740,12 @@ def test_reports_are_validated_bounded_and_strict_json(target):
         t.refuse("report: NaN or Inf metrics", report(h1, val=_metrics(accuracy=value)), bad)
         t.refuse("report: NaN or Inf metrics", report(h1, test=_metrics(ece=value)), bad)
     t.refuse("report: NaN or Inf metrics", report(h1, train=pb.TrainSummary(steps=1, seconds=math.nan)), bad)
-    for metrics in (_metrics(accuracy=7.0), _metrics(macro_f1=-0.5), _metrics(num_samples=-1),
-                    _metrics(num_samples=10**12)):
+    for metrics in (
+        _metrics(accuracy=7.0),
+        _metrics(macro_f1=-0.5),
+        _metrics(num_samples=-1),
+        _metrics(num_samples=10**12),
+    ):
         t.refuse("report: numbers out of range", report(h1, val=metrics), bad)
     t.refuse("report: 3 MiB head", report(h1, head="h" * (3 << 20)), bad)
     t.refuse("report: unknown head", report(h1, head="best-of-both"), bad)
@@ -608,11 +760,15 @@ def test_reports_are_validated_bounded_and_strict_json(target):
     assert not t.accept("report: valid", report(h2, val=empty), note="an empty split's NaN is stored as null").replayed
     assert not t.accept("report: valid", report(ev, val=None, head="clip")).replayed
     assert t.accept("report: valid", report(h1)).replayed  # the same id again: a replay
-    t.refuse("report: a second report of a version under another id",
-             report(h1, report_id="hospital_1-v1-again", val=_metrics(accuracy=1.0)), {Reason.CONFLICTING_REPORT})
+    t.refuse(
+        "report: a second report of a version under another id",
+        report(h1, report_id="hospital_1-v1-again", val=_metrics(accuracy=1.0)),
+        {Reason.CONFLICTING_REPORT},
+    )
     # every node's final evaluation is in: report.json is written, and it is strict JSON
-    final = wait_for(lambda: (read_json(t.agg["out"] / "report.json") or {}).get("history"), 20, "the final report",
-                     [t.agg["proc"]])
+    final = wait_for(
+        lambda: (read_json(t.agg["out"] / "report.json") or {}).get("history"), 20, "the final report", [t.agg["proc"]]
+    )
     text = (t.agg["out"] / "report.json").read_text()
     report_json = _strict(text)
     assert "NaN" not in text and "Infinity" not in text
@@ -645,28 +801,50 @@ def test_a_node_claiming_1e9_samples_moves_the_global_by_at_most_its_cap(target,
     wire = WireConfig(codec="fp32", drop_masked_rows=False)  # lossless both ways: the share is read exactly
     nodes: dict[str, LightNode] = {}
     try:
-        agg = start_aggregator_process(cluster, target.pki, root / "agg", "--rounds", "1", "--min-nodes", "3",
-                                       "--codec", "fp32", "--drop-masked-rows", "false", "--embed-dim",
-                                       str(FED.embed_dim), "--round-timeout-s", "600", "--linger-s", "600",
-                                       "--exit-when-done", "false")
+        agg = start_aggregator_process(
+            cluster,
+            target.pki,
+            root / "agg",
+            "--rounds",
+            "1",
+            "--min-nodes",
+            "3",
+            "--codec",
+            "fp32",
+            "--drop-masked-rows",
+            "false",
+            "--embed-dim",
+            str(FED.embed_dim),
+            "--round-timeout-s",
+            "600",
+            "--linger-s",
+            "600",
+            "--exit-when-done",
+            "false",
+        )
         agg["out"] = root / "agg"
         nodes = {n: LightNode(agg["address"], n, tls_of(target.pki, n), FED, num_train=c) for n, c in claims.items()}
-        own = Target(agg=agg, nodes=nodes, valid={}, big=nodes["hospital_1"], pki=target.pki,
-                     bystander_log=target.bystander_log)
+        own = Target(
+            agg=agg, nodes=nodes, valid={}, big=nodes["hospital_1"], pki=target.pki, bystander_log=target.bystander_log
+        )
         for node in nodes.values():
             node.register()  # the liar's 10^9 is in range: registration accepts it, the weights cap it
         assert nodes["hospital_1"].round(0, max_wait_s=10).phase == pb.ROUND_PHASE_COLLECTING
         category = "sample count changed by registering again mid-round (weight-cap aggregator)"
         TALLY.own_aggregator.add(category)
         own.refuse(category, lambda: nodes["hospital_3"].register(num_train_samples=5), {Reason.SAMPLE_COUNT_CHANGED})
-        own.refuse(category, lambda: nodes["hospital_1"].register(num_train_samples=10**9),
-                   {Reason.SAMPLE_COUNT_CHANGED})
+        own.refuse(
+            category, lambda: nodes["hospital_1"].register(num_train_samples=10**9), {Reason.SAMPLE_COUNT_CHANGED}
+        )
         initial = FED.initial_state()
         g = torch.Generator().manual_seed(11)
         push = {k: torch.randn(v.shape, generator=g) for k, v in initial.items()}
-        norm = math.sqrt(sum(float((v ** 2).sum()) for v in push.values()))
-        states = {"hospital_1": perturbed(initial, 0.01, seed=1), "hospital_2": perturbed(initial, 0.01, seed=2),
-                  "hospital_3": {k: initial[k] + push[k] * (40.0 / norm) for k in initial}}  # under the norm bound
+        norm = math.sqrt(sum(float((v**2).sum()) for v in push.values()))
+        states = {
+            "hospital_1": perturbed(initial, 0.01, seed=1),
+            "hospital_2": perturbed(initial, 0.01, seed=2),
+            "hospital_3": {k: initial[k] + push[k] * (40.0 / norm) for k in initial},
+        }  # under the norm bound
         payloads = {n: encode_adapter(s, initial, wire) for n, s in states.items()}
         for n in ("hospital_1", "hospital_2"):
             nodes[n].upload(payloads[n], 0)
@@ -689,17 +867,22 @@ def test_a_node_claiming_1e9_samples_moves_the_global_by_at_most_its_cap(target,
     got = decode_adapter(data, header.sha256, initial, wire).tensors
     honest = {k: (30 * states["hospital_1"][k] + 10 * states["hospital_2"][k]) / 40 for k in initial}
     toward = {k: states["hospital_3"][k] - honest[k] for k in initial}
-    moved = (sum(float(((got[k] - honest[k]) * toward[k]).sum()) for k in initial)
-             / sum(float((toward[k] ** 2).sum()) for k in initial))
+    moved = sum(float(((got[k] - honest[k]) * toward[k]).sum()) for k in initial) / sum(
+        float((toward[k] ** 2).sum()) for k in initial
+    )
     uncapped = 10**9 / (10**9 + 40)
     assert moved <= 0.5 + 1e-5 and moved == pytest.approx(0.5, abs=1e-5)
     assert uncapped > 0.9999999
-    TALLY.notes[liar] = (f"accepted, weight capped 10^9 -> 40 of 80: the global moved {moved:.6f} of the way to its "
-                         f"update (uncapped: {uncapped:.8f})")
-    TALLY.notes["_weights"] = (f"A node claiming 10^9 training samples next to two honest ones (30 and 10) weighs 40 "
-                               f"(water-filled to the 0.5 share cap): the published global moved {moved:.6f} of the "
-                               f"way from the honest nodes' average to its update, where the uncapped sample-weighted "
-                               f"average moved {uncapped:.8f} of the way.")
+    TALLY.notes[liar] = (
+        f"accepted, weight capped 10^9 -> 40 of 80: the global moved {moved:.6f} of the way to its "
+        f"update (uncapped: {uncapped:.8f})"
+    )
+    TALLY.notes["_weights"] = (
+        f"A node claiming 10^9 training samples next to two honest ones (30 and 10) weighs 40 "
+        f"(water-filled to the 0.5 share cap): the published global moved {moved:.6f} of the "
+        f"way from the honest nodes' average to its update, where the uncapped sample-weighted "
+        f"average moved {uncapped:.8f} of the way."
+    )
 
 
 # --------------------------------------------------------------------------- the other direction
@@ -738,8 +921,15 @@ class HostileAggregator(pb_grpc.AggregatorServiceServicer):
         self.v1_state: dict[str, torch.Tensor] | None = None
 
     def _info(self, phase=pb.ROUND_PHASE_COLLECTING) -> pb.RoundInfo:
-        return pb.RoundInfo(run_id=RUN, round_id=1, global_version=1, total_rounds=2, phase=phase,
-                            registered_trainers=1, message="hostile" + "\n" + FORGED)
+        return pb.RoundInfo(
+            run_id=RUN,
+            round_id=1,
+            global_version=1,
+            total_rounds=2,
+            phase=phase,
+            registered_trainers=1,
+            message="hostile" + "\n" + FORGED,
+        )
 
     def Register(self, request, context):
         with self.lock:
@@ -749,8 +939,14 @@ class HostileAggregator(pb_grpc.AggregatorServiceServicer):
                 self.initial = initial
                 self.v1 = encode_adapter(perturbed(initial, 0.01, seed=5), initial, WireConfig())
                 self.v1_state = decode_adapter(self.v1.data, self.v1.sha256, initial, WireConfig()).tensors
-        return pb.RegisterResponse(round=self._info(), codec="int8", delta=False, drop_masked_rows=True,
-                                   heartbeat_interval_ms=1000, max_chunk_bytes=1 << 20)
+        return pb.RegisterResponse(
+            round=self._info(),
+            codec="int8",
+            delta=False,
+            drop_masked_rows=True,
+            heartbeat_interval_ms=1000,
+            max_chunk_bytes=1 << 20,
+        )
 
     def Heartbeat(self, request, context):
         return pb.HeartbeatResponse(round=self._info())
@@ -774,8 +970,16 @@ class HostileAggregator(pb_grpc.AggregatorServiceServicer):
             case = HOSTILE_GLOBALS[min(len(self.fetches), len(HOSTILE_GLOBALS) - 1)][0]
             self.fetches.append((case, request.version, time.time()))
         data, sha = self._payload(case)
-        header = pb.PayloadHeader(run_id=RUN, round_id=0, node_id=request.node_id, version=request.version,
-                                  codec="int8", wire_bytes=len(data), sha256=sha, raw_bytes=4096)
+        header = pb.PayloadHeader(
+            run_id=RUN,
+            round_id=0,
+            node_id=request.node_id,
+            version=request.version,
+            codec="int8",
+            wire_bytes=len(data),
+            sha256=sha,
+            raw_bytes=4096,
+        )
         if case == "no header first":
             yield pb.FetchGlobalResponse(chunk=data)
             return
@@ -827,20 +1031,38 @@ class HostileAggregator(pb_grpc.AggregatorServiceServicer):
         return data, sha256_hex(data)
 
 
-def test_a_node_refuses_what_a_hostile_aggregator_sends_keeps_its_state_and_retries(pki, partition_dir,
-                                                                                   feature_cache, tmp_path):
+def test_a_node_refuses_what_a_hostile_aggregator_sends_keeps_its_state_and_retries(
+    pki, partition_dir, feature_cache, tmp_path
+):
     fake = HostileAggregator()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8),
-                         options=[o for o in server_options() if o[0] != "grpc.max_send_message_length"]
-                         + [("grpc.max_send_message_length", 64 << 20)])
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=8),
+        options=[o for o in server_options() if o[0] != "grpc.max_send_message_length"]
+        + [("grpc.max_send_message_length", 64 << 20)],
+    )
     pb_grpc.add_AggregatorServiceServicer_to_server(fake, server)
     port = server.add_secure_port("127.0.0.1:0", server_credentials(tls_of(pki, "aggregator")))
     server.start()
     cluster = Cluster(tmp_path)
     try:
-        node = start_node(cluster, pki, partition_dir, "hospital_1", port, free_port(), tmp_path / "state",
-                          feature_cache, "--retry-initial-s", "0.05", "--retry-max-s", "0.2",
-                          "--transfer-timeout-s", str(STALL_S), "--rpc-timeout-s", "10")
+        node = start_node(
+            cluster,
+            pki,
+            partition_dir,
+            "hospital_1",
+            port,
+            free_port(),
+            tmp_path / "state",
+            feature_cache,
+            "--retry-initial-s",
+            "0.05",
+            "--retry-max-s",
+            "0.2",
+            "--transfer-timeout-s",
+            str(STALL_S),
+            "--rpc-timeout-s",
+            "10",
+        )
         code = node.wait(timeout=START_TIMEOUT)
     finally:
         cluster.close()
@@ -869,8 +1091,14 @@ def test_a_node_refuses_what_a_hostile_aggregator_sends_keeps_its_state_and_retr
         else:
             assert f"global v1 refused ({expected})" in log_text, expected
             outcome_text, retried = f"refused: {expected}", "yes, with backoff"
-        TALLY.node_side.append({"case": case, "answer": outcome_text, "retried": retried,
-                                "state": "kept (v0, nothing sent)" if expected != "accepted" else "now v1"})
+        TALLY.node_side.append(
+            {
+                "case": case,
+                "answer": outcome_text,
+                "retried": retried,
+                "state": "kept (v0, nothing sent)" if expected != "accepted" else "now v1",
+            }
+        )
     assert log_text.count("fetching again in") == sum(1 for _, e in HOSTILE_GLOBALS if e.islower() and e != "accepted")
 
 
@@ -901,21 +1129,26 @@ def test_tally(target):
     base = sorted(dt for _, dt, _ in baseline)
     base_p50, base_max = base[len(base) // 2], base[-1]
     tried, rejected, accepted = sum(t.tried.values()), sum(t.rejected.values()), sum(t.accepted.values())
-    lines = ["# Hostile input: cases tried against a running aggregator (mTLS, real gRPC)", "",
-             f"{tried} cases tried, {rejected} refused with a typed gRPC status (its reason in the status details), "
-             f"{sum(t.counted.values())} of them also counted in fedmedclip_requests_rejected_total; {accepted} "
-             "answered OK by design (a replay, a registration repeated, an escaped string, the valid reports, the "
-             "capped 10^9 claim). The aggregator kept serving: another hospital's heartbeats, sent back to back "
-             f"from a separate process for the whole run ({len(samples)} of them), were answered in "
-             f"{base_p50 * 1e3:.1f} ms (median; slowest {base_max * 1e3:.1f} ms) before the first case, and the "
-             f"slowest one that overlapped each case (or followed it within {AFTER_S * 1e3:.0f} ms) is in the table "
-             f"(normal: under {NORMAL_LATENCY_S:.0f} s). "
-             "Nothing refused reached the average: the global after the round equals, byte for byte, the one "
-             "computed from the 2 valid updates alone with the federation's weights; report.json stays strict JSON; "
-             "no client string forged a log line.", "",
-             t.notes.get("_weights", ""), "",
-             "| case | tried | refused | counted | accepted | statuses | reasons | other nodes' slowest heartbeat |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Hostile input: cases tried against a running aggregator (mTLS, real gRPC)",
+        "",
+        f"{tried} cases tried, {rejected} refused with a typed gRPC status (its reason in the status details), "
+        f"{sum(t.counted.values())} of them also counted in fedmedclip_requests_rejected_total; {accepted} "
+        "answered OK by design (a replay, a registration repeated, an escaped string, the valid reports, the "
+        "capped 10^9 claim). The aggregator kept serving: another hospital's heartbeats, sent back to back "
+        f"from a separate process for the whole run ({len(samples)} of them), were answered in "
+        f"{base_p50 * 1e3:.1f} ms (median; slowest {base_max * 1e3:.1f} ms) before the first case, and the "
+        f"slowest one that overlapped each case (or followed it within {AFTER_S * 1e3:.0f} ms) is in the table "
+        f"(normal: under {NORMAL_LATENCY_S:.0f} s). "
+        "Nothing refused reached the average: the global after the round equals, byte for byte, the one "
+        "computed from the 2 valid updates alone with the federation's weights; report.json stays strict JSON; "
+        "no client string forged a log line.",
+        "",
+        t.notes.get("_weights", ""),
+        "",
+        "| case | tried | refused | counted | accepted | statuses | reasons | other nodes' slowest heartbeat |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     slow = []
     for category in t.tried:
         if category in t.own_aggregator:
@@ -928,18 +1161,26 @@ def test_tally(target):
         else:
             served = "no heartbeat overlapped (a case of a few ms)"
         note = t.notes.get(category)
-        lines.append(f"| {category} | {t.tried[category]} | {t.rejected[category]} | {t.counted[category]} | "
-                     f"{t.accepted[category]}{f': {note}' if note else ''} | "
-                     f"{', '.join(sorted(t.statuses.get(category, ())))} | "
-                     f"{', '.join(sorted(t.reasons.get(category, ()))) or '-'} | {served} |")
-    lines += ["", "## The other direction: a hostile aggregator against a real hospital node", "",
-              "A fake aggregator (a real gRPC server with the aggregator's certificate) answers a real node process's "
-              "downloads of global v1 with each case below, in turn, then with the valid global. The node refused "
-              "each one with a typed error (the reason the aggregator would give) or saw gRPC's own status, kept the "
-              "global and the state it held (it asked for v1 again each time, and evaluated, trained and uploaded "
-              "nothing until the valid global came), fetched again after a backoff with jitter, and finished the "
-              "run (exit code 0, no traceback).", "",
-              "| case | the node's answer | retried | its state |", "|---|---|---|---|"]
+        lines.append(
+            f"| {category} | {t.tried[category]} | {t.rejected[category]} | {t.counted[category]} | "
+            f"{t.accepted[category]}{f': {note}' if note else ''} | "
+            f"{', '.join(sorted(t.statuses.get(category, ())))} | "
+            f"{', '.join(sorted(t.reasons.get(category, ()))) or '-'} | {served} |"
+        )
+    lines += [
+        "",
+        "## The other direction: a hostile aggregator against a real hospital node",
+        "",
+        "A fake aggregator (a real gRPC server with the aggregator's certificate) answers a real node process's "
+        "downloads of global v1 with each case below, in turn, then with the valid global. The node refused "
+        "each one with a typed error (the reason the aggregator would give) or saw gRPC's own status, kept the "
+        "global and the state it held (it asked for v1 again each time, and evaluated, trained and uploaded "
+        "nothing until the valid global came), fetched again after a backoff with jitter, and finished the "
+        "run (exit code 0, no traceback).",
+        "",
+        "| case | the node's answer | retried | its state |",
+        "|---|---|---|---|",
+    ]
     for row in t.node_side:
         lines.append(f"| {row['case']} | {row['answer']} | {row['retried']} | {row['state']} |")
     text = "\n".join(lines) + "\n"

@@ -43,7 +43,7 @@ def _free_port() -> int:
 def _copy_images(src: Path, dest: Path, classes: dict[str, int], skip: int = 0) -> None:
     for cls, n in classes.items():
         (dest / cls).mkdir(parents=True, exist_ok=True)
-        for f in sorted((src / cls).iterdir())[skip:skip + n]:
+        for f in sorted((src / cls).iterdir())[skip : skip + n]:
             shutil.copy(f, dest / cls / f.name)
 
 
@@ -68,12 +68,19 @@ class Shell:
             return None
         cd = re.search(r"&& cd (\S+)$", command)
         if background:
-            proc = subprocess.Popen(["bash", "-c", command], cwd=self.cwd, env=self.env, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(
+                ["bash", "-c", command],
+                cwd=self.cwd,
+                env=self.env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
             self.daemons.append(proc)
             return proc
-        done = subprocess.run(["bash", "-c", command], cwd=self.cwd, env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
+        done = subprocess.run(
+            ["bash", "-c", command], cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
         assert done.returncode == 0, f"{command}\n{done.stdout}\n{done.stderr}"
         if cd:
             self.cwd = (self.cwd / cd.group(1)).resolve()
@@ -93,10 +100,16 @@ def _stop(proc: subprocess.Popen) -> None:
 def test_a_hospital_joins_from_its_kit_alone(tmp_path, brain_tumor_root, feature_cache):
     operator_lines, hospital_lines = _blocks()
     port = _free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PATH=f"{BIN}:{os.environ['PATH']}",
-               FEDMEDCLIP_PROVISION_PORT=str(port), FEDMEDCLIP_AGGREGATOR_METRICS_PORT="0",
-               FEDMEDCLIP_AGGREGATOR_HEALTH_PORT="0", FEDMEDCLIP_NODE_METRICS_PORT="0",
-               FEDMEDCLIP_NODE_PROGRESS="false")
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        PATH=f"{BIN}:{os.environ['PATH']}",
+        FEDMEDCLIP_PROVISION_PORT=str(port),
+        FEDMEDCLIP_AGGREGATOR_METRICS_PORT="0",
+        FEDMEDCLIP_AGGREGATOR_HEALTH_PORT="0",
+        FEDMEDCLIP_NODE_METRICS_PORT="0",
+        FEDMEDCLIP_NODE_PROGRESS="false",
+    )
     train = brain_tumor_root / "Training"
     data = {"hospital_a": tmp_path / "site-a" / "mri", "hospital_b": tmp_path / "site-b" / "mri"}
     _copy_images(train, data["hospital_a"], {"glioma": 12, "notumor": 12, "pituitary": 6})
@@ -145,7 +158,7 @@ def test_a_hospital_joins_from_its_kit_alone(tmp_path, brain_tumor_root, feature
         shell.run(predict)
         rows = (shell.cwd / "predictions.csv").read_text().splitlines()
         assert len(rows) == 1 + 4 and rows[0].startswith("path,prediction,confidence")
-        for name, shell in hospitals.items():  # ./stop.sh, as the README says
+        for shell in hospitals.values():  # ./stop.sh, as the README says
             stopped = subprocess.run(["./stop.sh"], cwd=shell.cwd, capture_output=True, text=True, timeout=30)
             assert stopped.returncode == 0 and "stopped pid" in stopped.stdout, stopped.stdout
             assert shell.daemons[0].wait(timeout=60) == 0

@@ -16,12 +16,14 @@ CORE = sorted(
 
 def test_learning_and_data_never_import_grpc():
     """One fresh interpreter imports the whole core; a module that pulls in gRPC is named."""
-    code = ("import importlib, sys\n"
-            f"for name in {CORE!r}:\n"
-            "    importlib.import_module(name)\n"
-            "    bad = sorted(m for m in sys.modules if m == 'grpc' or m.startswith(('grpc.', 'grpc_', 'google.rpc')))\n"
-            "    if bad:\n"
-            "        print(name, bad[:5]); sys.exit(1)\n")
+    code = (
+        "import importlib, sys\n"
+        f"for name in {CORE!r}:\n"
+        "    importlib.import_module(name)\n"
+        "    bad = sorted(m for m in sys.modules if m == 'grpc' or m.startswith(('grpc.', 'grpc_', 'google.rpc')))\n"
+        "    if bad:\n"
+        "        print(name, bad[:5]); sys.exit(1)\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"{done.stdout.strip()} {done.stderr[-500:]}"
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shared.learning.rounds import row_masks_of
 from shared.learning.model import FAM, FedCLIPAdapter, MaskedLinear, PrivateMLP
 from shared.learning.objective import LossConfig, ensemble_probs, entropy, local_loss, mutual_kl
+from shared.learning.rounds import row_masks_of
 
 
 def test_threshold_receives_gradient_through_straight_through_estimator():

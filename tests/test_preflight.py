@@ -17,8 +17,13 @@ CLASSES = "glioma,meningioma,notumor,pituitary"
 
 
 def _run(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([str(FEDMEDCLIP), *args], capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    return subprocess.run(
+        [str(FEDMEDCLIP), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
 
 
 def _free_port() -> int:
@@ -43,8 +48,9 @@ def federation(tmp_path_factory, brain_tumor_root):
     root = tmp_path_factory.mktemp("preflight")
     port = _free_port()
     for name in ("ours", "foreign"):
-        done = _run("provision", "--nodes", "hospital_1", "--out", str(root / name), "--classes", CLASSES,
-                    "--port", str(port))
+        done = _run(
+            "provision", "--nodes", "hospital_1", "--out", str(root / name), "--classes", CLASSES, "--port", str(port)
+        )
         assert done.returncode == 0, done.stderr
     images = root / "images"
     for cls in ("glioma", "notumor"):
@@ -52,9 +58,23 @@ def federation(tmp_path_factory, brain_tumor_root):
         for src in sorted((brain_tumor_root / "Training" / cls).iterdir())[:5]:
             shutil.copy(src, images / cls / src.name)
     agg_dir = root / "ours" / "aggregator"
-    proc = subprocess.Popen([str(FEDMEDCLIP), "aggregator", "--config", str(agg_dir / "aggregator.yaml"),
-                             "--health-port", "0", "--metrics-port", "0", "--registration-timeout-s", "600"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    proc = subprocess.Popen(
+        [
+            str(FEDMEDCLIP),
+            "aggregator",
+            "--config",
+            str(agg_dir / "aggregator.yaml"),
+            "--health-port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--registration-timeout-s",
+            "600",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     try:
         deadline = time.monotonic() + 120
         while not (agg_dir / "runs" / "endpoints.json").exists():
@@ -75,8 +95,7 @@ def test_a_good_kit_passes_every_check(federation):
     kit = federation["root"] / "ours" / "hospital_1"
     done = _run("node", "check", "--config", str(kit / "node.yaml"), "--data", str(federation["images"]))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert _rows(done.stdout) == {"identity": "PASSED", "data": "PASSED", "folders": "PASSED",
-                                  "aggregator": "PASSED"}
+    assert _rows(done.stdout) == {"identity": "PASSED", "data": "PASSED", "folders": "PASSED", "aggregator": "PASSED"}
 
 
 def test_a_certificate_of_another_federation_is_named_not_retried(federation):
@@ -86,22 +105,47 @@ def test_a_certificate_of_another_federation_is_named_not_retried(federation):
     assert done.returncode == 2
     assert _rows(done.stdout)["aggregator"] == "PROBLEM" and "does not trust the aggregator" in done.stdout
     # our CA, a foreign certificate: found locally, before any connection
-    done = _run("node", "check", "--config", str(ours / "node.yaml"), "--data", str(federation["images"]),
-                "--tls-cert", str(foreign / "cert.pem"), "--tls-key", str(foreign / "key.pem"))
+    done = _run(
+        "node",
+        "check",
+        "--config",
+        str(ours / "node.yaml"),
+        "--data",
+        str(federation["images"]),
+        "--tls-cert",
+        str(foreign / "cert.pem"),
+        "--tls-key",
+        str(foreign / "key.pem"),
+    )
     assert done.returncode == 2 and _rows(done.stdout)["identity"] == "PROBLEM"
     assert "not signed by the CA" in done.stdout
     # the aggregator's own verdict on a foreign certificate, asked directly
     from hospital_node.config import NodeConfig
     from hospital_node.preflight import Status, check_aggregator
 
-    check = check_aggregator(NodeConfig(node_id="hospital_1", aggregator=f"localhost:{federation['port']}",
-                                        tls_ca=str(ours / "ca.pem"), tls_cert=str(foreign / "cert.pem"),
-                                        tls_key=str(foreign / "key.pem")))
+    check = check_aggregator(
+        NodeConfig(
+            node_id="hospital_1",
+            aggregator=f"localhost:{federation['port']}",
+            tls_ca=str(ours / "ca.pem"),
+            tls_cert=str(foreign / "cert.pem"),
+            tls_key=str(foreign / "key.pem"),
+        )
+    )
     assert check.status is Status.PROBLEM and "refused this certificate" in check.detail
     # and the daemon stops at once with that message instead of retrying for minutes (the default
     # give_up_after_s is 600 s: the subprocess timeout below would fail the test first)
-    done = _run("node", "run", "--config", str(foreign / "node.yaml"), "--data", str(federation["images"]),
-                "--metrics-port", "0", timeout=120)
+    done = _run(
+        "node",
+        "run",
+        "--config",
+        str(foreign / "node.yaml"),
+        "--data",
+        str(federation["images"]),
+        "--metrics-port",
+        "0",
+        timeout=120,
+    )
     assert done.returncode == 2
     assert "does not trust the aggregator" in done.stderr.strip().splitlines()[-1]
 
@@ -118,6 +162,14 @@ def test_a_class_folder_outside_the_label_space_is_named(federation, tmp_path):
 
 def test_an_unreachable_aggregator_is_reported_as_such(federation, tmp_path):
     kit = federation["root"] / "ours" / "hospital_1"
-    done = _run("node", "check", "--config", str(kit / "node.yaml"), "--data", str(federation["images"]),
-                "--aggregator", f"127.0.0.1:{_free_port()}")
+    done = _run(
+        "node",
+        "check",
+        "--config",
+        str(kit / "node.yaml"),
+        "--data",
+        str(federation["images"]),
+        "--aggregator",
+        f"127.0.0.1:{_free_port()}",
+    )
     assert done.returncode == 2 and _rows(done.stdout)["aggregator"] == "UNREACHABLE"

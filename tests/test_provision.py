@@ -21,10 +21,27 @@ CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
 
 def _provision(tmp_path: Path, *extra: str, umask: int = 0o022) -> subprocess.CompletedProcess:
     (tmp_path / "classes.txt").write_text("\n".join(CLASSES) + "\n")
-    cmd = [str(FEDMEDCLIP), "provision", "--nodes", "hospital_1,hospital_2,global", "--evaluators", "global",
-           "--out", str(tmp_path / "kits"), "--classes-file", str(tmp_path / "classes.txt"), *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=dict(os.environ, HF_HUB_OFFLINE="1"),
-                          preexec_fn=lambda: os.umask(umask))
+    cmd = [
+        str(FEDMEDCLIP),
+        "provision",
+        "--nodes",
+        "hospital_1,hospital_2,global",
+        "--evaluators",
+        "global",
+        "--out",
+        str(tmp_path / "kits"),
+        "--classes-file",
+        str(tmp_path / "classes.txt"),
+        *extra,
+    ]
+    return subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        preexec_fn=lambda: os.umask(umask),
+    )
 
 
 def _mode(path: Path) -> int:
@@ -60,8 +77,9 @@ def test_a_kit_works_wherever_it_is_copied(tmp_path):
     assert cfg.state_dir == str(elsewhere / "state") and cfg.cache_dir == str(elsewhere / "cache")
     from shared.wire.tls import load_material
 
-    material = load_material("node hospital_1", cfg.aggregator, insecure=False, ca=cfg.tls_ca, cert=cfg.tls_cert,
-                             key=cfg.tls_key)
+    material = load_material(
+        "node hospital_1", cfg.aggregator, insecure=False, ca=cfg.tls_ca, cert=cfg.tls_cert, key=cfg.tls_key
+    )
     assert material is not None
 
 
@@ -85,8 +103,19 @@ def test_provisioning_again_keeps_certificates_and_adds_a_hospital(tmp_path):
     assert _provision(tmp_path).returncode == 0
     before = (tmp_path / "kits" / "hospital_1" / "cert.pem").read_bytes()
     ca_before = (tmp_path / "kits-ca" / "ca.pem").read_bytes()
-    done = subprocess.run([str(FEDMEDCLIP), "provision", "--nodes", "hospital_1,hospital_2,global,hospital_3",
-                           "--out", str(tmp_path / "kits")], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            str(FEDMEDCLIP),
+            "provision",
+            "--nodes",
+            "hospital_1,hospital_2,global,hospital_3",
+            "--out",
+            str(tmp_path / "kits"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "kits" / "hospital_1" / "cert.pem").read_bytes() == before
     assert (tmp_path / "kits-ca" / "ca.pem").read_bytes() == ca_before
@@ -103,9 +132,22 @@ def test_a_ca_folder_inside_the_kits_is_refused(tmp_path):
 def test_insecure_in_the_environment_cannot_downgrade_a_provisioned_service(tmp_path):
     assert _provision(tmp_path).returncode == 0
     kit = tmp_path / "kits" / "aggregator"
-    done = subprocess.run([str(FEDMEDCLIP), "aggregator", "--config", str(kit / "aggregator.yaml"),
-                           "--metrics-port", "0", "--health-port", "0"], capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1", FEDMEDCLIP_AGGREGATOR_INSECURE="true"))
+    done = subprocess.run(
+        [
+            str(FEDMEDCLIP),
+            "aggregator",
+            "--config",
+            str(kit / "aggregator.yaml"),
+            "--metrics-port",
+            "0",
+            "--health-port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", FEDMEDCLIP_AGGREGATOR_INSECURE="true"),
+    )
     assert done.returncode == 2, done.stderr
     assert "insecure is set, but so is TLS material" in done.stderr.strip().splitlines()[-1]
     assert not (kit / "runs" / "endpoints.json").exists()  # it never served
@@ -113,14 +155,23 @@ def test_insecure_in_the_environment_cannot_downgrade_a_provisioned_service(tmp_
 
 def test_an_aggregator_without_pinned_classes_and_fingerprint_refuses_to_start(tmp_path):
     """Trust on first use is an explicit choice: else an attacker registering first would lock others out."""
-    done = subprocess.run([str(FEDMEDCLIP), "provision", "--nodes", "hospital_1", "--out", str(tmp_path / "kits")],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [str(FEDMEDCLIP), "provision", "--nodes", "hospital_1", "--out", str(tmp_path / "kits")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     config = tmp_path / "kits" / "aggregator" / "aggregator.yaml"
     assert "class_names" not in yaml.safe_load(config.read_text())
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    done = subprocess.run([str(FEDMEDCLIP), "aggregator", "--config", str(config), "--metrics-port", "0",
-                           "--health-port", "0"], capture_output=True, text=True, timeout=120, env=env)
+    done = subprocess.run(
+        [str(FEDMEDCLIP), "aggregator", "--config", str(config), "--metrics-port", "0", "--health-port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert done.returncode == 2
     assert "class_names and backbone_fingerprint are not set" in done.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "kits" / "aggregator" / "runs" / "endpoints.json").exists()

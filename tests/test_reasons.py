@@ -55,20 +55,36 @@ def initial_state() -> dict[str, torch.Tensor]:
 def payload(seed: int):
     g = torch.Generator().manual_seed(seed)
     base = initial_state()
-    return encode_adapter({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}, base,
-                          WireConfig())
+    return encode_adapter(
+        {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}, base, WireConfig()
+    )
 
 
 def register_request(node_id: str, **overrides) -> pb.RegisterRequest:
-    fields = dict(node_id=node_id, role=pb.NODE_ROLE_TRAINER, backbone_fingerprint=FP, class_names=CLASSES,
-                  embed_dim=DIM, method="fedmedclip", initial_state_sha256=state_digest(initial_state()),
-                  num_train_samples=10)
+    fields = dict(
+        node_id=node_id,
+        role=pb.NODE_ROLE_TRAINER,
+        backbone_fingerprint=FP,
+        class_names=CLASSES,
+        embed_dim=DIM,
+        method="fedmedclip",
+        initial_state_sha256=state_digest(initial_state()),
+        num_train_samples=10,
+    )
     return pb.RegisterRequest(**(fields | overrides))
 
 
 def upload(stub, run_id: str, node: str, p, round_id: int = 0, **header):
-    head = pb.PayloadHeader(run_id=run_id, round_id=round_id, node_id=node, update_id=f"{node}-r{round_id}",
-                            codec=p.codec, wire_bytes=len(p.data), sha256=p.sha256, raw_bytes=p.raw_nbytes)
+    head = pb.PayloadHeader(
+        run_id=run_id,
+        round_id=round_id,
+        node_id=node,
+        update_id=f"{node}-r{round_id}",
+        codec=p.codec,
+        wire_bytes=len(p.data),
+        sha256=p.sha256,
+        raw_bytes=p.raw_nbytes,
+    )
     head.MergeFrom(pb.PayloadHeader(**header))
     messages = [pb.UploadUpdateRequest(header=head)] + [pb.UploadUpdateRequest(chunk=c) for c in chunks(p.data)]
     return stub.UploadUpdate(iter(messages), timeout=10)
@@ -86,8 +102,11 @@ def served(tmp_path):
     cfg = AggregatorConfig(out_dir=str(tmp_path), rounds=3, min_nodes=2, embed_dim=DIM, round_timeout_s=30)
     telemetry = Telemetry("aggregator")
     engine = RoundEngine(cfg, CheckpointStore(tmp_path), telemetry)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), interceptors=[MetricsInterceptor(telemetry)],
-                         options=server_options())
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=8),
+        interceptors=[MetricsInterceptor(telemetry)],
+        options=server_options(),
+    )
     pb_grpc.add_AggregatorServiceServicer_to_server(AggregatorServicer(engine, cfg, telemetry, tls=False), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -112,8 +131,12 @@ def test_every_reason_has_one_status_code_and_one_action_and_an_aip193_name():
     # the reasons the node handles without giving up
     assert Reason.UNKNOWN_NODE.action is Action.REREGISTER
     assert {r for r in Reason if r.action is Action.RESYNC} == {
-        Reason.ROUND_NOT_OPEN, Reason.STALE_ROUND, Reason.FUTURE_ROUND, Reason.CONFLICTING_UPDATE,
-        Reason.CONFLICTING_REPLAY}
+        Reason.ROUND_NOT_OPEN,
+        Reason.STALE_ROUND,
+        Reason.FUTURE_ROUND,
+        Reason.CONFLICTING_UPDATE,
+        Reason.CONFLICTING_REPLAY,
+    }
 
 
 def _subclasses(cls: type) -> list[type]:
@@ -121,8 +144,11 @@ def _subclasses(cls: type) -> list[type]:
 
 
 def test_each_payload_error_class_names_its_own_reason_with_the_label_it_always_had():
-    classes = [c for base in (CodecError, UpdateOutOfBoundsError, AggregationError, PayloadAssemblyError)
-               for c in _subclasses(base)]
+    classes = [
+        c
+        for base in (CodecError, UpdateOutOfBoundsError, AggregationError, PayloadAssemblyError)
+        for c in _subclasses(base)
+    ]
     assert len(classes) >= 13
     for cls in classes:
         assert issubclass(cls, FedMedCLIPError)
@@ -168,21 +194,41 @@ def test_refusals_carry_their_reason_in_the_rich_status_and_map_to_the_node_acti
 
     upload(stub, run_id, "h1", payload(1), num_train_samples=10)
     upload(stub, run_id, "h2", payload(2))
-    info = stub.GetRound(pb.GetRoundRequest(run_id=run_id, node_id="h1", wait_for_round=1, max_wait_ms=5000),
-                         timeout=10).round
+    info = stub.GetRound(
+        pb.GetRoundRequest(run_id=run_id, node_id="h1", wait_for_round=1, max_wait_ms=5000), timeout=10
+    ).round
     assert info.round_id == 1
     stale = refused(lambda: upload(stub, run_id, "h1", payload(3), round_id=0, update_id="h1-late"))
     assert stale.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert reason_of(stale) is Reason.STALE_ROUND and action_of(stale) is Action.RESYNC
 
-    rejected = {s.labels["reason"]: s.value for m in telemetry.registry.collect()
-                if m.name == "fedmedclip_requests_rejected" for s in m.samples if s.name.endswith("_total")}
-    assert rejected == {"unknown_node": 1.0, "wrong_run": 1.0, "registration_mismatch": 1.0,
-                        "checksum_mismatch": 1.0, "bad_sample_count": 1.0, "stale_round": 1.0}
-    handled = {(s.labels["grpc_method"], s.labels["grpc_code"]) for m in telemetry.registry.collect()
-               if m.name == "fedmedclip_grpc_server_handled" for s in m.samples if s.name.endswith("_total")}
-    assert {("GetRound", "UNAUTHENTICATED"), ("Register", "FAILED_PRECONDITION"),
-            ("UploadUpdate", "INVALID_ARGUMENT")} <= handled
+    rejected = {
+        s.labels["reason"]: s.value
+        for m in telemetry.registry.collect()
+        if m.name == "fedmedclip_requests_rejected"
+        for s in m.samples
+        if s.name.endswith("_total")
+    }
+    assert rejected == {
+        "unknown_node": 1.0,
+        "wrong_run": 1.0,
+        "registration_mismatch": 1.0,
+        "checksum_mismatch": 1.0,
+        "bad_sample_count": 1.0,
+        "stale_round": 1.0,
+    }
+    handled = {
+        (s.labels["grpc_method"], s.labels["grpc_code"])
+        for m in telemetry.registry.collect()
+        if m.name == "fedmedclip_grpc_server_handled"
+        for s in m.samples
+        if s.name.endswith("_total")
+    }
+    assert {
+        ("GetRound", "UNAUTHENTICATED"),
+        ("Register", "FAILED_PRECONDITION"),
+        ("UploadUpdate", "INVALID_ARGUMENT"),
+    } <= handled
 
 
 def test_an_unreachable_aggregator_carries_no_reason_and_is_retried():
@@ -223,8 +269,9 @@ def test_the_node_registers_again_gives_up_or_resyncs_by_reason(served):
     assert registered == ["again"] and reason_of(still.value) is Reason.UNKNOWN_NODE
 
     with pytest.raises(NodeRefused) as refused_for_good:
-        client._call("Register", lambda: stub.Register(register_request("h4", method="fedclip"), timeout=10),
-                     reregister=False)
+        client._call(
+            "Register", lambda: stub.Register(register_request("h4", method="fedclip"), timeout=10), reregister=False
+        )
     assert refused_for_good.value.reason is Reason.REGISTRATION_MISMATCH
     assert isinstance(refused_for_good.value, FedMedCLIPError)
     assert "FAILED_PRECONDITION" in str(refused_for_good.value)
@@ -241,13 +288,32 @@ def _checkpoint_made_with_defaults(out) -> None:
     """A checkpoint after one round, with codec int8 (the default)."""
     cfg = AggregatorConfig(out_dir=str(out), rounds=2, min_nodes=1, embed_dim=DIM)
     engine = RoundEngine(cfg, CheckpointStore(out), Telemetry("aggregator"))
-    engine.register(Registration(node_id="h1", role=Role.TRAINER, fingerprint=FP, class_names=tuple(CLASSES),
-                                 embed_dim=DIM, method="fedmedclip", initial_sha256=state_digest(initial_state()),
-                                 num_train=10))
+    engine.register(
+        Registration(
+            node_id="h1",
+            role=Role.TRAINER,
+            fingerprint=FP,
+            class_names=tuple(CLASSES),
+            embed_dim=DIM,
+            method="fedmedclip",
+            initial_sha256=state_digest(initial_state()),
+            num_train=10,
+        )
+    )
     engine.step()
     p = payload(1)
-    engine.submit(UpdateHeader(run_id=engine.run_id, round_id=0, node_id="h1", update_id="u", codec=p.codec,
-                               sha256=p.sha256, wire_bytes=len(p.data)), p.data)
+    engine.submit(
+        UpdateHeader(
+            run_id=engine.run_id,
+            round_id=0,
+            node_id="h1",
+            update_id="u",
+            codec=p.codec,
+            sha256=p.sha256,
+            wire_bytes=len(p.data),
+        ),
+        p.data,
+    )
     engine.step()
     assert CheckpointStore(out).load().version == 1
 
@@ -263,11 +329,33 @@ def test_a_checkpoint_from_other_settings_is_a_typed_one_line_error_and_the_cli_
     assert "\n" not in message and "codec 'int8' -> 'fp16'" in message
     assert message.endswith("use a new out_dir or the original settings")
 
-    done = subprocess.run([sys.executable, "-m", "aggregator", "--insecure", "--trust-first-node", "true",
-                           "--out-dir", str(out), "--embed-dim",
-                           str(DIM), "--codec", "fp16", "--listen", "127.0.0.1:0", "--health-port", "0",
-                           "--metrics-port", "0"], cwd=REPO_ROOT, env=service_env(), capture_output=True, text=True,
-                          timeout=180)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aggregator",
+            "--insecure",
+            "--trust-first-node",
+            "true",
+            "--out-dir",
+            str(out),
+            "--embed-dim",
+            str(DIM),
+            "--codec",
+            "fp16",
+            "--listen",
+            "127.0.0.1:0",
+            "--health-port",
+            "0",
+            "--metrics-port",
+            "0",
+        ],
+        cwd=REPO_ROOT,
+        env=service_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     assert [line for line in done.stderr.splitlines() if message in line]

@@ -50,14 +50,30 @@ def initial_state(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def make_engine(tmp_path, clock=None, **overrides) -> RoundEngine:
-    cfg = AggregatorConfig(out_dir=str(tmp_path), rounds=2, min_nodes=2, embed_dim=DIM, round_timeout_s=10,
-                           quorum_timeout_s=5, linger_s=1, **overrides)
+    cfg = AggregatorConfig(
+        out_dir=str(tmp_path),
+        rounds=2,
+        min_nodes=2,
+        embed_dim=DIM,
+        round_timeout_s=10,
+        quorum_timeout_s=5,
+        linger_s=1,
+        **overrides,
+    )
     return RoundEngine(cfg, CheckpointStore(tmp_path), Telemetry("aggregator"), clock=clock or time.monotonic)
 
 
 def registration(node: str, **kw) -> Registration:
-    base = dict(node_id=node, role=Role.TRAINER, fingerprint=FP, class_names=CLASSES, embed_dim=DIM,
-                method="fedmedclip", initial_sha256=state_digest(initial_state()), num_train=10)
+    base = dict(
+        node_id=node,
+        role=Role.TRAINER,
+        fingerprint=FP,
+        class_names=CLASSES,
+        embed_dim=DIM,
+        method="fedmedclip",
+        initial_sha256=state_digest(initial_state()),
+        num_train=10,
+    )
     base.update(kw)
     return Registration(**base)
 
@@ -68,11 +84,20 @@ def update_payload(global_state, scale: float = 0.01, seed: int = 1):
     return encode_adapter(state, global_state, WireConfig())
 
 
-def header(engine, node: str, payload, round_id: int | None = None, update_id: str | None = None,
-           num_train: int = 0) -> UpdateHeader:
+def header(
+    engine, node: str, payload, round_id: int | None = None, update_id: str | None = None, num_train: int = 0
+) -> UpdateHeader:
     r = engine.version if round_id is None else round_id
-    return UpdateHeader(run_id=engine.run_id, round_id=r, node_id=node, update_id=update_id or f"{node}-r{r}",
-                        codec=payload.codec, sha256=payload.sha256, wire_bytes=len(payload.data), num_train=num_train)
+    return UpdateHeader(
+        run_id=engine.run_id,
+        round_id=r,
+        node_id=node,
+        update_id=update_id or f"{node}-r{r}",
+        codec=payload.codec,
+        sha256=payload.sha256,
+        wire_bytes=len(payload.data),
+        num_train=num_train,
+    )
 
 
 def refusal(call) -> Reason:
@@ -94,8 +119,9 @@ def test_round_closes_when_every_trainer_reported_and_retries_get_the_same_answe
     again = eng.submit(header(eng, "h1", p1), p1.data)  # a retry: same id, same answer
     assert again.replayed and again.update_id == ack.update_id and again.round_id == 0
     # another update for the same round
-    assert refusal(lambda: eng.submit(header(eng, "h1", p1, update_id="h1-other"), p1.data)) \
-        is Reason.CONFLICTING_UPDATE
+    assert (
+        refusal(lambda: eng.submit(header(eng, "h1", p1, update_id="h1-other"), p1.data)) is Reason.CONFLICTING_UPDATE
+    )
     eng.submit(header(eng, "h2", p2), p2.data)
     eng.step()
     assert eng.version == 1 and eng.phase == Phase.COLLECTING
@@ -106,11 +132,11 @@ def test_round_closes_when_every_trainer_reported_and_retries_get_the_same_answe
     decoded = decode_adapter(data, sha, initial_state(), WireConfig())
     assert all(torch.equal(decoded.tensors[k], eng.global_state[k]) for k in eng.global_state)
     ckpt = CheckpointStore(tmp_path).load()
-    assert ckpt.version == 1 and ckpt.accepted == {"0": {"h1": {"update_id": "h1-r0", "sha256": p1.sha256},
-                                                         "h2": {"update_id": "h2-r0", "sha256": p2.sha256}}}
+    assert ckpt.version == 1 and ckpt.accepted == {
+        "0": {"h1": {"update_id": "h1-r0", "sha256": p1.sha256}, "h2": {"update_id": "h2-r0", "sha256": p2.sha256}}
+    }
     # node records are stored as plain dicts, the shape the checkpoint always had (plus software_version)
-    assert ckpt.nodes["h1"] == {"role": "trainer", "num_train": 10, "num_val": 0, "num_test": 0,
-                                "software_version": ""}
+    assert ckpt.nodes["h1"] == {"role": "trainer", "num_train": 10, "num_val": 0, "num_test": 0, "software_version": ""}
 
 
 def test_stale_and_future_rounds_and_bad_payloads_get_typed_refusals(tmp_path):
@@ -135,15 +161,20 @@ def test_stale_and_future_rounds_and_bad_payloads_get_typed_refusals(tmp_path):
     eng.submit(header(eng, "h1", p, num_train=10), p.data)
     eng.submit(header(eng, "h2", p, update_id="h2-r0"), p.data)
     eng.step()
-    assert refusal(lambda: eng.submit(header(eng, "h1", p, round_id=0, update_id="h1-late"), p.data)) \
-        is Reason.STALE_ROUND
+    assert (
+        refusal(lambda: eng.submit(header(eng, "h1", p, round_id=0, update_id="h1-late"), p.data)) is Reason.STALE_ROUND
+    )
 
 
 def test_registration_with_another_fingerprint_label_space_or_seed_is_refused(tmp_path):
     eng = make_engine(tmp_path)
     eng.register(registration("h1"))
-    for bad in (dict(fingerprint="0" * 64), dict(class_names=("a", "b")),
-                dict(initial_sha256=state_digest(initial_state(seed=1))), dict(embed_dim=32)):
+    for bad in (
+        dict(fingerprint="0" * 64),
+        dict(class_names=("a", "b")),
+        dict(initial_sha256=state_digest(initial_state(seed=1))),
+        dict(embed_dim=32),
+    ):
         assert refusal(lambda bad=bad: eng.register(registration("h2", **bad))) is Reason.REGISTRATION_MISMATCH
     assert refusal(lambda: eng.register(registration("h2", role=None))) is Reason.BAD_ROLE
     assert refusal(lambda: eng.register(registration("h2", num_val=-1))) is Reason.BAD_SAMPLE_COUNT
@@ -161,8 +192,9 @@ def test_software_version_is_recorded_per_node_and_a_mismatch_reported(tmp_path)
     assert report["nodes"]["h1"]["software_version"] == __version__
     assert report["other_versions"] == {"h2": "0.0.1"}
     # a checkpoint written before records carried a software_version still loads
-    assert NodeRecord.from_dict({"role": "evaluator", "num_train": 0, "num_val": 0, "num_test": 5}) == \
-        NodeRecord(role=Role.EVALUATOR, num_train=0, num_test=5)
+    assert NodeRecord.from_dict({"role": "evaluator", "num_train": 0, "num_val": 0, "num_test": 5}) == NodeRecord(
+        role=Role.EVALUATOR, num_train=0, num_test=5
+    )
 
 
 def test_the_upload_chunk_size_follows_the_aggregator_within_bounds():
@@ -219,8 +251,10 @@ def test_restart_from_checkpoint_keeps_run_global_and_accepted_ids(tmp_path):
     p = sent["h1"]
     assert again.submit(header(again, "h1", p, round_id=0, update_id="h1-r0"), p.data).replayed
     other = update_payload(eng.global_state)  # other bytes under the accepted id: refused, not counted
-    assert refusal(lambda: again.submit(header(again, "h1", other, round_id=0, update_id="h1-r0"), other.data)) \
+    assert (
+        refusal(lambda: again.submit(header(again, "h1", other, round_id=0, update_id="h1-r0"), other.data))
         is Reason.CONFLICTING_REPLAY
+    )
     with pytest.raises(CheckpointMismatchError) as mismatch:
         make_engine(tmp_path, codec="fp16")
     assert isinstance(mismatch.value, ConfigError)  # the CLI prints it and exits 2
@@ -256,8 +290,11 @@ def grpc_aggregator(tmp_path):
     cfg = AggregatorConfig(out_dir=str(tmp_path), rounds=2, min_nodes=2, embed_dim=DIM, round_timeout_s=30)
     telemetry = Telemetry("aggregator")
     eng = RoundEngine(cfg, CheckpointStore(tmp_path), telemetry)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), interceptors=[MetricsInterceptor(telemetry)],
-                         options=server_options())
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=8),
+        interceptors=[MetricsInterceptor(telemetry)],
+        options=server_options(),
+    )
     pb_grpc.add_AggregatorServiceServicer_to_server(AggregatorServicer(eng, cfg, telemetry, tls=False), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -273,19 +310,33 @@ def grpc_aggregator(tmp_path):
 
 
 def _upload(stub, eng, node, payload, round_id=0, update_id=None, wire_bytes=None):
-    head = pb.PayloadHeader(run_id=eng.run_id, round_id=round_id, node_id=node,
-                            update_id=update_id or f"{node}-r{round_id}", codec=payload.codec,
-                            wire_bytes=len(payload.data) if wire_bytes is None else wire_bytes,
-                            sha256=payload.sha256, raw_bytes=payload.raw_nbytes)
-    messages = [pb.UploadUpdateRequest(header=head)] + [pb.UploadUpdateRequest(chunk=c)
-                                                        for c in chunks(payload.data, 4096)]
+    head = pb.PayloadHeader(
+        run_id=eng.run_id,
+        round_id=round_id,
+        node_id=node,
+        update_id=update_id or f"{node}-r{round_id}",
+        codec=payload.codec,
+        wire_bytes=len(payload.data) if wire_bytes is None else wire_bytes,
+        sha256=payload.sha256,
+        raw_bytes=payload.raw_nbytes,
+    )
+    messages = [pb.UploadUpdateRequest(header=head)] + [
+        pb.UploadUpdateRequest(chunk=c) for c in chunks(payload.data, 4096)
+    ]
     return stub.UploadUpdate(iter(messages), timeout=10)
 
 
 def test_grpc_statuses_for_refused_registrations_and_updates(grpc_aggregator):
     eng, stub, telemetry = grpc_aggregator
-    req = dict(role=pb.NODE_ROLE_TRAINER, backbone_fingerprint=FP, class_names=list(CLASSES), embed_dim=DIM,
-               method="fedmedclip", initial_state_sha256=state_digest(initial_state()), num_train_samples=10)
+    req = dict(
+        role=pb.NODE_ROLE_TRAINER,
+        backbone_fingerprint=FP,
+        class_names=list(CLASSES),
+        embed_dim=DIM,
+        method="fedmedclip",
+        initial_state_sha256=state_digest(initial_state()),
+        num_train_samples=10,
+    )
     for n in ("h1", "h2"):
         stub.Register(pb.RegisterRequest(node_id=n, **req), timeout=10)
     with pytest.raises(grpc.RpcError) as refused:
@@ -312,12 +363,18 @@ def test_grpc_statuses_for_refused_registrations_and_updates(grpc_aggregator):
     first = _upload(stub, eng, "h1", p)
     retry = _upload(stub, eng, "h1", p)
     assert not first.replayed and retry.replayed and retry.update_id == first.update_id
-    rejected = {s.labels["reason"]: s.value for m in telemetry.registry.collect()
-                if m.name == "fedmedclip_updates_rejected" for s in m.samples if s.name.endswith("_total")}
+    rejected = {
+        s.labels["reason"]: s.value
+        for m in telemetry.registry.collect()
+        if m.name == "fedmedclip_updates_rejected"
+        for s in m.samples
+        if s.name.endswith("_total")
+    }
     assert rejected == {"bad_stream": 1.0, "checksum_mismatch": 1.0, "future_round": 1.0, "unknown_node": 1.0}
     _upload(stub, eng, "h2", update_payload(eng.global_state, seed=5))
-    info = stub.GetRound(pb.GetRoundRequest(run_id=eng.run_id, node_id="h1", wait_for_round=1, max_wait_ms=5000),
-                         timeout=10).round
+    info = stub.GetRound(
+        pb.GetRoundRequest(run_id=eng.run_id, node_id="h1", wait_for_round=1, max_wait_ms=5000), timeout=10
+    ).round
     assert info.round_id == 1 and info.global_version == 1
     with pytest.raises(grpc.RpcError) as stale:
         _upload(stub, eng, "h1", p, round_id=0, update_id="h1-late")
@@ -354,8 +411,12 @@ def test_the_robust_aggregation_rule_is_chosen_in_the_aggregator_config(tmp_path
 
     yaml_file = tmp_path / "aggregator.yaml"
     yaml_file.write_text("aggregation: trimmed_mean\ntrim_ratio: 0.34\nmax_update_norm: null\n")
-    cfg = load_config(AggregatorConfig, yaml_path=str(yaml_file), env={},
-                      flags={"out_dir": str(tmp_path), "rounds": 1, "min_nodes": 3, "embed_dim": DIM})
+    cfg = load_config(
+        AggregatorConfig,
+        yaml_path=str(yaml_file),
+        env={},
+        flags={"out_dir": str(tmp_path), "rounds": 1, "min_nodes": 3, "embed_dim": DIM},
+    )
     eng = RoundEngine(cfg, CheckpointStore(tmp_path), Telemetry("aggregator"))
     for n in ("h1", "h2", "h3"):
         eng.register(registration(n))

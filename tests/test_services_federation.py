@@ -25,10 +25,28 @@ import pytest
 from hospital_node.state import StateStore
 from shared.ops.exitcodes import ExitCode
 from shared.wire.reasons import Reason
-from tests.services_support import (ALL_NODES, HOSPITALS, REPO_ROOT, ROUNDS, START_TIMEOUT, TRAINERS, Cluster,
-                                    assert_matches_reference, finished, free_port, read_json, scrape, scrape_or_none,
-                                    service_env, start_aggregator, start_node, total, trainers_only, updates_accepted,
-                                    wait_for)
+from tests.services_support import (
+    ALL_NODES,
+    HOSPITALS,
+    REPO_ROOT,
+    ROUNDS,
+    START_TIMEOUT,
+    TRAINERS,
+    Cluster,
+    assert_matches_reference,
+    finished,
+    free_port,
+    read_json,
+    scrape,
+    scrape_or_none,
+    service_env,
+    start_aggregator,
+    start_node,
+    total,
+    trainers_only,
+    updates_accepted,
+    wait_for,
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,20 +57,53 @@ def federation(tmp_path_factory, pki, partition_dir, reference, feature_cache):
     ports = {"grpc": free_port(), "health": free_port(), "metrics": free_port()}
     node_metrics = {n: free_port() for n in ALL_NODES}
     try:
-        start_aggregator(cluster, pki, "aggregator", root / "agg", ports["grpc"], ports["health"], ports["metrics"],
-                         exit_when_done=False)
+        start_aggregator(
+            cluster,
+            pki,
+            "aggregator",
+            root / "agg",
+            ports["grpc"],
+            ports["health"],
+            ports["metrics"],
+            exit_when_done=False,
+        )
         for node in ALL_NODES:
-            start_node(cluster, pki, partition_dir, node, ports["grpc"], node_metrics[node], root / "state",
-                       feature_cache, "--exit-when-done", "false")
-        report = wait_for(lambda: finished(root / "agg" / "report.json", ALL_NODES), START_TIMEOUT,
-                          "the federation to finish", cluster.procs)
+            start_node(
+                cluster,
+                pki,
+                partition_dir,
+                node,
+                ports["grpc"],
+                node_metrics[node],
+                root / "state",
+                feature_cache,
+                "--exit-when-done",
+                "false",
+            )
+        report = wait_for(
+            lambda: finished(root / "agg" / "report.json", ALL_NODES),
+            START_TIMEOUT,
+            "the federation to finish",
+            cluster.procs,
+        )
         # a node counts the last global it fetched, and its last upload before it, once its round gauge
         # shows the final version: from then on its counters are final
-        wait_for(lambda: all(total(scrape_or_none(p) or {}, "fedmedclip_round_current") == ROUNDS
-                             for p in node_metrics.values()), 30, "every node to fetch the final global",
-                 cluster.procs)
-        yield {"root": root, "cluster": cluster, "ports": ports, "node_metrics": node_metrics, "report": report,
-               "pki": pki}
+        wait_for(
+            lambda: all(
+                total(scrape_or_none(p) or {}, "fedmedclip_round_current") == ROUNDS for p in node_metrics.values()
+            ),
+            30,
+            "every node to fetch the final global",
+            cluster.procs,
+        )
+        yield {
+            "root": root,
+            "cluster": cluster,
+            "ports": ports,
+            "node_metrics": node_metrics,
+            "report": report,
+            "pki": pki,
+        }
     finally:
         cluster.close()
 
@@ -70,15 +121,21 @@ def test_metrics_endpoints_expose_named_series_and_byte_counters_match_the_wire(
     agg = scrape(federation["ports"]["metrics"])
     nodes = {n: scrape(p) for n, p in federation["node_metrics"].items()}
     families = dict(agg["__families__"])
-    for name, kind in {"fedmedclip_round_duration_seconds": "histogram",
-                       "fedmedclip_aggregate_duration_seconds": "histogram",
-                       "fedmedclip_codec_duration_seconds": "histogram",
-                       "fedmedclip_update_bytes": "counter", "fedmedclip_update_raw_bytes": "counter",
-                       "fedmedclip_updates_accepted": "counter", "fedmedclip_updates_rejected": "counter",
-                       "fedmedclip_round_current": "gauge", "fedmedclip_nodes_connected": "gauge",
-                       "fedmedclip_validation_accuracy_ratio": "gauge", "fedmedclip_build_info": "gauge",
-                       "fedmedclip_grpc_server_handled": "counter",
-                       "fedmedclip_grpc_server_handling_seconds": "histogram"}.items():
+    for name, kind in {
+        "fedmedclip_round_duration_seconds": "histogram",
+        "fedmedclip_aggregate_duration_seconds": "histogram",
+        "fedmedclip_codec_duration_seconds": "histogram",
+        "fedmedclip_update_bytes": "counter",
+        "fedmedclip_update_raw_bytes": "counter",
+        "fedmedclip_updates_accepted": "counter",
+        "fedmedclip_updates_rejected": "counter",
+        "fedmedclip_round_current": "gauge",
+        "fedmedclip_nodes_connected": "gauge",
+        "fedmedclip_validation_accuracy_ratio": "gauge",
+        "fedmedclip_build_info": "gauge",
+        "fedmedclip_grpc_server_handled": "counter",
+        "fedmedclip_grpc_server_handling_seconds": "histogram",
+    }.items():
         assert families.get(name) == kind, name
     assert total(agg, "fedmedclip_round_duration_seconds_count") == ROUNDS
     assert total(agg, "fedmedclip_round_current") == ROUNDS
@@ -86,15 +143,22 @@ def test_metrics_endpoints_expose_named_series_and_byte_counters_match_the_wire(
     assert total(agg, "fedmedclip_updates_accepted_total") == ROUNDS * HOSPITALS
     assert {lab["node"] for lab, _ in agg["fedmedclip_validation_accuracy_ratio"]} == set(ALL_NODES)
     assert agg["fedmedclip_build_info"][0][0]["service"] == "aggregator"
-    assert total(agg, "fedmedclip_grpc_server_handled_total", grpc_method="UploadUpdate", grpc_code="OK") \
+    assert (
+        total(agg, "fedmedclip_grpc_server_handled_total", grpc_method="UploadUpdate", grpc_code="OK")
         == ROUNDS * HOSPITALS
-    assert total(agg, "fedmedclip_grpc_server_handled_total", grpc_method="FetchGlobal", grpc_code="OK") \
-        == ROUNDS * len(ALL_NODES)
+    )
+    assert total(
+        agg, "fedmedclip_grpc_server_handled_total", grpc_method="FetchGlobal", grpc_code="OK"
+    ) == ROUNDS * len(ALL_NODES)
     assert total(agg, "fedmedclip_grpc_server_handling_seconds_count", grpc_method="Register") >= len(ALL_NODES)
     for node, samples in nodes.items():
         fams = dict(samples["__families__"])
-        for name in ("fedmedclip_local_train_duration_seconds", "fedmedclip_encode_duration_seconds",
-                     "fedmedclip_codec_duration_seconds", "fedmedclip_validation_accuracy_ratio"):
+        for name in (
+            "fedmedclip_local_train_duration_seconds",
+            "fedmedclip_encode_duration_seconds",
+            "fedmedclip_codec_duration_seconds",
+            "fedmedclip_validation_accuracy_ratio",
+        ):
             assert fams.get(name) in ("histogram", "gauge"), (node, name)
         assert samples["fedmedclip_build_info"][0][0]["service"] == "hospital_node"
         assert total(samples, "fedmedclip_round_current") == ROUNDS
@@ -113,30 +177,45 @@ def test_metrics_endpoints_expose_named_series_and_byte_counters_match_the_wire(
     assert raw_up / up_received > 3.5  # int8 + zstd against float32: the ratio is a division of two counters
 
 
-def test_health_is_serving_and_a_node_with_another_backbone_fingerprint_is_refused(federation, partition_dir,
-                                                                                   feature_cache):
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+def test_health_is_serving_and_a_node_with_another_backbone_fingerprint_is_refused(
+    federation, partition_dir, feature_cache
+):
     import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     ports = federation["ports"]
     with grpc.insecure_channel(f"127.0.0.1:{ports['health']}") as channel:
-        status = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service="fedmedclip.v1.AggregatorService"), timeout=10).status
+        status = (
+            health_pb2_grpc.HealthStub(channel)
+            .Check(health_pb2.HealthCheckRequest(service="fedmedclip.v1.AggregatorService"), timeout=10)
+            .status
+        )
     assert status == health_pb2.HealthCheckResponse.SERVING
     cluster = Cluster(federation["root"])
     try:
         # other prompts: same image features (cache hits) but another backbone fingerprint
-        start_node(cluster, federation["pki"], partition_dir, "hospital_1", ports["grpc"], free_port(),
-                   federation["root"] / "intruder", feature_cache, "--templates", "an MRI scan showing {}",
-                   identity="intruder")
+        start_node(
+            cluster,
+            federation["pki"],
+            partition_dir,
+            "hospital_1",
+            ports["grpc"],
+            free_port(),
+            federation["root"] / "intruder",
+            feature_cache,
+            "--templates",
+            "an MRI scan showing {}",
+            identity="intruder",
+        )
         proc = cluster.procs[0]
         code = proc.wait(timeout=START_TIMEOUT)
     finally:
         cluster.close()
     assert code == ExitCode.REFUSED, proc.text()[-2000:]
     agg = scrape(ports["metrics"])
-    assert total(agg, "fedmedclip_grpc_server_handled_total", grpc_method="Register",
-                 grpc_code="FAILED_PRECONDITION") >= 1
+    assert (
+        total(agg, "fedmedclip_grpc_server_handled_total", grpc_method="Register", grpc_code="FAILED_PRECONDITION") >= 1
+    )
     assert total(agg, "fedmedclip_requests_rejected_total", reason=Reason.REGISTRATION_MISMATCH.value) >= 1
 
 
@@ -150,11 +229,31 @@ def test_predict_classifies_a_folder_with_the_hospitals_ensemble(federation, par
     for row in rows[:5]:
         shutil.copy(row["path"], images / Path(row["path"]).name)
     out = tmp_path / "predictions.csv"
-    done = subprocess.run([sys.executable, "-m", "hospital_node", "predict", "--config",
-                           str(partition_dir / "hospital_1.yaml"), "--state-dir",
-                           str(federation["root"] / "state" / "hospital_1"), "--cache-dir", str(feature_cache),
-                           "--images", str(images), "--out", str(out), "--progress", "false"],
-                          cwd=REPO_ROOT, env=service_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hospital_node",
+            "predict",
+            "--config",
+            str(partition_dir / "hospital_1.yaml"),
+            "--state-dir",
+            str(federation["root"] / "state" / "hospital_1"),
+            "--cache-dir",
+            str(feature_cache),
+            "--images",
+            str(images),
+            "--out",
+            str(out),
+            "--progress",
+            "false",
+        ],
+        cwd=REPO_ROOT,
+        env=service_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     got = list(csv.DictReader(out.open()))
     assert len(got) == 5
@@ -180,17 +279,30 @@ def test_node_and_aggregator_restarts_resume_from_saved_state(tmp_path, pki, par
         agg_out = tmp_path / "agg"
         start_aggregator(cluster, pki, "aggregator", agg_out, grpc_port, health, metrics, exit_when_done=True)
         for node in TRAINERS:
-            start_node(cluster, pki, partition_dir, node, grpc_port, victim_metrics if node == "hospital_2" else 0,
-                       tmp_path / "state", feature_cache)
+            start_node(
+                cluster,
+                pki,
+                partition_dir,
+                node,
+                grpc_port,
+                victim_metrics if node == "hospital_2" else 0,
+                tmp_path / "state",
+                feature_cache,
+            )
         aggregator, hospital_1, victim, hospital_3 = cluster.procs
-        wait_for(lambda: updates_accepted(victim_metrics) >= 2, START_TIMEOUT, "hospital_2 to finish round 2",
-                 cluster.procs)
+        wait_for(
+            lambda: updates_accepted(victim_metrics) >= 2, START_TIMEOUT, "hospital_2 to finish round 2", cluster.procs
+        )
         victim.popen.kill()  # SIGKILL: no chance to save anything more
         victim.wait(timeout=30)
         run_id = read_json(agg_out / "endpoints.json")["run_id"]
         # the others upload to round 3, which waits for hospital_2; the restarted aggregator has to get these again
-        wait_for(lambda: updates_accepted(metrics) >= 3 * HOSPITALS - 1, START_TIMEOUT,
-                 "hospital_1 and hospital_3 to upload to round 3", cluster.procs)
+        wait_for(
+            lambda: updates_accepted(metrics) >= 3 * HOSPITALS - 1,
+            START_TIMEOUT,
+            "hospital_1 and hospital_3 to upload to round 3",
+            cluster.procs,
+        )
         aggregator.signal(signal.SIGTERM)
         assert aggregator.wait(timeout=30) == 0
         assert (agg_out / "checkpoint" / "state.npz").exists()
@@ -202,8 +314,9 @@ def test_node_and_aggregator_restarts_resume_from_saved_state(tmp_path, pki, par
         logs = {p.name: p.text() for p in cluster.procs}
     finally:
         cluster.close()
-    assert codes == {"hospital_2_restarted": 0, "hospital_1": 0, "hospital_3": 0, "aggregator_restarted": 0}, \
-        "\n".join(f"--- {k}\n{v[-1500:]}" for k, v in logs.items())
+    assert codes == {"hospital_2_restarted": 0, "hospital_1": 0, "hospital_3": 0, "aggregator_restarted": 0}, "\n".join(
+        f"--- {k}\n{v[-1500:]}" for k, v in logs.items()
+    )
     assert report["run_id"] == run_id and report["phase"] == "finished"  # the restarted aggregator, the same run
     assert all(r["nodes"] == TRAINERS for r in report["rounds_log"])  # every node came back, nothing was lost
     # hospital_2 kept its saved state (a state of another run is moved aside to state.pt.stale) and resumed
@@ -211,4 +324,3 @@ def test_node_and_aggregator_restarts_resume_from_saved_state(tmp_path, pki, par
     victim_state = tmp_path / "state" / "hospital_2"
     assert StateStore(victim_state).load().run_id == run_id and not (victim_state / "state.pt.stale").exists()
     assert_matches_reference(report, trainers_only(reference, report))
-

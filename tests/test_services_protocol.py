@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from shared.wire.protogen import PACKAGE_DIR, REPO_ROOT, generate
 from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
+from shared.wire.protogen import PACKAGE_DIR, REPO_ROOT, generate
 
 
 def test_generated_code_is_byte_identical_to_a_fresh_protoc_run(tmp_path):

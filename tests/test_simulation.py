@@ -9,17 +9,25 @@ import numpy as np
 import pytest
 
 from shared.learning.rounds import WireConfig
-from shared.simulation import SimConfig, main, prepare, run, write_outputs
 from shared.learning.training import TrainConfig
+from shared.simulation import SimConfig, main, prepare, run, write_outputs
 
 ROUNDS = 15
 
 
 @pytest.fixture(scope="module")
 def config(brain_tumor_root, feature_cache) -> SimConfig:
-    return SimConfig(data_root=str(brain_tumor_root), per_class=80, n_hospitals=3, alpha=0.5, rounds=ROUNDS,
-                     cache_dir=str(feature_cache), device="cpu", progress=False,
-                     train=replace(TrainConfig(), local_epochs=5))  # small data: more steps per round
+    return SimConfig(
+        data_root=str(brain_tumor_root),
+        per_class=80,
+        n_hospitals=3,
+        alpha=0.5,
+        rounds=ROUNDS,
+        cache_dir=str(feature_cache),
+        device="cpu",
+        progress=False,
+        train=replace(TrainConfig(), local_epochs=5),
+    )  # small data: more steps per round
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +97,9 @@ def test_report_names_the_backbone_and_is_not_called_clip(reports):
 def test_same_seed_gives_the_same_run(config, prepared, reports):
     again = run(replace(config, method="fedmedclip"), prepared)
     assert again["avg"] == reports["fedmedclip"]["avg"]
-    assert [h["mean_val_accuracy"] for h in again["history"]] == \
-        [h["mean_val_accuracy"] for h in reports["fedmedclip"]["history"]]
+    assert [h["mean_val_accuracy"] for h in again["history"]] == [
+        h["mean_val_accuracy"] for h in reports["fedmedclip"]["history"]
+    ]
 
 
 def test_lossless_codec_matches_lossy_closely(config, prepared, reports):
@@ -110,9 +119,29 @@ def test_outputs_are_written(reports, tmp_path):
 
 
 def test_command_line_runs_end_to_end(brain_tumor_root, feature_cache, tmp_path):
-    code = main(["--data", str(brain_tumor_root), "--per-class", "80", "--hospitals", "3", "--rounds", "2",
-                 "--cache-dir", str(feature_cache), "--device", "cpu", "--codec", "int4", "--delta",
-                 "--out", str(tmp_path / "run"), "--progress", "false"])
+    code = main(
+        [
+            "--data",
+            str(brain_tumor_root),
+            "--per-class",
+            "80",
+            "--hospitals",
+            "3",
+            "--rounds",
+            "2",
+            "--cache-dir",
+            str(feature_cache),
+            "--device",
+            "cpu",
+            "--codec",
+            "int4",
+            "--delta",
+            "--out",
+            str(tmp_path / "run"),
+            "--progress",
+            "false",
+        ]
+    )
     assert code == 0
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     config = report["config"]  # every flag reached the run

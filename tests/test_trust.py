@@ -72,15 +72,34 @@ def initial_state() -> dict[str, torch.Tensor]:
 
 
 def make_engine(tmp_path, clock=None, **overrides) -> RoundEngine:
-    settings = dict(out_dir=str(tmp_path), rounds=2, min_nodes=2, embed_dim=DIM, round_timeout_s=10,
-                    quorum_timeout_s=5, linger_s=1) | overrides
-    return RoundEngine(AggregatorConfig(**settings), CheckpointStore(tmp_path), Telemetry("aggregator"),
-                       clock=clock or time.monotonic)
+    settings = (
+        dict(
+            out_dir=str(tmp_path),
+            rounds=2,
+            min_nodes=2,
+            embed_dim=DIM,
+            round_timeout_s=10,
+            quorum_timeout_s=5,
+            linger_s=1,
+        )
+        | overrides
+    )
+    return RoundEngine(
+        AggregatorConfig(**settings), CheckpointStore(tmp_path), Telemetry("aggregator"), clock=clock or time.monotonic
+    )
 
 
 def registration(node: str, num_train: int = 10, **kw) -> Registration:
-    base = dict(node_id=node, role=Role.TRAINER, fingerprint=FP, class_names=CLASSES, embed_dim=DIM,
-                method="fedmedclip", initial_sha256=state_digest(initial_state()), num_train=num_train)
+    base = dict(
+        node_id=node,
+        role=Role.TRAINER,
+        fingerprint=FP,
+        class_names=CLASSES,
+        embed_dim=DIM,
+        method="fedmedclip",
+        initial_sha256=state_digest(initial_state()),
+        num_train=num_train,
+    )
     return Registration(**(base | kw))
 
 
@@ -91,8 +110,15 @@ def update(global_state, seed: int = 1, wire: WireConfig = WireConfig(), scale: 
 
 
 def header(engine, node: str, payload, **kw) -> UpdateHeader:
-    fields = dict(run_id=engine.run_id, round_id=engine.version, node_id=node, update_id=f"{node}-r{engine.version}",
-                  codec=payload.codec, sha256=payload.sha256, wire_bytes=len(payload.data))
+    fields = dict(
+        run_id=engine.run_id,
+        round_id=engine.version,
+        node_id=node,
+        update_id=f"{node}-r{engine.version}",
+        codec=payload.codec,
+        sha256=payload.sha256,
+        wire_bytes=len(payload.data),
+    )
     return UpdateHeader(**(fields | kw))
 
 
@@ -118,8 +144,11 @@ def opened(tmp_path, counts: dict[str, int], **overrides) -> RoundEngine:
 def test_the_weights_are_water_filled_over_the_trainers_when_a_round_opens(tmp_path):
     counts = {"h1": 30, "h2": 10, "liar": 10**9}
     eng = opened(tmp_path, counts)
-    assert eng.weights == capped_weights(counts, max_samples=1_000_000, max_share=0.5) == \
-        {"h1": 30.0, "h2": 10.0, "liar": 40.0}
+    assert (
+        eng.weights
+        == capped_weights(counts, max_samples=1_000_000, max_share=0.5)
+        == {"h1": 30.0, "h2": 10.0, "liar": 40.0}
+    )
     payloads = {n: update(eng.global_state, seed=i) for i, n in enumerate(counts, start=1)}
     for n, p in payloads.items():
         eng.submit(header(eng, n, p), p.data)
@@ -192,8 +221,17 @@ def test_what_holds_when_nodes_drop_out_of_a_round(tmp_path):
 def test_the_simulation_folds_with_the_same_weights(brain_tumor_root, backbone, feature_cache):
     """One round of the simulation equals the round replayed step by step with capped_weights, when the cap
     binds (3 hospitals, max_weight_share 0.34: the largest holds 47% of the samples) and when it does not."""
-    cfg = SimConfig(data_root=str(brain_tumor_root), per_class=40, n_hospitals=3, alpha=0.5, rounds=1,
-                    cache_dir=str(feature_cache), device="cpu", progress=False, max_weight_share=0.34)
+    cfg = SimConfig(
+        data_root=str(brain_tumor_root),
+        per_class=40,
+        n_hospitals=3,
+        alpha=0.5,
+        rounds=1,
+        cache_dir=str(feature_cache),
+        device="cpu",
+        progress=False,
+        max_weight_share=0.34,
+    )
     prepared = prepare(cfg, backbone=backbone)
     training = [h for h in prepared.hospitals if not h.held_out]
     counts = {h.name: len(h.split.train) for h in training}
@@ -204,9 +242,20 @@ def test_the_simulation_folds_with_the_same_weights(brain_tumor_root, backbone, 
         torch.manual_seed(cfg.seed)
         method = get_method(cfg.method)
         dim = prepared.features.shape[1]
-        learners = [HospitalLearner(method, cfg.train, dim=dim, num_classes=len(prepared.dataset.class_names),
-                                    text_features=prepared.text, logit_scale=prepared.backbone.logit_scale,
-                                    seed=cfg.seed, hospital_index=i, device="cpu") for i in range(len(training))]
+        learners = [
+            HospitalLearner(
+                method,
+                cfg.train,
+                dim=dim,
+                num_classes=len(prepared.dataset.class_names),
+                text_features=prepared.text,
+                logit_scale=prepared.backbone.logit_scale,
+                seed=cfg.seed,
+                hospital_index=i,
+                device="cpu",
+            )
+            for i in range(len(training))
+        ]
         g0 = build_adapter(method, dim, cfg.train, cfg.seed).travel_state()
         weights = capped_weights(counts, max_samples=cfg.max_samples_per_node, max_share=max_share)
         agg = make_aggregator("weighted")
@@ -254,32 +303,57 @@ def finished_engine(tmp_path) -> RoundEngine:
     return eng
 
 
-@pytest.mark.parametrize("bad", [
-    dict(val=METRICS | {"accuracy": math.nan}), dict(val=METRICS | {"accuracy": math.inf}),
-    dict(test=METRICS | {"ece": -math.inf}), dict(val=METRICS | {"accuracy": 1.5}),
-    dict(val=METRICS | {"macro_f1": -0.1}), dict(val=METRICS | {"n": -1}), dict(val=METRICS | {"n": 10**10}),
-    dict(val=METRICS | {"n": 1.5}), dict(val={"accuracy": 0.5}), dict(val=METRICS | {"extra": 1.0}),
-    dict(head="h" * (3 << 20)), dict(head="best"), dict(head=""), dict(report_id="r" * 100_000),
-    dict(report_id=""), dict(report_id="r\nFORGED"), dict(report_id="r\x00"),
-    dict(train={"steps": 1, "seconds": math.nan, "loss": 0.1}), dict(train={"steps": -1, "seconds": 1.0, "loss": 0.1}),
-    dict(train={"steps": 1, "seconds": 1e12, "loss": 0.1}), dict(train={"steps": 1, "seconds": 1.0, "loss": math.inf}),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(val=METRICS | {"accuracy": math.nan}),
+        dict(val=METRICS | {"accuracy": math.inf}),
+        dict(test=METRICS | {"ece": -math.inf}),
+        dict(val=METRICS | {"accuracy": 1.5}),
+        dict(val=METRICS | {"macro_f1": -0.1}),
+        dict(val=METRICS | {"n": -1}),
+        dict(val=METRICS | {"n": 10**10}),
+        dict(val=METRICS | {"n": 1.5}),
+        dict(val={"accuracy": 0.5}),
+        dict(val=METRICS | {"extra": 1.0}),
+        dict(head="h" * (3 << 20)),
+        dict(head="best"),
+        dict(head=""),
+        dict(report_id="r" * 100_000),
+        dict(report_id=""),
+        dict(report_id="r\nFORGED"),
+        dict(report_id="r\x00"),
+        dict(train={"steps": 1, "seconds": math.nan, "loss": 0.1}),
+        dict(train={"steps": -1, "seconds": 1.0, "loss": 0.1}),
+        dict(train={"steps": 1, "seconds": 1e12, "loss": 0.1}),
+        dict(train={"steps": 1, "seconds": 1.0, "loss": math.inf}),
+    ],
+)
 def test_every_report_field_is_validated_and_bounded(tmp_path, bad):
     eng = finished_engine(tmp_path)
     fields = dict(report_id="h1-v1", val=METRICS, test=METRICS, head="ensemble", train=None) | bad
-    assert refusal(lambda: eng.report(eng.run_id, "h1", 1, fields["report_id"], fields["val"], fields["test"],
-                                      fields["head"], fields["train"])) is Reason.BAD_REPORT
+    assert (
+        refusal(
+            lambda: eng.report(
+                eng.run_id, "h1", 1, fields["report_id"], fields["val"], fields["test"], fields["head"], fields["train"]
+            )
+        )
+        is Reason.BAD_REPORT
+    )
     assert eng.reports.get("1", {}) == {} and not eng.store.reports_path.exists()
 
 
 def test_reports_are_kept_once_appended_as_strict_json_and_survive_a_restart(tmp_path):
     eng = finished_engine(tmp_path)
     empty = {"n": 0, "accuracy": math.nan, "balanced_accuracy": math.nan, "macro_f1": math.nan, "ece": math.nan}
-    assert not eng.report(eng.run_id, "h1", 1, "h1-v1", METRICS, METRICS, "ensemble",
-                          {"steps": 3, "seconds": 0.5, "loss": math.nan})
+    assert not eng.report(
+        eng.run_id, "h1", 1, "h1-v1", METRICS, METRICS, "ensemble", {"steps": 3, "seconds": 0.5, "loss": math.nan}
+    )
     assert eng.report(eng.run_id, "h1", 1, "h1-v1", METRICS, METRICS, "ensemble")  # a replay
-    assert refusal(lambda: eng.report(eng.run_id, "h1", 1, "h1-v1-b", METRICS | {"accuracy": 1.0}, METRICS,
-                                      "ensemble")) is Reason.CONFLICTING_REPORT
+    assert (
+        refusal(lambda: eng.report(eng.run_id, "h1", 1, "h1-v1-b", METRICS | {"accuracy": 1.0}, METRICS, "ensemble"))
+        is Reason.CONFLICTING_REPORT
+    )
     assert not eng.report(eng.run_id, "h2", 1, "h2-v1", empty, METRICS, "ensemble")  # an empty val split
     assert not eng.report(eng.run_id, "ev", 1, "ev-v1", None, METRICS, "clip")
     lines = eng.store.reports_path.read_text().splitlines()
@@ -317,8 +391,10 @@ def test_report_json_is_strict_json_whatever_it_holds(tmp_path):
     eng.write_report()  # no round yet: seconds per round and means are not numbers
     text = (tmp_path / "report.json").read_text()
     json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in report.json"))
-    assert strict_json({"a": [math.nan, 1.0, math.inf], "b": {"c": -math.inf}}) == {"a": [None, 1.0, None],
-                                                                                   "b": {"c": None}}
+    assert strict_json({"a": [math.nan, 1.0, math.inf], "b": {"c": -math.inf}}) == {
+        "a": [None, 1.0, None],
+        "b": {"c": None},
+    }
 
 
 # --------------------------------------------------------------------------- ids and logs (item 5)
@@ -347,10 +423,19 @@ def test_client_strings_reach_the_log_escaped(tmp_path, caplog):
     assert eng.nodes["h1"].software_version == "1.0\nFORGED line"  # kept as sent; escaped where logged
 
 
-@pytest.mark.parametrize("bad", [dict(fingerprint="f" * 129), dict(fingerprint=""), dict(fingerprint="f f"),
-                                 dict(class_names=()), dict(class_names=("a" * 201,)),
-                                 dict(class_names=tuple(f"c{i}" for i in range(1001))), dict(method="m" * 200),
-                                 dict(initial_sha256="")])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(fingerprint="f" * 129),
+        dict(fingerprint=""),
+        dict(fingerprint="f f"),
+        dict(class_names=()),
+        dict(class_names=("a" * 201,)),
+        dict(class_names=tuple(f"c{i}" for i in range(1001))),
+        dict(method="m" * 200),
+        dict(initial_sha256=""),
+    ],
+)
 def test_registration_strings_are_bounded(tmp_path, bad):
     eng = make_engine(tmp_path)
     assert refusal(lambda: eng.register(registration("h1", **bad))) is Reason.REGISTRATION_MISMATCH
@@ -363,9 +448,9 @@ def test_registration_strings_are_bounded(tmp_path, bad):
 def _with_huge_integer(payload: bytes) -> bytes:
     raw = zstandard.ZstdDecompressor().decompress(payload)
     hlen = struct.unpack_from("<I", raw, 6)[0]
-    text = raw[10:10 + hlen].decode().replace('"shape":[', '"shape":[' + "9" * 5000 + "0,", 1)
+    text = raw[10 : 10 + hlen].decode().replace('"shape":[', '"shape":[' + "9" * 5000 + "0,", 1)
     blob = text.encode()
-    return zstandard.ZstdCompressor().compress(struct.pack("<4sHI", b"FMCS", 1, len(blob)) + blob + raw[10 + hlen:])
+    return zstandard.ZstdCompressor().compress(struct.pack("<4sHI", b"FMCS", 1, len(blob)) + blob + raw[10 + hlen :])
 
 
 def test_a_5000_digit_integer_in_a_payload_header_is_a_typed_refusal(tmp_path):
@@ -384,8 +469,10 @@ def test_a_replay_is_recognised_by_the_bytes_not_by_the_claimed_hash(tmp_path):
     assert refusal(lambda: eng.submit(header(eng, "h1", p), p.data[:-1])) is Reason.CHECKSUM_MISMATCH
     assert eng.submit(header(eng, "h1", p, sha256=p.sha256.upper()), p.data).replayed  # the same bytes
     other = update(eng.global_state, seed=9)
-    assert refusal(lambda: eng.submit(header(eng, "h1", other, update_id=f"h1-r{eng.version}"), other.data)) \
+    assert (
+        refusal(lambda: eng.submit(header(eng, "h1", other, update_id=f"h1-r{eng.version}"), other.data))
         is Reason.CONFLICTING_REPLAY
+    )
     assert eng.aggregator.count == 1
 
 
@@ -407,8 +494,10 @@ def test_round_ids_and_versions_beyond_32_bits_are_refused(tmp_path):
         assert refusal(lambda r=round_id: eng.submit(header(eng, "h1", p, round_id=r), p.data)) is Reason.BAD_ROUND_ID
     for version in (2**32 + 1, -(2**40)):
         assert refusal(lambda v=version: eng.published_global(eng.run_id, "h1", v)) is Reason.BAD_ROUND_ID
-        assert refusal(lambda v=version: eng.report(eng.run_id, "h1", v, "r", None, METRICS, "ensemble")) \
+        assert (
+            refusal(lambda v=version: eng.report(eng.run_id, "h1", v, "r", None, METRICS, "ensemble"))
             is Reason.BAD_ROUND_ID
+        )
     assert refusal(lambda: eng.published_global(eng.run_id, "h1", 2**31 - 1)) is Reason.NO_SUCH_VERSION
 
 
@@ -424,8 +513,11 @@ class RandomBytesAggregator(pb_grpc.AggregatorServiceServicer):
     def FetchGlobal(self, request, context):
         self.fetches += 1
         data = random.Random(self.fetches).randbytes(2048)
-        yield pb.FetchGlobalResponse(header=pb.PayloadHeader(version=request.version, codec="int8",
-                                                             wire_bytes=len(data), sha256=sha256_hex(data)))
+        yield pb.FetchGlobalResponse(
+            header=pb.PayloadHeader(
+                version=request.version, codec="int8", wire_bytes=len(data), sha256=sha256_hex(data)
+            )
+        )
         for part in chunks(data):
             yield pb.FetchGlobalResponse(chunk=part)
 

@@ -22,14 +22,29 @@ All user-caused failures raise a subclass of :class:`DataError` whose message
 names the offending file or folder, so a service can report it verbatim.
 """
 
-from shared.data.errors import (DataConfigError, DataError, EmptyDatasetError, ManifestError, MissingInputError,
-                                UnknownClassError, UnreadableImageError)
-from shared.data.records import Dataset, DuplicateReport, HospitalData, Sample, Split
-from shared.data.scan import (DATA_ENV_VAR, IMAGE_EXTENSIONS, SPLIT_NAMES, default_data_root, read_manifest,
-                              read_split_manifest, scan_hospital_folders, scan_image_folder)
-from shared.data.images import load_image
 from shared.data.dedup import deduplicate
+from shared.data.errors import (
+    DataConfigError,
+    DataError,
+    EmptyDatasetError,
+    ManifestError,
+    MissingInputError,
+    UnknownClassError,
+    UnreadableImageError,
+)
+from shared.data.images import load_image
 from shared.data.partition import build_federation, dirichlet_partition, split_indices, subset
+from shared.data.records import Dataset, DuplicateReport, HospitalData, Sample, Split
+from shared.data.scan import (
+    DATA_ENV_VAR,
+    IMAGE_EXTENSIONS,
+    SPLIT_NAMES,
+    default_data_root,
+    read_manifest,
+    read_split_manifest,
+    scan_hospital_folders,
+    scan_image_folder,
+)
 
 __all__ = [
     "DATA_ENV_VAR",

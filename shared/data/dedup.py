@@ -11,6 +11,7 @@ from shared.data.records import Dataset, DuplicateReport
 
 logger = logging.getLogger(__name__)
 
+
 def _top_level(path: Path, root: Path) -> str:
     """The first folder below ``root`` holding ``path`` (its own folder if outside ``root``)."""
     try:
@@ -80,5 +81,3 @@ def deduplicate(ds: Dataset, root: Path | str | None = None) -> tuple[Dataset, D
     )
     logger.info("deduplicate: %s", report.summary())
     return Dataset(kept, ds.class_names, ds.root), report
-
-

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from shared.errors import FedMedCLIPError
 
+
 class DataError(FedMedCLIPError):
     """Base class of every data-loading error; the message names the file or folder."""
 
@@ -34,5 +35,3 @@ class DataConfigError(DataError, ValueError):
     Also a :class:`ValueError`, because it is usually a programming or
     configuration mistake rather than bad data.
     """
-
-

@@ -15,13 +15,14 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset as TorchDataset
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
 from tqdm import tqdm
 
 from shared.backbone import Backbone
@@ -76,7 +77,9 @@ class FeatureCache:
     def save(self, entries: dict[str, np.ndarray]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         hashes = np.array(sorted(entries))
-        feats = np.stack([entries[h] for h in hashes]).astype(np.float16) if len(hashes) else np.zeros((0, 0), np.float16)
+        feats = (
+            np.stack([entries[h] for h in hashes]).astype(np.float16) if len(hashes) else np.zeros((0, 0), np.float16)
+        )
         fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".npz.tmp")
         try:
             with os.fdopen(fd, "wb") as handle:
@@ -89,9 +92,15 @@ class FeatureCache:
             raise
 
 
-def encode_samples(backbone: Backbone, samples: Sequence[Sample], cache_dir: Path | str | None, *,
-                   batch_size: int = 64, num_workers: int | None = None,
-                   progress: bool = True) -> tuple[torch.Tensor, EncodeStats]:
+def encode_samples(
+    backbone: Backbone,
+    samples: Sequence[Sample],
+    cache_dir: Path | str | None,
+    *,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    progress: bool = True,
+) -> tuple[torch.Tensor, EncodeStats]:
     """Features [N, D] float32 for ``samples``, in order, encoding only what the cache lacks."""
     cache = FeatureCache(cache_dir, backbone.image_fingerprint()) if cache_dir is not None else None
     entries = cache.load() if cache else {}
@@ -103,15 +112,24 @@ def encode_samples(backbone: Backbone, samples: Sequence[Sample], cache_dir: Pat
     start = time.perf_counter()
     if todo:
         workers = num_workers if num_workers is not None else min(2, os.cpu_count() or 1)
-        loader = DataLoader(_ImageFiles(todo, backbone.preprocess), batch_size=batch_size, num_workers=workers,
-                            pin_memory=backbone.device.type == "cuda")
+        loader = DataLoader(
+            _ImageFiles(todo, backbone.preprocess),
+            batch_size=batch_size,
+            num_workers=workers,
+            pin_memory=backbone.device.type == "cuda",
+        )
         done = 0
-        bar = tqdm(total=len(todo), desc=f"encoding images ({backbone.device.type})", unit="img",
-                   disable=not progress, dynamic_ncols=True)
+        bar = tqdm(
+            total=len(todo),
+            desc=f"encoding images ({backbone.device.type})",
+            unit="img",
+            disable=not progress,
+            dynamic_ncols=True,
+        )
         try:
             for batch in loader:
                 feats = backbone.encode_images(batch).numpy().astype(np.float16)
-                for row, sample in zip(feats, todo[done:done + len(feats)]):
+                for row, sample in zip(feats, todo[done : done + len(feats)]):
                     entries[sample.sha256] = row
                 done += len(feats)
                 bar.update(len(feats))
@@ -120,10 +138,23 @@ def encode_samples(backbone: Backbone, samples: Sequence[Sample], cache_dir: Pat
         if cache:
             cache.save(entries)
     seconds = time.perf_counter() - start
-    features = torch.from_numpy(np.stack([entries[s.sha256] for s in samples]).astype(np.float32)) \
-        if samples else torch.zeros((0, 0))
-    stats = EncodeStats(n_images=len(samples), n_cached=len(samples) - sum(1 for s in samples if s.sha256 in todo_hashes),
-                        n_encoded=len(todo), seconds=seconds, device=backbone.device.type)
-    log.info("features: %d images, %d from cache, %d encoded in %.1fs", stats.n_images, stats.n_cached,
-             stats.n_encoded, seconds)
+    features = (
+        torch.from_numpy(np.stack([entries[s.sha256] for s in samples]).astype(np.float32))
+        if samples
+        else torch.zeros((0, 0))
+    )
+    stats = EncodeStats(
+        n_images=len(samples),
+        n_cached=len(samples) - sum(1 for s in samples if s.sha256 in todo_hashes),
+        n_encoded=len(todo),
+        seconds=seconds,
+        device=backbone.device.type,
+    )
+    log.info(
+        "features: %d images, %d from cache, %d encoded in %.1fs",
+        stats.n_images,
+        stats.n_cached,
+        stats.n_encoded,
+        seconds,
+    )
     return features, stats

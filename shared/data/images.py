@@ -9,6 +9,7 @@ from PIL import Image, UnidentifiedImageError
 
 from shared.data.errors import MissingInputError, UnreadableImageError
 
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB without losing the picture.
 
@@ -50,5 +51,3 @@ def load_image(path: Path | str) -> Image.Image:
             return _to_rgb(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise UnreadableImageError(f"cannot decode image {p}: {exc}") from exc
-
-

@@ -12,6 +12,7 @@ from shared.data.records import Dataset, HospitalData, Split, frozen_indices
 
 logger = logging.getLogger(__name__)
 
+
 def _as_labels(labels: np.ndarray | Sequence[int]) -> np.ndarray:
     arr = np.asarray(labels)
     if arr.ndim != 1:
@@ -84,9 +85,7 @@ def dirichlet_partition(
     if min_size < 0:
         raise DataConfigError(f"min_size must be >= 0, got {min_size}")
     if n_parts * min_size > n:
-        raise DataConfigError(
-            f"cannot give {n_parts} parts at least {min_size} samples each from {n} samples"
-        )
+        raise DataConfigError(f"cannot give {n_parts} parts at least {min_size} samples each from {n} samples")
     if n_parts == 1:
         return [frozen_indices(np.arange(n))]
 
@@ -210,5 +209,3 @@ def subset(ds: Dataset, per_class: int, seed: int = 0) -> Dataset:
     if not chosen:
         return Dataset((), ds.class_names, ds.root)
     return ds.select(np.sort(np.concatenate(chosen)))
-
-

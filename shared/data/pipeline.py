@@ -28,17 +28,36 @@ class Federation:
     hospitals: list[HospitalData]
 
 
-def prepare_federation(root: Path | str, *, hospitals: int, alpha: float | None, seed: int = 0,
-                       per_class: int | None = None, holdout: bool = True) -> Federation:
+def prepare_federation(
+    root: Path | str,
+    *,
+    hospitals: int,
+    alpha: float | None,
+    seed: int = 0,
+    per_class: int | None = None,
+    holdout: bool = True,
+) -> Federation:
     """Scan ``root`` (an ImageFolder), drop duplicate files, take ``per_class`` images a class if given,
     and split it among ``hospitals`` training hospitals (Dirichlet ``alpha``, or iid when None) plus a
     held-out one when ``holdout``."""
     ds, report = deduplicate(scan_image_folder(root), root)
-    log.info("data: %d unique images after removing %d duplicates (%d groups, %d across top-level folders, "
-             "%d with conflicting labels)", len(ds.samples), report.n_removed, report.n_groups,
-             report.n_cross_folder_groups, report.n_conflicting_groups)
+    log.info(
+        "data: %d unique images after removing %d duplicates (%d groups, %d across top-level folders, "
+        "%d with conflicting labels)",
+        len(ds.samples),
+        report.n_removed,
+        report.n_groups,
+        report.n_cross_folder_groups,
+        report.n_conflicting_groups,
+    )
     if per_class:
         ds = subset(ds, per_class, seed=seed)
-    parts = build_federation(ds, n_hospitals=hospitals, alpha=alpha, holdout=holdout, seed=seed,
-                             partition="dirichlet" if alpha is not None else "iid")
+    parts = build_federation(
+        ds,
+        n_hospitals=hospitals,
+        alpha=alpha,
+        holdout=holdout,
+        seed=seed,
+        partition="dirichlet" if alpha is not None else "iid",
+    )
     return Federation(ds, report, parts)

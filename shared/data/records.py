@@ -10,6 +10,7 @@ import numpy as np
 
 from shared.data.errors import DataConfigError, DataError
 
+
 @dataclass(frozen=True)
 class Sample:
     """One labelled image: absolute path, class index and SHA-256 of its bytes."""
@@ -38,9 +39,7 @@ class Dataset:
         n = len(self.class_names)
         for s in self.samples:
             if not 0 <= s.label < n:
-                raise DataError(
-                    f"{s.path}: label {s.label} is outside the label space of {n} classes"
-                )
+                raise DataError(f"{s.path}: label {s.label} is outside the label space of {n} classes")
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -150,5 +149,3 @@ class HospitalData:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "indices", frozen_indices(self.indices))
-
-

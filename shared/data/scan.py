@@ -12,7 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.data.errors import DataConfigError, DataError, EmptyDatasetError, ManifestError, MissingInputError, UnknownClassError, UnreadableImageError
+from shared.data.errors import (
+    DataConfigError,
+    DataError,
+    EmptyDatasetError,
+    ManifestError,
+    MissingInputError,
+    UnknownClassError,
+    UnreadableImageError,
+)
 from shared.data.records import Dataset, Sample, Split
 
 logger = logging.getLogger(__name__)
@@ -45,11 +53,7 @@ def default_data_root() -> Path:
 def _is_image(path: Path) -> bool:
     # Hidden files are skipped: on real data they are macOS "._x.jpg" resource
     # forks or editor leftovers, never images someone meant to label.
-    return (
-        not path.name.startswith(".")
-        and path.suffix.lower() in IMAGE_EXTENSIONS
-        and path.is_file()
-    )
+    return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
 
 
 def _visible_dirs(folder: Path) -> list[Path]:
@@ -132,9 +136,7 @@ def _hash_all(paths: Sequence[Path]) -> list[str]:
         return list(pool.map(_sha256_file, paths))
 
 
-def _resolve_class_names(
-    found: Sequence[str], class_names: Sequence[str] | None, where: Path
-) -> tuple[str, ...]:
+def _resolve_class_names(found: Sequence[str], class_names: Sequence[str] | None, where: Path) -> tuple[str, ...]:
     if class_names is None:
         return tuple(sorted(set(found)))
     names = tuple(class_names)
@@ -142,9 +144,7 @@ def _resolve_class_names(
         raise DataConfigError(f"class_names has repeated entries: {list(names)}")
     unknown = sorted(set(found) - set(names))
     if unknown:
-        raise UnknownClassError(
-            f"{where}: class folder(s) {unknown} are not in the label space {list(names)}"
-        )
+        raise UnknownClassError(f"{where}: class folder(s) {unknown} are not in the label space {list(names)}")
     return names
 
 
@@ -229,9 +229,7 @@ def read_manifest(
             header = [h.strip() for h in (reader.fieldnames or [])]
             missing = [c for c in ("path", "label") if c not in header]
             if missing:
-                raise ManifestError(
-                    f"manifest {csv_file}: missing column(s) {missing}; header is {header}"
-                )
+                raise ManifestError(f"manifest {csv_file}: missing column(s) {missing}; header is {header}")
             reader.fieldnames = header
             rows = [(reader.line_num, row) for row in reader]
     except UnicodeDecodeError as exc:
@@ -247,14 +245,10 @@ def read_manifest(
         path = Path(raw_path).expanduser()
         path = (path if path.is_absolute() else base / path).resolve()
         if path in seen:
-            raise ManifestError(
-                f"manifest {csv_file}, line {line}: {path} already listed on line {seen[path]}"
-            )
+            raise ManifestError(f"manifest {csv_file}, line {line}: {path} already listed on line {seen[path]}")
         seen[path] = line
         if not path.is_file():
-            raise MissingInputError(
-                f"manifest {csv_file}, line {line}: image file {path} does not exist"
-            )
+            raise MissingInputError(f"manifest {csv_file}, line {line}: image file {path} does not exist")
         entries.append((path, label))
     if not entries:
         raise EmptyDatasetError(f"manifest {csv_file} lists no images")

@@ -109,8 +109,12 @@ class Aggregator:
                 samples, or its capped weight from :func:`capped_weights`; the weight of the
                 ``weighted`` rule, ignored by the others but still validated.
         """
-        if (isinstance(num_samples, bool) or not isinstance(num_samples, (int, float))
-                or not math.isfinite(num_samples) or num_samples <= 0):
+        if (
+            isinstance(num_samples, bool)
+            or not isinstance(num_samples, (int, float))
+            or not math.isfinite(num_samples)
+            or num_samples <= 0
+        ):
             raise AggregationError(f"num_samples must be a positive finite number, got {num_samples!r}")
         values = self._validate_tensors(tensors, "update")
         rows = self._validate_present(present or {}, values)
@@ -163,14 +167,10 @@ class Aggregator:
         missing = [n for n in self._template if n not in out]
         extra = [n for n in out if n not in self._template]
         if missing or extra:
-            raise AggregationError(
-                f"{what} does not match the template: missing {missing}, extra {extra}"
-            )
+            raise AggregationError(f"{what} does not match the template: missing {missing}, extra {extra}")
         for n, shape in self._template.items():
             if tuple(out[n].shape) != shape:
-                raise AggregationError(
-                    f"{what}: {n!r} has shape {tuple(out[n].shape)}, template has {shape}"
-                )
+                raise AggregationError(f"{what}: {n!r} has shape {tuple(out[n].shape)}, template has {shape}")
         return {n: out[n] for n in self._template}
 
     def _validate_present(
@@ -185,11 +185,7 @@ class Aggregator:
             p = present.get(n)
             if p is None:
                 p = torch.ones(t.shape[0], dtype=torch.bool)
-            elif (
-                not isinstance(p, torch.Tensor)
-                or p.dtype != torch.bool
-                or tuple(p.shape) != (t.shape[0],)
-            ):
+            elif not isinstance(p, torch.Tensor) or p.dtype != torch.bool or tuple(p.shape) != (t.shape[0],):
                 raise AggregationError(f"present[{n!r}] must be a bool tensor of shape ({t.shape[0]},)")
             p = p.detach().cpu()
             # a finite sum of the whole tensor proves every sent row finite in one pass; else check exactly
@@ -305,9 +301,12 @@ class TrimmedMeanAggregator(_BufferingAggregator):
 
     def __init__(self, trim_ratio: float = 0.1) -> None:
         super().__init__()
-        if isinstance(trim_ratio, bool) or not isinstance(trim_ratio, (int, float)) or not (
-            0.0 <= float(trim_ratio) < 0.5
-        ) or math.isnan(float(trim_ratio)):
+        if (
+            isinstance(trim_ratio, bool)
+            or not isinstance(trim_ratio, (int, float))
+            or not (0.0 <= float(trim_ratio) < 0.5)
+            or math.isnan(float(trim_ratio))
+        ):
             raise AggregationError(f"trim_ratio must be in [0, 0.5), got {trim_ratio!r}")
         self.trim_ratio = float(trim_ratio)
 
@@ -344,11 +343,13 @@ def make_aggregator(rule: str = "weighted", *, trim_ratio: float = 0.1) -> Aggre
 
 
 def _check_caps(max_samples: int | None, max_share: float | None) -> None:
-    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
-                                    or max_samples < 1):
+    if max_samples is not None and (
+        isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
+    ):
         raise AggregationError(f"max_samples must be a positive int or None, got {max_samples!r}")
-    if max_share is not None and (isinstance(max_share, bool) or not isinstance(max_share, (int, float))
-                                  or not 0.0 < float(max_share) <= 1.0):
+    if max_share is not None and (
+        isinstance(max_share, bool) or not isinstance(max_share, (int, float)) or not 0.0 < float(max_share) <= 1.0
+    ):
         raise AggregationError(f"max_share must be in (0, 1] or None, got {max_share!r}")
 
 
@@ -358,8 +359,9 @@ def _capped_count(count: int, max_samples: int | None) -> float:
     return float(count if max_samples is None else min(count, max_samples))
 
 
-def capped_weights(counts: Mapping[str, int], *, max_samples: int | None = None,
-                   max_share: float | None = None) -> dict[str, float]:
+def capped_weights(
+    counts: Mapping[str, int], *, max_samples: int | None = None, max_share: float | None = None
+) -> dict[str, float]:
     """The ``weighted`` rule's weight of each node: sample counts no node can inflate.
 
     1. Each count is cut to ``max_samples`` (None: no cut): ``c_i = min(n_i, max_samples)``.
@@ -398,8 +400,9 @@ def capped_weights(counts: Mapping[str, int], *, max_samples: int | None = None,
     return {name: min(c, level) for name, c in capped.items()}
 
 
-def joiner_weight(count: int, open_total: float, *, max_samples: int | None = None,
-                  max_share: float | None = None) -> float:
+def joiner_weight(
+    count: int, open_total: float, *, max_samples: int | None = None, max_share: float | None = None
+) -> float:
     """The weight of a node that joins while a round is open, whose weights were fixed at its opening.
 
     ``min(c, max_share / (1 - max_share) * open_total)`` with ``c`` the count cut to ``max_samples``

@@ -21,7 +21,9 @@ def mean_metrics(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
     return {k: nanmean([r[k] for r in rows]) for k in METRIC_KEYS}
 
 
-def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, num_classes: int, *, ece_bins: int = 15) -> dict[str, float]:
+def classification_metrics(
+    probs: torch.Tensor, labels: torch.Tensor, num_classes: int, *, ece_bins: int = 15
+) -> dict[str, float]:
     """Accuracy, balanced accuracy, macro-F1 and expected calibration error of predicted probabilities.
 
     Balanced accuracy and macro-F1 average over the classes present in ``labels`` (a class a
@@ -42,13 +44,21 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, num_classe
     recall = tp[present] / support[present]
     precision = torch.where(predicted > 0, tp / predicted.clamp_min(1), torch.zeros_like(tp))
     full_recall = torch.where(present, tp / support.clamp_min(1), torch.zeros_like(tp))
-    f1 = torch.where(precision + full_recall > 0, 2 * precision * full_recall / (precision + full_recall).clamp_min(1e-12),
-                     torch.zeros_like(tp))
+    f1 = torch.where(
+        precision + full_recall > 0,
+        2 * precision * full_recall / (precision + full_recall).clamp_min(1e-12),
+        torch.zeros_like(tp),
+    )
     edges = torch.linspace(0, 1, ece_bins + 1)
     ece = torch.zeros(())
     for lo, hi in zip(edges[:-1], edges[1:]):
         in_bin = (conf > lo) & (conf <= hi)
         if in_bin.any():
             ece += in_bin.float().mean() * (conf[in_bin].mean() - correct[in_bin].mean()).abs()
-    return {"n": n, "accuracy": float(correct.mean()), "balanced_accuracy": float(recall.mean()),
-            "macro_f1": float(f1[present].mean()), "ece": float(ece)}
+    return {
+        "n": n,
+        "accuracy": float(correct.mean()),
+        "balanced_accuracy": float(recall.mean()),
+        "macro_f1": float(f1[present].mean()),
+        "ece": float(ece),
+    }

@@ -123,7 +123,9 @@ class IdentityAdapter(Adapter):
 class PrivateMLP(nn.Module):
     """``MaskedLinear(D,H) -> BatchNorm -> ReLU`` three times, then ``MaskedLinear(H,C)``. Never travels."""
 
-    def __init__(self, dim: int, num_classes: int, *, hidden: int = 512, masked: bool = True, tau: float = 0.01) -> None:
+    def __init__(
+        self, dim: int, num_classes: int, *, hidden: int = 512, masked: bool = True, tau: float = 0.01
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         width = dim

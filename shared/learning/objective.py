@@ -31,8 +31,11 @@ class LossConfig:
     kl_weight: str = "adaptive"
 
     def __post_init__(self) -> None:
-        for value, allowed, name in ((self.contrastive, CONTRASTIVE_MODES, "contrastive"),
-                                     (self.kl, KL_MODES, "kl"), (self.kl_weight, KL_WEIGHTS, "kl_weight")):
+        for value, allowed, name in (
+            (self.contrastive, CONTRASTIVE_MODES, "contrastive"),
+            (self.kl, KL_MODES, "kl"),
+            (self.kl_weight, KL_WEIGHTS, "kl_weight"),
+        ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
@@ -63,7 +66,9 @@ def mutual_kl(sim: torch.Tensor, z: torch.Tensor, cfg: LossConfig) -> tuple[torc
     return loss, w
 
 
-def contrastive_loss(adapted: torch.Tensor, text: torch.Tensor, y: torch.Tensor, scale: float, mode: str) -> torch.Tensor:
+def contrastive_loss(
+    adapted: torch.Tensor, text: torch.Tensor, y: torch.Tensor, scale: float, mode: str
+) -> torch.Tensor:
     """Image-to-class-prompt cross-entropy ("class") or the reference code's in-batch version ("batch")."""
     if mode == "class":
         return F.cross_entropy(scale * adapted @ text.t(), y)
@@ -71,8 +76,9 @@ def contrastive_loss(adapted: torch.Tensor, text: torch.Tensor, y: torch.Tensor,
     return F.cross_entropy(logits, torch.arange(len(y), device=y.device))
 
 
-def local_loss(adapted: torch.Tensor, z: torch.Tensor | None, y: torch.Tensor, text: torch.Tensor, scale: float,
-               cfg: LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
+def local_loss(
+    adapted: torch.Tensor, z: torch.Tensor | None, y: torch.Tensor, text: torch.Tensor, scale: float, cfg: LossConfig
+) -> tuple[torch.Tensor, dict[str, float]]:
     """The full objective for one batch; returns the loss and its terms for logging."""
     sim = scale * adapted @ text.t()
     total = torch.zeros((), device=adapted.device)

@@ -63,10 +63,15 @@ class WireConfig:
     max_decompressed_bytes: int = DEFAULT_MAX_DECOMPRESSED_BYTES
 
 
-def encode_adapter(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor],
-                   wire: WireConfig) -> EncodedPayload:
-    return encode_state(state, codec=wire.codec, row_masks=row_masks_of(state) if wire.drop_masked_rows else None,
-                        reference=reference if wire.delta else None)
+def encode_adapter(
+    state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], wire: WireConfig
+) -> EncodedPayload:
+    return encode_state(
+        state,
+        codec=wire.codec,
+        row_masks=row_masks_of(state) if wire.drop_masked_rows else None,
+        reference=reference if wire.delta else None,
+    )
 
 
 class WireMismatchError(CodecError):
@@ -80,16 +85,24 @@ def check_wire(payload: bytes, wire: WireConfig) -> None:
     ``wire``; reads only the payload's prefix and header. Both ends call it before decoding."""
     info = payload_info(payload)
     if info.codec != wire.codec or info.delta != wire.delta:
-        raise WireMismatchError(f"payload in codec {info.codec}{' (delta)' if info.delta else ''}, the federation "
-                                f"sends {wire.codec}{' (delta)' if wire.delta else ''}")
+        raise WireMismatchError(
+            f"payload in codec {info.codec}{' (delta)' if info.delta else ''}, the federation "
+            f"sends {wire.codec}{' (delta)' if wire.delta else ''}"
+        )
 
 
-def decode_adapter(payload: bytes, sha256: str | None, reference: Mapping[str, torch.Tensor],
-                   wire: WireConfig) -> DecodedState:
+def decode_adapter(
+    payload: bytes, sha256: str | None, reference: Mapping[str, torch.Tensor], wire: WireConfig
+) -> DecodedState:
     """Decode an adapter payload; rows not sent are filled from ``reference`` (the last global)."""
     template = {name: tuple(t.shape) for name, t in reference.items()}
-    return decode_state(payload, sha256=sha256, template=template, reference=reference,
-                        max_decompressed_bytes=wire.max_decompressed_bytes)
+    return decode_state(
+        payload,
+        sha256=sha256,
+        template=template,
+        reference=reference,
+        max_decompressed_bytes=wire.max_decompressed_bytes,
+    )
 
 
 class UpdateOutOfBoundsError(FedMedCLIPError):
@@ -123,31 +136,47 @@ class UpdateBounds:
     max_abs_value: float | None = None
 
 
-def check_bounds(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor],
-                 bounds: UpdateBounds) -> None:
+def check_bounds(
+    state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], bounds: UpdateBounds
+) -> None:
     """Raise an :class:`UpdateOutOfBoundsError` when ``state`` breaks ``bounds``."""
     if bounds.max_abs_value is not None:
         peak = max((max(-float(t.min()), float(t.max())) for t in state.values() if t.numel()), default=0.0)
         if peak > bounds.max_abs_value:
-            raise UpdateValueTooLargeError(f"an update value of magnitude {peak:.4g} is over the bound "
-                                           f"{bounds.max_abs_value:g}")
+            raise UpdateValueTooLargeError(
+                f"an update value of magnitude {peak:.4g} is over the bound {bounds.max_abs_value:g}"
+            )
     if bounds.max_update_norm is not None:  # float32 is exact enough for a bound
         norm = sum(float(torch.linalg.vector_norm(state[k] - reference[k])) ** 2 for k in state) ** 0.5
         if norm > bounds.max_update_norm:
-            raise UpdateNormTooLargeError(f"the update moves the global by an L2 norm of {norm:.4g}, over the "
-                                          f"bound {bounds.max_update_norm:g}")
+            raise UpdateNormTooLargeError(
+                f"the update moves the global by an L2 norm of {norm:.4g}, over the bound {bounds.max_update_norm:g}"
+            )
 
 
-def make_update(learner: HospitalLearner, global_state: Mapping[str, torch.Tensor], features: torch.Tensor,
-                labels: torch.Tensor, round_index: int, wire: WireConfig) -> tuple[EncodedPayload, RoundStats]:
+def make_update(
+    learner: HospitalLearner,
+    global_state: Mapping[str, torch.Tensor],
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    round_index: int,
+    wire: WireConfig,
+) -> tuple[EncodedPayload, RoundStats]:
     """A node's part of a round: start from the global adapter, train, encode what travels."""
     learner.load_adapter_state(dict(global_state))
     stats = learner.train_round(features, labels, round_index)
     return encode_adapter(learner.adapter_state(), global_state, wire), stats
 
 
-def fold_update(aggregator: Aggregator, payload: bytes, sha256: str | None, global_state: Mapping[str, torch.Tensor],
-                weight: float, wire: WireConfig, bounds: UpdateBounds = UpdateBounds()) -> DecodedState:
+def fold_update(
+    aggregator: Aggregator,
+    payload: bytes,
+    sha256: str | None,
+    global_state: Mapping[str, torch.Tensor],
+    weight: float,
+    wire: WireConfig,
+    bounds: UpdateBounds = UpdateBounds(),
+) -> DecodedState:
     """The aggregator's part for one update: every byte is validated, and the values bounded, before it
     touches the average. ``weight``: the node's weight in the ``weighted`` rule
     (:func:`shared.learning.aggregation.capped_weights`); its codec and delta flag must be ``wire``'s."""
@@ -158,8 +187,9 @@ def fold_update(aggregator: Aggregator, payload: bytes, sha256: str | None, glob
     return decoded
 
 
-def publish_global(aggregator: Aggregator, global_state: Mapping[str, torch.Tensor],
-                   wire: WireConfig) -> tuple[EncodedPayload, dict[str, torch.Tensor]]:
+def publish_global(
+    aggregator: Aggregator, global_state: Mapping[str, torch.Tensor], wire: WireConfig
+) -> tuple[EncodedPayload, dict[str, torch.Tensor]]:
     """Close a round: the new global's payload, and the decoded value every party will hold."""
     new_state = aggregator.result(global_state)
     payload = encode_adapter(new_state, global_state, wire)

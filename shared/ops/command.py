@@ -49,13 +49,18 @@ def configure_parser(parser: argparse.ArgumentParser, cmd: Command) -> None:
         for child in cmd.subcommands:
             configure_parser(sub.add_parser(child.name, help=child.help), child)
         return
-    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR (default: "
-                        "$FEDMEDCLIP_LOG_LEVEL, else INFO)")
+    parser.add_argument(
+        "--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR (default: $FEDMEDCLIP_LOG_LEVEL, else INFO)"
+    )
     if cmd.config is not None:
-        parser.add_argument("--config", action="append", metavar="YAML",
-                            help="settings file (repeatable: later files override earlier ones; default "
-                                 f"${cmd.env_prefix}CONFIG); the environment ({cmd.env_prefix}<KEY>) overrides "
-                                 "files and flags override both")
+        parser.add_argument(
+            "--config",
+            action="append",
+            metavar="YAML",
+            help="settings file (repeatable: later files override earlier ones; default "
+            f"${cmd.env_prefix}CONFIG); the environment ({cmd.env_prefix}<KEY>) overrides "
+            "files and flags override both",
+        )
     if cmd.arguments is not None:
         cmd.arguments(parser)
     if cmd.config is not None:
@@ -77,8 +82,12 @@ def read_config(cmd: Command, args: argparse.Namespace) -> Any:
 
     if cmd.config is None:
         return None
-    return load_config(cmd.config, yaml_path=args.config or os.environ.get(cmd.env_prefix + "CONFIG"),
-                       env_prefix=cmd.env_prefix, flags=args)
+    return load_config(
+        cmd.config,
+        yaml_path=args.config or os.environ.get(cmd.env_prefix + "CONFIG"),
+        env_prefix=cmd.env_prefix,
+        flags=args,
+    )
 
 
 def run_parsed(args: argparse.Namespace) -> int:
@@ -99,8 +108,11 @@ def run_parsed(args: argparse.Namespace) -> int:
         return ExitCode.USAGE
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
-            print(f"error: {exc.strerror or exc}: another process holds the port ({exc}); choose another port "
-                  "or stop the other process", file=sys.stderr)
+            print(
+                f"error: {exc.strerror or exc}: another process holds the port ({exc}); choose another port "
+                "or stop the other process",
+                file=sys.stderr,
+            )
             return ExitCode.USAGE
         log.exception("%s failed: %s", cmd.name, exc)
         return ExitCode.FAILED

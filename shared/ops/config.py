@@ -22,8 +22,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
-import re
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -128,12 +128,24 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[
         base, _ = _unwrap_optional(tp)
         metavar = "A,B,..." if typing.get_origin(base) in (list, tuple) else getattr(base, "__name__", "X").upper()
         bare = {"nargs": "?", "const": "true"} if base is bool else {}  # `--insecure` alone means true
-        group.add_argument(f"--{name.replace('_', '-')}", dest=f"cfg_{name}", default=None, metavar=metavar,
-                           help=f"{helps[name]} (default: {getattr(defaults, name)!r})".lstrip(), **bare)
+        group.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=f"cfg_{name}",
+            default=None,
+            metavar=metavar,
+            help=f"{helps[name]} (default: {getattr(defaults, name)!r})".lstrip(),
+            **bare,
+        )
 
 
-def load_config(cls: type[C], *, yaml_path: str | Path | list[str | Path] | None = None, env_prefix: str = "",
-                env: Mapping[str, str] | None = None, flags: argparse.Namespace | Mapping[str, Any] | None = None) -> C:
+def load_config(
+    cls: type[C],
+    *,
+    yaml_path: str | Path | list[str | Path] | None = None,
+    env_prefix: str = "",
+    env: Mapping[str, str] | None = None,
+    flags: argparse.Namespace | Mapping[str, Any] | None = None,
+) -> C:
     """Build ``cls`` from its defaults, then the YAML file(s) in order, then the environment, then flags.
 
     Several files let one party combine, e.g., the data settings of ``hospital_node partition`` with

@@ -29,13 +29,18 @@ def _leaves(cmd: Command, prefix: str) -> list[tuple[str, Command]]:
 
 
 def render() -> str:
-    lines = ["# Configuration reference", "",
-             "Generated from the code by `python -m shared.ops.configdoc`; do not edit by hand.", "",
-             "Every command reads its settings the same way: defaults, then YAML files (`--config`, repeatable, "
-             "later files win), then environment variables (`<PREFIX><KEY>`, upper case), then flags "
-             "(`--key-name`). Unknown keys in a file and unknown variables with the command's prefix are refused. "
-             "Lists are comma-separated in the environment and in flags; booleans accept true/false, 1/0, yes/no, "
-             "on/off. Relative paths in a YAML file are relative to that file.", ""]
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from the code by `python -m shared.ops.configdoc`; do not edit by hand.",
+        "",
+        "Every command reads its settings the same way: defaults, then YAML files (`--config`, repeatable, "
+        "later files win), then environment variables (`<PREFIX><KEY>`, upper case), then flags "
+        "(`--key-name`). Unknown keys in a file and unknown variables with the command's prefix are refused. "
+        "Lists are comma-separated in the environment and in flags; booleans accept true/false, 1/0, yes/no, "
+        "on/off. Relative paths in a YAML file are relative to that file.",
+        "",
+    ]
     seen: dict[type, str] = {}
     for name in COMMANDS:
         for title, cmd in _leaves(load_command(name), f"fedmedclip {name}"):
@@ -46,8 +51,12 @@ def render() -> str:
                 lines += [f"The same settings as `{seen[cmd.config]}` (environment prefix `{cmd.env_prefix}`).", ""]
                 continue
             seen[cmd.config] = title
-            lines += [f"Environment prefix `{cmd.env_prefix}`; settings file `--config` or `${cmd.env_prefix}CONFIG`.",
-                      "", "| key | type | default | description |", "|---|---|---|---|"]
+            lines += [
+                f"Environment prefix `{cmd.env_prefix}`; settings file `--config` or `${cmd.env_prefix}CONFIG`.",
+                "",
+                "| key | type | default | description |",
+                "|---|---|---|---|",
+            ]
             helps = field_help(cmd.config)
             hints = typing.get_type_hints(cmd.config)
             defaults = cmd.config()

@@ -36,8 +36,10 @@ class DaemonLock:
         except BlockingIOError:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise AlreadyRunningError(f"another process (pid {holder}) is already running on {self.path.parent}: "
-                                      "stop it first, or give this one its own state folder") from None
+            raise AlreadyRunningError(
+                f"another process (pid {holder}) is already running on {self.path.parent}: "
+                "stop it first, or give this one its own state folder"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd

@@ -46,9 +46,18 @@ def _num(value: Any, fmt: str = ".4f") -> str:
     return format(value, fmt)
 
 
-def build_report(*, run_id: str, phase: str, message: str, method: str, rounds: int,
-                 nodes: Mapping[str, Mapping[str, Any]], reports: Mapping[str, Mapping[str, Any]],
-                 rounds_log: list[dict[str, Any]], extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def build_report(
+    *,
+    run_id: str,
+    phase: str,
+    message: str,
+    method: str,
+    rounds: int,
+    nodes: Mapping[str, Mapping[str, Any]],
+    reports: Mapping[str, Mapping[str, Any]],
+    rounds_log: list[dict[str, Any]],
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     trainers = sorted(n for n, r in nodes.items() if r["role"] == "trainer")
     evaluators = sorted(n for n, r in nodes.items() if r["role"] == "evaluator")
     history = []
@@ -57,44 +66,80 @@ def build_report(*, run_id: str, phase: str, message: str, method: str, rounds: 
         vals = [by_node[n]["val"]["accuracy"] for n in trainers if n in by_node and by_node[n].get("val")]
         complete = all(n in by_node for n in trainers)
         log = next((r for r in rounds_log if r["round"] == version), {})
-        history.append({"round": version, "complete": complete,
-                        "mean_val_accuracy": nanmean(vals) if complete else float("nan"),
-                        "test_accuracy": {n: by_node[n]["test"]["accuracy"] for n in trainers + evaluators
-                                          if n in by_node and by_node[n].get("test")},
-                        "test": {n: by_node[n]["test"] for n in trainers + evaluators
-                                 if n in by_node and by_node[n].get("test")},
-                        **{k: log.get(k) for k in ("bytes_up", "bytes_up_raw", "bytes_down", "bytes_down_raw",
-                                                   "seconds", "updates")}})
+        history.append(
+            {
+                "round": version,
+                "complete": complete,
+                "mean_val_accuracy": nanmean(vals) if complete else float("nan"),
+                "test_accuracy": {
+                    n: by_node[n]["test"]["accuracy"]
+                    for n in trainers + evaluators
+                    if n in by_node and by_node[n].get("test")
+                },
+                "test": {
+                    n: by_node[n]["test"] for n in trainers + evaluators if n in by_node and by_node[n].get("test")
+                },
+                **{
+                    k: log.get(k)
+                    for k in ("bytes_up", "bytes_up_raw", "bytes_down", "bytes_down_raw", "seconds", "updates")
+                },
+            }
+        )
     candidates = [h for h in history if h["complete"] and not math.isnan(h["mean_val_accuracy"])]
-    report: dict[str, Any] = {"run_id": run_id, "phase": phase, "message": message, "method": method,
-                              "rounds": rounds, "trainers": trainers, "evaluators": evaluators,
-                              "nodes": dict(nodes), **dict(extra or {})}
+    report: dict[str, Any] = {
+        "run_id": run_id,
+        "phase": phase,
+        "message": message,
+        "method": method,
+        "rounds": rounds,
+        "trainers": trainers,
+        "evaluators": evaluators,
+        "nodes": dict(nodes),
+        **dict(extra or {}),
+    }
     if candidates:
         best = max(candidates, key=lambda h: (h["mean_val_accuracy"], -h["round"]))
         per_client = {n: best["test"][n] for n in trainers + evaluators if n in best["test"]}
-        report.update(best_round=best["round"], best_mean_val_accuracy=best["mean_val_accuracy"], test=per_client,
-                      avg=mean_metrics(list(per_client.values())))
+        report.update(
+            best_round=best["round"],
+            best_mean_val_accuracy=best["mean_val_accuracy"],
+            test=per_client,
+            avg=mean_metrics(list(per_client.values())),
+        )
     report["history"] = [{k: v for k, v in h.items() if k != "test"} for h in history]
     done = rounds_log[1:] or rounds_log
-    report["bytes_per_round"] = {k: nanmean([r[k] for r in rounds_log]) for k in
-                                 ("bytes_up", "bytes_up_raw", "bytes_down", "bytes_down_raw")} if rounds_log else {}
+    report["bytes_per_round"] = (
+        {k: nanmean([r[k] for r in rounds_log]) for k in ("bytes_up", "bytes_up_raw", "bytes_down", "bytes_down_raw")}
+        if rounds_log
+        else {}
+    )
     report["seconds_per_round"] = nanmean([r["seconds"] for r in done]) if done else float("nan")
     report["rounds_log"] = rounds_log
     return report
 
 
 def render_markdown(report: Mapping[str, Any]) -> str:
-    lines = [f"# FedMedCLIP federation run {report['run_id']}: {report['method']}", "",
-             f"Status: {report['phase']}" + (f" ({report['message']})" if report.get("message") else "") + ".",
-             f"Trainers: {', '.join(report['trainers']) or '-'}; held-out evaluators: "
-             f"{', '.join(report['evaluators']) or '-'}.", ""]
+    lines = [
+        f"# FedMedCLIP federation run {report['run_id']}: {report['method']}",
+        "",
+        f"Status: {report['phase']}" + (f" ({report['message']})" if report.get("message") else "") + ".",
+        f"Trainers: {', '.join(report['trainers']) or '-'}; held-out evaluators: "
+        f"{', '.join(report['evaluators']) or '-'}.",
+        "",
+    ]
     if "best_round" in report:
-        lines += [f"Best round {report['best_round']} by mean val accuracy ({report['best_mean_val_accuracy']:.4f}); "
-                  "test metrics at that round:", "",
-                  "| client | accuracy | balanced acc. | macro-F1 | ECE |", "|---|---|---|---|---|"]
+        lines += [
+            f"Best round {report['best_round']} by mean val accuracy ({report['best_mean_val_accuracy']:.4f}); "
+            "test metrics at that round:",
+            "",
+            "| client | accuracy | balanced acc. | macro-F1 | ECE |",
+            "|---|---|---|---|---|",
+        ]
         for name, m in list(report["test"].items()) + [("AVG", report["avg"])]:
-            lines.append(f"| {name} | {_num(m['accuracy'])} | {_num(m['balanced_accuracy'])} | "
-                         f"{_num(m['macro_f1'])} | {_num(m['ece'])} |")
+            lines.append(
+                f"| {name} | {_num(m['accuracy'])} | {_num(m['balanced_accuracy'])} | "
+                f"{_num(m['macro_f1'])} | {_num(m['ece'])} |"
+            )
     else:
         lines.append("No complete round of evaluations yet.")
     lines += ["", "| round | mean val acc. | up KB | down KB | seconds |", "|---|---|---|---|---|"]
@@ -102,13 +147,15 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         up = (h.get("bytes_up") or 0) / 1e3
         down = (h.get("bytes_down") or 0) / 1e3
         sec = h.get("seconds")
-        lines.append(f"| {h['round']} | {_num(h['mean_val_accuracy'])} | {up:.1f} | {down:.1f} | "
-                     f"{_num(sec, '.3f')} |")
+        lines.append(f"| {h['round']} | {_num(h['mean_val_accuracy'])} | {up:.1f} | {down:.1f} | {_num(sec, '.3f')} |")
     b = report.get("bytes_per_round") or {}
     if b:
-        lines += ["", f"Bytes per round: up {b['bytes_up'] / 1e3:.1f} KB (raw {b['bytes_up_raw'] / 1e3:.1f} KB), "
-                  f"down {b['bytes_down'] / 1e3:.1f} KB (raw {b['bytes_down_raw'] / 1e3:.1f} KB); "
-                  f"{_num(report['seconds_per_round'], '.3f')} s per round after the first."]
+        lines += [
+            "",
+            f"Bytes per round: up {b['bytes_up'] / 1e3:.1f} KB (raw {b['bytes_up_raw'] / 1e3:.1f} KB), "
+            f"down {b['bytes_down'] / 1e3:.1f} KB (raw {b['bytes_down_raw'] / 1e3:.1f} KB); "
+            f"{_num(report['seconds_per_round'], '.3f')} s per round after the first.",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -31,8 +31,14 @@ def generate(out_root: Path | str = REPO_ROOT) -> list[Path]:
     out = Path(out_root)
     out.mkdir(parents=True, exist_ok=True)
     files = [f"{PACKAGE_DIR}/{p.relative_to(PROTO_ROOT).as_posix()}" for p in proto_files()]
-    args = ["grpc_tools.protoc", f"--proto_path={PACKAGE_DIR}={PROTO_ROOT}", f"--python_out={out}",
-            f"--grpc_python_out={out}", f"--pyi_out={out}", *files]
+    args = [
+        "grpc_tools.protoc",
+        f"--proto_path={PACKAGE_DIR}={PROTO_ROOT}",
+        f"--python_out={out}",
+        f"--grpc_python_out={out}",
+        f"--pyi_out={out}",
+        *files,
+    ]
     cwd = os.getcwd()
     os.chdir(REPO_ROOT)  # protoc resolves the virtual paths of the inputs from here
     try:

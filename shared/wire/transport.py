@@ -16,9 +16,8 @@ from typing import TypeVar
 
 import grpc
 
-from shared.ops.logs import printable
-
 from shared.errors import FedMedCLIPError
+from shared.ops.logs import printable
 from shared.wire.reasons import Action, Reason, action_of
 
 log = logging.getLogger(__name__)
@@ -84,7 +83,7 @@ def chunks(data: bytes, size: int = CHUNK_BYTES) -> Iterator[bytes]:
         yield b""
         return
     for start in range(0, len(data), size):
-        yield bytes(view[start:start + size])
+        yield bytes(view[start : start + size])
 
 
 def chunk_size(advertised: int) -> int:
@@ -130,7 +129,7 @@ class Backoff:
     give_up_after_s: float = 300.0  # never retry for ever
 
     def delay(self, attempt: int, rng: random.Random) -> float:
-        return rng.uniform(0.0, min(self.maximum_s, self.initial_s * self.multiplier ** attempt))
+        return rng.uniform(0.0, min(self.maximum_s, self.initial_s * self.multiplier**attempt))
 
 
 T = TypeVar("T")
@@ -140,9 +139,14 @@ class RetriesExhausted(RuntimeError):
     """A call kept failing with retryable errors for longer than the backoff allows."""
 
 
-def call_with_retry(fn: Callable[[], T], what: str, backoff: Backoff, rng: random.Random,
-                    on_retry: Callable[[grpc.RpcError], None] | None = None,
-                    sleep: Callable[[float], None] = time.sleep) -> T:
+def call_with_retry(
+    fn: Callable[[], T],
+    what: str,
+    backoff: Backoff,
+    rng: random.Random,
+    on_retry: Callable[[grpc.RpcError], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
     """Call ``fn`` until it succeeds, retrying transient gRPC errors (``action_of``: RETRY) with backoff and jitter."""
     start = time.monotonic()
     attempt = 0
