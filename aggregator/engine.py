@@ -67,7 +67,7 @@ log = logging.getLogger("fedmedclip.aggregator")
 
 #: update and report ids: what the node builds (run id, node id, round), nothing that can forge a log line
 CLIENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
-#: round ids and versions travel as 32-bit integers; anything beyond is not a round of this run
+#: the aggregator's rounds fit 32 bits (RoundInfo); a node's int64 value beyond that is not a round of this run
 ROUND_ID_RANGE = range(-(2**31), 2**31)
 MAX_TRAIN_SECONDS = 1e7  # a reported local training time beyond ~4 months is not one
 

@@ -395,6 +395,11 @@ def _run(cfg: ProvisionConfig, _args: argparse.Namespace) -> int:
     ca_dir = Path(cfg.ca_dir).resolve() if cfg.ca_dir else root.with_name(root.name + "-ca")
     print(f"startup kits in {root}, one folder per party: hand each its own folder only")
     print(f"certificate authority in {ca_dir} (keep ca.key offline); allow-list {list(cfg.nodes)}")
+    if not (cfg.classes or cfg.classes_file):
+        print(
+            "note: no class names given (--classes or --classes-file): the aggregator's kit pins no label space, "
+            "so it starts only with trust_first_node: true (the first node to register sets it)"
+        )
     for party, path in configs.items():
         print(f"  {party:>12}: {path.parent}/start.sh  (settings: {path.name})")
     return 0
