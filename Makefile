@@ -14,7 +14,9 @@ DEMO_ROUNDS ?= 30
 
 help:
 	@echo "make demo      a real federation: the aggregator + 3 hospital nodes + the held-out one as processes on loopback"
-	@echo "make protos    regenerate shared/proto/ from protos/ (grpcio-tools)"
+	@echo "make testbed   the federation in containers (Docker engine, registry-free images); make testbed-down"
+	@echo "make testbed-check the container testbed's end-to-end test alone (part of make test; root)"
+	@echo "make protos    regenerate shared/wire/proto/ from protos/ (grpcio-tools)"
 	@echo "make bench-rounds  per-round time over gRPC vs in-process, bytes per round by codec (bench/results/rounds.md)"
 	@echo "make test      run the whole test suite (lint first)"
 	@echo "make test-fast the unit tests alone (under a minute)"
@@ -80,3 +82,25 @@ deploy-check: $(STAMP) system-deps
 
 clean:
 	rm -rf runs .pytest_cache
+
+# ---- the compose testbed on this project's own Docker engine (deploy/engine; README, "The testbed"). Root only.
+# make testbed TESTBED_ARGS="--per-class 50"   a quick run; TESTBED_ARGS="--rounds 10 --data DIR" as well
+TESTBED_ARGS ?=
+.PHONY: testbed-engine testbed-engine-down testbed testbed-down testbed-check
+
+testbed-engine:
+	$(PYTHON) -m deploy.engine up
+
+testbed-engine-down:
+	$(PYTHON) -m deploy.engine down
+
+# engine up if needed, images (cached), docker-compose up, the round table live until the run ends
+testbed: $(STAMP)
+	$(PY) -m deploy.engine testbed $(TESTBED_ARGS)
+
+testbed-down:
+	$(PYTHON) -m deploy.engine testbed-down
+
+# the testbed test alone (make test runs it too)
+testbed-check: $(STAMP) system-deps
+	$(PY) -m pytest -q -s --durations=0 tests/test_testbed.py
