@@ -133,9 +133,17 @@ class Cluster:
 
 
 def start_aggregator_process(
-    cluster: Cluster, pki: Path, out: Path, *flags: str, name: str = "aggregator", timeout: float = 120.0
+    cluster: Cluster,
+    pki: Path,
+    out: Path,
+    *flags: str,
+    name: str = "aggregator",
+    timeout: float = 120.0,
+    env: dict[str, str] | None = None,
 ) -> dict:
-    """A real aggregator process with mTLS on free ports; waits until it serves. Its endpoints and ports."""
+    """A real aggregator process with mTLS on free ports (``env`` on top of the suite's); waits until it serves.
+
+    Its endpoints and ports."""
     ports = {"grpc": free_port(), "health": free_port(), "metrics": free_port()}
     endpoints = out / "endpoints.json"
     endpoints.unlink(missing_ok=True)
@@ -159,6 +167,7 @@ def start_aggregator_process(
             str(out),
             *flags,
         ],
+        env=env,
     )
     info = wait_for(
         lambda: read_json(endpoints) or (not proc.alive() and {"dead": True}),

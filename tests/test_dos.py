@@ -173,11 +173,10 @@ from shared.wire.transport import sha256_hex  # noqa: E402
 from tests.services_support import (  # noqa: E402
     Cluster,
     Proc,
-    free_port,
     provision_pki,
-    read_json,
     scrape,
     scrape_or_none,
+    start_aggregator_process,
     tls_of,
     total,
     wait_for,
@@ -190,34 +189,7 @@ def start_aggregator(
     cluster: Cluster, pki: Path, out: Path, *flags: str, env: dict[str, str] | None = None, name: str = "aggregator"
 ) -> dict:
     """A real aggregator process with mTLS on free ports (``env`` on top of the suite's); waits until it serves."""
-    ports = {"grpc": free_port(), "health": free_port(), "metrics": free_port()}
-    endpoints = out / "endpoints.json"
-    proc = cluster.add(
-        name,
-        [
-            "-m",
-            "aggregator",
-            "--config",
-            str(pki / "aggregator" / "aggregator.yaml"),
-            "--trust-first-node",
-            "true",
-            "--listen",
-            f"127.0.0.1:{ports['grpc']}",
-            "--health-port",
-            str(ports["health"]),
-            "--metrics-port",
-            str(ports["metrics"]),
-            "--out-dir",
-            str(out),
-            *flags,
-        ],
-        env=env,
-    )
-    info = wait_for(
-        lambda: read_json(endpoints) or (not proc.alive() and {"dead": True}), 180, "the aggregator to serve", [proc]
-    )
-    assert "dead" not in info, proc.text()[-3000:]
-    return ports | {"proc": proc, "address": f"127.0.0.1:{ports['grpc']}", "run_id": info["run_id"]}
+    return start_aggregator_process(cluster, pki, out, *flags, env=env, name=name, timeout=180)
 
 
 def proc_status(pid: int) -> tuple[float, int]:
