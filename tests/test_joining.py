@@ -125,7 +125,13 @@ def test_a_hospital_joins_from_its_kit_alone(tmp_path, brain_tumor_root, feature
     operator.run(tar.replace("hospital_a", "hospital_b"))  # the same step for the second hospital
     assert not list((operator.cwd / "kits").rglob("ca.key"))
     aggregator = operator.run(start_aggregator, background=True)
-    report = operator.cwd / "kits" / "aggregator" / "runs" / "report.json"
+    runs = operator.cwd / "kits" / "aggregator" / "runs"
+    report = runs / "report.json"
+    deadline = time.monotonic() + 300  # the operator waits for "aggregator serving on ..." before telling the sites
+    while not (runs / "endpoints.json").exists():
+        assert aggregator.poll() is None, "the aggregator exited"
+        assert time.monotonic() < deadline, "the aggregator did not start serving"
+        time.sleep(0.2)
     hospitals: dict[str, Shell] = {}
     try:
         for name in ("hospital_a", "hospital_b"):
