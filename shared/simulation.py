@@ -34,7 +34,7 @@ from shared.learning.metrics import mean_metrics, nanmean
 from shared.learning.rounds import WireConfig, fold_update, make_update, publish_global
 from shared.learning.training import METHODS, HospitalLearner, MethodConfig, TrainConfig, build_adapter, get_method
 from shared.ops.command import Command, main_for
-from shared.ops.report import dumps_strict
+from shared.ops.report import best_round_table, dumps_strict
 
 log = logging.getLogger("fedmedclip.simulation")
 
@@ -316,16 +316,8 @@ def render_markdown(report: dict) -> str:
         f"Backbone: {b['description']} (fingerprint `{b['fingerprint'][:16]}`)"
         + ("" if b["is_clip"] else ". Not CLIP: zero-shot accuracy is chance by construction."),
         "",
-        f"Best round {report['best_round']} by mean val accuracy ({report['best_mean_val_accuracy']:.4f}); "
-        "test metrics at that round:",
-        "",
-        "| client | accuracy | balanced acc. | macro-F1 | ECE |",
-        "|---|---|---|---|---|",
+        *best_round_table(report),
     ]
-    for name, m in list(report["test"].items()) + [("AVG", report["avg"])]:
-        lines.append(
-            f"| {name} | {m['accuracy']:.4f} | {m['balanced_accuracy']:.4f} | {m['macro_f1']:.4f} | {m['ece']:.4f} |"
-        )
     bpr, t = report["bytes_per_round"], report["timings"]
     lines += [
         "",

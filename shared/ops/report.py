@@ -39,6 +39,26 @@ def dumps_strict(value: Any, **kwargs: Any) -> str:
     return json.dumps(strict_json(value), allow_nan=False, **kwargs)
 
 
+def best_round_table(report: Mapping[str, Any]) -> list[str]:
+    """The report's headline in Markdown: the best round and its test metrics per client and AVG.
+
+    One table for the simulation's report and the aggregator's, so the two read the same.
+    """
+    lines = [
+        f"Best round {report['best_round']} by mean val accuracy ({_num(report['best_mean_val_accuracy'])}); "
+        "test metrics at that round:",
+        "",
+        "| client | accuracy | balanced acc. | macro-F1 | ECE |",
+        "|---|---|---|---|---|",
+    ]
+    for name, m in list(report["test"].items()) + [("AVG", report["avg"])]:
+        lines.append(
+            f"| {name} | {_num(m['accuracy'])} | {_num(m['balanced_accuracy'])} | {_num(m['macro_f1'])} | "
+            f"{_num(m['ece'])} |"
+        )
+    return lines
+
+
 def _num(value: Any, fmt: str = ".4f") -> str:
     """A number for a Markdown table; '-' for a missing or non-finite one."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
@@ -128,18 +148,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "",
     ]
     if "best_round" in report:
-        lines += [
-            f"Best round {report['best_round']} by mean val accuracy ({report['best_mean_val_accuracy']:.4f}); "
-            "test metrics at that round:",
-            "",
-            "| client | accuracy | balanced acc. | macro-F1 | ECE |",
-            "|---|---|---|---|---|",
-        ]
-        for name, m in list(report["test"].items()) + [("AVG", report["avg"])]:
-            lines.append(
-                f"| {name} | {_num(m['accuracy'])} | {_num(m['balanced_accuracy'])} | "
-                f"{_num(m['macro_f1'])} | {_num(m['ece'])} |"
-            )
+        lines += best_round_table(report)
     else:
         lines.append("No complete round of evaluations yet.")
     lines += ["", "| round | mean val acc. | up KB | down KB | seconds |", "|---|---|---|---|---|"]
