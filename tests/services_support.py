@@ -6,6 +6,7 @@ Plain functions and constants only; the fixtures built on them (``pki``, ``parti
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -423,3 +424,46 @@ def show(result: list[dict]) -> str:
         value = float(sample["value"][1])
         parts.append(f"{labels + ' ' if labels else ''}{value:.4g}")
     return "; ".join(parts) + (f"; ... ({len(result)} series)" if len(result) > 6 else "")
+
+
+@contextlib.contextmanager
+def in_process_aggregator(out: Path, *, rounds: int, embed_dim: int):
+    """The real servicer on a real gRPC server on loopback, in this process, with its round driver.
+
+    Yields ``(engine, stub, telemetry)``; everything is stopped on the way out.
+    """
+    import threading
+    from concurrent import futures
+
+    import grpc
+
+    from aggregator.checkpoint import CheckpointStore
+    from aggregator.config import AggregatorConfig
+    from aggregator.engine import RoundEngine
+    from aggregator.service import AggregatorServicer
+    from shared.ops.telemetry import MetricsInterceptor, Telemetry
+    from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2_grpc as pb_grpc
+    from shared.wire.transport import channel_options, server_options
+
+    cfg = AggregatorConfig(out_dir=str(out), rounds=rounds, min_nodes=2, embed_dim=embed_dim, round_timeout_s=30)
+    telemetry = Telemetry("aggregator")
+    engine = RoundEngine(cfg, CheckpointStore(out), telemetry)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=8),
+        interceptors=[MetricsInterceptor(telemetry)],
+        options=server_options(),
+    )
+    pb_grpc.add_AggregatorServiceServicer_to_server(AggregatorServicer(engine, cfg, telemetry, tls=False), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    stop = threading.Event()
+    driver = threading.Thread(target=engine.run, args=(stop,), daemon=True)
+    driver.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=channel_options())
+    try:
+        yield engine, pb_grpc.AggregatorServiceStub(channel), telemetry
+    finally:
+        engine.stop(stop)
+        channel.close()
+        server.stop(0).wait()
+        driver.join(timeout=5)

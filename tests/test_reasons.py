@@ -15,7 +15,6 @@ import re
 import subprocess
 import sys
 import threading
-from concurrent import futures
 
 import grpc
 import pytest
@@ -27,7 +26,6 @@ from aggregator.checkpoint import CheckpointError, CheckpointMismatchError, Chec
 from aggregator.config import AggregatorConfig
 from aggregator.engine import RoundEngine, UpdateHeader
 from aggregator.registry import Registration, Role
-from aggregator.service import AggregatorServicer
 from hospital_node.client import NodeClient, NodeRefused
 from shared.codec import CodecError
 from shared.errors import FedMedCLIPError
@@ -35,13 +33,13 @@ from shared.learning.aggregation import AggregationError
 from shared.learning.rounds import UpdateOutOfBoundsError, WireConfig, encode_adapter
 from shared.learning.training import TrainConfig, build_adapter, get_method
 from shared.ops.config import ConfigError
-from shared.ops.telemetry import MetricsInterceptor, Telemetry
+from shared.ops.telemetry import Telemetry
 from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
 from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2_grpc as pb_grpc
 from shared.wire.protocol import state_digest
 from shared.wire.reasons import DOMAIN, Action, Reason, action_of, reason_of
-from shared.wire.transport import Backoff, PayloadAssemblyError, channel_options, chunks, server_options
-from tests.services_support import REPO_ROOT, free_port, service_env
+from shared.wire.transport import Backoff, PayloadAssemblyError, chunks
+from tests.services_support import REPO_ROOT, free_port, in_process_aggregator, service_env
 
 DIM = 16
 FP = "f" * 64
@@ -99,26 +97,8 @@ def refused(call) -> grpc.RpcError:
 @pytest.fixture()
 def served(tmp_path):
     """The real servicer on a real gRPC server on loopback, a driver thread, and a stub."""
-    cfg = AggregatorConfig(out_dir=str(tmp_path), rounds=3, min_nodes=2, embed_dim=DIM, round_timeout_s=30)
-    telemetry = Telemetry("aggregator")
-    engine = RoundEngine(cfg, CheckpointStore(tmp_path), telemetry)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=8),
-        interceptors=[MetricsInterceptor(telemetry)],
-        options=server_options(),
-    )
-    pb_grpc.add_AggregatorServiceServicer_to_server(AggregatorServicer(engine, cfg, telemetry, tls=False), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    stop = threading.Event()
-    driver = threading.Thread(target=engine.run, args=(stop,), daemon=True)
-    driver.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=channel_options())
-    yield engine, pb_grpc.AggregatorServiceStub(channel), telemetry
-    engine.stop(stop)
-    channel.close()
-    server.stop(0).wait()
-    driver.join(timeout=5)
+    with in_process_aggregator(tmp_path, rounds=3, embed_dim=DIM) as served_aggregator:
+        yield served_aggregator
 
 
 def test_every_reason_has_one_status_code_and_one_action_and_an_aip193_name():

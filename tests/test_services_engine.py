@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent import futures
 from dataclasses import replace
 
 import grpc
@@ -20,17 +19,17 @@ from aggregator.config import AggregatorConfig
 from aggregator.engine import Phase, RoundEngine, UpdateHeader
 from aggregator.errors import EngineError
 from aggregator.registry import NodeRecord, Registration, Role
-from aggregator.service import PHASE_TO_PROTO, ROLE_FROM_PROTO, AggregatorServicer
+from aggregator.service import PHASE_TO_PROTO, ROLE_FROM_PROTO
 from shared import __version__
 from shared.learning.rounds import WireConfig, decode_adapter, encode_adapter
 from shared.learning.training import TrainConfig, build_adapter, get_method
 from shared.ops.config import ConfigError
-from shared.ops.telemetry import MetricsInterceptor, Telemetry
+from shared.ops.telemetry import Telemetry
 from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
-from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2_grpc as pb_grpc
 from shared.wire.protocol import state_digest
 from shared.wire.reasons import Reason, reason_of
-from shared.wire.transport import CHUNK_BYTES, MIN_CHUNK_BYTES, channel_options, chunk_size, chunks, server_options
+from shared.wire.transport import CHUNK_BYTES, MIN_CHUNK_BYTES, chunk_size, chunks
+from tests.services_support import in_process_aggregator
 
 DIM = 16
 FP = "f" * 64
@@ -287,26 +286,8 @@ def test_run_finishes_after_the_last_round_and_waits_for_final_reports(tmp_path)
 @pytest.fixture()
 def grpc_aggregator(tmp_path):
     """The real servicer on a real gRPC server on loopback, in this process."""
-    cfg = AggregatorConfig(out_dir=str(tmp_path), rounds=2, min_nodes=2, embed_dim=DIM, round_timeout_s=30)
-    telemetry = Telemetry("aggregator")
-    eng = RoundEngine(cfg, CheckpointStore(tmp_path), telemetry)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=8),
-        interceptors=[MetricsInterceptor(telemetry)],
-        options=server_options(),
-    )
-    pb_grpc.add_AggregatorServiceServicer_to_server(AggregatorServicer(eng, cfg, telemetry, tls=False), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    stop = threading.Event()
-    driver = threading.Thread(target=eng.run, args=(stop,), daemon=True)
-    driver.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=channel_options())
-    yield eng, pb_grpc.AggregatorServiceStub(channel), telemetry
-    eng.stop(stop)
-    channel.close()
-    server.stop(0).wait()
-    driver.join(timeout=5)
+    with in_process_aggregator(tmp_path, rounds=2, embed_dim=DIM) as served_aggregator:
+        yield served_aggregator
 
 
 def _upload(stub, eng, node, payload, round_id=0, update_id=None, wire_bytes=None):
