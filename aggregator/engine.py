@@ -26,6 +26,11 @@ fixed by :func:`shared.learning.aggregation.capped_weights` over their registere
 :func:`shared.learning.aggregation.joiner_weight`. Every update is folded with its node's weight as
 it arrives. docs/trust-model.md (section 5) states what this guarantees when nodes drop out.
 
+One process per node id: a node registers with a session id of its process; a registration under
+another session takes the node id over (a restarted node, or a second copy: logged loudly and counted
+in ``fedmedclip_session_takeovers_total{node}`` when the old session was still live), and the old
+session's heartbeats and round polls are refused from then on (``session_replaced``), which stops it.
+
 Every client string is validated (ids: charset and length) or escaped
 (:func:`shared.ops.logs.printable`) before it is logged; reported metrics are validated and bounded
 (:meth:`RoundEngine.report`).
@@ -40,7 +45,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -70,6 +75,7 @@ CLIENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 #: the aggregator's rounds fit 32 bits (RoundInfo); a node's int64 value beyond that is not a round of this run
 ROUND_ID_RANGE = range(-(2**31), 2**31)
 MAX_TRAIN_SECONDS = 1e7  # a reported local training time beyond ~4 months is not one
+MAX_SESSION_CHARS = 64  # a node's session id (the node sends 32 hex digits) is kept up to this length
 
 
 def _number(
@@ -87,18 +93,21 @@ def _number(
 
 
 def clean_metrics(metrics: dict | None, what: str) -> dict[str, Any] | None:
-    """Evaluation metrics as a node reports them, validated: ``n`` in [0, 10^9]; each of accuracy,
-    balanced accuracy, macro-F1 and ECE finite in [0, 1], or NaN (stored as None) only for an empty split."""
+    """Evaluation metrics as a node reports them, validated: ``n`` in [0, 10^9] and ``accuracy``; each of
+    accuracy, balanced accuracy, macro-F1 and ECE finite in [0, 1], or NaN only for an empty split. A metric
+    the node keeps to itself (``share_metrics``), or a NaN, is stored as None."""
     if metrics is None:
         return None
-    if not isinstance(metrics, dict) or set(metrics) != {"n", *METRIC_KEYS}:
-        raise EngineError(Reason.BAD_REPORT, f"{what} metrics must hold n and {', '.join(METRIC_KEYS)}")
+    if not isinstance(metrics, dict) or not {"n", "accuracy"} <= set(metrics) <= {"n", *METRIC_KEYS}:
+        raise EngineError(
+            Reason.BAD_REPORT, f"{what} metrics must hold n and accuracy, and may hold {', '.join(METRIC_KEYS[1:])}"
+        )
     n = metrics["n"]
     if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_SAMPLES:
         raise EngineError(Reason.BAD_REPORT, f"{what} n must be an int in [0, {MAX_SAMPLES}]")
     out: dict[str, Any] = {"n": n}
     for key in METRIC_KEYS:
-        out[key] = _number(metrics[key], f"{what} {key}", high=1.0, nan_ok=n == 0)
+        out[key] = _number(metrics[key], f"{what} {key}", high=1.0, nan_ok=n == 0) if key in metrics else None
     return out
 
 
@@ -152,6 +161,14 @@ class UpdateAck:
     round_id: int
     replayed: bool
     updates_received: int
+
+
+@dataclass(frozen=True)
+class Session:
+    """A node's live process: its session id and where it registered from (the peer, for the log)."""
+
+    session_id: str
+    peer: str
 
 
 @dataclass(frozen=True)
@@ -209,6 +226,7 @@ class RoundEngine:
         )
         self.ledger = Ledger()
         self.last_seen: dict[str, float] = {}
+        self.sessions: dict[str, Session] = {}  # each node's live process (session id, peer), by node id
         self.rounds_log: list[dict[str, Any]] = []
         self.reports: dict[str, dict[str, Any]] = store.load_reports()
         self.published: dict[int, bytes] = {}
@@ -315,7 +333,7 @@ class RoundEngine:
             message=self.status_message,
         )
 
-    def _check_node(self, run_id: str, node_id: str) -> NodeRecord:
+    def _check_node(self, run_id: str, node_id: str, session_id: str = "") -> NodeRecord:
         if run_id and run_id != self.run_id:
             raise EngineError(
                 Reason.WRONG_RUN,
@@ -324,13 +342,59 @@ class RoundEngine:
         rec = self.nodes.get(node_id)
         if rec is None:
             raise EngineError(Reason.UNKNOWN_NODE, f"node {node_id!r} is not registered")
+        if session_id:
+            live = self.sessions.get(node_id)
+            if live is None:  # restored from a checkpoint: the first session heard from is the node's
+                self.sessions[node_id] = Session(session_id[:MAX_SESSION_CHARS], "")
+            elif live.session_id != session_id[:MAX_SESSION_CHARS]:
+                raise EngineError(
+                    Reason.SESSION_REPLACED,
+                    f"another process registered as {node_id}"
+                    + (f" (from {live.peer})" if live.peer else "")
+                    + "; this session is over: stop this process, only one may run per node id",
+                )
         self.last_seen[node_id] = self.clock()
         return rec
 
+    def _claim_session(self, node_id: str, session_id: str, peer: str) -> None:
+        """Make ``session_id`` the node's live session; a live one of another process is taken over, loudly."""
+        if not session_id:
+            return
+        session_id = session_id[:MAX_SESSION_CHARS]
+        live = self.sessions.get(node_id)
+        if live is not None and live.session_id != session_id:
+            idle = self.clock() - self.last_seen.get(node_id, -math.inf)
+            if idle <= self.cfg.node_timeout_s:
+                self.t.session_takeovers.labels(node=node_id).inc()
+                log.warning(
+                    "node %s registered from a second process (%s) while its session from %s was live "
+                    "(heard %.0fs ago): the new one takes over, the old one is refused from now on. Two "
+                    "copies of one hospital's node are running, or a restarted node overtook its old process",
+                    node_id,
+                    printable(peer or "unknown peer", 80),
+                    printable(live.peer or "unknown peer", 80),
+                    idle,
+                )
+        self.sessions[node_id] = Session(session_id, printable(peer, 80))
+
     # -- RPC entry points --------------------------------------------------------------------
-    def register(self, reg: Registration) -> RoundView:
+    def register(self, reg: Registration, *, session_id: str = "", peer: str = "", dry_run: bool = False) -> RoundView:
+        """Admit ``reg`` (EngineError when refused) under the node's new session; with ``dry_run`` check only."""
         with self._cond:
+            if dry_run:
+                self.registry.check(reg)
+                view = self._view(None)
+                live = self.sessions.get(reg.node_id)
+                idle = self.clock() - self.last_seen.get(reg.node_id, -math.inf)
+                if live is not None and idle <= self.cfg.node_timeout_s:
+                    view = replace(
+                        view,
+                        message=f"{reg.node_id} is running now (a process heard from {idle:.0f}s ago); "
+                        "a node started with this identity would take its session over",
+                    )
+                return view
             known = self.registry.admit(reg)
+            self._claim_session(reg.node_id, session_id, peer)
             self.last_seen[reg.node_id] = self.clock()
             self._update_registered_gauge()
             if len(self.nodes) > self.cfg.max_workers - 4:
@@ -362,15 +426,17 @@ class RoundEngine:
             self._cond.notify_all()
             return self._view(reg.node_id)
 
-    def heartbeat(self, run_id: str, node_id: str) -> RoundView:
+    def heartbeat(self, run_id: str, node_id: str, session_id: str = "") -> RoundView:
         with self._cond:
-            self._check_node(run_id, node_id)
+            self._check_node(run_id, node_id, session_id)
             return self._view(node_id)
 
-    def round_view(self, run_id: str, node_id: str, wait_for_round: int = 0, max_wait_s: float = 0.0) -> RoundView:
+    def round_view(
+        self, run_id: str, node_id: str, wait_for_round: int = 0, max_wait_s: float = 0.0, session_id: str = ""
+    ) -> RoundView:
         """The current round; waits (at most ``max_wait_s``) while round ``wait_for_round`` is not open."""
         with self._cond:
-            self._check_node(run_id, node_id)
+            self._check_node(run_id, node_id, session_id)
             end = self.clock() + max(0.0, min(max_wait_s, 60.0))
             while (
                 (self.version < wait_for_round or self.phase == Phase.WAITING_FOR_NODES)
@@ -606,6 +672,8 @@ class RoundEngine:
                 "bytes_down_raw": payload.raw_nbytes * n_trainers,
                 "global_wire_bytes": payload.wire_nbytes,
                 "weights": {n: self.folded_weights[n] for n in updates if n in self.folded_weights},
+                # every RPC's message bytes since the last round closed (the first round: since start-up)
+                "traffic": self.t.traffic.take(),
             }
         )
         self.version = r + 1
@@ -758,6 +826,9 @@ class RoundEngine:
                     "version": __version__,
                     "other_versions": self.registry.other_versions(),
                     "global_version": self.version,
+                    # every RPC's bytes since the last round closed: the open round's, or after the last
+                    # round the final evaluations and the nodes' last polls
+                    "traffic_since_last_round": self.t.traffic.peek(),
                 },
             )
 

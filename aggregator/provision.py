@@ -227,7 +227,12 @@ hospital's identity. Everything in `node.yaml` is relative to this folder.
    never trained on.
 2. `fedmedclip node check --config node.yaml` checks the kit, the data and the connection in seconds.
 3. `./start.sh` runs the node; `state/` keeps its private model, `cache/` its image features.
-   `./stop.sh` stops it. `fedmedclip predict --config node.yaml --images DIR` classifies images.
+   When a run ends the node archives its state (`state/archive/<run id>/`) and waits for the
+   federation's next run (`--once true`: it exits instead); `http://127.0.0.1:9101/healthz` says
+   what it does. `./stop.sh` stops it. `fedmedclip predict --config node.yaml --images DIR`
+   classifies images.
+4. `share_metrics:` in `node.yaml` sets which evaluations leave this hospital: `all`, `val_accuracy`
+   or `none`; every evaluation stays in `state/evaluations.jsonl` whatever is shared.
 """
 
 _AGGREGATOR_README = """# FedMedCLIP startup kit: the aggregator

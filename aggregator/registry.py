@@ -95,8 +95,8 @@ class Registry:
         self.class_names = class_names
         self.nodes: dict[str, NodeRecord] = {}
 
-    def admit(self, reg: Registration) -> bool:
-        """Check ``reg`` and record the node (EngineError when refused); True when it was registered already."""
+    def check(self, reg: Registration) -> bool:
+        """Every check :meth:`admit` makes, recording nothing (EngineError when refused); True when known."""
         self._check(reg)
         known = self.nodes.get(reg.node_id)
         if known is not None and known.role != reg.role:
@@ -113,6 +113,11 @@ class Registry:
                 f"node {reg.node_id} registered with {known.num_train} training samples; the count "
                 f"weighs its updates and is fixed for the run (now {reg.num_train})",
             )
+        return known is not None
+
+    def admit(self, reg: Registration) -> bool:
+        """Check ``reg`` and record the node (EngineError when refused); True when it was registered already."""
+        known = self.check(reg)
         if self.fingerprint is None:
             self.fingerprint = reg.fingerprint
         if self.class_names is None:
@@ -123,7 +128,7 @@ class Registry:
         self.nodes[reg.node_id] = NodeRecord(
             role=reg.role, num_train=reg.num_train, num_val=reg.num_val, num_test=reg.num_test, software_version=version
         )
-        return known is not None
+        return known
 
     def _check(self, reg: Registration) -> None:
         if not _NODE_ID.fullmatch(reg.node_id):

@@ -202,7 +202,14 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
             num_test=request.num_test_samples,
             software_version=request.software_version,
         )
-        view = self._unary(context, "Register", request.node_id, lambda: self.engine.register(reg))
+        view = self._unary(
+            context,
+            "Register",
+            request.node_id,
+            lambda: self.engine.register(
+                reg, session_id=request.session_id, peer=context.peer(), dry_run=request.dry_run
+            ),
+        )
         return pb.RegisterResponse(
             round=round_info(view),
             codec=self.cfg.codec,
@@ -214,7 +221,10 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
         view = self._unary(
-            context, "Heartbeat", request.node_id, lambda: self.engine.heartbeat(request.run_id, request.node_id)
+            context,
+            "Heartbeat",
+            request.node_id,
+            lambda: self.engine.heartbeat(request.run_id, request.node_id, request.session_id),
         )
         return pb.HeartbeatResponse(round=round_info(view))
 
@@ -227,7 +237,9 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
             context,
             "GetRound",
             request.node_id,
-            lambda: self.engine.round_view(request.run_id, request.node_id, request.wait_for_round, wait),
+            lambda: self.engine.round_view(
+                request.run_id, request.node_id, request.wait_for_round, wait, request.session_id
+            ),
             *((LONG_POLL,) if wait > 0 else ()),
         )
         return pb.GetRoundResponse(round=round_info(view))
@@ -300,7 +312,9 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
                 sha256=h.sha256,
                 wire_bytes=h.wire_bytes,
                 num_train=h.num_train_samples,
-                train={"steps": h.train.steps, "seconds": h.train.seconds, "loss": h.train.loss},
+                train={"steps": h.train.steps, "seconds": h.train.seconds, "loss": h.train.loss}
+                if h.HasField("train")
+                else {},  # a node keeping its training summary (share_metrics) sends none
             )
             self._admissible(header)
             self.watchdog.pause(transfer)  # waiting for a slot reads nothing: not the node's slowness

@@ -1,12 +1,13 @@
 """Container health check (Docker HEALTHCHECK, compose healthcheck): exit 0 when healthy, 1 when not.
 
     python deploy/healthcheck.py grpc 127.0.0.1:50052 [SERVICE]   grpc.health.v1 Check (the aggregator)
-    python deploy/healthcheck.py http http://127.0.0.1:9101/metrics  an HTTP 200 (a node's /metrics)
+    python deploy/healthcheck.py http http://127.0.0.1:9101/healthz  an HTTP 200 (a node's /healthz)
     python deploy/healthcheck.py                                   the check named by $FEDMEDCLIP_HEALTHCHECK
 
 The aggregator's health service is NOT_SERVING until its state is loaded and the service port is
 open, so this check (and a Kubernetes ``grpc:`` probe on the same port) only passes once it can work.
-A hospital node is a gRPC client with no server of its own: its liveness is its /metrics endpoint.
+A hospital node is a gRPC client with no server of its own: its /healthz, beside /metrics, says what it
+does (encoding, in_run, waiting_for_next_run) with HTTP 200 for as long as the daemon lives.
 Needs only the image's own packages (grpcio-health-checking), no grpc_health_probe binary.
 """
 

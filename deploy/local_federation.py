@@ -62,6 +62,7 @@ class Launcher:
             HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"),
             PYTHONUNBUFFERED="1",
             TOKENIZERS_PARALLELISM="false",
+            FEDMEDCLIP_NODE_ONCE="true",  # the demo's nodes end with its run (a real node waits for the next)
         )
         with (self.log_dir / f"{name}.log").open("ab") as handle:
             # own process group: a Ctrl-C in the terminal reaches this launcher only, which then stops

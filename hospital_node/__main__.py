@@ -40,23 +40,26 @@ def _run(cfg: NodeConfig, args: argparse.Namespace) -> int:
 
 
 def _serve(cfg: NodeConfig, tls) -> int:
-    from hospital_node.client import NodeStopped, run_node  # torch and the backbone: after the cheap checks
+    from hospital_node.client import NodeStatus, NodeStopped, load_setup, run_node  # torch: after the cheap checks
     from shared.ops.telemetry import Telemetry, serve_metrics
 
     telemetry = Telemetry("hospital_node")
-    server, port = serve_metrics(telemetry, cfg.metrics_port, cfg.metrics_addr)
-    log.info("%s: metrics on :%d", cfg.node_id, port)
+    status = NodeStatus(cfg.node_id)
+    server, port = serve_metrics(telemetry, cfg.metrics_port, cfg.metrics_addr, health=status.health)
+    log.info("%s: metrics on :%d/metrics, health on :%d/healthz", cfg.node_id, port, port)
     try:
         with Shutdown(interrupt=NodeStopped) as shutdown:
             try:
-                code = run_node(cfg, shutdown.event, telemetry, tls)
-                if not cfg.exit_when_done and not shutdown.requested:
-                    log.info("run over (exit code %d); serving metrics until SIGTERM", code)
-                    shutdown.event.wait()
-                return code
+                setup = load_setup(cfg)  # seconds: then ask the aggregator whether it would admit us, before encoding
+                check = preflight.check_registration(cfg, setup, tls)
+                log.info("preflight %s: %s %s", check.name, check.status.value, check.detail)
+                if check.status is preflight.Status.PROBLEM:
+                    raise preflight.PreflightError(f"{check.name}: {check.detail} (fix: {check.fix})")
+                return run_node(cfg, shutdown.event, telemetry, tls, status, setup)
             except NodeStopped:  # a signal unwound a blocking call; every step already saved its state
                 return ExitCode.OK
     finally:
+        status.set(phase="stopped")
         server.shutdown()
 
 

@@ -33,8 +33,9 @@ import logging
 import random
 import threading
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -54,7 +55,8 @@ from shared.learning.training import HospitalLearner, TrainConfig, build_adapter
 from shared.ops.config import ConfigError
 from shared.ops.exitcodes import ExitCode
 from shared.ops.logs import printable
-from shared.ops.telemetry import Telemetry
+from shared.ops.report import dumps_strict
+from shared.ops.telemetry import CountingClientInterceptor, Telemetry
 from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
 from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2_grpc as pb_grpc
 from shared.wire.protocol import metrics_to_proto, state_digest
@@ -64,6 +66,7 @@ from shared.wire.transport import (
     MAX_PAYLOAD_BYTES,
     Backoff,
     PayloadAssemblyError,
+    RetriesExhausted,
     assemble,
     call_with_retry,
     channel_options,
@@ -73,6 +76,7 @@ from shared.wire.transport import (
 
 log = logging.getLogger("fedmedclip.node")
 T = TypeVar("T")
+EVALUATIONS = "evaluations.jsonl"  # in state_dir: every evaluation in full, whatever share_metrics sends
 
 
 class NodeStopped(Exception):
@@ -96,15 +100,23 @@ class GlobalRefused(FedMedCLIPError):
 
 
 @dataclass
-class Prepared:
+class Setup:
+    """What a node declares when it registers, known in seconds, before any image is encoded."""
+
     backbone: Backbone
     data: LocalData
-    features: torch.Tensor
-    labels: torch.Tensor
     class_names: tuple[str, ...]
     fingerprint: str
-    text: torch.Tensor
+    text: torch.Tensor  # the class prompts' features
     dim: int
+
+
+@dataclass
+class Prepared(Setup):
+    """:class:`Setup` and the images' features (cached)."""
+
+    features: torch.Tensor = None  # type: ignore[assignment]
+    labels: torch.Tensor = None  # type: ignore[assignment]
 
 
 def train_config(cfg: NodeConfig) -> TrainConfig:
@@ -126,20 +138,64 @@ def backbone_spec(cfg: NodeConfig) -> BackboneSpec:
     )
 
 
-def prepare(cfg: NodeConfig, telemetry: Telemetry | None = None) -> Prepared:
-    """Backbone, local data and its cached features (progress bar), prompt features, fingerprint."""
+def load_setup(cfg: NodeConfig) -> Setup:
+    """Local data (listed, not read), backbone, prompt features and fingerprint: seconds."""
     if not cfg.data:
         raise ConfigError("no data: set data (a manifest CSV or an ImageFolder)")
     data = load_local(cfg.data, cfg.classes, split_seed=cfg.split_seed, evaluator=cfg.role == "evaluator")
     backbone = load_backbone(backbone_spec(cfg), cfg.device)
-    features, stats = encode_samples(backbone, data.dataset.samples, cfg.cache_dir, progress=cfg.progress)
+    names = data.dataset.class_names
+    text = backbone.text_features(names)
+    return Setup(backbone, data, names, backbone.fingerprint(names), text, int(text.shape[1]))
+
+
+def initial_adapter(cfg: NodeConfig, dim: int) -> dict[str, torch.Tensor]:
+    """The federation's seeded global version 0, as every node and the aggregator build it."""
+    return build_adapter(get_method(cfg.method), dim, train_config(cfg), cfg.seed).travel_state()
+
+
+def registration(cfg: NodeConfig, setup: Setup, *, session_id: str = "", dry_run: bool = False) -> pb.RegisterRequest:
+    """The node's Register request: everything the aggregator checks before it admits the node."""
+    evaluator = cfg.role == "evaluator"
+    n_train, n_val, n_test = setup.data.counts()
+    return pb.RegisterRequest(
+        node_id=cfg.node_id,
+        role=pb.NODE_ROLE_EVALUATOR if evaluator else pb.NODE_ROLE_TRAINER,
+        backbone_fingerprint=setup.fingerprint,
+        class_names=list(setup.class_names),
+        embed_dim=setup.dim,
+        method=cfg.method,
+        initial_state_sha256=state_digest(initial_adapter(cfg, setup.dim)),
+        num_train_samples=0 if evaluator else n_train,
+        num_val_samples=n_val,
+        num_test_samples=n_test,
+        software_version=__version__,
+        dry_run=dry_run,
+        session_id=session_id,
+    )
+
+
+def describe_round(info: pb.RoundInfo) -> str:
+    """Where a run stands, in words: "waiting for nodes", "round 3 of 30", "finished after 30 rounds"."""
+    if info.phase == pb.ROUND_PHASE_COLLECTING:
+        return f"round {info.round_id + 1} of {info.total_rounds}"
+    if info.phase == pb.ROUND_PHASE_FINISHED:
+        return f"finished after {info.global_version} rounds"
+    if info.phase == pb.ROUND_PHASE_FAILED:
+        return f"failed after {info.global_version} rounds"
+    return f"waiting for nodes ({info.total_rounds} rounds)"
+
+
+def prepare(cfg: NodeConfig, telemetry: Telemetry | None = None, setup: Setup | None = None) -> Prepared:
+    """:func:`load_setup` (unless given), then the images' cached features (progress bar)."""
+    setup = setup or load_setup(cfg)
+    data = setup.data
+    features, stats = encode_samples(setup.backbone, data.dataset.samples, cfg.cache_dir, progress=cfg.progress)
     if telemetry is not None:
         if stats.n_encoded:
             telemetry.encode_seconds.observe(stats.seconds)
         telemetry.encode_images.labels(source="encoded").inc(stats.n_encoded)
         telemetry.encode_images.labels(source="cache").inc(stats.n_cached)
-    names = data.dataset.class_names
-    text = backbone.text_features(names)
     log.info(
         "%s: %d images (train %d / val %d / test %d), %d encoded in %.1fs, %d from cache",
         cfg.node_id,
@@ -150,14 +206,9 @@ def prepare(cfg: NodeConfig, telemetry: Telemetry | None = None) -> Prepared:
         stats.n_cached,
     )
     return Prepared(
-        backbone=backbone,
-        data=data,
+        **{f.name: getattr(setup, f.name) for f in fields(Setup)},
         features=features,
         labels=torch.from_numpy(data.dataset.labels()),
-        class_names=names,
-        fingerprint=backbone.fingerprint(names),
-        text=text,
-        dim=int(features.shape[1]),
     )
 
 
@@ -176,21 +227,50 @@ def build_learner(cfg: NodeConfig, prep: Prepared) -> HospitalLearner:
     )
 
 
+class NodeStatus:
+    """What the node is doing, for ``/healthz`` (thread-safe; the loop updates it)."""
+
+    def __init__(self, node_id: str) -> None:
+        self._lock = threading.Lock()
+        self._fields: dict[str, object] = {"node": node_id, "phase": "starting", "run_id": "", "global_version": 0}
+
+    def set(self, **values: object) -> None:
+        with self._lock:
+            self._fields.update(values)
+
+    def health(self) -> dict[str, object]:
+        with self._lock:
+            return {"status": "ok" if self._fields["phase"] != "stopped" else "stopping", **self._fields}
+
+
 class NodeClient:
+    """One node process: it follows the aggregator's runs one after the other (``once``: a single run)."""
+
     def __init__(
-        self, cfg: NodeConfig, prep: Prepared, telemetry: Telemetry, stop: threading.Event, tls: TlsMaterial | None
+        self,
+        cfg: NodeConfig,
+        prep: Prepared,
+        telemetry: Telemetry,
+        stop: threading.Event,
+        tls: TlsMaterial | None,
+        status: NodeStatus | None = None,
     ) -> None:
         self.cfg, self.prep, self.t, self.stop = cfg, prep, telemetry, stop
+        self.status = status or NodeStatus(cfg.node_id)
         self.method = get_method(cfg.method)
         self.learner = build_learner(cfg, prep)
-        self.initial = build_adapter(self.method, prep.dim, train_config(cfg), cfg.seed).travel_state()
+        self.initial = initial_adapter(cfg, prep.dim)
         self.store = StateStore(cfg.state_dir)
         self.evaluator = cfg.role == "evaluator"
         self.backoff = Backoff(cfg.retry_initial_s, cfg.retry_max_s, give_up_after_s=cfg.give_up_after_s)
         self.rng = random.Random()
         self.channel = secure_channel(cfg.aggregator, tls, channel_options(), cfg.tls_server_name)
-        self.stub = pb_grpc.AggregatorServiceStub(self.channel)
+        counted = grpc.intercept_channel(self.channel, CountingClientInterceptor(telemetry.traffic))
+        self.stub = pb_grpc.AggregatorServiceStub(counted)
+        self.session_id = uuid.uuid4().hex  # this process; a second process registering takes the node id over
+        self.refused: NodeRefused | None = None  # set by the heartbeat thread when this session is over
         self.run_id = ""
+        self.run_over = False  # the run finished, failed or was replaced: the next one may start afresh
         self.wire = WireConfig()
         self.state: NodeState | None = None
         self.heartbeat_interval = 5.0
@@ -210,6 +290,8 @@ class NodeClient:
         while True:
             if self.stop.is_set():
                 raise NodeStopped()
+            if self.refused is not None:
+                raise self.refused
             try:
                 return call_with_retry(fn, what, self.backoff, self.rng, sleep=self._sleep)
             except grpc.RpcError as exc:
@@ -230,20 +312,7 @@ class NodeClient:
             raise NodeStopped()
 
     def _register(self) -> pb.RegisterResponse:
-        n_train, n_val, n_test = self.prep.data.counts()
-        request = pb.RegisterRequest(
-            node_id=self.cfg.node_id,
-            role=pb.NODE_ROLE_EVALUATOR if self.evaluator else pb.NODE_ROLE_TRAINER,
-            backbone_fingerprint=self.prep.fingerprint,
-            class_names=list(self.prep.class_names),
-            embed_dim=self.prep.dim,
-            method=self.cfg.method,
-            initial_state_sha256=state_digest(self.initial),
-            num_train_samples=0 if self.evaluator else n_train,
-            num_val_samples=n_val,
-            num_test_samples=n_test,
-            software_version=__version__,
-        )
+        request = registration(self.cfg, self.prep, session_id=self.session_id)
         response = self._call(
             "Register", lambda: self.stub.Register(request, timeout=self.cfg.rpc_timeout_s), reregister=False
         )
@@ -253,12 +322,12 @@ class NodeClient:
         self.wire = WireConfig(codec=response.codec, delta=response.delta, drop_masked_rows=response.drop_masked_rows)
         self.heartbeat_interval = max(0.5, response.heartbeat_interval_ms / 1000.0)
         self.chunk_bytes = chunk_size(response.max_chunk_bytes)
+        self.status.set(phase="in_run", run_id=self.run_id)
         log.info(
-            "registered with %s: run %s, round %d of %d, codec %s",
+            "registered with %s: run %s, %s, codec %s",
             self.cfg.aggregator,
             printable(self.run_id, 64),
-            response.round.round_id + 1,
-            response.round.total_rounds,
+            describe_round(response.round),
             response.codec,
         )
         return response
@@ -267,7 +336,11 @@ class NodeClient:
         """The current round; with ``wait``, long-poll until round ``wait_for`` is open or the run ends."""
         wait_s = self.cfg.long_poll_s if wait else 0.0
         request = pb.GetRoundRequest(
-            run_id=self.run_id, node_id=self.cfg.node_id, wait_for_round=wait_for, max_wait_ms=int(wait_s * 1000)
+            run_id=self.run_id,
+            node_id=self.cfg.node_id,
+            wait_for_round=wait_for,
+            max_wait_ms=int(wait_s * 1000),
+            session_id=self.session_id,
         )
         return self._call(
             "GetRound", lambda: self.stub.GetRound(request, timeout=wait_s + self.cfg.rpc_timeout_s)
@@ -338,7 +411,7 @@ class NodeClient:
             or state.node_id != self.cfg.node_id
             or state.fingerprint != self.prep.fingerprint
         ):
-            self.store.discard(f"it belongs to run {state.run_id} / node {state.node_id}, this is run {self.run_id}")
+            self.store.archive(state.run_id, f"it belongs to node {state.node_id} in run {state.run_id}, not this one")
             state = None
         if state is None:
             state = NodeState(
@@ -386,29 +459,48 @@ class NodeClient:
         head = "clip" if self.evaluator else None
         val = None if self.evaluator else self.learner.evaluate(*self.parts["val"])
         test = self.learner.evaluate(*self.parts["test"], head=head)
+        self._keep_evaluation(version, val, test)
+        shared_val, shared_test = self._shared(val, test)
         request = pb.ReportMetricsRequest(
             run_id=self.run_id,
             node_id=self.cfg.node_id,
             version=version,
             report_id=f"{self.cfg.node_id}-v{version}",
-            test=metrics_to_proto(test),
             head=head or self.method.head,
         )
-        if val is not None:
-            request.val.CopyFrom(metrics_to_proto(val))
+        if shared_val is not None:
+            request.val.CopyFrom(metrics_to_proto(shared_val))
+        if shared_test is not None:
+            request.test.CopyFrom(metrics_to_proto(shared_test))
         shown = val if val is not None else test
         self.t.validation_accuracy.labels(node=self.cfg.node_id).set(shown["accuracy"])
         self._call("ReportMetrics", lambda: self.stub.ReportMetrics(request, timeout=self.cfg.rpc_timeout_s))
         state.evaluated_version = version
+        self.status.set(global_version=version)
         if self.evaluator:
             self._save()  # a trainer saves once a round, after training (a repeated report is recognised)
         log.info(
-            "global v%d: %s accuracy %.4f, test %.4f",
+            "global v%d: %s accuracy %.4f, test %.4f%s",
             version,
             "val" if val is not None else "test",
             shown["accuracy"],
             test["accuracy"],
+            "" if self.cfg.share_metrics == "all" else f" (shared with the aggregator: {self.cfg.share_metrics})",
         )
+
+    def _shared(self, val: dict | None, test: dict) -> tuple[dict | None, dict | None]:
+        """The part of an evaluation this node sends (``share_metrics``): all of it, val accuracy, or nothing."""
+        if self.cfg.share_metrics == "all":
+            return val, test
+        if self.cfg.share_metrics == "val_accuracy" and val is not None:
+            return {"n": val["n"], "accuracy": val["accuracy"]}, None
+        return None, None
+
+    def _keep_evaluation(self, version: int, val: dict | None, test: dict) -> None:
+        """Every evaluation, in full, stays in ``<state_dir>/evaluations.jsonl`` (one line per global version)."""
+        line = {"run_id": self.run_id, "version": version, "val": val, "test": test, "shared": self.cfg.share_metrics}
+        with open(Path(self.cfg.state_dir) / EVALUATIONS, "a", encoding="utf-8") as f:
+            f.write(dumps_strict(line) + "\n")
 
     def _train(self, round_id: int) -> None:
         state = self.state
@@ -451,10 +543,13 @@ class NodeClient:
             wire_bytes=len(pending.payload),
             sha256=pending.sha256,
             num_train_samples=len(self.parts["train"][1]),
-            train=pb.TrainSummary(
-                steps=int(pending.train["steps"]), seconds=pending.train["seconds"], loss=pending.train["loss"]
-            ),
         )
+        if self.cfg.share_metrics == "all":  # steps, seconds and the training loss: metrics too
+            header.train.CopyFrom(
+                pb.TrainSummary(
+                    steps=int(pending.train["steps"]), seconds=pending.train["seconds"], loss=pending.train["loss"]
+                )
+            )
 
         def messages():
             yield pb.UploadUpdateRequest(header=header)
@@ -492,21 +587,84 @@ class NodeClient:
 
     # -- heartbeat ---------------------------------------------------------------------------
     def _heartbeat_loop(self, done: threading.Event) -> None:
+        request = pb.HeartbeatRequest(run_id=self.run_id, node_id=self.cfg.node_id, session_id=self.session_id)
         while not done.wait(self.heartbeat_interval):
             try:
-                self.stub.Heartbeat(
-                    pb.HeartbeatRequest(run_id=self.run_id, node_id=self.cfg.node_id), timeout=self.cfg.rpc_timeout_s
-                )
+                self.stub.Heartbeat(request, timeout=self.cfg.rpc_timeout_s)
             except grpc.RpcError as exc:
+                if reason_of(exc) is Reason.SESSION_REPLACED:  # another process is this node now: stop
+                    self.refused = NodeRefused(Reason.SESSION_REPLACED, f"Heartbeat: {exc.details()}")
+                    return
                 log.debug("heartbeat failed: %s", exc.code())
 
-    # -- the loop ----------------------------------------------------------------------------
+    def _log_traffic(self, what: str) -> None:
+        """One line per round: every byte this node sent and received, by RPC (not only the adapters)."""
+        t = self.t.traffic.take()
+        if t["up"] or t["down"]:
+            by_rpc = ", ".join(f"{rpc} {v['up']}/{v['down']}" for rpc, v in t["by_rpc"].items())
+            log.info("%s: sent %d bytes, received %d (sent/received by RPC: %s)", what, t["up"], t["down"], by_rpc)
+
+    # -- runs --------------------------------------------------------------------------------
     def run(self) -> int:
+        """Follow runs until stopped: after a run ends, archive its state and wait for the federation's next
+        run (``once``: return the run's exit code instead). A refusal for good ends the process."""
+        try:
+            while True:
+                code = self._follow_run()
+                if self.cfg.once or self.stop.is_set() or code == ExitCode.REFUSED:
+                    return code
+                if self.run_over:
+                    self.store.archive(self.run_id, "the run is over")
+                self._wait_for_next_run()
+        except NodeStopped:
+            log.info("stopped; private state under %s", self.store.dir)
+            return ExitCode.OK
+        except NodeRefused as exc:  # while waiting between runs
+            log.error("refused by the aggregator: %s", exc)
+            return ExitCode.REFUSED
+        finally:
+            self.status.set(phase="stopped")
+            self.channel.close()
+
+    def _wait_for_next_run(self) -> None:
+        """Wait (for as long as it takes) until the aggregator serves a run this node can join: another run,
+        or the same one again if it was not over (the aggregator restarted, or the node gave up on it)."""
+        previous, over = self.run_id, self.run_over
+        self.status.set(phase="waiting_for_next_run")
+        log.info(
+            "%s; waiting for the federation's next run (Ctrl-C or SIGTERM stops the node; once: true exits instead)",
+            f"run {previous} is over" if over else f"left run {previous or '(none joined yet)'}",
+        )
+        request = pb.GetRoundRequest(run_id=previous, node_id=self.cfg.node_id, session_id=self.session_id)
+        attempt = 0
+        while True:
+            if self.stop.is_set():
+                raise NodeStopped()
+            try:
+                info = self.stub.GetRound(request, timeout=self.cfg.rpc_timeout_s).round
+                if not over or info.phase not in (pb.ROUND_PHASE_FINISHED, pb.ROUND_PHASE_FAILED):
+                    return  # the run goes on: join it again
+                attempt = 0
+            except grpc.RpcError as exc:
+                reason = reason_of(exc)
+                if reason in (Reason.WRONG_RUN, Reason.UNKNOWN_NODE):
+                    log.info("the aggregator serves a new run: joining it")
+                    return
+                if reason is Reason.SESSION_REPLACED or (reason is not None and reason.action is Action.GIVE_UP):
+                    raise NodeRefused(reason, f"GetRound: {exc.details()}") from exc
+                log.debug("aggregator not answering (%s); waiting for the next run", exc.code())
+            self._sleep(self.backoff.delay(attempt, self.rng))
+            attempt += 1
+
+    def _follow_run(self) -> int:
+        """Take part in the aggregator's current run until it ends; its exit code."""
         done = threading.Event()
-        heartbeat = threading.Thread(target=self._heartbeat_loop, args=(done,), name="heartbeat", daemon=True)
+        heartbeat: threading.Thread | None = None
+        self.run_over = False
         try:
             first = self._register()
             self.state = self._load_or_create_state()
+            heartbeat = threading.Thread(target=self._heartbeat_loop, args=(done,), name="heartbeat", daemon=True)
             heartbeat.start()
             info = first.round
             wait_for = 0
@@ -519,9 +677,11 @@ class NodeClient:
                         printable(info.run_id, 64),
                         printable(self.run_id, 64),
                     )
+                    self.run_over = True
                     return ExitCode.RUN_CHANGED
                 if info.phase == pb.ROUND_PHASE_FAILED:
                     log.error("the run failed: %s", printable(info.message, 1000))
+                    self.run_over = True
                     return ExitCode.FAILED
                 if info.phase == pb.ROUND_PHASE_WAITING_FOR_NODES:
                     info = self._get_round(0, wait=True)  # long-polls until the first round opens
@@ -530,10 +690,15 @@ class NodeClient:
                 version = info.global_version
                 self._catch_up(version)
                 self.t.round_current.set(version)
+                self.status.set(global_version=version)
                 if version >= 1 and self.state.evaluated_version < version:
                     self._evaluate(version)
                 if info.phase == pb.ROUND_PHASE_FINISHED:
+                    self.state.pending = None
+                    self._save()  # the final global with the private model: what predict uses
+                    self._log_traffic(f"run {self.run_id}, after round {version}")
                     log.info("run %s finished after %d rounds", self.run_id, version)
+                    self.run_over = True
                     return ExitCode.OK
                 if info.phase != pb.ROUND_PHASE_COLLECTING:
                     wait_for = version + 1
@@ -545,6 +710,7 @@ class NodeClient:
                     pending = self.state.pending
                     if pending is not None and pending.round_id == r and not info.update_accepted:
                         self._upload(pending)
+                self._log_traffic(f"round {info.round_id + 1}")
                 wait_for = info.round_id + 1
         except GlobalRefused as exc:
             log.error(
@@ -553,27 +719,36 @@ class NodeClient:
                 exc,
             )
             return ExitCode.FAILED
+        except RetriesExhausted as exc:
+            log.error("the aggregator did not answer: %s", exc)
+            return ExitCode.FAILED
         except NodeRefused as exc:
             if exc.reason is Reason.WRONG_RUN:
                 log.error("the aggregator runs another run than this node's %s: %s", self.run_id, exc)
+                self.run_over = True
                 return ExitCode.RUN_CHANGED
             log.error("refused by the aggregator: %s", exc)
             return ExitCode.REFUSED
-        except NodeStopped:
-            log.info("stopped; private state in %s", self.store.path)
-            return ExitCode.OK
         finally:
             done.set()
             # a heartbeat still inside an RPC when the channel closes and the interpreter exits aborts
             # the process from gRPC's C++ core ("terminate called without an active exception")
-            if heartbeat.is_alive():
+            if heartbeat is not None and heartbeat.is_alive():
                 heartbeat.join(timeout=self.cfg.rpc_timeout_s + 1)
-            self.channel.close()
 
 
-def run_node(cfg: NodeConfig, stop: threading.Event, telemetry: Telemetry, tls: TlsMaterial | None) -> int:
+def run_node(
+    cfg: NodeConfig,
+    stop: threading.Event,
+    telemetry: Telemetry,
+    tls: TlsMaterial | None,
+    status: NodeStatus | None = None,
+    setup: Setup | None = None,
+) -> int:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    prep = prepare(cfg, telemetry)
+    status = status or NodeStatus(cfg.node_id)
+    status.set(phase="encoding")
+    prep = prepare(cfg, telemetry, setup)
     Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
-    return NodeClient(cfg, prep, telemetry, stop, tls).run()
+    return NodeClient(cfg, prep, telemetry, stop, tls, status).run()

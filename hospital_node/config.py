@@ -9,6 +9,9 @@ from shared.backbone import BACKBONE_KINDS, OFFLINE_DEFAULT
 from shared.learning.training import METHODS, TrainConfig
 
 ENV_PREFIX = "FEDMEDCLIP_NODE_"
+#: what a node's evaluation reports hold (README, "What leaves your hospital"): every metric and the
+#: training summary; the validation accuracy of each global only; nothing but "evaluated"
+SHARE_METRICS = ("all", "val_accuracy", "none")
 _T = TrainConfig()
 
 
@@ -33,9 +36,10 @@ class NodeConfig:
     retry_initial_s: float = 0.5  # reconnect backoff: exponential with full jitter
     retry_max_s: float = 10.0  # the longest wait between two reconnection attempts
     give_up_after_s: float = 600.0  # an aggregator unreachable for this long ends the node (exit 1)
-    exit_when_done: bool = True  # False: keep serving /metrics after the run until SIGTERM
+    once: bool = False  # exit when a run ends (default: archive its state, wait for the federation's next run)
     metrics_port: int = 9101  # Prometheus /metrics (0: pick a free one)
-    metrics_addr: str = "127.0.0.1"  # address /metrics binds to (0.0.0.0: reachable by a Prometheus elsewhere)
+    metrics_addr: str = "127.0.0.1"  # address /metrics and /healthz bind to (0.0.0.0: reachable from elsewhere)
+    share_metrics: str = "all"  # evaluations sent to the aggregator: all | val_accuracy | none (kept locally)
     # data and state
     data: str = ""  # a CSV manifest (path,label[,split]) or an ImageFolder
     classes: list[str] | None = None  # the federation's label space; default: classes.txt beside the manifest
@@ -63,6 +67,8 @@ class NodeConfig:
             raise ValueError("role must be trainer or evaluator")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {list(METHODS)}")
+        if self.share_metrics not in SHARE_METRICS:
+            raise ValueError(f"share_metrics must be one of {list(SHARE_METRICS)}")
         if self.backbone not in BACKBONE_KINDS:
             raise ValueError(f"backbone must be one of {list(BACKBONE_KINDS)}")
         for name in (

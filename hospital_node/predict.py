@@ -1,6 +1,7 @@
 """``fedmedclip predict``: classify a folder of images with this hospital's ensemble; ``fedmedclip encode``.
 
-``predict`` uses the global FAM and the private MLP the node saved in its state folder, and writes
+``predict`` uses the global FAM and the private MLP the node saved in its state folder (the run going
+on, else the last run that ended: ``state/archive/<run id>/``), and writes
 ``path,prediction,confidence,p_<class>...``. ``encode`` builds the node's feature cache ahead of
 time (the slow, one-off part of joining a federation), from the same settings as ``node run``.
 """
@@ -39,9 +40,11 @@ def _images(folder: Path) -> list[Path]:
 def predict_folder(cfg: NodeConfig, images: Path | str, out_csv: Path | str) -> int:
     """Write ``path,prediction,confidence,p_<class>...``; returns the number of images classified."""
     store = StateStore(cfg.state_dir)
-    state = store.load()
+    path = store.latest()  # the run going on, else the last run that ended (archived)
+    state = store.load(path) if path is not None else None
     if state is None:
-        raise MissingInputError(f"no saved state in {store.path}: run the node (fedmedclip node run) first")
+        raise MissingInputError(f"no saved state in {store.dir}: run the node (fedmedclip node run) first")
+    log.info("predicting with run %s, global version %d (%s)", state.run_id, state.global_version, path)
     names = label_space(Path(cfg.data), cfg.classes) if cfg.data else (tuple(cfg.classes) if cfg.classes else None)
     if names is None and cfg.data:
         names = load_local(cfg.data, cfg.classes, split_seed=cfg.split_seed).dataset.class_names
@@ -51,7 +54,7 @@ def predict_folder(cfg: NodeConfig, images: Path | str, out_csv: Path | str) -> 
     if backbone.fingerprint(names) != state.fingerprint:
         raise ConfigError(
             "this backbone or label space is not the one the saved state in "
-            f"{store.path} was trained with: use the node's own settings"
+            f"{path} was trained with: use the node's own settings"
         )
     if not Path(images).is_dir():
         raise MissingInputError(f"image folder {images} does not exist")

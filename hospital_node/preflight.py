@@ -6,9 +6,12 @@ identity     the certificate's name is the node id, the CA signed it, it is vali
 data         the data folder or manifest is readable, has images, and its classes are the federation's
 folders      the state and cache folders can be written
 aggregator   the aggregator answers a TLS handshake and accepts this certificate (named cause if not)
+registration a dry-run registration: the aggregator would admit this node's backbone, classes and counts
+             (loads the backbone, a few seconds; encodes nothing, registers nothing)
 
-``fedmedclip node run`` runs the same checks first and stops on the first problem with its message,
-except an aggregator that cannot be reached yet: a daemon waits for it (with backoff) instead.
+``fedmedclip node run`` runs the same checks first (the registration once its backbone is loaded, before
+any image is encoded) and stops on the first problem with its message, except an aggregator that
+cannot be reached yet: a daemon waits for it (with backoff) instead.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from hospital_node.config import ENV_PREFIX, NodeConfig
 from shared.errors import FedMedCLIPError
 from shared.ops.command import Command
 from shared.ops.exitcodes import ExitCode
+from shared.ops.logs import printable
+from shared.wire.reasons import Reason, reason_of
 
 
 class Status(StrEnum):
@@ -258,13 +263,81 @@ def check_aggregator(cfg: NodeConfig, timeout_s: float = 5.0) -> Check:
     return Check("aggregator", Status.PASSED, f"{cfg.aggregator} accepted this node's certificate (mTLS)")
 
 
+# --------------------------------------------------------------------------- registration (dry run)
+
+#: how to fix a registration the aggregator would refuse, by its reason
+_REGISTRATION_FIXES = {
+    Reason.REGISTRATION_MISMATCH: "this node's classes, backbone, method or seed must be the federation's: "
+    "use the kit's node.yaml unchanged, and the same FedMedCLIP version as the aggregator",
+    Reason.IDENTITY_NOT_ALLOWED: "this node id is not on the aggregator's allow-list: ask the operator to add it",
+    Reason.IDENTITY_MISMATCH: "node_id must be the certificate's name: use this hospital's own kit",
+    Reason.SAMPLE_COUNT_CHANGED: "this node joined the current run with other data; restore that data, or wait "
+    "for the federation's next run",
+    Reason.NODE_ID_TAKEN: "this node id joined the current run in another role: set role: as it was",
+}
+
+
+def check_registration(cfg: NodeConfig, setup=None, tls=None, timeout_s: float = 10.0) -> Check:
+    """A dry-run Register: would the aggregator admit this node, with its backbone, classes and counts?
+
+    Loads the backbone (seconds) unless ``setup`` (:class:`hospital_node.client.Setup`) is given; encodes
+    no image. Registers nothing.
+    """
+    import grpc
+
+    from hospital_node.client import describe_round, load_setup, registration
+    from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2_grpc as pb_grpc
+    from shared.wire.tls import load_material, secure_channel
+    from shared.wire.transport import channel_options
+
+    if setup is None:
+        try:
+            setup = load_setup(cfg)
+        except FedMedCLIPError as exc:
+            return _problem("registration", str(exc), "fix the data or backbone settings named above")
+    if tls is None and not cfg.insecure:
+        tls = load_material(
+            f"node {cfg.node_id}", cfg.aggregator, insecure=False, ca=cfg.tls_ca, cert=cfg.tls_cert, key=cfg.tls_key
+        )
+    request = registration(cfg, setup, dry_run=True)
+    with secure_channel(cfg.aggregator, tls, channel_options(), cfg.tls_server_name) as channel:
+        try:
+            response = pb_grpc.AggregatorServiceStub(channel).Register(request, timeout=timeout_s)
+        except grpc.RpcError as exc:
+            reason = reason_of(exc)
+            if reason is None and exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                return Check(
+                    "registration",
+                    Status.UNREACHABLE,
+                    f"{cfg.aggregator} did not answer a dry-run registration ({exc.code().name})",
+                    "start the aggregator, or check the address",
+                )
+            return _problem(
+                "registration",
+                f"the aggregator would refuse this node ({reason or exc.code().name}): {printable(exc.details(), 500)}",
+                _REGISTRATION_FIXES.get(reason, "ask the federation's operator; the aggregator's log says more"),
+            )
+    r = response.round
+    detail = (
+        f"the aggregator would admit {cfg.node_id} ({cfg.role}, {len(setup.class_names)} classes, backbone "
+        f"{setup.fingerprint[:12]}) to run {printable(r.run_id, 64)}: {describe_round(r)}"
+    )
+    if r.message:
+        detail += f"; {printable(r.message, 300)}"
+    return Check("registration", Status.PASSED, detail)
+
+
 # --------------------------------------------------------------------------- running the checks
 
 
-def run_checks(cfg: NodeConfig, *, contact_aggregator: bool = True) -> list[Check]:
+def run_checks(cfg: NodeConfig, *, contact_aggregator: bool = True, dry_run: bool = False) -> list[Check]:
+    """The checks in order; with ``dry_run`` (``node check``) also a dry-run registration, when every other
+    check passed (``node run`` makes that one after loading the backbone it keeps)."""
     checks = [check_identity(cfg), check_data(cfg), check_folders(cfg)]
     if contact_aggregator and checks[0].ok:
         checks.append(check_aggregator(cfg))
+        if dry_run and all(c.ok for c in checks):
+            checks.append(check_registration(cfg))
     return checks
 
 
@@ -291,7 +364,7 @@ def require(cfg: NodeConfig) -> list[Check]:
 
 
 def _check(cfg: NodeConfig, _args: argparse.Namespace) -> int:
-    checks = run_checks(cfg)
+    checks = run_checks(cfg, dry_run=True)
     print(render(checks))
     bad = [c for c in checks if not c.ok]
     print(f"\n{len(checks) - len(bad)} of {len(checks)} checks passed" + (": ready to run" if not bad else ""))

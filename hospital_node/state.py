@@ -4,7 +4,8 @@ One file, ``<state_dir>/state.pt``, written atomically after every step that cha
 learner's private state (MLP, both optimisers, batch-order RNG: :meth:`HospitalLearner.private_state`),
 the last global adapter the node decoded and its version, the round it last trained, and the
 update of that round until the round is closed (a restarted node re-sends the same bytes under the
-same update id, which the aggregator recognises). Read back with ``torch.load(weights_only=True)``:
+same update id, which the aggregator recognises). When a run ends, or the file belongs to another run,
+it is archived (:meth:`StateStore.archive`), never overwritten. Read back with ``torch.load(weights_only=True)``:
 tensors and plain containers only, never arbitrary objects. It stays on the node; nothing in it
 goes on the wire except the pending update. A file this code cannot read is a :class:`StateError`.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import io
 import logging
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from shared.ops.atomic import atomic_write
 log = logging.getLogger("fedmedclip.node")
 
 FORMAT = 1
+ARCHIVE = "archive"  # <state_dir>/archive/<run_id>/state.pt: the state of each run that ended
 
 
 class StateError(FedMedCLIPError):
@@ -62,16 +65,25 @@ class StateStore:
         self.dir = Path(state_dir)
         self.path = self.dir / "state.pt"
 
-    def load(self) -> NodeState | None:
-        if not self.path.exists():
+    def latest(self) -> Path | None:
+        """The state a prediction should use: ``state.pt`` (a run going on), else the last run archived."""
+        if self.path.exists():
+            return self.path
+        archived = sorted((self.dir / ARCHIVE).glob("*/state*.pt"), key=lambda f: f.stat().st_mtime)
+        return archived[-1] if archived else None
+
+    def load(self, path: Path | None = None) -> NodeState | None:
+        """The state in ``path`` (default ``state.pt``); None when there is none."""
+        path = path or self.path
+        if not path.exists():
             return None
         try:
-            blob = torch.load(self.path, map_location="cpu", weights_only=True)
+            blob = torch.load(path, map_location="cpu", weights_only=True)
         except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-            raise StateError(f"{self.path} cannot be read ({exc}); move it away to start this node afresh") from exc
+            raise StateError(f"{path} cannot be read ({exc}); move it away to start this node afresh") from exc
         if not isinstance(blob, dict) or blob.get("format") != FORMAT:
             found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
-            raise StateError(f"{self.path}: unknown state format {found!r}; move it away to start this node afresh")
+            raise StateError(f"{path}: unknown state format {found!r}; move it away to start this node afresh")
         pending = blob.get("pending")
         return NodeState(
             run_id=blob["run_id"],
@@ -124,8 +136,16 @@ class StateStore:
         torch.save(blob, buf)
         atomic_write(self.path, buf.getvalue())
 
-    def discard(self, reason: str) -> None:
-        if self.path.exists():
-            stale = self.path.with_suffix(".pt.stale")
-            self.path.replace(stale)
-            log.warning("saved state moved to %s: %s", stale, reason)
+    def archive(self, run_id: str, reason: str) -> Path | None:
+        """Move the state of run ``run_id`` to ``<state_dir>/archive/<run_id>/state.pt`` (never overwritten)."""
+        if not self.path.exists():
+            return None
+        folder = self.dir / ARCHIVE / (re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)[:64].lstrip(".") or "unknown-run")
+        folder.mkdir(parents=True, exist_ok=True)
+        dest = folder / "state.pt"
+        n = 1
+        while dest.exists():
+            dest, n = folder / f"state.{n}.pt", n + 1
+        self.path.replace(dest)
+        log.info("state of run %s archived to %s: %s", run_id, dest, reason)
+        return dest

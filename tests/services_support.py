@@ -309,9 +309,10 @@ def start_node(
     cache: Path,
     *extra: str,
     identity: str | None = None,
+    name: str | None = None,
 ) -> Proc:
     return cluster.add(
-        identity or node,
+        name or identity or node,
         [
             "-m",
             "hospital_node",
@@ -333,6 +334,8 @@ def start_node(
             "false",
             "--retry-max-s",
             "2",
+            "--once",
+            "true",  # the process ends with the run (``extra`` may say otherwise)
             *extra,
         ],
     )
@@ -427,10 +430,11 @@ def show(result: list[dict]) -> str:
 
 
 @contextlib.contextmanager
-def in_process_aggregator(out: Path, *, rounds: int, embed_dim: int):
+def in_process_aggregator(out: Path, *, rounds: int, embed_dim: int, node_telemetry=None):
     """The real servicer on a real gRPC server on loopback, in this process, with its round driver.
 
-    Yields ``(engine, stub, telemetry)``; everything is stopped on the way out.
+    Yields ``(engine, stub, telemetry)``; everything is stopped on the way out. With ``node_telemetry``
+    (a node's :class:`Telemetry`) the stub counts its traffic as a node does.
     """
     import threading
     from concurrent import futures
@@ -441,7 +445,7 @@ def in_process_aggregator(out: Path, *, rounds: int, embed_dim: int):
     from aggregator.config import AggregatorConfig
     from aggregator.engine import RoundEngine
     from aggregator.service import AggregatorServicer
-    from shared.ops.telemetry import MetricsInterceptor, Telemetry
+    from shared.ops.telemetry import CountingClientInterceptor, MetricsInterceptor, Telemetry
     from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2_grpc as pb_grpc
     from shared.wire.transport import channel_options, server_options
 
@@ -460,8 +464,11 @@ def in_process_aggregator(out: Path, *, rounds: int, embed_dim: int):
     driver = threading.Thread(target=engine.run, args=(stop,), daemon=True)
     driver.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=channel_options())
+    calls = channel
+    if node_telemetry is not None:
+        calls = grpc.intercept_channel(channel, CountingClientInterceptor(node_telemetry.traffic))
     try:
-        yield engine, pb_grpc.AggregatorServiceStub(channel), telemetry
+        yield engine, pb_grpc.AggregatorServiceStub(calls), telemetry
     finally:
         engine.stop(stop)
         channel.close()

@@ -256,9 +256,9 @@ def test_killed_and_silent_nodes_do_not_hang_rounds_and_take_part_again(tmp_path
     assert closed["nodes"] == ["hospital_1", "hospital_2"] and silent["nodes"] == ["hospital_1", "hospital_3"]
     for r in (closed, silent):  # closed by its deadline with the quorum (not before: every trainer is registered)
         assert r["seconds"] >= DEADLINE_S - 1e-3, r
-    # the restarted hospital_3 kept its saved state (a state of another run is moved aside to state.pt.stale)
+    # the restarted hospital_3 kept its saved state (a state of another run would have been archived)
     h3_state = tmp_path / "state" / "hospital_3"
-    assert StateStore(h3_state).load().run_id == report["run_id"] and not (h3_state / "state.pt.stale").exists()
+    assert StateStore(h3_state).load().run_id == report["run_id"] and not (h3_state / "archive").exists()
     assert back["round"] > closed["round"]
     assert again["round"] > silent["round"]
     assert report["rounds_log"][-1]["nodes"] == TRAINERS  # everyone is back at the end

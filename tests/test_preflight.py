@@ -91,11 +91,48 @@ def federation(tmp_path_factory, brain_tumor_root):
             proc.wait(timeout=10)
 
 
+def _registered_trainers(federation) -> float:
+    import json
+    import urllib.request
+
+    endpoints = json.loads((federation["root"] / "ours" / "aggregator" / "runs" / "endpoints.json").read_text())
+    with urllib.request.urlopen(f"http://127.0.0.1:{endpoints['metrics_port']}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    line = next(x for x in text.splitlines() if x.startswith('fedmedclip_nodes_registered{role="trainer"}'))
+    return float(line.split()[-1])
+
+
 def test_a_good_kit_passes_every_check(federation):
     kit = federation["root"] / "ours" / "hospital_1"
     done = _run("node", "check", "--config", str(kit / "node.yaml"), "--data", str(federation["images"]))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert _rows(done.stdout) == {"identity": "PASSED", "data": "PASSED", "folders": "PASSED", "aggregator": "PASSED"}
+    assert _rows(done.stdout) == {
+        "identity": "PASSED",
+        "data": "PASSED",
+        "folders": "PASSED",
+        "aggregator": "PASSED",
+        "registration": "PASSED",
+    }
+    assert "would admit hospital_1" in done.stdout and "waiting for nodes" in done.stdout
+    assert _registered_trainers(federation) == 0  # a dry run registers nothing
+
+
+def test_a_registration_the_aggregator_would_refuse_is_found_before_any_encoding(federation, tmp_path):
+    kit = federation["root"] / "ours" / "hospital_1"
+    another_seed = ("--config", str(kit / "node.yaml"), "--data", str(federation["images"]), "--seed", "7")
+    done = _run("node", "check", *another_seed, "--cache-dir", str(tmp_path / "cache"))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert _rows(done.stdout)["registration"] == "PROBLEM"
+    assert "registration_mismatch" in done.stdout and "initial adapter differs" in done.stdout
+    assert "fix: this node's classes, backbone, method or seed must be the federation's" in done.stdout
+    # the daemon stops on it too, once its backbone is loaded and before a single image is encoded
+    cache = tmp_path / "run-cache"
+    done = _run("node", "run", *another_seed, "--metrics-port", "0", "--cache-dir", str(cache), timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert "registration" in last and "initial adapter differs" in last
+    assert not list(cache.rglob("*.npz"))  # no feature was computed
+    assert _registered_trainers(federation) == 0
 
 
 def test_a_certificate_of_another_federation_is_named_not_retried(federation):

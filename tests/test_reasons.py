@@ -223,6 +223,7 @@ def _bare_client() -> tuple[NodeClient, list[str]]:
     """A NodeClient with only what ``_call`` uses (no backbone, no data): its re-registrations are recorded."""
     client = NodeClient.__new__(NodeClient)
     client.stop = threading.Event()
+    client.refused = None
     client.backoff = Backoff(0.01, 0.01, give_up_after_s=1.0)
     client.rng = random.Random(0)
     client._sleep = lambda seconds: None

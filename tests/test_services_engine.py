@@ -428,3 +428,90 @@ def test_config_files_merge_in_order_and_bool_flags_stand_alone(tmp_path):
     cfg = load_config(AggregatorConfig, yaml_path=[a, b], env={}, flags=parser.parse_args(["--insecure"]))
     assert (cfg.rounds, cfg.min_nodes, cfg.allowed_nodes, cfg.insecure) == (7, 2, ["h1", "h2"], True)
     assert not load_config(AggregatorConfig, env={}, flags=parser.parse_args(["--insecure", "false"])).insecure
+
+
+def _takeovers(eng, node: str) -> float:
+    return eng.t.registry.get_sample_value("fedmedclip_session_takeovers_total", {"node": node}) or 0.0
+
+
+def test_a_second_process_of_a_node_takes_its_session_over_and_the_first_is_refused(tmp_path):
+    clock = FakeClock()
+    eng = make_engine(tmp_path, clock=clock)
+    eng.register(registration("h1"), session_id="a" * 32, peer="ipv4:10.0.0.1:5000")
+    eng.heartbeat(eng.run_id, "h1", "a" * 32)
+    clock.now += 3
+    eng.register(registration("h1"), session_id="b" * 32, peer="ipv4:10.0.0.2:5000")  # a copy, while a is live
+    assert _takeovers(eng, "h1") == 1
+    assert refusal(lambda: eng.heartbeat(eng.run_id, "h1", "a" * 32)) is Reason.SESSION_REPLACED
+    assert refusal(lambda: eng.round_view(eng.run_id, "h1", session_id="a" * 32)) is Reason.SESSION_REPLACED
+    assert eng.heartbeat(eng.run_id, "h1", "b" * 32).run_id == eng.run_id  # the new process is served
+    # a node restarted after its old process went quiet for node_timeout_s takes over without a warning
+    clock.now += eng.cfg.node_timeout_s + 1
+    eng.register(registration("h1"), session_id="c" * 32)
+    assert _takeovers(eng, "h1") == 1 and eng.sessions["h1"].session_id == "c" * 32
+    eng.heartbeat(eng.run_id, "h1")  # a node that sends no session id is not tracked
+    assert set(eng.nodes) == {"h1"}
+
+
+def test_after_a_restart_the_aggregator_adopts_the_first_session_it_hears_from(tmp_path):
+    eng = make_engine(tmp_path)
+    eng.register(registration("h1"), session_id="a")
+    eng.register(registration("h2"), session_id="b")
+    eng.step()
+    p1, p2 = update_payload(eng.global_state, seed=1), update_payload(eng.global_state, seed=2)
+    eng.submit(header(eng, "h1", p1), p1.data)
+    eng.submit(header(eng, "h2", p2), p2.data)
+    eng.step()  # round 1 closed: checkpointed
+    again = make_engine(tmp_path)
+    assert again.sessions == {} and set(again.nodes) == {"h1", "h2"}
+    again.heartbeat(again.run_id, "h1", "a")  # the node's process from before the restart
+    assert refusal(lambda: again.heartbeat(again.run_id, "h1", "x")) is Reason.SESSION_REPLACED
+
+
+def test_a_dry_run_registration_checks_everything_and_registers_nothing(tmp_path):
+    eng = make_engine(tmp_path)
+    view = eng.register(registration("h1"), dry_run=True)
+    assert eng.nodes == {} and view.phase == Phase.WAITING_FOR_NODES and view.run_id == eng.run_id
+    assert eng.registry.fingerprint is None  # a dry run pins nothing
+    eng.register(registration("h1"), session_id="a")
+    assert refusal(lambda: eng.register(registration("h1", num_train=11), dry_run=True)) is Reason.SAMPLE_COUNT_CHANGED
+    mismatch = refusal(lambda: eng.register(registration("h2", fingerprint="other"), dry_run=True))
+    assert mismatch is Reason.REGISTRATION_MISMATCH
+    assert "h1 is running now" in eng.register(registration("h1"), dry_run=True).message
+    assert set(eng.nodes) == {"h1"} and eng.sessions["h1"].session_id == "a" and _takeovers(eng, "h1") == 0
+
+
+def test_every_message_is_counted_and_the_node_and_the_aggregator_count_the_same_bytes(tmp_path):
+    node = Telemetry("hospital_node")
+    with in_process_aggregator(tmp_path, rounds=2, embed_dim=DIM, node_telemetry=node) as (eng, stub, agg):
+        req = pb.RegisterRequest(
+            role=pb.NODE_ROLE_TRAINER,
+            backbone_fingerprint=FP,
+            class_names=list(CLASSES),
+            embed_dim=DIM,
+            method="fedmedclip",
+            initial_state_sha256=state_digest(initial_state()),
+            num_train_samples=10,
+        )
+        for n in ("h1", "h2"):
+            stub.Register(pb.RegisterRequest(node_id=n, session_id=n * 8, **_fields(req)), timeout=10)
+        stub.Heartbeat(pb.HeartbeatRequest(run_id=eng.run_id, node_id="h1", session_id="h1" * 8), timeout=10)
+        with pytest.raises(grpc.RpcError):  # a refusal: the request is counted, no response comes back
+            stub.Heartbeat(pb.HeartbeatRequest(run_id=eng.run_id, node_id="h9"), timeout=10)
+        stub.GetRound(pb.GetRoundRequest(run_id=eng.run_id, node_id="h1", max_wait_ms=5000), timeout=10)
+        p = update_payload(eng.global_state)
+        assert not _upload(stub, eng, "h1", p).replayed
+        sent, received = node.traffic.take(), agg.traffic.take()
+    assert sent == received  # message bytes as serialised: the same on both ends, RPC by RPC
+    assert set(sent["by_rpc"]) == {"Register", "Heartbeat", "GetRound", "UploadUpdate"}
+    assert sent["by_rpc"]["UploadUpdate"]["up"] > len(p.data)  # the payload and its header
+    assert sent["up"] == sum(v["up"] for v in sent["by_rpc"].values()) and sent["down"] > 0
+    counted = node.registry.get_sample_value(
+        "fedmedclip_rpc_message_bytes_total", {"grpc_method": "UploadUpdate", "direction": "up"}
+    )
+    assert counted == sent["by_rpc"]["UploadUpdate"]["up"]
+    assert node.traffic.take() == {"up": 0, "down": 0, "by_rpc": {}}  # take() starts a new tally
+
+
+def _fields(message) -> dict:
+    return {f.name: v for f, v in message.ListFields()}

@@ -77,8 +77,8 @@ def federation(tmp_path_factory, pki, partition_dir, reference, feature_cache):
                 node_metrics[node],
                 root / "state",
                 feature_cache,
-                "--exit-when-done",
-                "false",
+                "--once",
+                "false",  # a daemon: it stays up after the run, /metrics with it
             )
         report = wait_for(
             lambda: finished(root / "agg" / "report.json", ALL_NODES),
@@ -211,7 +211,10 @@ def test_health_is_serving_and_a_node_with_another_backbone_fingerprint_is_refus
         code = proc.wait(timeout=START_TIMEOUT)
     finally:
         cluster.close()
-    assert code == ExitCode.REFUSED, proc.text()[-2000:]
+    # refused by the dry-run registration, after the backbone loaded and before any image was encoded
+    assert code == ExitCode.USAGE, proc.text()[-2000:]
+    assert "preflight registration: PROBLEM" in proc.text() and "registration_mismatch" in proc.text()
+    assert "encoded in" not in proc.text()
     agg = scrape(ports["metrics"])
     assert (
         total(agg, "fedmedclip_grpc_server_handled_total", grpc_method="Register", grpc_code="FAILED_PRECONDITION") >= 1
@@ -319,8 +322,8 @@ def test_node_and_aggregator_restarts_resume_from_saved_state(tmp_path, pki, par
     )
     assert report["run_id"] == run_id and report["phase"] == "finished"  # the restarted aggregator, the same run
     assert all(r["nodes"] == TRAINERS for r in report["rounds_log"])  # every node came back, nothing was lost
-    # hospital_2 kept its saved state (a state of another run is moved aside to state.pt.stale) and resumed
+    # hospital_2 kept its saved state (a state of another run is archived) and resumed
     # from it: a fresh private model would not give the simulation's accuracies below
     victim_state = tmp_path / "state" / "hospital_2"
-    assert StateStore(victim_state).load().run_id == run_id and not (victim_state / "state.pt.stale").exists()
+    assert StateStore(victim_state).load().run_id == run_id and not (victim_state / "archive").exists()
     assert_matches_reference(report, trainers_only(reference, report))

@@ -343,6 +343,30 @@ def test_every_report_field_is_validated_and_bounded(tmp_path, bad):
     assert eng.reports.get("1", {}) == {} and not eng.store.reports_path.exists()
 
 
+def test_a_node_may_share_only_its_validation_accuracy_or_nothing_and_selection_uses_what_it_gets(tmp_path):
+    eng = finished_engine(tmp_path)
+    assert not eng.report(eng.run_id, "h1", 1, "h1-v1", {"n": 20, "accuracy": 0.625}, None, "ensemble")  # val_accuracy
+    assert not eng.report(eng.run_id, "h2", 1, "h2-v1", None, None, "ensemble")  # none: only "evaluated"
+    kept = eng.reports["1"]
+    assert kept["h1"]["val"] == {"n": 20, "accuracy": 0.625, "balanced_accuracy": None, "macro_f1": None, "ece": None}
+    assert kept["h1"]["test"] is None and kept["h2"]["val"] is None and kept["h2"]["test"] is None
+    report = eng.report_dict()
+    assert report["best_round"] == 1 and report["best_mean_val_accuracy"] == 0.625  # from what was shared
+    assert report["test"] == {}  # no trainer shared a test metric
+    # metrics without n or accuracy are still refused
+    for bad in ({"n": 20}, {"accuracy": 0.5}, {"n": 20, "macro_f1": 0.5}):
+        assert refusal(lambda b=bad: eng.report(eng.run_id, "ev", 1, "ev-v1", None, b, "clip")) is Reason.BAD_REPORT
+
+
+def test_with_no_validation_accuracy_shared_no_round_is_selected_and_the_report_says_why(tmp_path):
+    eng = finished_engine(tmp_path)
+    for n in ("h1", "h2"):
+        eng.report(eng.run_id, n, 1, f"{n}-v1", None, None, "ensemble")
+    report = eng.report_dict()
+    assert "best_round" not in report and report["history"][0]["complete"]
+    assert "No trainer shares its validation accuracy" in eng.markdown()
+
+
 def test_reports_are_kept_once_appended_as_strict_json_and_survive_a_restart(tmp_path):
     eng = finished_engine(tmp_path)
     empty = {"n": 0, "accuracy": math.nan, "balanced_accuracy": math.nan, "macro_f1": math.nan, "ece": math.nan}
@@ -540,6 +564,7 @@ def _fetching_client(channel, give_up_after_s: float) -> NodeClient:
     client = NodeClient.__new__(NodeClient)
     client.cfg = NodeConfig(node_id="h1", transfer_timeout_s=5.0, rpc_timeout_s=5.0)
     client.stop = threading.Event()
+    client.refused = None
     client.backoff = Backoff(0.01, 0.05, give_up_after_s=give_up_after_s)
     client.rng = random.Random(0)
     client.stub = pb_grpc.AggregatorServiceStub(channel)

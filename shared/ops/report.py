@@ -103,6 +103,8 @@ def build_report(
                     k: log.get(k)
                     for k in ("bytes_up", "bytes_up_raw", "bytes_down", "bytes_down_raw", "seconds", "updates")
                 },
+                "traffic_up": (log.get("traffic") or {}).get("up"),
+                "traffic_down": (log.get("traffic") or {}).get("down"),
             }
         )
     candidates = [h for h in history if h["complete"] and not math.isnan(h["mean_val_accuracy"])]
@@ -138,6 +140,9 @@ def build_report(
     return report
 
 
+_KB_COLUMNS = ("bytes_up", "bytes_down", "traffic_up", "traffic_down")
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     lines = [
         f"# FedMedCLIP federation run {report['run_id']}: {report['method']}",
@@ -149,14 +154,19 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     ]
     if "best_round" in report:
         lines += best_round_table(report)
+    elif any(h["complete"] for h in report["history"]):
+        lines.append("No trainer shares its validation accuracy (share_metrics): no round could be selected.")
     else:
         lines.append("No complete round of evaluations yet.")
-    lines += ["", "| round | mean val acc. | up KB | down KB | seconds |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| round | mean val acc. | adapters up KB | adapters down KB | all RPCs up KB | all RPCs down KB | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for h in report["history"]:
-        up = (h.get("bytes_up") or 0) / 1e3
-        down = (h.get("bytes_down") or 0) / 1e3
+        kb = [_num(h.get(k) / 1e3 if h.get(k) is not None else None, ".1f") for k in _KB_COLUMNS]
         sec = h.get("seconds")
-        lines.append(f"| {h['round']} | {_num(h['mean_val_accuracy'])} | {up:.1f} | {down:.1f} | {_num(sec, '.3f')} |")
+        lines.append(f"| {h['round']} | {_num(h['mean_val_accuracy'])} | {' | '.join(kb)} | {_num(sec, '.3f')} |")
     b = report.get("bytes_per_round") or {}
     if b:
         lines += [

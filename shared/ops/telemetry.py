@@ -5,17 +5,30 @@ Names follow docs/conventions.md: prefix ``fedmedclip_``, base units as suffix, 
 Each service builds one :class:`Telemetry` on its own registry (no global mutable state) and
 serves it on ``/metrics`` with :func:`serve_metrics`. A compression ratio is a PromQL division:
 ``fedmedclip_update_raw_bytes_total / fedmedclip_update_bytes_total``.
+
+All traffic, not only the adapters: every protobuf message of the AggregatorService is counted, by RPC
+and direction (``up``: node to aggregator, ``down``), in ``fedmedclip_rpc_message_bytes_total`` and
+in a :class:`Traffic` tally that the aggregator reads once per round (its report's ``traffic``) and
+the node once per round (a log line). The aggregator counts with :class:`MetricsInterceptor`, the node
+with :class:`CountingClientInterceptor`. They count message bytes as serialised, not the HTTP/2 and
+TLS framing around them (a few percent more on the wire).
 """
 
 from __future__ import annotations
 
+import json
 import platform
+import socket
+import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from shared import __version__
 from shared.wire.reasons import Reason
@@ -82,6 +95,14 @@ class Telemetry:
             registry=r,
         )
         self.updates_accepted = Counter("fedmedclip_updates_accepted_total", "Adapter updates accepted", registry=r)
+        self.traffic = Traffic(
+            Counter(
+                "fedmedclip_rpc_message_bytes_total",
+                "Protobuf message bytes of every AggregatorService RPC, by RPC and direction (up: node to aggregator)",
+                ["grpc_method", "direction"],
+                registry=r,
+            )
+        )
         if service == "aggregator":
             self.round_seconds = Histogram(
                 "fedmedclip_round_duration_seconds",
@@ -145,6 +166,12 @@ class Telemetry:
                 "refused for a load limit within overload_hold_s",
                 registry=r,
             )
+            self.session_takeovers = Counter(
+                "fedmedclip_session_takeovers_total",
+                "Registrations of a node id by a second process while its session was live (the old one is refused)",
+                ["node"],
+                registry=r,
+            )
             self.tls_handshake_failures = Counter(
                 "fedmedclip_tls_handshake_failures_total",
                 "TLS handshakes that failed on the aggregator's ports, by failure (read from gRPC core's log)",
@@ -182,9 +209,32 @@ class Telemetry:
         self.update_raw_bytes.labels(direction=direction, encoding=encoding).inc(raw_bytes)
 
 
-def serve_metrics(telemetry: Telemetry, port: int, addr: str = "127.0.0.1") -> tuple[Any, int]:
-    """Serve ``/metrics`` on ``addr:port`` (0 picks a free port); returns (server, actual port)."""
-    server, _thread = start_http_server(port, addr=addr, registry=telemetry.registry)
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
+        pass
+
+
+def serve_metrics(
+    telemetry: Telemetry, port: int, addr: str = "127.0.0.1", health: Callable[[], dict[str, Any]] | None = None
+) -> tuple[Any, int]:
+    """Serve ``/metrics`` on ``addr:port`` (0 picks a free port), and ``/healthz`` when ``health`` is given:
+    its dict as JSON, HTTP 200 while ``health()["status"] == "ok"``, else 503. Returns (server, actual port);
+    ``server.shutdown()`` stops it."""
+    metrics = make_wsgi_app(telemetry.registry)
+
+    def app(environ, start_response):
+        if health is not None and environ.get("PATH_INFO") == "/healthz":
+            body = health()
+            status = "200 OK" if body.get("status") == "ok" else "503 Service Unavailable"
+            start_response(status, [("Content-Type", "application/json")])
+            return [json.dumps(body).encode()]
+        return metrics(environ, start_response)
+
+    class Server(ThreadingWSGIServer):
+        address_family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+    server = make_server(addr, port, app, Server, handler_class=_Quiet)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server, int(server.server_port)
 
 
@@ -204,6 +254,43 @@ def _code_name(context: grpc.ServicerContext, default: grpc.StatusCode) -> str:
     return code.name if isinstance(code, grpc.StatusCode) else str(code)
 
 
+class Traffic:
+    """Message bytes by RPC and direction: a Prometheus counter, and a tally since the last :meth:`take`."""
+
+    def __init__(self, counter: Counter) -> None:
+        self.counter = counter
+        self._lock = threading.Lock()
+        self._since: defaultdict[tuple[str, str], int] = defaultdict(int)
+
+    def add(self, method: str, direction: str, nbytes: int) -> None:
+        self.counter.labels(grpc_method=method, direction=direction).inc(nbytes)
+        with self._lock:
+            self._since[(method, direction)] += nbytes
+
+    def take(self) -> dict[str, Any]:
+        """The bytes since the last call (and start a new tally): ``{"up", "down", "by_rpc": {rpc: {up, down}}}``."""
+        with self._lock:
+            since, self._since = self._since, defaultdict(int)
+        return self._summary(since)
+
+    def peek(self) -> dict[str, Any]:
+        """The bytes since the last :meth:`take`, as it returns them, without starting a new tally."""
+        with self._lock:
+            since = dict(self._since)
+        return self._summary(since)
+
+    @staticmethod
+    def _summary(since: dict[tuple[str, str], int]) -> dict[str, Any]:
+        by_rpc: dict[str, dict[str, int]] = {}
+        for (method, direction), n in sorted(since.items()):
+            by_rpc.setdefault(method, {"up": 0, "down": 0})[direction] += n
+        return {
+            "up": sum(v["up"] for v in by_rpc.values()),
+            "down": sum(v["down"] for v in by_rpc.values()),
+            "by_rpc": by_rpc,
+        }
+
+
 class MetricsInterceptor(grpc.ServerInterceptor):
     """Counts every RPC by final status code and times it (unary and streaming alike)."""
 
@@ -217,46 +304,62 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             return None
         service, method = _split_method(handler_call_details.method)
         deserializer = self._counting(handler.request_deserializer, method)
+        serializer = self._sizing(handler.response_serializer, method)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(handler.unary_unary, service, method, "unary"),
                 request_deserializer=deserializer,
-                response_serializer=handler.response_serializer,
+                response_serializer=serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
                 self._wrap_unary(handler.stream_unary, service, method, "client_stream"),
                 request_deserializer=deserializer,
-                response_serializer=handler.response_serializer,
+                response_serializer=serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 self._wrap_stream(handler.unary_stream, service, method, "server_stream"),
                 request_deserializer=deserializer,
-                response_serializer=handler.response_serializer,
+                response_serializer=serializer,
             )
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
                 self._wrap_stream(handler.stream_stream, service, method, "bidi_stream"),
                 request_deserializer=deserializer,
-                response_serializer=handler.response_serializer,
+                response_serializer=serializer,
             )
         return handler
 
     def _counting(self, deserializer, method: str):
-        """Count messages that are not the protobuf they claim to be (gRPC then answers INTERNAL)."""
+        """Count each request's bytes, and messages that are not the protobuf they claim to be (gRPC then
+        answers INTERNAL)."""
         rejected = getattr(self.t, "requests_rejected", None)
-        if deserializer is None or rejected is None:
+        if deserializer is None:
             return deserializer
 
         def deserialize(data: bytes):
+            self.t.traffic.add(method, "up", len(data))
             try:
                 return deserializer(data)
             except Exception:
-                rejected.labels(method=method, reason=Reason.UNDECODABLE).inc()
+                if rejected is not None:
+                    rejected.labels(method=method, reason=Reason.UNDECODABLE).inc()
                 raise
 
         return deserialize
+
+    def _sizing(self, serializer, method: str):
+        """Count each response's bytes as serialised."""
+        if serializer is None:
+            return serializer
+
+        def serialize(message) -> bytes:
+            data = serializer(message)
+            self.t.traffic.add(method, "down", len(data))
+            return data
+
+        return serialize
 
     def _observe(self, service: str, method: str, kind: str, code: str, start: float) -> None:
         self.t.grpc_handled.labels(grpc_service=service, grpc_method=method, grpc_type=kind, grpc_code=code).inc()
@@ -291,3 +394,58 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             self._observe(service, method, kind, _code_name(context, grpc.StatusCode.OK), start)
 
         return wrapped
+
+
+class _CountedStream:
+    """A response stream that counts each message it yields; everything else is the call's (cancel, code)."""
+
+    def __init__(self, call, count: Callable[[int], None]) -> None:
+        self._call, self._count = call, count
+
+    def __iter__(self) -> _CountedStream:
+        return self
+
+    def __next__(self):
+        message = next(self._call)
+        self._count(message.ByteSize())
+        return message
+
+    def __getattr__(self, name: str):
+        return getattr(self._call, name)
+
+
+class CountingClientInterceptor(
+    grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor, grpc.StreamUnaryClientInterceptor
+):
+    """The node's side of :class:`Traffic`: every message it sends (``up``) and receives (``down``), by RPC."""
+
+    def __init__(self, traffic: Traffic) -> None:
+        self.traffic = traffic
+
+    def _adder(self, details, direction: str) -> Callable[[int], None]:
+        full = details.method.decode() if isinstance(details.method, bytes) else details.method
+        method = _split_method(full)[1]
+        return lambda n: self.traffic.add(method, direction, n)
+
+    def _count_response(self, details, outcome):
+        if outcome.exception() is None:
+            self._adder(details, "down")(outcome.result().ByteSize())
+        return outcome
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        self._adder(client_call_details, "up")(request.ByteSize())
+        return self._count_response(client_call_details, continuation(client_call_details, request))
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        self._adder(client_call_details, "up")(request.ByteSize())
+        return _CountedStream(continuation(client_call_details, request), self._adder(client_call_details, "down"))
+
+    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        up = self._adder(client_call_details, "up")
+
+        def counted():
+            for message in request_iterator:
+                up(message.ByteSize())
+                yield message
+
+        return self._count_response(client_call_details, continuation(client_call_details, counted()))

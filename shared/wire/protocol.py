@@ -35,12 +35,16 @@ def raw_nbytes(state: Mapping[str, torch.Tensor]) -> int:
 
 
 def metrics_to_proto(metrics: Mapping[str, float] | None) -> pb.EvalMetrics | None:
+    """The metrics ``metrics`` holds (a node sharing less holds fewer); the others stay unset."""
     if metrics is None:
         return None
-    return pb.EvalMetrics(num_samples=int(metrics.get("n", 0)), **{k: float(metrics[k]) for k in METRIC_FIELDS})
+    return pb.EvalMetrics(
+        num_samples=int(metrics.get("n", 0)), **{k: float(metrics[k]) for k in METRIC_FIELDS if k in metrics}
+    )
 
 
 def metrics_from_proto(message: pb.EvalMetrics) -> dict[str, float]:
+    """``n`` and each metric that is set."""
     out: dict[str, float] = {"n": int(message.num_samples)}
-    out.update({k: float(getattr(message, k)) for k in METRIC_FIELDS})
+    out.update({k: float(getattr(message, k)) for k in METRIC_FIELDS if message.HasField(k)})
     return out

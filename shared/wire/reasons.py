@@ -74,6 +74,8 @@ class Reason(StrEnum):
     BAD_SAMPLE_COUNT = "bad_sample_count", "INVALID_ARGUMENT", _A.GIVE_UP  # out of range, or not the registered one
     REGISTRATION_MISMATCH = "registration_mismatch", "FAILED_PRECONDITION", _A.GIVE_UP
     NODE_ID_TAKEN = "node_id_taken", "ALREADY_EXISTS", _A.GIVE_UP
+    # another process registered under this node id (a restart, or a second copy): this session is over
+    SESSION_REPLACED = "session_replaced", "FAILED_PRECONDITION", _A.GIVE_UP
     # FetchGlobal, ReportMetrics
     NO_SUCH_VERSION = "no_such_version", "FAILED_PRECONDITION", _A.GIVE_UP
     MISSING_VERSION = "missing_version", "NOT_FOUND", _A.GIVE_UP

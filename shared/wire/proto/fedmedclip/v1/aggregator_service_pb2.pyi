@@ -54,7 +54,7 @@ class RoundInfo(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., round_id: _Optional[int] = ..., global_version: _Optional[int] = ..., total_rounds: _Optional[int] = ..., phase: _Optional[_Union[RoundPhase, str]] = ..., deadline_unix_ms: _Optional[int] = ..., update_accepted: _Optional[bool] = ..., registered_trainers: _Optional[int] = ..., updates_received: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("node_id", "role", "backbone_fingerprint", "class_names", "embed_dim", "method", "initial_state_sha256", "num_train_samples", "num_val_samples", "num_test_samples", "software_version")
+    __slots__ = ("node_id", "role", "backbone_fingerprint", "class_names", "embed_dim", "method", "initial_state_sha256", "num_train_samples", "num_val_samples", "num_test_samples", "software_version", "dry_run", "session_id")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     BACKBONE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +66,8 @@ class RegisterRequest(_message.Message):
     NUM_VAL_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     NUM_TEST_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     role: NodeRole
     backbone_fingerprint: str
@@ -77,7 +79,9 @@ class RegisterRequest(_message.Message):
     num_val_samples: int
     num_test_samples: int
     software_version: str
-    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[_Union[NodeRole, str]] = ..., backbone_fingerprint: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., embed_dim: _Optional[int] = ..., method: _Optional[str] = ..., initial_state_sha256: _Optional[str] = ..., num_train_samples: _Optional[int] = ..., num_val_samples: _Optional[int] = ..., num_test_samples: _Optional[int] = ..., software_version: _Optional[str] = ...) -> None: ...
+    dry_run: bool
+    session_id: str
+    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[_Union[NodeRole, str]] = ..., backbone_fingerprint: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., embed_dim: _Optional[int] = ..., method: _Optional[str] = ..., initial_state_sha256: _Optional[str] = ..., num_train_samples: _Optional[int] = ..., num_val_samples: _Optional[int] = ..., num_test_samples: _Optional[int] = ..., software_version: _Optional[str] = ..., dry_run: _Optional[bool] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("round", "codec", "delta", "drop_masked_rows", "heartbeat_interval_ms", "max_chunk_bytes")
@@ -96,12 +100,14 @@ class RegisterResponse(_message.Message):
     def __init__(self, round: _Optional[_Union[RoundInfo, _Mapping]] = ..., codec: _Optional[str] = ..., delta: _Optional[bool] = ..., drop_masked_rows: _Optional[bool] = ..., heartbeat_interval_ms: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("run_id", "node_id")
+    __slots__ = ("run_id", "node_id", "session_id")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     node_id: str
-    def __init__(self, run_id: _Optional[str] = ..., node_id: _Optional[str] = ...) -> None: ...
+    session_id: str
+    def __init__(self, run_id: _Optional[str] = ..., node_id: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("round",)
@@ -110,16 +116,18 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, round: _Optional[_Union[RoundInfo, _Mapping]] = ...) -> None: ...
 
 class GetRoundRequest(_message.Message):
-    __slots__ = ("run_id", "node_id", "wait_for_round", "max_wait_ms")
+    __slots__ = ("run_id", "node_id", "wait_for_round", "max_wait_ms", "session_id")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     WAIT_FOR_ROUND_FIELD_NUMBER: _ClassVar[int]
     MAX_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     node_id: str
     wait_for_round: int
     max_wait_ms: int
-    def __init__(self, run_id: _Optional[str] = ..., node_id: _Optional[str] = ..., wait_for_round: _Optional[int] = ..., max_wait_ms: _Optional[int] = ...) -> None: ...
+    session_id: str
+    def __init__(self, run_id: _Optional[str] = ..., node_id: _Optional[str] = ..., wait_for_round: _Optional[int] = ..., max_wait_ms: _Optional[int] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class GetRoundResponse(_message.Message):
     __slots__ = ("round",)

@@ -74,7 +74,7 @@ class AggregatorServiceServicer:
     def Register(self, request, context):
         """Register announces a node. A backbone fingerprint, label space, embedding width, method or
         initial adapter that differs from the federation's is refused with FAILED_PRECONDITION
-        (reason REGISTRATION_MISMATCH).
+        (reason REGISTRATION_MISMATCH). With dry_run it runs the same checks and registers nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
