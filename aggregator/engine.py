@@ -183,6 +183,8 @@ class RoundView:
     registered_trainers: int
     updates_received: int
     message: str = ""
+    best_version: int = 0  # the run's best global so far (0: none yet)
+    decided_version: int = 0  # the newest version every trainer has evaluated
 
 
 class RoundEngine:
@@ -227,6 +229,9 @@ class RoundEngine:
         self.ledger = Ledger()
         self.last_seen: dict[str, float] = {}
         self.sessions: dict[str, Session] = {}  # each node's live process (session id, peer), by node id
+        self._selected: dict[str, int] | None = None  # best and decided version (_selection), and when
+        self._selected_at = -math.inf
+        self._selection_stale = True
         self.rounds_log: list[dict[str, Any]] = []
         self.reports: dict[str, dict[str, Any]] = store.load_reports()
         self.published: dict[int, bytes] = {}
@@ -331,7 +336,22 @@ class RoundEngine:
             registered_trainers=len(self.registry.trainers()),
             updates_received=len(self.ledger.open),
             message=self.status_message,
+            **self._selection(),
         )
+
+    def _selection(self) -> dict[str, int]:
+        """The best and the decided version, as the report selects (:func:`build_report`); recomputed at most
+        once a second while reports come in, and at once after the run ended."""
+        now = self.clock()
+        if self._selected is None or (self._selection_stale and (now - self._selected_at >= 1.0 or self._ended())):
+            report = self.report_dict()
+            complete = [h["round"] for h in report["history"] if h["complete"]]
+            self._selected = {
+                "best_version": int(report.get("best_round", 0)),
+                "decided_version": max(complete, default=0),
+            }
+            self._selected_at, self._selection_stale = now, False
+        return self._selected
 
     def _check_node(self, run_id: str, node_id: str, session_id: str = "") -> NodeRecord:
         if run_id and run_id != self.run_id:
@@ -394,6 +414,7 @@ class RoundEngine:
                     )
                 return view
             known = self.registry.admit(reg)
+            self._selection_stale = True  # a new trainer changes which versions are complete
             self._claim_session(reg.node_id, session_id, peer)
             self.last_seen[reg.node_id] = self.clock()
             self._update_registered_gauge()
@@ -604,6 +625,7 @@ class RoundEngine:
                     f"{node_id} reported version {version} already, as {old.get('report_id')!r}",
                 )
             by_node[node_id] = entry
+            self._selection_stale = True
             self.store.append_report(version, node_id, entry)
             if version == self.cfg.rounds and all(n in by_node for n in self.nodes):
                 self.write_report()  # the final evaluations are in: the report is complete

@@ -90,6 +90,8 @@ def round_info(view: RoundView) -> pb.RoundInfo:
         registered_trainers=view.registered_trainers,
         updates_received=view.updates_received,
         message=view.message,
+        best_version=view.best_version,
+        decided_version=view.decided_version,
     )
 
 

@@ -3,7 +3,8 @@
 ``python -m deploy.local_federation --out runs/demo --rounds 30`` (``make demo``) partitions the
 brain tumor set (``fedmedclip partition``: N training hospitals + the held-out one), starts
 ``fedmedclip aggregator`` and one ``fedmedclip node run`` per hospital on loopback (free ports picked
-at run time), all over mutual TLS with certificates made by ``fedmedclip provision`` into ``<out>/pki``, prints
+at run time), all over mutual TLS with certificates made by ``fedmedclip provision`` into ``<out>/pki``, shows
+each node's encoding progress (read from its ``/metrics``) until every node's features are ready, prints
 accuracy and bytes per round as the aggregator reports them, leaves ``<out>/aggregator/report.md``
 and ``report.json``, and shuts every process down (SIGTERM, then SIGKILL after a grace period),
 also on Ctrl-C. These are the same commands the compose testbed runs, one per container.
@@ -20,8 +21,11 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("fedmedclip.demo")
@@ -86,6 +90,81 @@ class Launcher:
                 proc.kill()
                 proc.wait(timeout=10)
         return {name: proc.returncode for name, proc in self.procs.items()}
+
+
+@dataclass(frozen=True)
+class EncodeCounts:
+    """One node's start-up encoding, as its ``/metrics`` show it (distinct images)."""
+
+    encoded: int
+    cached: int
+    pending: int
+
+    @property
+    def ready(self) -> bool:
+        return self.pending == 0 and self.encoded + self.cached > 0
+
+
+def scrape_encode_counts(port: int, timeout_s: float = 2.0) -> EncodeCounts | None:
+    """A node's encoding counts from ``127.0.0.1:<port>/metrics``; None while it does not answer yet."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout_s) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "fedmedclip_encode_images_total":
+                values[sample.labels["source"]] = sample.value
+            elif sample.name == "fedmedclip_encode_pending_images":
+                values["pending"] = sample.value
+    return EncodeCounts(int(values.get("encoded", 0)), int(values.get("cache", 0)), int(values.get("pending", 0)))
+
+
+@dataclass
+class EncodingDisplay:
+    """The demo's console while the nodes encode: per node, images encoded of those to encode, and images/s."""
+
+    ports: dict[str, int]  # node -> its metrics port
+    counts: dict[str, EncodeCounts | None] = field(default_factory=dict)
+    _first: dict[str, tuple[float, int]] = field(default_factory=dict)  # node -> (time, encoded) first seen encoding
+    _rate: dict[str, float] = field(default_factory=dict)
+
+    def poll(self) -> None:
+        now = time.monotonic()
+        for node, port in self.ports.items():
+            counts = self.counts[node] = scrape_encode_counts(port)
+            if counts is None or counts.encoded + counts.pending == 0:
+                continue
+            t0, n0 = self._first.setdefault(node, (now, counts.encoded))
+            if now > t0 and counts.encoded > n0:
+                self._rate[node] = (counts.encoded - n0) / (now - t0)
+
+    @property
+    def ready(self) -> bool:
+        return all((c := self.counts.get(node)) is not None and c.ready for node in self.ports)
+
+    def _node(self, node: str) -> str:
+        c = self.counts.get(node)
+        if c is None:
+            return f"{node} starting"
+        if c.encoded + c.cached == 0 and c.pending == 0:
+            return f"{node} loading"
+        if c.ready:
+            return f"{node} ready ({c.encoded} encoded, {c.cached} cached)"
+        rate = self._rate.get(node)
+        return f"{node} {c.encoded}/{c.encoded + c.pending} {f'{rate:.1f}' if rate else '-'} img/s"
+
+    def line(self) -> str:
+        left = [c.pending / self._rate[n] for n, c in self.counts.items() if c and c.pending and self._rate.get(n)]
+        eta = f"  (about {max(left) / 60:.0f} min left)" if left and max(left) >= 60 else ""
+        return "encoding: " + " | ".join(self._node(n) for n in self.ports) + eta
+
+    def summary(self, seconds: float) -> str:
+        """The last line of the display (every node ready, or the rounds began without one)."""
+        head = "features ready" if self.ready else "rounds began"
+        return f"{head} after {seconds:.0f}s: " + " | ".join(self._node(n) for n in self.ports)
 
 
 def _fmt(value: float | None) -> str:
@@ -269,6 +348,7 @@ def run_federation(
     quiet: bool = False,
     extra_aggregator: tuple[str, ...] = (),
     tls: bool = True,
+    progress_every_s: float = 5.0,
 ) -> dict:
     """Run one federation to the end; returns the aggregator's report (raises on failure or timeout).
 
@@ -296,6 +376,7 @@ def run_federation(
     agg_out = out / "aggregator"
     report_path = agg_out / "report.json"
     shown = 0
+    node_metrics_ports = {node: free_port() for node in nodes}
     commands = service_commands(
         nodes,
         min_nodes=hospitals,
@@ -310,21 +391,21 @@ def run_federation(
         aggregator_address=f"127.0.0.1:{port}",
         health_port=free_port(),
         metrics_port=free_port(),
-        node_metrics_ports={node: free_port() for node in nodes},
+        node_metrics_ports=node_metrics_ports,
         extra_aggregator=extra_aggregator,
         pki_dir=str(pki) if tls else None,
     )
     try:
+        started = time.monotonic()
         for name, argv in commands.items():
             launcher.start(name, argv)
+        # until every node's features are ready: its encoding progress every progress_every_s
+        progress = None if quiet else EncodingDisplay(node_metrics_ports)
+        next_line = started + progress_every_s
         if not quiet:
             print(
                 f"aggregator on 127.0.0.1:{port} ({f'mTLS, certificates in {pki}' if tls else 'PLAINTEXT'}); "
                 f"{len(nodes)} nodes; logs in {launcher.log_dir}",
-                flush=True,
-            )
-            print(
-                f"{'round':>5}  {'mean val acc':>12}  {'up KB':>8}  {'down KB':>8}  {'seconds':>7}  test accuracy",
                 flush=True,
             )
         deadline = time.monotonic() + timeout_s
@@ -334,6 +415,20 @@ def run_federation(
             # a round's row appears once every trainer has evaluated it (the held-out evaluator may lag
             # behind, e.g. while it still encodes its images: its accuracy shows when it has reported)
             history = (_read_json(report_path) or {}).get("history", [])
+            if progress is not None:
+                progress.poll()
+                now = time.monotonic()
+                if progress.ready or finished or (history and history[0].get("complete")):
+                    print(progress.summary(now - started), flush=True)
+                    print(
+                        f"{'round':>5}  {'mean val acc':>12}  {'up KB':>8}  {'down KB':>8}  {'seconds':>7}  "
+                        "test accuracy",
+                        flush=True,
+                    )
+                    progress = None
+                elif now >= next_line:
+                    print(progress.line(), flush=True)
+                    next_line = now + progress_every_s
             while shown < len(history) and history[shown].get("complete"):
                 h = history[shown]
                 if not quiet:

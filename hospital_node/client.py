@@ -44,11 +44,11 @@ import torch
 
 from hospital_node.config import NodeConfig
 from hospital_node.data import LocalData, load_local
-from hospital_node.state import NodeState, PendingUpdate, StateStore
+from hospital_node.state import NodeState, PendingUpdate, Snapshot, StateStore
 from shared import __version__
 from shared.backbone import DEFAULT_TEMPLATES, Backbone, BackboneSpec, load_backbone
 from shared.codec import CODECS, CodecError
-from shared.data.features import encode_samples
+from shared.data.features import EncodeProgress, encode_samples
 from shared.errors import FedMedCLIPError
 from shared.learning.rounds import WireConfig, check_wire, decode_adapter, make_update
 from shared.learning.training import HospitalLearner, TrainConfig, build_adapter, get_method
@@ -77,6 +77,7 @@ from shared.wire.transport import (
 log = logging.getLogger("fedmedclip.node")
 T = TypeVar("T")
 EVALUATIONS = "evaluations.jsonl"  # in state_dir: every evaluation in full, whatever share_metrics sends
+SELECTION_WAIT_S = 30.0  # after the last round, wait at most this long for every trainer's final evaluation
 
 
 class NodeStopped(Exception):
@@ -186,16 +187,33 @@ def describe_round(info: pb.RoundInfo) -> str:
     return f"waiting for nodes ({info.total_rounds} rounds)"
 
 
+def encode_progress_metrics(telemetry: Telemetry) -> Callable[[EncodeProgress], None]:
+    """The callback that keeps ``fedmedclip_encode_images_total`` and ``fedmedclip_encode_pending_images``
+    current while the node encodes (``make demo`` shows them as progress)."""
+    counted = {"encoded": 0, "cache": 0}
+
+    def update(p: EncodeProgress) -> None:
+        for source, n in (("encoded", p.n_encoded), ("cache", p.n_cached)):
+            telemetry.encode_images.labels(source=source).inc(n - counted[source])
+            counted[source] = n
+        telemetry.encode_pending.set(p.n_pending)
+
+    return update
+
+
 def prepare(cfg: NodeConfig, telemetry: Telemetry | None = None, setup: Setup | None = None) -> Prepared:
-    """:func:`load_setup` (unless given), then the images' cached features (progress bar)."""
+    """:func:`load_setup` (unless given), then the images' cached features (progress bar, and metrics)."""
     setup = setup or load_setup(cfg)
     data = setup.data
-    features, stats = encode_samples(setup.backbone, data.dataset.samples, cfg.cache_dir, progress=cfg.progress)
-    if telemetry is not None:
-        if stats.n_encoded:
-            telemetry.encode_seconds.observe(stats.seconds)
-        telemetry.encode_images.labels(source="encoded").inc(stats.n_encoded)
-        telemetry.encode_images.labels(source="cache").inc(stats.n_cached)
+    features, stats = encode_samples(
+        setup.backbone,
+        data.dataset.samples,
+        cfg.cache_dir,
+        progress=cfg.progress,
+        on_progress=encode_progress_metrics(telemetry) if telemetry is not None else None,
+    )
+    if telemetry is not None and stats.n_encoded:
+        telemetry.encode_seconds.observe(stats.seconds)
     log.info(
         "%s: %d images (train %d / val %d / test %d), %d encoded in %.1fs, %d from cache",
         cfg.node_id,
@@ -475,6 +493,7 @@ class NodeClient:
         shown = val if val is not None else test
         self.t.validation_accuracy.labels(node=self.cfg.node_id).set(shown["accuracy"])
         self._call("ReportMetrics", lambda: self.stub.ReportMetrics(request, timeout=self.cfg.rpc_timeout_s))
+        self.store.save_snapshot(Snapshot(self.run_id, version, state.global_state, self._model_state()))
         state.evaluated_version = version
         self.status.set(global_version=version)
         if self.evaluator:
@@ -486,6 +505,44 @@ class NodeClient:
             shown["accuracy"],
             test["accuracy"],
             "" if self.cfg.share_metrics == "all" else f" (shared with the aggregator: {self.cfg.share_metrics})",
+        )
+
+    def _model_state(self) -> dict | None:
+        """The private model as it is now, without the optimisers (what predicting needs); None: evaluator."""
+        if self.evaluator:
+            return None
+        return self.learner.private_state() | {"opt_adapter": None, "opt_mlp": None}
+
+    def _follow_selection(self, info: pb.RoundInfo) -> None:
+        """Note the run's best version and keep the snapshots that are, or may still become, the best."""
+        if self.state is None or info.run_id != self.run_id:
+            return
+        self.state.best_version = best = int(info.best_version)
+        decided = int(info.decided_version)
+        self.store.keep_snapshots(lambda v: v == best or v > decided)
+
+    def _await_selection(self, version: int) -> None:
+        """After the last round: wait (a bounded while) until every trainer evaluated ``version``, so that the
+        run's best version is final; then keep only its snapshot and save."""
+        info = None
+        end = time.monotonic() + SELECTION_WAIT_S
+        request = pb.GetRoundRequest(run_id=self.run_id, node_id=self.cfg.node_id, session_id=self.session_id)
+        while time.monotonic() < end:
+            try:
+                info = self.stub.GetRound(request, timeout=self.cfg.rpc_timeout_s).round
+            except grpc.RpcError:
+                break  # the aggregator is gone or serves another run: go with what is known
+            self._follow_selection(info)
+            if info.decided_version >= version:
+                break
+            self._sleep(1.0)
+        self.state.pending = None
+        self._save()  # the final global, the private model and the best version: what predict uses
+        log.info(
+            "run %s: best version %s%s",
+            self.run_id,
+            self.state.best_version or "none",
+            "" if info is not None and info.decided_version >= version else " (not every trainer's evaluation came in)",
         )
 
     def _shared(self, val: dict | None, test: dict) -> tuple[dict | None, dict | None]:
@@ -693,9 +750,9 @@ class NodeClient:
                 self.status.set(global_version=version)
                 if version >= 1 and self.state.evaluated_version < version:
                     self._evaluate(version)
+                self._follow_selection(info)
                 if info.phase == pb.ROUND_PHASE_FINISHED:
-                    self.state.pending = None
-                    self._save()  # the final global with the private model: what predict uses
+                    self._await_selection(version)
                     self._log_traffic(f"run {self.run_id}, after round {version}")
                     log.info("run %s finished after %d rounds", self.run_id, version)
                     self.run_over = True

@@ -1,10 +1,12 @@
-"""A hospital's local data: partition a pooled set into per-hospital manifests, and load one.
+"""A hospital's local data: partition image data into per-hospital manifests, and load one.
 
 ``partition`` runs the simulation's own pipeline (:func:`shared.data.pipeline.prepare_federation`:
-scan, de-duplicate, optional stratified subset, partition) and writes one CSV manifest per hospital
-(``path,label,split``; absolute paths), ``global.csv`` for the held-out one, ``classes.txt`` (the
-federation's label space, one name a line) and a ready-made node config per hospital. A node that
-reads such a manifest trains on exactly the samples, split and order the simulation uses.
+read, de-duplicate, optional stratified subset, partition: Dirichlet, iid or the natural sites) and
+writes one CSV manifest per hospital (``path,label,split``, plus ``group`` when the data names groups;
+absolute paths) named after the hospital (``global.csv`` for a drawn held-out one, the site's name for
+natural sites), ``classes.txt`` (the federation's label space, one name a line) and a ready-made node
+config per hospital. A node that reads such a manifest trains on exactly the samples, split and order
+the simulation uses.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from shared.data import (
     default_data_root,
     read_split_manifest,
     scan_image_folder,
-    split_indices,
+    split_class_counts,
+    split_dataset,
 )
-from shared.data.pipeline import prepare_federation
+from shared.data.pipeline import PARTITIONS, prepare_federation
 from shared.ops.command import Command
 
 log = logging.getLogger("fedmedclip.node")
@@ -44,22 +47,31 @@ def partition(
     alpha: float | None,
     seed: int = 0,
     per_class: int | None = None,
-    holdout: bool = True,
+    holdout: bool | str = True,
+    partition: str = "dirichlet",
 ) -> dict:
-    """Write the manifests of a simulated federation; returns the summary written to ``federation.json``."""
+    """Write the manifests of a federation; returns the summary written to ``federation.json``."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     fed = prepare_federation(
-        data_root, hospitals=hospitals, alpha=alpha, seed=seed, per_class=per_class, holdout=holdout
+        data_root,
+        hospitals=hospitals,
+        alpha=alpha,
+        seed=seed,
+        per_class=per_class,
+        holdout=holdout,
+        partition=partition,
     )
+    out.mkdir(parents=True, exist_ok=True)
     ds = fed.dataset
     (out / CLASSES_FILE).write_text("\n".join(ds.class_names) + "\n", encoding="utf-8")
     summary = {
         "data_root": str(data_root),
+        "partition": partition,
         "seed": seed,
-        "alpha": alpha,
+        "alpha": alpha if partition != "natural" else None,
         "per_class": per_class,
         "duplicates_removed": fed.duplicates.n_removed,
+        "grouped": ds.has_groups,
         "classes": list(ds.class_names),
         "hospitals": [],
     }
@@ -73,10 +85,11 @@ def partition(
         }
         with manifest.open("w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
-            writer.writerow(["path", "label", "split"])
+            writer.writerow(["path", "label", "split"] + (["group"] if ds.has_groups else []))
             for i in sorted(split_of):
                 sample = ds.samples[i]
-                writer.writerow([sample.path.as_posix(), ds.class_names[sample.label], split_of[i]])
+                row = [sample.path.as_posix(), ds.class_names[sample.label], split_of[i]]
+                writer.writerow(row + ([sample.group or ""] if ds.has_groups else []))
         node = {
             "node_id": h.name,
             "data": str(manifest.resolve()),
@@ -94,6 +107,7 @@ def partition(
                 "val": len(h.split.val),
                 "test": len(h.split.test),
                 "class_counts": np.bincount(ds.labels()[h.indices], minlength=ds.num_classes).tolist(),
+                "split_class_counts": split_class_counts(ds.labels(), h.split, ds.num_classes),
             }
         )
     (out / "federation.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
@@ -102,13 +116,18 @@ def partition(
 
 @dataclass(frozen=True)
 class PartitionConfig:
-    data: str | None = None  # the pooled ImageFolder (default: $FEDMEDCLIP_DATA, else the team's brain tumor set)
+    data: str | None = None  # ImageFolder, ROOT/<site>/<class>/* (natural) or CSV manifest (path,label[,group][,site])
     out: str = "runs/partition"  # output folder: <hospital>.csv, <hospital>.yaml, classes.txt, federation.json
-    hospitals: int = 3  # training hospitals
+    partition: str = "dirichlet"  # dirichlet (label skew, --alpha), iid, or natural (one hospital per site)
+    hospitals: int = 3  # training hospitals (dirichlet, iid; natural: one per site)
     alpha: float = 0.5  # Dirichlet label skew (smaller: more skewed); 0 or less: iid
     seed: int = 0  # seeds the partition, the splits and the subset
     per_class: int | None = None  # a stratified subset of N images per class (quick runs)
-    holdout: bool = True  # add the held-out 'global' hospital (test only)
+    holdout: str = "true"  # held-out hospital (test only): true (a drawn 'global'), false, or a SITE (natural)
+
+    def __post_init__(self) -> None:
+        if self.partition not in PARTITIONS:
+            raise ValueError(f"partition must be one of {list(PARTITIONS)}")
 
 
 def _partition(cfg: PartitionConfig, _args: argparse.Namespace) -> int:
@@ -120,10 +139,12 @@ def _partition(cfg: PartitionConfig, _args: argparse.Namespace) -> int:
         seed=cfg.seed,
         per_class=cfg.per_class,
         holdout=cfg.holdout,
+        partition=cfg.partition,
     )
     for h in summary["hospitals"]:
+        name = h["name"] + (" (held out)" if h["held_out"] else "")
         print(
-            f"{h['name']:>12}: train {h['train']:4d}  val {h['val']:4d}  test {h['test']:4d}  "
+            f"{name:>22}: train {h['train']:4d}  val {h['val']:4d}  test {h['test']:4d}  "
             f"classes {h['class_counts']}  -> {h['manifest']}"
         )
     return 0
@@ -163,7 +184,9 @@ def load_local(
 ) -> LocalData:
     """A manifest (with or without a split column) or an ImageFolder, split 60/20/20 when not given.
 
-    An evaluator (held-out hospital) tests on everything it has when the data names no split.
+    The split is the simulation's (:func:`shared.data.split_dataset`): stratified, and by whole groups
+    when the manifest has a ``group`` column. An evaluator (held-out hospital) tests on everything it
+    has when the data names no split.
     """
     path = Path(data).expanduser()
     names = label_space(path, classes)
@@ -179,5 +202,6 @@ def load_local(
             empty = np.empty(0, np.int64)
             split = Split(empty, empty, np.arange(len(ds)))
         else:
-            split = split_indices(ds.labels(), seed=split_seed)
+            split = split_dataset(ds, seed=split_seed)
+            log.info("%s: split %s", path, split_class_counts(ds.labels(), split, ds.num_classes))
     return LocalData(ds, split)

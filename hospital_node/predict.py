@@ -1,7 +1,8 @@
 """``fedmedclip predict``: classify a folder of images with this hospital's ensemble; ``fedmedclip encode``.
 
-``predict`` uses the global FAM and the private MLP the node saved in its state folder (the run going
-on, else the last run that ended: ``state/archive/<run id>/``), and writes
+``predict`` uses the model of the run's best round (its global FAM and the private MLP as they were
+when the node evaluated that global; the last global when no round is selected yet), from the run
+going on, else the last run that ended (``state/archive/<run id>/``), says which, and writes
 ``path,prediction,confidence,p_<class>...``. ``encode`` builds the node's feature cache ahead of
 time (the slow, one-off part of joining a federation), from the same settings as ``node run``.
 """
@@ -19,10 +20,10 @@ import torch
 from hospital_node.client import Prepared, backbone_spec, build_learner
 from hospital_node.config import ENV_PREFIX, NodeConfig
 from hospital_node.data import label_space, load_local
-from hospital_node.state import StateStore
+from hospital_node.state import NodeState, Snapshot, StateStore
 from shared.backbone import load_backbone
 from shared.data import IMAGE_EXTENSIONS, MissingInputError, Sample
-from shared.data.features import encode_samples
+from shared.data.features import FeatureCache, encode_samples
 from shared.ops.command import Command
 from shared.ops.config import ConfigError
 
@@ -37,14 +38,34 @@ def _images(folder: Path) -> list[Path]:
     )
 
 
-def predict_folder(cfg: NodeConfig, images: Path | str, out_csv: Path | str) -> int:
-    """Write ``path,prediction,confidence,p_<class>...``; returns the number of images classified."""
+def chosen_model(cfg: NodeConfig) -> tuple[NodeState, Snapshot, str]:
+    """The saved state (the run going on, else the last run that ended) and the model to predict with: the
+    snapshot of the run's best version, else the last global; and a sentence saying which."""
     store = StateStore(cfg.state_dir)
-    path = store.latest()  # the run going on, else the last run that ended (archived)
+    path = store.latest()
     state = store.load(path) if path is not None else None
     if state is None:
         raise MissingInputError(f"no saved state in {store.dir}: run the node (fedmedclip node run) first")
-    log.info("predicting with run %s, global version %d (%s)", state.run_id, state.global_version, path)
+    best = StateStore.load_snapshot(path, state.best_version) if state.best_version else None
+    if best is not None:
+        return (
+            state,
+            best,
+            (
+                f"run {state.run_id}: the global of round {best.version}, the run's best by its selection "
+                f"(the last is {state.global_version})"
+            ),
+        )
+    last = Snapshot(state.run_id, state.global_version, state.global_state, state.learner)
+    why = "the run has selected no round yet" if not state.best_version else "its best round's model is not here"
+    return state, last, f"run {state.run_id}: the last global, round {state.global_version} ({why})"
+
+
+def predict_folder(cfg: NodeConfig, images: Path | str, out_csv: Path | str) -> tuple[int, str]:
+    """Write ``path,prediction,confidence,p_<class>...``; the number of images classified and which model."""
+    state, model, which = chosen_model(cfg)
+    path = StateStore(cfg.state_dir).latest()
+    log.info("predicting with %s", which)
     names = label_space(Path(cfg.data), cfg.classes) if cfg.data else (tuple(cfg.classes) if cfg.classes else None)
     if names is None and cfg.data:
         names = load_local(cfg.data, cfg.classes, split_seed=cfg.split_seed).dataset.class_names
@@ -74,9 +95,9 @@ def predict_folder(cfg: NodeConfig, images: Path | str, out_csv: Path | str) -> 
         dim=int(features.shape[1]),
     )
     learner = build_learner(cfg, prep)
-    if state.learner is not None:
-        learner.load_private_state(state.learner)
-    learner.load_adapter_state(state.global_state)
+    if model.learner is not None:
+        learner.load_private_state(model.learner)
+    learner.load_adapter_state(model.global_state)
     head = "clip" if cfg.role == "evaluator" or learner.mlp is None else None
     probs = learner.predict_probs(features, head=head)
     out = Path(out_csv)
@@ -87,14 +108,8 @@ def predict_folder(cfg: NodeConfig, images: Path | str, out_csv: Path | str) -> 
         for path, row in zip(paths, probs):
             k = int(row.argmax())
             writer.writerow([path.as_posix(), names[k], f"{float(row[k]):.6f}", *[f"{float(p):.6f}" for p in row]])
-    log.info(
-        "classified %d images with global v%d (%s head) -> %s",
-        len(paths),
-        state.global_version,
-        head or "ensemble",
-        out,
-    )
-    return len(paths)
+    log.info("classified %d images with global v%d (%s head) -> %s", len(paths), model.version, head or "ensemble", out)
+    return len(paths), which
 
 
 def _predict_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,20 +118,24 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _predict(cfg: NodeConfig, args: argparse.Namespace) -> int:
-    n = predict_folder(cfg, args.images, args.out)
-    print(f"{n} images classified -> {args.out}")
+    n, which = predict_folder(cfg, args.images, args.out)
+    print(f"{n} images classified with {which} -> {args.out}")
     return 0
 
 
 def _encode(cfg: NodeConfig, _args: argparse.Namespace) -> int:
     if not cfg.data:
         raise ConfigError("data: set the images to encode (an ImageFolder or a CSV manifest)")
+    if not cfg.cache_dir:
+        raise ConfigError("cache_dir: set the feature cache folder to fill")
     data = load_local(cfg.data, cfg.classes, split_seed=cfg.split_seed, evaluator=cfg.role == "evaluator")
     backbone = load_backbone(backbone_spec(cfg), cfg.device)
     _, stats = encode_samples(backbone, data.dataset.samples, cfg.cache_dir, progress=cfg.progress)
+    cache = FeatureCache(cfg.cache_dir, backbone.image_fingerprint())
+    rate = f" ({stats.images_per_second:.1f} images/s on {stats.device})" if stats.n_encoded else ""
     print(
-        f"{len(data.dataset)} images: {stats.n_encoded} encoded in {stats.seconds:.1f}s, {stats.n_cached} already "
-        f"cached -> {cfg.cache_dir}"
+        f"{len(data.dataset)} images of {cfg.data}: {stats.n_encoded} encoded in {stats.seconds:.1f}s{rate}, "
+        f"{stats.n_cached} already cached; {cache.path} now holds {len(cache.load())} images"
     )
     return 0
 

@@ -16,6 +16,7 @@ import io
 import logging
 import pickle
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ log = logging.getLogger("fedmedclip.node")
 
 FORMAT = 1
 ARCHIVE = "archive"  # <state_dir>/archive/<run_id>/state.pt: the state of each run that ended
+SNAPSHOTS = "snapshots"  # beside state.pt: v<version>.pt, the model behind an evaluation (best, undecided)
 
 
 class StateError(FedMedCLIPError):
@@ -57,7 +59,21 @@ class NodeState:
     trained_round: int = -1
     evaluated_version: int = 0
     pending: PendingUpdate | None = None
+    best_version: int = 0  # the run's best global as the aggregator last said (0: none yet)
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Snapshot:
+    """What produced a node's evaluation of one global: that global and the private model then.
+
+    ``fedmedclip predict`` uses the snapshot of the run's best version (:attr:`NodeState.best_version`).
+    """
+
+    run_id: str
+    version: int
+    global_state: dict[str, torch.Tensor]
+    learner: dict[str, Any] | None  # HospitalLearner.private_state() without the optimisers; None: evaluator
 
 
 class StateStore:
@@ -94,6 +110,7 @@ class StateStore:
             learner=blob.get("learner"),
             trained_round=int(blob["trained_round"]),
             evaluated_version=int(blob["evaluated_version"]),
+            best_version=int(blob.get("best_version", 0)),
             pending=PendingUpdate(
                 round_id=int(pending["round_id"]),
                 update_id=pending["update_id"],
@@ -131,10 +148,36 @@ class StateStore:
             "trained_round": state.trained_round,
             "evaluated_version": state.evaluated_version,
             "pending": pending,
+            "best_version": state.best_version,
         }
-        buf = io.BytesIO()
-        torch.save(blob, buf)
-        atomic_write(self.path, buf.getvalue())
+        _save(blob, self.path)
+
+    # -- snapshots: <state_dir>/snapshots/v<version>.pt, beside the state they belong to ------------
+    def save_snapshot(self, snap: Snapshot) -> None:
+        blob = {"format": FORMAT, "run_id": snap.run_id, "version": snap.version, "global_state": snap.global_state}
+        blob["learner"] = snap.learner
+        _save(blob, self.dir / SNAPSHOTS / f"v{snap.version}.pt")
+
+    def keep_snapshots(self, keep: Callable[[int], bool]) -> None:
+        """Delete every snapshot whose version ``keep`` rejects."""
+        for path in (self.dir / SNAPSHOTS).glob("v*.pt"):
+            version = path.stem[1:]
+            if version.isdigit() and not keep(int(version)):
+                path.unlink(missing_ok=True)
+
+    @staticmethod
+    def load_snapshot(state_path: Path, version: int) -> Snapshot | None:
+        """The snapshot of ``version`` beside the state file ``state_path`` (live or archived); None if absent."""
+        path = state_path.parent / SNAPSHOTS / f"v{version}.pt"
+        if not path.exists():
+            return None
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+            raise StateError(f"{path} cannot be read ({exc})") from exc
+        if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+            raise StateError(f"{path}: unknown snapshot format")
+        return Snapshot(blob["run_id"], int(blob["version"]), dict(blob["global_state"]), blob.get("learner"))
 
     def archive(self, run_id: str, reason: str) -> Path | None:
         """Move the state of run ``run_id`` to ``<state_dir>/archive/<run_id>/state.pt`` (never overwritten)."""
@@ -147,5 +190,15 @@ class StateStore:
         while dest.exists():
             dest, n = folder / f"state.{n}.pt", n + 1
         self.path.replace(dest)
+        snapshots = self.dir / SNAPSHOTS
+        if snapshots.is_dir() and not (folder / SNAPSHOTS).exists():
+            snapshots.replace(folder / SNAPSHOTS)  # the best round's model goes with its run
         log.info("state of run %s archived to %s: %s", run_id, dest, reason)
         return dest
+
+
+def _save(blob: dict, path: Path) -> None:
+    buf = io.BytesIO()
+    torch.save(blob, buf)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, buf.getvalue())

@@ -5,8 +5,13 @@ codec in both directions, streaming aggregation, with the aggregator's weights
 (:func:`shared.learning.aggregation.capped_weights` over the training hospitals' sample counts, with
 the same ``max_samples_per_node`` and ``max_weight_share``; every hospital reports every round, so
 the weights are those of a round in which no node drops out). Per round it validates every training hospital's
-ensemble on its val split and keeps the round with the best mean val accuracy; the test metrics
-of that round are the result (docs/method.md, section 11).
+ensemble on its val split and keeps the round with the best mean val metric (``select_by``: accuracy by
+default, balanced accuracy or macro-F1); the test metrics of that round are the result (docs/method.md,
+section 9), per hospital with per-class recall and a confusion matrix (also as a PNG per hospital).
+
+Hospitals are drawn from pooled data (Dirichlet label skew or iid, plus a drawn held-out 'global' one) or
+are the sites the data came from (``partition="natural"``: ``ROOT/<site>/<class>/*`` or a manifest with a
+``site`` column; ``holdout`` names the held-out site).
 
 Run: ``fedmedclip simulate --help`` (``make simulate``; ``python -m shared.simulation`` too).
 """
@@ -28,13 +33,14 @@ from shared.backbone import BACKBONE_KINDS, Backbone, BackboneSpec, load_backbon
 from shared.codec import CODECS
 from shared.data import Dataset, HospitalData, default_data_root
 from shared.data.features import EncodeStats, encode_samples
-from shared.data.pipeline import prepare_federation
+from shared.data.partition import split_class_counts
+from shared.data.pipeline import PARTITIONS, parse_holdout, prepare_federation
 from shared.learning.aggregation import AGGREGATION_RULES, capped_weights, make_aggregator
-from shared.learning.metrics import mean_metrics, nanmean
+from shared.learning.metrics import SELECT_METRICS, mean_metrics, nanmean
 from shared.learning.rounds import WireConfig, fold_update, make_update, publish_global
 from shared.learning.training import METHODS, HospitalLearner, MethodConfig, TrainConfig, build_adapter, get_method
 from shared.ops.command import Command, main_for
-from shared.ops.report import best_round_table, dumps_strict
+from shared.ops.report import best_round_table, confusion_table, dumps_strict, file_stem, per_class_table
 
 log = logging.getLogger("fedmedclip.simulation")
 
@@ -45,9 +51,11 @@ class SimConfig:
 
     data_root: str = field(default_factory=lambda: str(default_data_root()))
     per_class: int | None = None  # a stratified subset of the de-duplicated data (tests, quick demos)
-    n_hospitals: int = 4
+    n_hospitals: int = 4  # dirichlet and iid; natural: one hospital per site
     alpha: float | None = 0.5  # Dirichlet label skew; None = iid
-    holdout: bool = True
+    holdout: bool | str = True  # True: a drawn 'global' hospital; False: none; a site name (natural)
+    partition: str = "dirichlet"  # dirichlet, iid or natural
+    select_by: str = "accuracy"  # the mean val metric that picks the best round (SELECT_METRICS)
     rounds: int = 50
     method: str = "fedmedclip"
     wire: WireConfig = field(default_factory=WireConfig)
@@ -86,6 +94,7 @@ def prepare(cfg: SimConfig, backbone: Backbone | None = None) -> Prepared:
         seed=cfg.seed,
         per_class=cfg.per_class,
         holdout=cfg.holdout,
+        partition=cfg.partition,
     )
     ds, hospitals = fed.dataset, fed.hospitals
     backbone = backbone or load_backbone(cfg.backbone, cfg.device)
@@ -106,6 +115,8 @@ def prepare(cfg: SimConfig, backbone: Backbone | None = None) -> Prepared:
 
 def run(cfg: SimConfig, prepared: Prepared | None = None) -> dict:
     """Run the federation and return the report (also written when ``out_dir`` is given to :func:`main`)."""
+    if cfg.select_by not in SELECT_METRICS:
+        raise ValueError(f"select_by must be one of {list(SELECT_METRICS)}, got {cfg.select_by!r}")
     t_start = time.perf_counter()
     method = get_method(cfg.method)
     torch.manual_seed(cfg.seed)
@@ -182,10 +193,11 @@ def run(cfg: SimConfig, prepared: Prepared | None = None) -> dict:
         )
         history.append(record)
         log.info(
-            "round %3d/%d  val acc %.4f  up %8.1f KB  down %8.1f KB  %.2fs",
+            "round %3d/%d  val acc %.4f  bal. acc %.4f  up %8.1f KB  down %8.1f KB  %.2fs",
             r + 1,
             rounds,
-            record["mean_val_accuracy"],
+            record["mean_val"]["accuracy"],
+            record["mean_val"]["balanced_accuracy"],
             bytes_up / 1e3,
             bytes_down / 1e3,
             record["seconds"],
@@ -202,7 +214,7 @@ def _evaluate_round(
     part,
 ) -> dict:
     clients: dict[str, dict] = {}
-    val_accs = []
+    vals = []
     for h, learner in zip(training, learners):
         val = learner.evaluate(*part(h.split.val))
         heads = (method.head, "clip", "mlp", "ensemble") if method.use_mlp else (method.head,)
@@ -210,7 +222,7 @@ def _evaluate_round(
         clients[h.name] = {"val": val, "test": test[method.head]}
         if method.use_mlp:  # both heads, to check the ensemble against them
             clients[h.name]["test_heads"] = {head: test[head]["accuracy"] for head in ("clip", "mlp", "ensemble")}
-        val_accs.append(val["accuracy"])
+        vals.append(val)
     for h in held_out:
         feats, labels = part(h.split.test)
         if method.federated or not learners or not method.trains:
@@ -220,26 +232,45 @@ def _evaluate_round(
             # nothing global exists: the mean over the training hospitals' own models
             test = mean_metrics([learner.evaluate(feats, labels) for learner in learners])
         clients[h.name] = {"test": test}
-    return {"round": r + 1, "mean_val_accuracy": nanmean(val_accs), "clients": clients}
+    mean_val = {k: nanmean([v[k] for v in vals]) for k in SELECT_METRICS}
+    return {"round": r + 1, "mean_val_accuracy": mean_val["accuracy"], "mean_val": mean_val, "clients": clients}
+
+
+def best_round(history: list[dict], select_by: str) -> dict:
+    """The round with the best mean val ``select_by`` (the earliest on ties; a round without a value never wins)."""
+
+    def key(rec: dict) -> tuple[float, int]:
+        value = rec["mean_val"][select_by]
+        return (value if np.isfinite(value) else -np.inf), -rec["round"]
+
+    return max(history, key=key)
 
 
 def _report(cfg: SimConfig, method: MethodConfig, prep: Prepared, history: list[dict], wall: float) -> dict:
-    best = max(history, key=lambda rec: (rec["mean_val_accuracy"], -rec["round"]))
+    best = best_round(history, cfg.select_by)
     per_client = {name: c["test"] for name, c in best["clients"].items()}
     avg = mean_metrics(list(per_client.values()))  # the paper's AVG: training clients and the global one
     rounds_after_first = history[1:] or history
+    labels = prep.labels.numpy()
+    n_classes = len(prep.dataset.class_names)
     return {
         "version": __version__,
         "method": method.name,
         "method_description": method.description,
+        "partition": cfg.partition,
+        "select_by": cfg.select_by,
         "best_round": best["round"],
+        "best_mean_val": best["mean_val"][cfg.select_by],
         "best_mean_val_accuracy": best["mean_val_accuracy"],
         "test": per_client,
         "avg": avg,
         "test_heads": {name: c["test_heads"] for name, c in best["clients"].items() if "test_heads" in c},
         "history": [
             {k: v for k, v in rec.items() if k != "clients"}
-            | {"test_accuracy": {n: c["test"]["accuracy"] for n, c in rec["clients"].items()}}
+            | {
+                "test_accuracy": {n: c["test"]["accuracy"] for n, c in rec["clients"].items()},
+                "test_balanced_accuracy": {n: c["test"]["balanced_accuracy"] for n, c in rec["clients"].items()},
+            }
             for rec in history
         ],
         "bytes_per_round": {
@@ -247,7 +278,9 @@ def _report(cfg: SimConfig, method: MethodConfig, prep: Prepared, history: list[
             "up_raw": nanmean([h["bytes_up_raw"] for h in history]),
             "down": nanmean([h["bytes_down"] for h in history]),
             "down_raw": nanmean([h["bytes_down_raw"] for h in history]),
-            "per_transfer": (nanmean([h["bytes_up"] for h in history]) / max(1, len(prep.hospitals) - cfg.holdout)),
+            "per_transfer": (
+                nanmean([h["bytes_up"] for h in history]) / max(1, sum(not h.held_out for h in prep.hospitals))
+            ),
         },
         "timings": {
             "encode_seconds": prep.encode.seconds,
@@ -270,10 +303,8 @@ def _report(cfg: SimConfig, method: MethodConfig, prep: Prepared, history: list[
                 "train": len(h.split.train),
                 "val": len(h.split.val),
                 "test": len(h.split.test),
-                "class_counts": np.bincount(
-                    prep.labels[torch.from_numpy(np.array(h.indices, dtype=np.int64))].numpy(),
-                    minlength=len(prep.dataset.class_names),
-                ).tolist(),
+                "class_counts": np.bincount(labels[h.indices], minlength=n_classes).tolist(),
+                "split_class_counts": split_class_counts(labels, h.split, n_classes),
             }
             for h in prep.hospitals
         ],
@@ -298,12 +329,18 @@ def _jsonable(value):
     return value
 
 
-def write_outputs(report: dict, out_dir: Path) -> None:
-    """``report.json``, ``report.md`` and the two plots."""
+def write_outputs(report: dict, out_dir: Path) -> list[Path]:
+    """``report.json``, ``report.md``, the two plots and a confusion matrix per hospital; the confusion PNGs."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(dumps_strict(report, indent=2))  # strict JSON: NaN as null
     (out_dir / "report.md").write_text(render_markdown(report))
     plot_history(report, out_dir)
+    return plot_confusions(report, out_dir)
+
+
+def confusion_png(name: str) -> str:
+    """The file name of hospital ``name``'s confusion matrix in the output folder."""
+    return f"confusion_{file_stem(name)}.png"
 
 
 def render_markdown(report: dict) -> str:
@@ -317,7 +354,20 @@ def render_markdown(report: dict) -> str:
         + ("" if b["is_clip"] else ". Not CLIP: zero-shot accuracy is chance by construction."),
         "",
         *best_round_table(report),
+        "",
+        *_hospital_table(report),
+        "",
+        *per_class_table(report),
     ]
+    for name, m in report["test"].items():
+        if "confusion" in m:
+            lines += [
+                "",
+                f"Confusion matrix of {name} (test; rows: true class, columns: predicted; "
+                f"[{confusion_png(name)}]({confusion_png(name)})):",
+                "",
+            ]
+            lines += confusion_table(m["confusion"], report["classes"])
     bpr, t = report["bytes_per_round"], report["timings"]
     lines += [
         "",
@@ -333,6 +383,69 @@ def render_markdown(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _hospital_table(report: dict) -> list[str]:
+    """Each hospital's data: its split sizes and the class counts each part of its split achieved."""
+    classes = report["classes"]
+    lines = [
+        f"Hospitals ({report['partition']} partition); class counts in the order {', '.join(classes)}:",
+        "",
+        "| hospital | role | images | train | val | test |",
+        "|---|---|---|---|---|---|",
+    ]
+    for h in report["hospitals"]:
+        parts = h["split_class_counts"]
+        lines.append(
+            f"| {h['name']} | {'held out' if h['held_out'] else 'trains'} | {h['n']} {h['class_counts']} | "
+            + " | ".join(f"{h[p]} {parts[p]}" for p in ("train", "val", "test"))
+            + " |"
+        )
+    return lines
+
+
+def plot_confusions(report: dict, out_dir: Path) -> list[Path]:
+    """One PNG per hospital whose test metrics carry a confusion matrix: counts, and recall as the colour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes = report["classes"]
+    written = []
+    for name, m in report["test"].items():
+        if "confusion" not in m:
+            continue
+        counts = np.asarray(m["confusion"], dtype=np.float64)
+        recall = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+        size = 2.0 + 0.7 * len(classes)
+        fig, ax = plt.subplots(figsize=(size + 1.2, size))
+        image = ax.imshow(recall, cmap="Blues", vmin=0, vmax=1)
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                ax.text(
+                    j,
+                    i,
+                    f"{int(counts[i, j])}",
+                    ha="center",
+                    va="center",
+                    color="white" if recall[i, j] > 0.5 else "black",
+                    fontsize=8,
+                )
+        ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(classes)), classes, fontsize=8)
+        ax.set(xlabel="predicted", ylabel="true")
+        ax.set_title(
+            f"{name}: acc {m['accuracy']:.3f}, bal. acc {m['balanced_accuracy']:.3f} (round {report['best_round']})",
+            fontsize=9,
+        )
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="recall (row share)")
+        fig.tight_layout()
+        path = out_dir / confusion_png(name)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
 
 
 def plot_history(report: dict, out_dir: Path) -> None:
@@ -351,7 +464,8 @@ def plot_history(report: dict, out_dir: Path) -> None:
             label=f"{name} (test)",
             marker="." if len(hist) < 30 else None,
         )
-    ax.plot(rounds, [h["mean_val_accuracy"] for h in hist], "k--", label="mean val (selection)")
+    select_by = report["select_by"]
+    ax.plot(rounds, [h["mean_val"][select_by] for h in hist], "k--", label=f"mean val {select_by} (selection)")
     ax.axvline(report["best_round"], color="grey", lw=0.8)
     ax.set(xlabel="round", ylabel="accuracy", title=f"{report['method']}: accuracy per round per hospital")
     ax.legend(fontsize=7)
@@ -377,11 +491,13 @@ def plot_history(report: dict, out_dir: Path) -> None:
 class SimulateConfig:
     """The settings of ``fedmedclip simulate`` (flat, like every command's): :meth:`sim_config` builds the run."""
 
-    data: str | None = None  # pooled ImageFolder (default: $FEDMEDCLIP_DATA, else the team's brain tumor set)
+    data: str | None = None  # ImageFolder, ROOT/<site>/<class>/* (natural) or CSV manifest (path,label[,group][,site])
+    partition: str = "dirichlet"  # dirichlet (label skew, --alpha), iid, or natural (one hospital per site)
     per_class: int | None = None  # a stratified subset of N images per class (quick runs)
-    hospitals: int = 4  # training hospitals
+    hospitals: int = 4  # training hospitals (dirichlet, iid; natural: one per site)
     alpha: float = 0.5  # Dirichlet label skew (smaller: more skewed); 0 or less: iid
-    holdout: bool = True  # add the held-out 'global' hospital (test only)
+    holdout: str = "true"  # held-out hospital (test only): true (a drawn 'global'), false, or a SITE (natural)
+    select_by: str = "accuracy"  # mean val metric that picks the best round: accuracy, balanced_accuracy, macro_f1
     rounds: int = 50  # communication rounds
     method: str = "fedmedclip"  # fedmedclip, fedclip, local, zeroshot, or an ablation (see docs/method.md)
     codec: str = "int8"  # fp32, fp16, int8 or int4: how the adapter travels
@@ -397,7 +513,7 @@ class SimulateConfig:
     lr_mlp: float = TrainConfig().lr_mlp  # learning rate of the private MLP
     cache_dir: str | None = ".cache/features"  # feature cache (None: encode every time)
     device: str | None = None  # cpu or cuda (default: cuda when available)
-    out: str = "runs/simulation"  # output folder: report.json, report.md, accuracy.png, bytes.png
+    out: str = "runs/simulation"  # output folder: report.json, report.md, accuracy.png, bytes.png, confusion_*.png
     progress: bool = True  # progress bars and per-round log lines
 
     def __post_init__(self) -> None:
@@ -406,6 +522,8 @@ class SimulateConfig:
             ("codec", CODECS),
             ("aggregation", AGGREGATION_RULES),
             ("backbone", BACKBONE_KINDS),
+            ("partition", PARTITIONS),
+            ("select_by", SELECT_METRICS),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {list(choices)}")
@@ -420,7 +538,9 @@ class SimulateConfig:
             per_class=self.per_class,
             n_hospitals=self.hospitals,
             alpha=self.alpha if self.alpha > 0 else None,
-            holdout=self.holdout,
+            holdout=parse_holdout(self.holdout),
+            partition=self.partition,
+            select_by=self.select_by,
             rounds=self.rounds,
             method=self.method,
             wire=WireConfig(codec=self.codec, delta=self.delta),
@@ -441,9 +561,10 @@ def _simulate(cfg: SimulateConfig, _args: argparse.Namespace) -> int:
         logging.getLogger().setLevel(logging.WARNING)
     report = run(cfg.sim_config())
     out = Path(cfg.out)
-    write_outputs(report, out)
+    confusions = write_outputs(report, out)
     print(render_markdown(report))
     print(f"report: {out / 'report.json'}, plots: {out / 'accuracy.png'}, {out / 'bytes.png'}")
+    print(f"confusion matrices: {', '.join(str(p) for p in confusions)}")
     return 0
 
 

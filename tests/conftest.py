@@ -45,8 +45,10 @@ MARKERS = {
     "test_backbone.py": "unit",
     "test_codec.py": "unit",
     "test_data.py": "unit",
+    "test_encode_progress.py": "unit",  # a node's encoding metrics as the demo's launcher reads them
     "test_features.py": "unit",
     "test_layout.py": "unit",  # one short interpreter per core module (imports only)
+    "test_metrics.py": "unit",  # per-class metrics, round selection, report helpers
     "test_model.py": "unit",
     "test_services_engine.py": "unit",  # the round engine and an in-process gRPC server, no processes
     "test_services_protocol.py": "unit",
@@ -54,6 +56,7 @@ MARKERS = {
     "test_cli.py": "services",  # subprocesses of the console script, and two node daemons on one state folder
     "test_dos.py": "services",
     "test_faults.py": "services",
+    "test_feature_cache_concurrency.py": "services",  # encoder processes sharing one feature cache folder
     "test_hostile_input.py": "services",
     "test_identity.py": "services",
     "test_joining.py": "services",  # the README's joining steps: kits, an aggregator and two node daemons

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from shared.data import (
@@ -25,11 +27,15 @@ from shared.data import (
     dirichlet_partition,
     load_image,
     read_manifest,
+    read_split_manifest,
     scan_hospital_folders,
     scan_image_folder,
+    split_class_counts,
+    split_dataset,
     split_indices,
     subset,
 )
+from shared.data.pipeline import prepare_federation
 from shared.errors import FedMedCLIPError
 
 CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
@@ -416,3 +422,180 @@ def test_deduplicate_drops_groups_whose_copies_disagree_on_the_label(tmp_path):
     assert (report.n_groups, report.n_removed, report.n_cross_folder_groups) == (2, 3, 1)
     assert report.n_conflicting_groups == 1 and report.n_conflicting_files == 2
     assert {p.name for p in report.conflicting_groups[0]} == {"y.png", "y_relabelled.png"}
+
+
+# --------------------------------------------------------------------------- groups (patients) and natural sites
+
+
+def _grouped_manifest(
+    path: Path, ds: Dataset, *, per_class: int = 60, seed: int = 0, sites: tuple[str, ...] = (), extra=()
+) -> Path:
+    """A manifest of real brain tumor images with made-up patient ids: groups of 5-10 images of one class,
+    four groups holding two classes (a patient with two findings), and optionally a site per group."""
+    rng = np.random.default_rng(seed)
+    labels = ds.labels()
+    groups: list[list[int]] = []
+    for cls in range(ds.num_classes):
+        members = rng.choice(np.flatnonzero(labels == cls), size=per_class, replace=False)
+        start = 0
+        while start < len(members):
+            size = int(rng.integers(5, 11))
+            groups.append([int(i) for i in members[start : start + size]])
+            start += size
+    names = [f"patient_{g:03d}" for g in range(len(groups))]
+    first_of_class = [next(g for g, m in enumerate(groups) if labels[m[0]] == cls) for cls in range(ds.num_classes)]
+    for k in range(ds.num_classes):  # the first group of each class shares its id with the first of the next class
+        names[first_of_class[(k + 1) % ds.num_classes]] = names[first_of_class[k]] = f"mixed_{k}"
+    site_of = {name: sites[int(rng.integers(len(sites)))] for name in names} if sites else {}
+    lines = ["path,label,group" + (",site" if sites else "")]
+    rows = [(ds.samples[i], name) for members, name in zip(groups, names) for i in members] + list(extra)
+    for sample, name in rows:
+        site = f",{site_of.get(name, sites[0])}" if sites else ""
+        lines.append(f"{sample.path},{ds.class_names[sample.label]},{name}{site}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _parts_of_groups(ds: Dataset, parts: dict[str, np.ndarray]) -> dict[str, set[str]]:
+    where: dict[str, set[str]] = {}
+    for part, idx in parts.items():
+        for i in idx:
+            where.setdefault(ds.samples[int(i)].group, set()).add(part)
+    return where
+
+
+def _split_parts(split) -> dict[str, np.ndarray]:
+    return {"train": split.train, "val": split.val, "test": split.test}
+
+
+def test_group_split_never_puts_a_patient_on_two_sides_and_stays_stratified(brain_dedup, tmp_path):
+    ds = read_manifest(_grouped_manifest(tmp_path / "patients.csv", brain_dedup[0]))
+    assert ds.has_groups and len(ds) == 240 and len(set(ds.group_ids().tolist())) < 240 / 4
+    labels = ds.labels()
+    for seed in range(5):
+        split = split_dataset(ds, seed=seed)
+        assert np.array_equal(np.sort(split.all()), np.arange(len(ds)))  # disjoint and covering
+        where = _parts_of_groups(ds, _split_parts(split))
+        assert all(len(parts) == 1 for parts in where.values()), {g: p for g, p in where.items() if len(p) > 1}
+        achieved = split_class_counts(labels, split, ds.num_classes)
+        for part, frac in (("train", 0.6), ("val", 0.2), ("test", 0.2)):
+            for cls, n in enumerate(achieved[part]):
+                assert abs(n - frac * 60) <= 10, (seed, part, cls, achieved)  # within one group of the target
+    # the same data split image by image cuts patients: what the grouped split prevents
+    naive = split_indices(labels, seed=0)
+    assert any(len(parts) > 1 for parts in _parts_of_groups(ds, _split_parts(naive)).values())
+
+
+def test_pooled_partition_keeps_each_patient_in_one_hospital_after_deduplication(brain_dedup, brain, tmp_path):
+    dup_group = next(g for g in deduplicate(brain)[1].groups if len(g) == 2)
+    by_path = {s.path: s for s in brain}
+    copies = [(by_path[dup_group[0]], "copy_a"), (by_path[dup_group[1]], "copy_b")]  # equal bytes, two patients
+    manifest = _grouped_manifest(tmp_path / "patients.csv", brain_dedup[0], extra=copies)
+    for partition, alpha in (("dirichlet", 0.5), ("iid", None)):
+        fed = prepare_federation(manifest, hospitals=3, alpha=alpha, seed=1, partition=partition)
+        assert fed.duplicates.n_removed == 1  # de-duplication ran first: one copy left
+        ds = fed.dataset
+        assert len(ds) == 241 and [h.name for h in fed.hospitals][-1] == "global"
+        hospital_of: dict[str, str] = {}
+        for h in fed.hospitals:
+            where = _parts_of_groups(ds, _split_parts(h.split))
+            assert all(len(parts) == 1 for parts in where.values()), (partition, h.name)
+            for group in where:
+                assert hospital_of.setdefault(group, h.name) == h.name, (partition, group)
+        assert np.array_equal(np.sort(np.concatenate([h.indices for h in fed.hospitals])), np.arange(len(ds)))
+
+
+def test_natural_sites_from_a_manifest_hold_out_the_named_site(brain_dedup, tmp_path):
+    manifest = _grouped_manifest(tmp_path / "sites.csv", brain_dedup[0], sites=("north", "south", "east"), seed=3)
+    fed = prepare_federation(manifest, hospitals=99, alpha=None, partition="natural", holdout="south")
+    ds = fed.dataset
+    assert [h.name for h in fed.hospitals] == ["east", "north", "south"]  # training sites by name, held-out last
+    assert [h.held_out for h in fed.hospitals] == [False, False, True]
+    for h in fed.hospitals:
+        assert {ds.samples[int(i)].site for i in h.indices} == {h.name}
+        where = _parts_of_groups(ds, _split_parts(h.split))
+        assert all(len(parts) == 1 for parts in where.values()), h.name
+    south = fed.hospitals[-1]
+    assert len(south.split.train) == len(south.split.val) == 0 and np.array_equal(south.split.test, south.indices)
+    with pytest.raises(DataConfigError, match="west"):
+        prepare_federation(manifest, hospitals=3, alpha=None, partition="natural", holdout="west")
+    with pytest.raises(DataConfigError, match="--holdout SITE"):
+        prepare_federation(manifest, hospitals=3, alpha=None, partition="natural", holdout=True)
+    with pytest.raises(DataConfigError, match="only --partition natural"):
+        prepare_federation(manifest, hospitals=3, alpha=0.5, holdout="south")
+
+
+def test_natural_partition_refuses_a_patient_at_two_sites_and_a_manifest_without_sites(brain_dedup, tmp_path):
+    ds = brain_dedup[0]
+    a, b = ds.samples[0], ds.samples[1]
+    two_sites = tmp_path / "two.csv"
+    two_sites.write_text(
+        f"path,label,group,site\n{a.path},{ds.class_names[a.label]},p1,x\n{b.path},{ds.class_names[b.label]},p1,y\n"
+    )
+    with pytest.raises(DataError, match="'p1' lies at sites 'x' and 'y'"):
+        prepare_federation(two_sites, hospitals=1, alpha=None, partition="natural", holdout=False)
+    no_sites = tmp_path / "pooled.csv"
+    no_sites.write_text(f"path,label\n{a.path},{ds.class_names[a.label]}\n")
+    with pytest.raises(DataError, match="site column"):
+        prepare_federation(no_sites, hospitals=1, alpha=None, partition="natural", holdout=False)
+    bad_name = tmp_path / "bad.csv"
+    bad_name.write_text(f"path,label,site\n{a.path},{ds.class_names[a.label]},../up\n")
+    with pytest.raises(DataError, match="1-64 characters"):
+        prepare_federation(bad_name, hospitals=1, alpha=None, partition="natural", holdout=False)
+
+
+def test_natural_folder_layout_names_hospitals_after_their_sites(tmp_path):
+    _image_folder(tmp_path / "beta", {"flu": 12, "ok": 8}, start=0)
+    _image_folder(tmp_path / "alpha", {"ok": 15}, start=100)
+    _image_folder(tmp_path / "gamma" / "Training", {"covid": 6, "flu": 4}, start=200)
+    fed = prepare_federation(tmp_path, hospitals=1, alpha=None, partition="natural", holdout="beta")
+    assert fed.dataset.class_names == ("covid", "flu", "ok")
+    assert [(h.name, h.held_out, len(h.indices)) for h in fed.hospitals] == [
+        ("alpha", False, 15),
+        ("gamma", False, 10),
+        ("beta", True, 20),
+    ]
+
+
+def test_a_split_column_that_cuts_a_patient_is_refused(brain_dedup, tmp_path):
+    ds = brain_dedup[0]
+    a, b = ds.samples[0], ds.samples[1]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(
+        f"path,label,split,group\n{a.path},{ds.class_names[a.label]},train,p7\n"
+        f"{b.path},{ds.class_names[b.label]},test,p7\n"
+    )
+    with pytest.raises(ManifestError, match="group 'p7' is in both train and test"):
+        read_split_manifest(manifest)
+
+
+def test_a_node_splits_its_own_patients_like_the_simulation(brain_dedup, tmp_path):
+    from hospital_node.data import load_local
+
+    manifest = _grouped_manifest(tmp_path / "mine.csv", brain_dedup[0], seed=5)
+    local = load_local(manifest, split_seed=4)
+    expected = split_dataset(read_manifest(manifest), seed=4)
+    for part in ("train", "val", "test"):
+        assert np.array_equal(getattr(local.split, part), getattr(expected, part))
+    assert all(len(p) == 1 for p in _parts_of_groups(local.dataset, _split_parts(local.split)).values())
+
+
+def test_partition_writes_one_manifest_per_site_that_a_node_reads_back(brain_dedup, tmp_path):
+    from hospital_node.data import PARTITION, load_local
+    from shared.ops.command import main_for
+
+    manifest = _grouped_manifest(tmp_path / "sites.csv", brain_dedup[0], sites=("north", "south"), seed=2)
+    argv = ["--data", str(manifest), "--partition", "natural", "--holdout", "north", "--out", str(tmp_path / "fed")]
+    assert main_for(PARTITION, argv, "fedmedclip partition") == 0
+    summary = json.loads((tmp_path / "fed" / "federation.json").read_text())
+    assert [(h["name"], h["held_out"]) for h in summary["hospitals"]] == [("south", False), ("north", True)]
+    assert yaml.safe_load((tmp_path / "fed" / "north.yaml").read_text())["role"] == "evaluator"
+    fed = prepare_federation(manifest, hospitals=3, alpha=None, partition="natural", holdout="north")
+    for h, written in zip(fed.hospitals, summary["hospitals"]):
+        assert written["split_class_counts"] == split_class_counts(fed.dataset.labels(), h.split, 4)
+        local = load_local(tmp_path / "fed" / f"{h.name}.csv", evaluator=h.held_out)
+        assert local.counts() == (len(h.split.train), len(h.split.val), len(h.split.test))
+        assert local.dataset.has_groups
+        assert [s.path for s in local.dataset.select(local.split.train)] == [
+            fed.dataset.samples[int(i)].path for i in h.split.train
+        ]

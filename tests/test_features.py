@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import pytest
 import torch
 
 from shared.data import scan_image_folder, subset
@@ -70,3 +71,54 @@ def test_corrupt_cache_file_is_rebuilt_not_fatal(backbone, brain_tumor_root, tmp
     _, stats = encode_samples(backbone, ds.samples, tmp_path / "cache", progress=False)
     assert stats.n_encoded == 4
     assert len(cache.load()) == 4
+
+
+def test_saves_from_two_writers_keep_each_others_entries(backbone, tmp_path):
+    first = FeatureCache(tmp_path, backbone.image_fingerprint())
+    second = FeatureCache(tmp_path, backbone.image_fingerprint())
+    first.save({"a": np.ones(4, np.float16)})
+    second.save({"b": np.zeros(4, np.float16)})  # this writer never read "a"
+    entries = first.load()
+    assert set(entries) == {"a", "b"} and entries["a"].tolist() == [1.0] * 4
+
+
+def test_progress_is_reported_per_batch_and_from_the_cache(backbone, brain_tumor_root, tmp_path):
+    root = _small_folder(brain_tumor_root, tmp_path, per_class=2)
+    ds = scan_image_folder(root)
+    seen = []
+    encode_samples(backbone, ds.samples, tmp_path / "cache", batch_size=3, progress=False, on_progress=seen.append)
+    assert [(p.n_images, p.n_cached, p.n_encoded) for p in seen] == [(8, 0, n) for n in (0, 3, 6, 8)]
+    assert seen[-1].n_pending == 0
+    seen.clear()
+    encode_samples(backbone, ds.samples, tmp_path / "cache", progress=False, on_progress=seen.append)
+    assert [(p.n_images, p.n_cached, p.n_encoded, p.n_pending) for p in seen] == [(8, 8, 0, 0)]
+
+
+def test_an_interrupted_encoder_keeps_what_it_encoded(backbone, brain_tumor_root, tmp_path):
+    root = _small_folder(brain_tumor_root, tmp_path, per_class=2)
+    ds = scan_image_folder(root)
+
+    def stop_after_two_batches(p):
+        if p.n_encoded == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        encode_samples(
+            backbone, ds.samples, tmp_path / "cache", batch_size=2, progress=False, on_progress=stop_after_two_batches
+        )
+    _, stats = encode_samples(backbone, ds.samples, tmp_path / "cache", progress=False)
+    assert stats.n_encoded == 4 and stats.n_cached == 4
+
+
+def test_a_cache_locked_for_too_long_is_a_typed_error(tmp_path):
+    from filelock import FileLock
+
+    from shared.data.features import FeatureCacheBusyError
+
+    cache = FeatureCache(tmp_path, "f" * 64, lock_timeout_s=0.2)
+    cache.dir.mkdir(parents=True)
+    with FileLock(cache.lock_path):  # another writer, stuck
+        with pytest.raises(FeatureCacheBusyError, match="held .*features.npz.lock"):
+            cache.save({"a": np.ones(4, np.float16)})
+    cache.save({"a": np.ones(4, np.float16)})
+    assert set(cache.load()) == {"a"}

@@ -515,3 +515,30 @@ def test_every_message_is_counted_and_the_node_and_the_aggregator_count_the_same
 
 def _fields(message) -> dict:
     return {f.name: v for f, v in message.ListFields()}
+
+
+def test_the_round_view_names_the_best_and_the_decided_version(tmp_path):
+    clock = FakeClock()
+    eng = make_engine(tmp_path, clock=clock)
+    for n in ("h1", "h2"):
+        eng.register(registration(n))
+    eng.step()
+    for _ in range(2):  # two rounds: versions 1 and 2
+        for i, n in enumerate(("h1", "h2")):
+            p = update_payload(eng.global_state, seed=i + 1)
+            eng.submit(header(eng, n, p), p.data)
+        eng.step()
+    assert eng.version == 2
+    metrics = lambda acc: {"n": 10, "accuracy": acc}  # noqa: E731
+    view = eng.heartbeat(eng.run_id, "h1")
+    assert (view.best_version, view.decided_version) == (0, 0)
+    eng.report(eng.run_id, "h1", 1, "h1-v1", metrics(0.8), None, "ensemble")
+    eng.report(eng.run_id, "h2", 1, "h2-v1", metrics(0.6), None, "ensemble")
+    eng.report(eng.run_id, "h1", 2, "h1-v2", metrics(0.5), None, "ensemble")  # version 2 not complete yet
+    clock.now += 1.0  # recomputed at most once a second while reports come in
+    view = eng.heartbeat(eng.run_id, "h1")
+    assert (view.best_version, view.decided_version) == (1, 1)
+    eng.report(eng.run_id, "h2", 2, "h2-v2", metrics(1.0), None, "ensemble")  # mean 0.75 beats 0.7
+    clock.now += 1.0
+    view = eng.heartbeat(eng.run_id, "h1")
+    assert (view.best_version, view.decided_version) == (2, 2) == (eng.report_dict()["best_round"], 2)

@@ -258,6 +258,8 @@ def test_predict_classifies_a_folder_with_the_hospitals_ensemble(federation, par
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
+    best = read_json(federation["root"] / "agg" / "report.json")["best_round"]
+    assert f"the global of round {best}, the run's best by its selection (the last is {ROUNDS})" in done.stdout
     got = list(csv.DictReader(out.open()))
     assert len(got) == 5
     classes = (partition_dir / "classes.txt").read_text().split()

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from shared.learning.rounds import WireConfig
 from shared.learning.training import TrainConfig
-from shared.simulation import SimConfig, main, prepare, run, write_outputs
+from shared.simulation import SimConfig, main, prepare, render_markdown, run, write_outputs
 
 ROUNDS = 15
 
@@ -109,7 +110,9 @@ def test_lossless_codec_matches_lossy_closely(config, prepared, reports):
 
 
 def test_outputs_are_written(reports, tmp_path):
-    write_outputs(reports["fedmedclip"], tmp_path)
+    confusions = write_outputs(reports["fedmedclip"], tmp_path)
+    assert confusions == [tmp_path / f"confusion_{name}.png" for name in reports["fedmedclip"]["test"]]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in confusions)
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["method"] == "fedmedclip" and data["config"]["rounds"] == ROUNDS
     assert "| AVG |" in (tmp_path / "report.md").read_text()
@@ -157,3 +160,73 @@ def test_command_line_names_a_missing_data_folder_and_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no-such-folder" in err and "does not exist" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_select_by_picks_the_best_round_of_the_chosen_metric(config, prepared, reports):
+    by_acc = reports["fedmedclip"]
+    by_f1 = run(replace(config, method="fedmedclip", select_by="macro_f1"), prepared)
+    assert [h["mean_val"] for h in by_f1["history"]] == [h["mean_val"] for h in by_acc["history"]]  # same training
+    for rep, key in ((by_acc, "accuracy"), (by_f1, "macro_f1")):
+        best = max(rep["history"], key=lambda h: (h["mean_val"][key], -h["round"]))
+        assert rep["select_by"] == key and rep["best_round"] == best["round"]
+        assert rep["best_mean_val"] == best["mean_val"][key]
+        assert {n: m["accuracy"] for n, m in rep["test"].items()} == best["test_accuracy"]  # that round's test
+    assert "by mean val macro f1" in render_markdown(by_f1)
+
+
+@pytest.fixture(scope="module")
+def natural_root(tmp_path_factory, brain_tumor_root) -> Path:
+    """bench/natural_sites.py's skewed four sites at a fifth of their size (about 190 images)."""
+    from bench.natural_sites import build_sites
+
+    root = tmp_path_factory.mktemp("natural") / "sites"
+    build_sites(root, data=brain_tumor_root, scale=0.2, seed=0)
+    return root
+
+
+def test_natural_sites_run_reports_every_site_with_recall_and_confusion(natural_root, feature_cache, tmp_path):
+    out = tmp_path / "run"
+    argv = ["--partition", "natural", "--data", str(natural_root), "--holdout", "site_d", "--rounds", "3"]
+    argv += ["--select-by", "balanced_accuracy", "--cache-dir", str(feature_cache), "--device", "cpu"]
+    assert main([*argv, "--out", str(out), "--progress", "false"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    built = json.loads((natural_root / "sites.json").read_text())["sites"]
+    assert [(h["name"], h["held_out"]) for h in report["hospitals"]] == [
+        ("site_a", False),
+        ("site_b", False),
+        ("site_c", False),
+        ("site_d", True),
+    ]
+    classes = report["classes"]
+    for h in report["hospitals"]:  # each site keeps exactly its own images, split as reported
+        assert dict(zip(classes, h["class_counts"])) == {c: built[h["name"]].get(c, 0) for c in classes}
+        assert [sum(h["split_class_counts"][p]) for p in ("train", "val", "test")] == [h["train"], h["val"], h["test"]]
+    assert report["partition"] == "natural" and report["select_by"] == "balanced_accuracy"
+    best = max(report["history"], key=lambda h: (h["mean_val"]["balanced_accuracy"], -h["round"]))
+    assert report["best_round"] == best["round"]
+    assert list(report["test"]) == ["site_a", "site_b", "site_c", "site_d"]
+    for h in report["hospitals"]:
+        m = report["test"][h["name"]]
+        conf = np.array(m["confusion"])
+        support = conf.sum(axis=1)
+        assert conf.shape == (4, 4) and conf.sum() == m["n"] == h["test"]
+        assert m["accuracy"] == pytest.approx(np.trace(conf) / m["n"])
+        recall = [None if s == 0 else conf[i, i] / s for i, s in enumerate(support)]
+        assert m["per_class_recall"] == [None if r is None else pytest.approx(r) for r in recall]  # NaN: null
+        assert m["balanced_accuracy"] == pytest.approx(np.mean([r for r in recall if r is not None]))
+        assert m["majority_baseline"] == pytest.approx(support.max() / m["n"])
+        blob = (out / f"confusion_{h['name']}.png").read_bytes()
+        assert blob.startswith(b"\x89PNG") and len(blob) > 5_000
+    assert report["test"]["site_d"]["majority_baseline"] == pytest.approx(0.8)  # 32 of its 40 are pituitary
+    md = (out / "report.md").read_text()
+    assert "by mean val balanced accuracy" in md and "| site_d | held out | 40 [3, 2, 3, 32] |" in md
+    assert "recall pituitary" in md and "[confusion_site_d.png](confusion_site_d.png)" in md
+
+
+def test_natural_partition_without_a_named_holdout_exits_2_and_says_how(natural_root, tmp_path, capsys):
+    code = main(["--partition", "natural", "--data", str(natural_root), "--out", str(tmp_path / "run")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--holdout SITE" in err and "Traceback" not in err
+    code = main(["--partition", "natural", "--data", str(natural_root), "--holdout", "site_x", "--out", str(tmp_path)])
+    assert code == 2 and "site_x" in capsys.readouterr().err

@@ -13,6 +13,9 @@ Two properties matter more than anything else here and are enforced in code:
   SHA-256 of its bytes; :func:`deduplicate` keeps one sample per hash, and
   :func:`build_federation` refuses a dataset that still contains duplicates,
   so equal bytes can never land on two sides of a split or in two hospitals.
+* **No leakage through patients.** A manifest may name each image's
+  ``group`` (a patient, a lesion, a study); splits and partitions deal out
+  whole groups, so one patient's images never sit on two sides of a split.
 * **One label space for the whole federation.** A class index must mean the
   same disease at every hospital, so every loader accepts the federation's
   ``class_names`` and fails loudly on a class it does not know instead of
@@ -33,7 +36,15 @@ from shared.data.errors import (
     UnreadableImageError,
 )
 from shared.data.images import load_image
-from shared.data.partition import build_federation, dirichlet_partition, split_indices, subset
+from shared.data.partition import (
+    build_federation,
+    dirichlet_partition,
+    natural_federation,
+    split_class_counts,
+    split_dataset,
+    split_indices,
+    subset,
+)
 from shared.data.records import Dataset, DuplicateReport, HospitalData, Sample, Split
 from shared.data.scan import (
     DATA_ENV_VAR,
@@ -44,6 +55,7 @@ from shared.data.scan import (
     read_split_manifest,
     scan_hospital_folders,
     scan_image_folder,
+    scan_sites,
 )
 
 __all__ = [
@@ -66,10 +78,14 @@ __all__ = [
     "default_data_root",
     "dirichlet_partition",
     "load_image",
+    "natural_federation",
     "read_manifest",
     "read_split_manifest",
     "scan_hospital_folders",
     "scan_image_folder",
+    "scan_sites",
+    "split_class_counts",
+    "split_dataset",
     "split_indices",
     "subset",
     "SPLIT_NAMES",

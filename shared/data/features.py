@@ -6,7 +6,11 @@ preprocessing) and by each file's content hash, so a second run encodes nothing,
 encoded again, and another backbone never reads this one's features.
 
 On disk: ``<cache_dir>/<image fingerprint>/features.npz`` holding ``hashes`` (unicode) and
-``features`` (float16 [N, D]); no pickle. Writes are atomic (temp file, then rename).
+``features`` (float16 [N, D]); no pickle. Several processes may share one cache folder (the demo's
+nodes do): a writer merges its new entries into the file as it is on disk now, under an exclusive lock
+(``features.npz.lock``), so no process drops another's entries; writes are atomic (temp file, then
+rename), so readers take no lock. An encoder saves what it has every ``save_every_s`` and when it is
+interrupted, so work done is never lost.
 """
 
 from __future__ import annotations
@@ -15,20 +19,29 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 from tqdm import tqdm
 
 from shared.backbone import Backbone
 from shared.data import Sample, load_image
+from shared.data.errors import DataError
 
 log = logging.getLogger(__name__)
+
+LOCK_TIMEOUT_S = 120.0  # a merge takes well under a second; a lock held this long is a stuck process
+SAVE_EVERY_S = 60.0
+
+
+class FeatureCacheBusyError(DataError):
+    """Another process held the feature cache's lock for longer than the timeout."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +57,19 @@ class EncodeStats:
         return self.n_encoded / self.seconds if self.n_encoded and self.seconds > 0 else 0.0
 
 
+@dataclass(frozen=True)
+class EncodeProgress:
+    """Where one :func:`encode_samples` call stands, in distinct images (a file's copies count once)."""
+
+    n_images: int
+    n_cached: int  # found in the cache
+    n_encoded: int  # encoded so far by this call
+
+    @property
+    def n_pending(self) -> int:
+        return self.n_images - self.n_cached - self.n_encoded
+
+
 class _ImageFiles(TorchDataset):
     def __init__(self, samples: Sequence[Sample], preprocess) -> None:
         self.samples = samples
@@ -57,11 +83,13 @@ class _ImageFiles(TorchDataset):
 
 
 class FeatureCache:
-    """Content-addressed store of one backbone's image features."""
+    """Content-addressed store of one backbone's image features, safe to share between processes."""
 
-    def __init__(self, cache_dir: Path | str, image_fingerprint: str) -> None:
+    def __init__(self, cache_dir: Path | str, image_fingerprint: str, lock_timeout_s: float = LOCK_TIMEOUT_S) -> None:
         self.dir = Path(cache_dir) / image_fingerprint[:32]
         self.path = self.dir / "features.npz"
+        self.lock_path = self.dir / "features.npz.lock"
+        self.lock_timeout_s = lock_timeout_s
 
     def load(self) -> dict[str, np.ndarray]:
         if not self.path.exists():
@@ -75,7 +103,20 @@ class FeatureCache:
         return {str(h): feats[i] for i, h in enumerate(hashes)}
 
     def save(self, entries: dict[str, np.ndarray]) -> None:
+        """Add ``entries`` to the cache, keeping every entry already in it (other processes' too)."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            with FileLock(self.lock_path, timeout=self.lock_timeout_s):
+                merged = self.load()  # as it is now: another process may have added entries since we read it
+                merged.update(entries)
+                self._write(merged)
+        except Timeout as exc:
+            raise FeatureCacheBusyError(
+                f"feature cache {self.path}: another process held {self.lock_path} for over "
+                f"{self.lock_timeout_s:.0f}s (a stuck encoder? a network file system without locks?)"
+            ) from exc
+
+    def _write(self, entries: dict[str, np.ndarray]) -> None:
         hashes = np.array(sorted(entries))
         feats = (
             np.stack([entries[h] for h in hashes]).astype(np.float16) if len(hashes) else np.zeros((0, 0), np.float16)
@@ -100,15 +141,24 @@ def encode_samples(
     batch_size: int = 64,
     num_workers: int | None = None,
     progress: bool = True,
+    on_progress: Callable[[EncodeProgress], None] | None = None,
+    save_every_s: float = SAVE_EVERY_S,
 ) -> tuple[torch.Tensor, EncodeStats]:
-    """Features [N, D] float32 for ``samples``, in order, encoding only what the cache lacks."""
+    """Features [N, D] float32 for ``samples``, in order, encoding only what the cache lacks.
+
+    ``progress`` shows a progress bar; ``on_progress`` is called once the cache is read and after every
+    batch (a node feeds its metrics from it). The cache is read here, as late as possible, so entries
+    that other processes saved meanwhile are used.
+    """
     cache = FeatureCache(cache_dir, backbone.image_fingerprint()) if cache_dir is not None else None
     entries = cache.load() if cache else {}
-    todo_hashes: dict[str, Sample] = {}
+    distinct: dict[str, Sample] = {}  # one sample per content
     for sample in samples:
-        if sample.sha256 not in entries and sample.sha256 not in todo_hashes:
-            todo_hashes[sample.sha256] = sample
-    todo = list(todo_hashes.values())
+        distinct.setdefault(sample.sha256, sample)
+    todo = [s for h, s in distinct.items() if h not in entries]
+    n_found = len(distinct) - len(todo)
+    if on_progress is not None:
+        on_progress(EncodeProgress(len(distinct), n_found, 0))
     start = time.perf_counter()
     if todo:
         workers = num_workers if num_workers is not None else min(2, os.cpu_count() or 1)
@@ -119,6 +169,8 @@ def encode_samples(
             pin_memory=backbone.device.type == "cuda",
         )
         done = 0
+        unsaved: dict[str, np.ndarray] = {}
+        last_save = time.monotonic()
         bar = tqdm(
             total=len(todo),
             desc=f"encoding images ({backbone.device.type})",
@@ -130,14 +182,21 @@ def encode_samples(
             for batch in loader:
                 feats = backbone.encode_images(batch).numpy().astype(np.float16)
                 for row, sample in zip(feats, todo[done : done + len(feats)]):
-                    entries[sample.sha256] = row
+                    entries[sample.sha256] = unsaved[sample.sha256] = row
                 done += len(feats)
                 bar.update(len(feats))
+                if on_progress is not None:
+                    on_progress(EncodeProgress(len(distinct), n_found, done))
+                if cache and time.monotonic() - last_save >= save_every_s:
+                    to_save, unsaved = unsaved, {}
+                    cache.save(to_save)  # a crash loses a minute at most; other processes see these now
+                    last_save = time.monotonic()
         finally:
             bar.close()
-        if cache:
-            cache.save(entries)
+            if cache and unsaved:
+                cache.save(unsaved)  # also when interrupted: the images encoded so far stay encoded
     seconds = time.perf_counter() - start
+    encoded = {s.sha256 for s in todo}
     features = (
         torch.from_numpy(np.stack([entries[s.sha256] for s in samples]).astype(np.float32))
         if samples
@@ -145,7 +204,7 @@ def encode_samples(
     )
     stats = EncodeStats(
         n_images=len(samples),
-        n_cached=len(samples) - sum(1 for s in samples if s.sha256 in todo_hashes),
+        n_cached=len(samples) - sum(1 for s in samples if s.sha256 in encoded),
         n_encoded=len(todo),
         seconds=seconds,
         device=backbone.device.type,

@@ -13,11 +13,18 @@ from shared.data.errors import DataConfigError, DataError
 
 @dataclass(frozen=True)
 class Sample:
-    """One labelled image: absolute path, class index and SHA-256 of its bytes."""
+    """One labelled image: absolute path, class index and SHA-256 of its bytes.
+
+    ``group`` names what several images can share (a patient, a lesion, a study): a group is never
+    cut by a split or a partition; None means the image is a group of its own. ``site`` is the
+    hospital the image comes from, for a natural federation (None when the data is pooled).
+    """
 
     path: Path
     label: int
     sha256: str
+    group: str | None = None
+    site: str | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,27 @@ class Dataset:
 
     def hashes(self) -> list[str]:
         return [s.sha256 for s in self.samples]
+
+    @property
+    def has_groups(self) -> bool:
+        """Whether any sample names a group (a manifest's ``group`` column)."""
+        return any(s.group is not None for s in self.samples)
+
+    def group_ids(self) -> np.ndarray:
+        """An ``int64`` per sample, equal for the samples of one group, numbered in order of first
+        appearance; a sample without a group is a group of its own (so ungrouped data gives 0..n-1)."""
+        ids: dict[str, int] = {}
+        out = np.empty(len(self.samples), dtype=np.int64)
+        next_id = 0
+        for i, s in enumerate(self.samples):
+            if s.group is not None and s.group in ids:
+                out[i] = ids[s.group]
+                continue
+            out[i] = next_id
+            if s.group is not None:
+                ids[s.group] = next_id
+            next_id += 1
+        return out
 
     def class_counts(self) -> dict[str, int]:
         """Number of samples per class name, including classes with zero samples."""

@@ -8,6 +8,7 @@ import logging
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +207,15 @@ def scan_hospital_folders(root: Path | str) -> list[tuple[str, Dataset]]:
     return [(folder.name, scan_image_folder(folder, names)) for folder in hospitals]
 
 
+def scan_sites(root: Path | str) -> Dataset:
+    """A natural federation ``root/<site>/<ImageFolder or splits>`` as one dataset whose samples name their
+    ``site`` (the folder), over the union label space; ordered by path below ``root``, like a folder scan."""
+    root_path = _require_dir(root, "federation root")
+    sites = scan_hospital_folders(root_path)
+    samples = tuple(replace(s, site=name) for name, ds in sites for s in ds.samples)
+    return Dataset(samples, sites[0][1].class_names, root_path)
+
+
 def read_manifest(
     csv_path: Path | str,
     class_names: Sequence[str] | None = None,
@@ -217,6 +227,10 @@ def read_manifest(
     if given, else against the CSV's own folder, so a manifest can travel with
     its images. Samples are ordered by resolved path, like a folder scan, so
     the same files give the same dataset regardless of row order.
+
+    Optional columns: ``group`` (a patient, lesion or study id: images of one group never land on two
+    sides of a split or in two hospitals; a blank cell makes the image a group of its own) and ``site``
+    (the hospital of the image, for ``--partition natural``; a blank cell is refused).
     """
     csv_file = Path(csv_path).expanduser()
     if not csv_file.is_file():
@@ -235,7 +249,8 @@ def read_manifest(
     except UnicodeDecodeError as exc:
         raise ManifestError(f"manifest {csv_file} is not UTF-8 text: {exc}") from exc
 
-    entries: list[tuple[Path, str]] = []
+    has_site = "site" in header
+    entries: list[tuple[Path, str, str | None, str | None]] = []  # path, label, group, site
     seen: dict[Path, int] = {}
     for line, row in rows:
         raw_path = (row.get("path") or "").strip()
@@ -249,18 +264,22 @@ def read_manifest(
         seen[path] = line
         if not path.is_file():
             raise MissingInputError(f"manifest {csv_file}, line {line}: image file {path} does not exist")
-        entries.append((path, label))
+        group = (row.get("group") or "").strip() or None
+        site = (row.get("site") or "").strip() or None
+        if has_site and site is None:
+            raise ManifestError(f"manifest {csv_file}, line {line}: empty site for {path}")
+        entries.append((path, label, group, site))
     if not entries:
         raise EmptyDatasetError(f"manifest {csv_file} lists no images")
 
-    labels_seen = [label for _, label in entries]
+    labels_seen = [e[1] for e in entries]
     if class_names is None:
         names = tuple(sorted(set(labels_seen)))
     else:
         names = tuple(class_names)
         if len(set(names)) != len(names):
             raise DataConfigError(f"class_names has repeated entries: {list(names)}")
-        for (path, label), (line, _) in zip(entries, rows):
+        for (path, label, _, _), (line, _) in zip(entries, rows):
             if label not in names:
                 raise ManifestError(
                     f"manifest {csv_file}, line {line}: label {label!r} of {path} "
@@ -268,8 +287,8 @@ def read_manifest(
                 )
     index = {name: i for i, name in enumerate(names)}
     entries.sort(key=lambda e: e[0].as_posix())
-    hashes = _hash_all([p for p, _ in entries])
-    samples = tuple(Sample(p, index[lab], h) for (p, lab), h in zip(entries, hashes))
+    hashes = _hash_all([e[0] for e in entries])
+    samples = tuple(Sample(p, index[lab], h, group, site) for (p, lab, group, site), h in zip(entries, hashes))
     return Dataset(samples, names, root=base)
 
 
@@ -288,8 +307,8 @@ def read_split_manifest(
 
     Indices refer to the returned dataset (ordered by path, like a folder scan), so a manifest
     written from a :class:`HospitalData` reproduces that hospital's split exactly. Without a
-    ``split`` column the second value is None; a blank or unknown split raises
-    :class:`ManifestError`.
+    ``split`` column the second value is None; a blank or unknown split, or a group whose images
+    lie in two splits, raises :class:`ManifestError`.
     """
     ds = read_manifest(csv_path, class_names, root)
     csv_file = Path(csv_path).expanduser()
@@ -311,6 +330,13 @@ def read_split_manifest(
                 )
             by_path[path] = split
     parts: dict[str, list[int]] = {name: [] for name in SPLIT_NAMES}
+    split_of_group: dict[str, str] = {}
     for i, sample in enumerate(ds.samples):
-        parts[by_path[sample.path]].append(i)
+        split = by_path[sample.path]
+        parts[split].append(i)
+        if sample.group is not None and split_of_group.setdefault(sample.group, split) != split:
+            raise ManifestError(
+                f"manifest {csv_file}: group {sample.group!r} is in both {split_of_group[sample.group]} and {split} "
+                f"({sample.path}); a group's images must share one split"
+            )
     return ds, Split(*(np.asarray(parts[name], dtype=np.int64) for name in SPLIT_NAMES))

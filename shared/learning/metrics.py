@@ -9,6 +9,9 @@ import torch
 
 METRIC_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "ece")
 
+#: The mean validation metrics that can pick the best round (``--select-by``).
+SELECT_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
+
 
 def nanmean(values: Iterable[float | None]) -> float:
     """Mean of the finite values (a client with no samples reports NaN); NaN when none is."""
@@ -24,15 +27,28 @@ def mean_metrics(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
 def classification_metrics(
     probs: torch.Tensor, labels: torch.Tensor, num_classes: int, *, ece_bins: int = 15
 ) -> dict[str, float]:
-    """Accuracy, balanced accuracy, macro-F1 and expected calibration error of predicted probabilities.
+    """Accuracy, balanced accuracy, macro-F1 and expected calibration error of predicted probabilities,
+    with what an imbalanced set needs beside them.
 
     Balanced accuracy and macro-F1 average over the classes present in ``labels`` (a class a
-    hospital never sees cannot be recalled); an empty set gives NaN everywhere.
+    hospital never sees cannot be recalled); an empty set gives NaN everywhere. Also:
+    ``per_class_recall`` (one entry per class, NaN for a class absent from ``labels``),
+    ``confusion`` (``[true][predicted]`` counts, ``num_classes`` x ``num_classes``) and
+    ``majority_baseline`` (the accuracy of always answering the most frequent true class).
     """
     n = len(labels)
     if n == 0:
         nan = float("nan")
-        return {"n": 0, "accuracy": nan, "balanced_accuracy": nan, "macro_f1": nan, "ece": nan}
+        return {
+            "n": 0,
+            "accuracy": nan,
+            "balanced_accuracy": nan,
+            "macro_f1": nan,
+            "ece": nan,
+            "majority_baseline": nan,
+            "per_class_recall": [nan] * num_classes,
+            "confusion": [[0] * num_classes for _ in range(num_classes)],
+        }
     conf, pred = probs.max(dim=-1)
     correct = (pred == labels).float()
     confusion = torch.zeros(num_classes, num_classes)
@@ -61,4 +77,7 @@ def classification_metrics(
         "balanced_accuracy": float(recall.mean()),
         "macro_f1": float(f1[present].mean()),
         "ece": float(ece),
+        "majority_baseline": float(support.max() / n),
+        "per_class_recall": [float(r) if p else float("nan") for r, p in zip(full_recall.tolist(), present.tolist())],
+        "confusion": confusion.long().tolist(),
     }

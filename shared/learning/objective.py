@@ -5,6 +5,11 @@ the FAM-CLIP logits and the private MLP logits. Every term can be switched off (
 ablations), and the reference code's behaviours listed in docs/method.md, section 9, are switches too:
 ``contrastive="batch"`` (per-sample prompts inside the batch), ``kl="class"`` (softmax over the
 batch for each class column) and ``kl_weight="fixed"`` (w = 1/2).
+
+Class imbalance (``balance="logit_adjust"``, an option beyond the paper): the two cross-entropy terms
+see ``logits + tau_la * log(prior)``, the hospital's own training class prior (Menon et al., "Long-tail
+learning via logit adjustment", ICLR 2021). A frequent class must then win by a larger margin, which
+trains towards a balanced error; prediction uses the plain logits. The KL term is left as it is.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch.nn.functional as F
 CONTRASTIVE_MODES = ("class", "batch")
 KL_MODES = ("sample", "class")
 KL_WEIGHTS = ("adaptive", "fixed")
+BALANCE_MODES = ("none", "logit_adjust")
 
 
 @dataclass(frozen=True)
@@ -29,12 +35,15 @@ class LossConfig:
     contrastive: str = "class"
     kl: str = "sample"
     kl_weight: str = "adaptive"
+    balance: str = "none"  # none | logit_adjust: the cross-entropy terms see the local class prior
+    tau_la: float = 1.0  # logit adjustment strength
 
     def __post_init__(self) -> None:
         for value, allowed, name in (
             (self.contrastive, CONTRASTIVE_MODES, "contrastive"),
             (self.kl, KL_MODES, "kl"),
             (self.kl_weight, KL_WEIGHTS, "kl_weight"),
+            (self.balance, BALANCE_MODES, "balance"),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -66,29 +75,54 @@ def mutual_kl(sim: torch.Tensor, z: torch.Tensor, cfg: LossConfig) -> tuple[torc
     return loss, w
 
 
+def log_prior(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """log of the class frequencies of ``labels``, add-one smoothed (a class absent here stays finite)."""
+    counts = torch.bincount(labels.long().cpu(), minlength=num_classes).double() + 1.0
+    return torch.log(counts / counts.sum()).float()
+
+
 def contrastive_loss(
-    adapted: torch.Tensor, text: torch.Tensor, y: torch.Tensor, scale: float, mode: str
+    adapted: torch.Tensor,
+    text: torch.Tensor,
+    y: torch.Tensor,
+    scale: float,
+    mode: str,
+    adjust: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Image-to-class-prompt cross-entropy ("class") or the reference code's in-batch version ("batch")."""
+    """Image-to-class-prompt cross-entropy ("class", plus ``adjust`` per class if given) or the reference
+    code's in-batch version ("batch")."""
     if mode == "class":
-        return F.cross_entropy(scale * adapted @ text.t(), y)
+        logits = scale * adapted @ text.t()
+        return F.cross_entropy(logits if adjust is None else logits + adjust, y)
     logits = scale * adapted @ text[y].t()  # [B, B]: repeated classes become false negatives
     return F.cross_entropy(logits, torch.arange(len(y), device=y.device))
 
 
 def local_loss(
-    adapted: torch.Tensor, z: torch.Tensor | None, y: torch.Tensor, text: torch.Tensor, scale: float, cfg: LossConfig
+    adapted: torch.Tensor,
+    z: torch.Tensor | None,
+    y: torch.Tensor,
+    text: torch.Tensor,
+    scale: float,
+    cfg: LossConfig,
+    prior: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The full objective for one batch; returns the loss and its terms for logging."""
+    """The full objective for one batch; returns the loss and its terms for logging. ``prior`` (log class
+    frequencies of the hospital's training split, :func:`log_prior`) is used with ``balance="logit_adjust"``."""
     sim = scale * adapted @ text.t()
     total = torch.zeros((), device=adapted.device)
     terms: dict[str, float] = {}
+    adjust = None
+    if cfg.balance == "logit_adjust":
+        if prior is None:
+            raise ValueError("balance='logit_adjust' needs the hospital's class prior")
+        adjust = cfg.tau_la * prior.to(adapted.device)
     if cfg.use_con:
-        l_con = contrastive_loss(adapted, text, y, scale, cfg.contrastive)
+        l_con = contrastive_loss(adapted, text, y, scale, cfg.contrastive, adjust)
         total = total + l_con
         terms["con"] = float(l_con.detach())
     if z is not None and cfg.use_mlp:
-        l_mlp = F.cross_entropy(z, y)
+        l_mlp = F.cross_entropy(z if adjust is None else z + adjust, y)
         total = total + l_mlp
         terms["mlp"] = float(l_mlp.detach())
     if z is not None and cfg.use_sim:

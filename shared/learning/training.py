@@ -15,7 +15,7 @@ from torch import nn
 
 from shared.learning.metrics import classification_metrics
 from shared.learning.model import FAM, Adapter, FedCLIPAdapter, IdentityAdapter, PrivateMLP, clip_logits
-from shared.learning.objective import LossConfig, ensemble_probs, local_loss
+from shared.learning.objective import LossConfig, ensemble_probs, local_loss, log_prior
 
 ADAPTERS = ("fam", "fedclip", "none")
 HEADS = ("ensemble", "clip", "mlp")
@@ -94,6 +94,28 @@ METHODS: dict[str, MethodConfig] = {
         ),
         MethodConfig(
             "ablation_unmasked", masked=False, description="all terms, plain linear layers (no learned masks)"
+        ),
+        MethodConfig(
+            "fedmedclip_la",
+            loss=replace(_ALL, balance="logit_adjust"),
+            description="FedMedCLIP with logit-adjusted cross-entropy terms (the local class prior; imbalance)",
+        ),
+        MethodConfig(
+            "fedclip_la",
+            adapter="fedclip",
+            use_mlp=False,
+            head="clip",
+            masked=False,
+            loss=replace(_ALL, use_mlp=False, use_sim=False, balance="logit_adjust"),
+            description="FedCLIP with a logit-adjusted contrastive term (imbalance)",
+        ),
+        MethodConfig(
+            "local_la",
+            adapter="none",
+            federated=False,
+            head="mlp",
+            loss=replace(_ALL, use_con=False, use_sim=False, balance="logit_adjust"),
+            description="local MLP only with a logit-adjusted cross-entropy (imbalance)",
         ),
         MethodConfig(
             "ref_batch_contrastive",
@@ -234,6 +256,7 @@ class HospitalLearner:
             self.mlp.train()
         features = features.to(self.device, torch.float32)
         labels = labels.to(self.device)
+        prior = log_prior(labels, self.num_classes) if self.method.loss.balance != "none" else None
         steps, loss_sum, term_sums = 0, 0.0, {}
         for _ in range(self.train_cfg.local_epochs):
             order = torch.randperm(len(labels), generator=self.generator).to(self.device)
@@ -244,7 +267,7 @@ class HospitalLearner:
                 f, y = features[idx], labels[idx]
                 adapted = self.adapter(f)
                 z = self.mlp(adapted) if self.mlp is not None else None
-                loss, terms = local_loss(adapted, z, y, self.text, self.scale, self.method.loss)
+                loss, terms = local_loss(adapted, z, y, self.text, self.scale, self.method.loss, prior)
                 if not loss.requires_grad:
                     continue
                 for opt in (self.opt_adapter, self.opt_mlp):

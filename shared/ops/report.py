@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +43,13 @@ def dumps_strict(value: Any, **kwargs: Any) -> str:
 def best_round_table(report: Mapping[str, Any]) -> list[str]:
     """The report's headline in Markdown: the best round and its test metrics per client and AVG.
 
-    One table for the simulation's report and the aggregator's, so the two read the same.
+    One table for the simulation's report and the aggregator's, so the two read the same. The round
+    was selected by the mean val ``select_by`` metric (accuracy when the report names none).
     """
+    select_by = report.get("select_by", "accuracy")
+    value = report.get("best_mean_val", report["best_mean_val_accuracy"])
     lines = [
-        f"Best round {report['best_round']} by mean val accuracy ({_num(report['best_mean_val_accuracy'])}); "
+        f"Best round {report['best_round']} by mean val {select_by.replace('_', ' ')} ({_num(value)}); "
         "test metrics at that round:",
         "",
         "| client | accuracy | balanced acc. | macro-F1 | ECE |",
@@ -57,6 +61,44 @@ def best_round_table(report: Mapping[str, Any]) -> list[str]:
             f"{_num(m['ece'])} |"
         )
     return lines
+
+
+def per_class_table(report: Mapping[str, Any]) -> list[str]:
+    """Per client: accuracy beside the majority-class baseline, balanced accuracy, macro-F1 and the recall of
+    every class, in Markdown; empty when no client's test metrics carry per-class recall."""
+    rows = {n: m for n, m in report["test"].items() if m.get("per_class_recall") is not None}
+    if not rows:
+        return []
+    classes = report["classes"]
+    lines = [
+        "Per-class recall (test; '-': the class is absent from that test set); majority baseline: the accuracy "
+        "of always answering the test set's most frequent class:",
+        "",
+        "| client | n | accuracy | majority baseline | balanced acc. | macro-F1 | "
+        + " | ".join(f"recall {c}" for c in classes)
+        + " |",
+        "|---" * (6 + len(classes)) + "|",
+    ]
+    for name, m in rows.items():
+        lines.append(
+            f"| {name} | {m['n']} | {_num(m['accuracy'])} | {_num(m.get('majority_baseline'))} | "
+            f"{_num(m['balanced_accuracy'])} | {_num(m['macro_f1'])} | "
+            + " | ".join(_num(r) for r in m["per_class_recall"])
+            + " |"
+        )
+    return lines
+
+
+def confusion_table(confusion: Sequence[Sequence[int]], classes: Sequence[str]) -> list[str]:
+    """A confusion matrix (``[true][predicted]`` counts) as a Markdown table, true classes as rows."""
+    lines = ["| true / predicted | " + " | ".join(classes) + " |", "|---" * (1 + len(classes)) + "|"]
+    lines += [f"| {c} | " + " | ".join(str(int(v)) for v in row) + " |" for c, row in zip(classes, confusion)]
+    return lines
+
+
+def file_stem(name: str) -> str:
+    """``name`` (a hospital, a site) as a safe file name part: anything but ``A-Za-z0-9_.-`` becomes ``_``."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip(".") or "_"
 
 
 def _num(value: Any, fmt: str = ".4f") -> str:

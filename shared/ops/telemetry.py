@@ -193,8 +193,14 @@ class Telemetry:
             )
             self.encode_images = Counter(
                 "fedmedclip_encode_images_total",
-                "Images whose features were computed or read from the cache",
+                "Distinct images whose features were computed (counted per batch, as encoding goes) or read "
+                "from the cache",
                 ["source"],
+                registry=r,
+            )
+            self.encode_pending = Gauge(
+                "fedmedclip_encode_pending_images",
+                "Images still to encode at start-up (cache misses not encoded yet); 0 once features are ready",
                 registry=r,
             )
             self.updates_rejected = Counter(

@@ -24,49 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n8shared/wire/proto/fedmedclip/v1/aggregator_service.proto\x12\rfedmedclip.v1\"\x80\x02\n\tRoundInfo\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x05\x12\x16\n\x0eglobal_version\x18\x03 \x01(\x05\x12\x14\n\x0ctotal_rounds\x18\x04 \x01(\x05\x12(\n\x05phase\x18\x05 \x01(\x0e\x32\x19.fedmedclip.v1.RoundPhase\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x06 \x01(\x03\x12\x17\n\x0fupdate_accepted\x18\x07 \x01(\x08\x12\x1b\n\x13registered_trainers\x18\x08 \x01(\x05\x12\x18\n\x10updates_received\x18\t \x01(\x05\x12\x0f\n\x07message\x18\n \x01(\t\"\xca\x02\n\x0fRegisterRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12%\n\x04role\x18\x02 \x01(\x0e\x32\x17.fedmedclip.v1.NodeRole\x12\x1c\n\x14\x62\x61\x63kbone_fingerprint\x18\x03 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x04 \x03(\t\x12\x11\n\tembed_dim\x18\x05 \x01(\x05\x12\x0e\n\x06method\x18\x06 \x01(\t\x12\x1c\n\x14initial_state_sha256\x18\x07 \x01(\t\x12\x19\n\x11num_train_samples\x18\x08 \x01(\x03\x12\x17\n\x0fnum_val_samples\x18\t \x01(\x03\x12\x18\n\x10num_test_samples\x18\n \x01(\x03\x12\x18\n\x10software_version\x18\x0b \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x0c \x01(\x08\x12\x12\n\nsession_id\x18\r \x01(\t\"\xab\x01\n\x10RegisterResponse\x12\'\n\x05round\x18\x01 \x01(\x0b\x32\x18.fedmedclip.v1.RoundInfo\x12\r\n\x05\x63odec\x18\x02 \x01(\t\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\x08\x12\x18\n\x10\x64rop_masked_rows\x18\x04 \x01(\x08\x12\x1d\n\x15heartbeat_interval_ms\x18\x05 \x01(\x05\x12\x17\n\x0fmax_chunk_bytes\x18\x06 \x01(\x03\"G\n\x10HeartbeatRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\"<\n\x11HeartbeatResponse\x12\'\n\x05round\x18\x01 \x01(\x0b\x32\x18.fedmedclip.v1.RoundInfo\"s\n\x0fGetRoundRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x16\n\x0ewait_for_round\x18\x03 \x01(\x03\x12\x13\n\x0bmax_wait_ms\x18\x04 \x01(\x05\x12\x12\n\nsession_id\x18\x05 \x01(\t\";\n\x10GetRoundResponse\x12\'\n\x05round\x18\x01 \x01(\x0b\x32\x18.fedmedclip.v1.RoundInfo\"F\n\x12\x46\x65tchGlobalRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\"\x82\x02\n\rPayloadHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x03\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x11\n\tupdate_id\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\x03\x12\r\n\x05\x63odec\x18\x06 \x01(\t\x12\r\n\x05\x64\x65lta\x18\x07 \x01(\x08\x12\x11\n\traw_bytes\x18\x08 \x01(\x03\x12\x12\n\nwire_bytes\x18\t \x01(\x03\x12\x0e\n\x06sha256\x18\n \x01(\t\x12\x19\n\x11num_train_samples\x18\x0b \x01(\x03\x12*\n\x05train\x18\x0c \x01(\x0b\x32\x1b.fedmedclip.v1.TrainSummary\"<\n\x0cTrainSummary\x12\r\n\x05steps\x18\x01 \x01(\x05\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\x12\x0c\n\x04loss\x18\x03 \x01(\x01\"a\n\x13\x46\x65tchGlobalResponse\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.fedmedclip.v1.PayloadHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07\x63ontent\"a\n\x13UploadUpdateRequest\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.fedmedclip.v1.PayloadHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07\x63ontent\"g\n\x14UploadUpdateResponse\x12\x11\n\tupdate_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x05\x12\x10\n\x08replayed\x18\x03 \x01(\x08\x12\x18\n\x10updates_received\x18\x04 \x01(\x05\"\xba\x01\n\x0b\x45valMetrics\x12\x13\n\x0bnum_samples\x18\x01 \x01(\x03\x12\x15\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x1e\n\x11\x62\x61lanced_accuracy\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x15\n\x08macro_f1\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\x10\n\x03\x65\x63\x65\x18\x05 \x01(\x01H\x03\x88\x01\x01\x42\x0b\n\t_accuracyB\x14\n\x12_balanced_accuracyB\x0b\n\t_macro_f1B\x06\n\x04_ece\"\xe8\x01\n\x14ReportMetricsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x11\n\treport_id\x18\x04 \x01(\t\x12\'\n\x03val\x18\x05 \x01(\x0b\x32\x1a.fedmedclip.v1.EvalMetrics\x12(\n\x04test\x18\x06 \x01(\x0b\x32\x1a.fedmedclip.v1.EvalMetrics\x12\x0c\n\x04head\x18\x07 \x01(\t\x12*\n\x05train\x18\x08 \x01(\x0b\x32\x1b.fedmedclip.v1.TrainSummary\"<\n\x15ReportMetricsResponse\x12\x11\n\treport_id\x18\x01 \x01(\t\x12\x10\n\x08replayed\x18\x02 \x01(\x08*U\n\x08NodeRole\x12\x19\n\x15NODE_ROLE_UNSPECIFIED\x10\x00\x12\x15\n\x11NODE_ROLE_TRAINER\x10\x01\x12\x17\n\x13NODE_ROLE_EVALUATOR\x10\x02*\x9a\x01\n\nRoundPhase\x12\x1b\n\x17ROUND_PHASE_UNSPECIFIED\x10\x00\x12!\n\x1dROUND_PHASE_WAITING_FOR_NODES\x10\x01\x12\x1a\n\x16ROUND_PHASE_COLLECTING\x10\x02\x12\x18\n\x14ROUND_PHASE_FINISHED\x10\x03\x12\x16\n\x12ROUND_PHASE_FAILED\x10\x04\x32\x8c\x04\n\x11\x41ggregatorService\x12K\n\x08Register\x12\x1e.fedmedclip.v1.RegisterRequest\x1a\x1f.fedmedclip.v1.RegisterResponse\x12N\n\tHeartbeat\x12\x1f.fedmedclip.v1.HeartbeatRequest\x1a .fedmedclip.v1.HeartbeatResponse\x12K\n\x08GetRound\x12\x1e.fedmedclip.v1.GetRoundRequest\x1a\x1f.fedmedclip.v1.GetRoundResponse\x12V\n\x0b\x46\x65tchGlobal\x12!.fedmedclip.v1.FetchGlobalRequest\x1a\".fedmedclip.v1.FetchGlobalResponse0\x01\x12Y\n\x0cUploadUpdate\x12\".fedmedclip.v1.UploadUpdateRequest\x1a#.fedmedclip.v1.UploadUpdateResponse(\x01\x12Z\n\rReportMetrics\x12#.fedmedclip.v1.ReportMetricsRequest\x1a$.fedmedclip.v1.ReportMetricsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n8shared/wire/proto/fedmedclip/v1/aggregator_service.proto\x12\rfedmedclip.v1\"\xaf\x02\n\tRoundInfo\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x05\x12\x16\n\x0eglobal_version\x18\x03 \x01(\x05\x12\x14\n\x0ctotal_rounds\x18\x04 \x01(\x05\x12(\n\x05phase\x18\x05 \x01(\x0e\x32\x19.fedmedclip.v1.RoundPhase\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x06 \x01(\x03\x12\x17\n\x0fupdate_accepted\x18\x07 \x01(\x08\x12\x1b\n\x13registered_trainers\x18\x08 \x01(\x05\x12\x18\n\x10updates_received\x18\t \x01(\x05\x12\x0f\n\x07message\x18\n \x01(\t\x12\x14\n\x0c\x62\x65st_version\x18\x0b \x01(\x03\x12\x17\n\x0f\x64\x65\x63ided_version\x18\x0c \x01(\x03\"\xca\x02\n\x0fRegisterRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12%\n\x04role\x18\x02 \x01(\x0e\x32\x17.fedmedclip.v1.NodeRole\x12\x1c\n\x14\x62\x61\x63kbone_fingerprint\x18\x03 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x04 \x03(\t\x12\x11\n\tembed_dim\x18\x05 \x01(\x05\x12\x0e\n\x06method\x18\x06 \x01(\t\x12\x1c\n\x14initial_state_sha256\x18\x07 \x01(\t\x12\x19\n\x11num_train_samples\x18\x08 \x01(\x03\x12\x17\n\x0fnum_val_samples\x18\t \x01(\x03\x12\x18\n\x10num_test_samples\x18\n \x01(\x03\x12\x18\n\x10software_version\x18\x0b \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x0c \x01(\x08\x12\x12\n\nsession_id\x18\r \x01(\t\"\xab\x01\n\x10RegisterResponse\x12\'\n\x05round\x18\x01 \x01(\x0b\x32\x18.fedmedclip.v1.RoundInfo\x12\r\n\x05\x63odec\x18\x02 \x01(\t\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\x08\x12\x18\n\x10\x64rop_masked_rows\x18\x04 \x01(\x08\x12\x1d\n\x15heartbeat_interval_ms\x18\x05 \x01(\x05\x12\x17\n\x0fmax_chunk_bytes\x18\x06 \x01(\x03\"G\n\x10HeartbeatRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\"<\n\x11HeartbeatResponse\x12\'\n\x05round\x18\x01 \x01(\x0b\x32\x18.fedmedclip.v1.RoundInfo\"s\n\x0fGetRoundRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x16\n\x0ewait_for_round\x18\x03 \x01(\x03\x12\x13\n\x0bmax_wait_ms\x18\x04 \x01(\x05\x12\x12\n\nsession_id\x18\x05 \x01(\t\";\n\x10GetRoundResponse\x12\'\n\x05round\x18\x01 \x01(\x0b\x32\x18.fedmedclip.v1.RoundInfo\"F\n\x12\x46\x65tchGlobalRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\"\x82\x02\n\rPayloadHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x03\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x11\n\tupdate_id\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\x03\x12\r\n\x05\x63odec\x18\x06 \x01(\t\x12\r\n\x05\x64\x65lta\x18\x07 \x01(\x08\x12\x11\n\traw_bytes\x18\x08 \x01(\x03\x12\x12\n\nwire_bytes\x18\t \x01(\x03\x12\x0e\n\x06sha256\x18\n \x01(\t\x12\x19\n\x11num_train_samples\x18\x0b \x01(\x03\x12*\n\x05train\x18\x0c \x01(\x0b\x32\x1b.fedmedclip.v1.TrainSummary\"<\n\x0cTrainSummary\x12\r\n\x05steps\x18\x01 \x01(\x05\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\x12\x0c\n\x04loss\x18\x03 \x01(\x01\"a\n\x13\x46\x65tchGlobalResponse\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.fedmedclip.v1.PayloadHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07\x63ontent\"a\n\x13UploadUpdateRequest\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.fedmedclip.v1.PayloadHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07\x63ontent\"g\n\x14UploadUpdateResponse\x12\x11\n\tupdate_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x05\x12\x10\n\x08replayed\x18\x03 \x01(\x08\x12\x18\n\x10updates_received\x18\x04 \x01(\x05\"\xba\x01\n\x0b\x45valMetrics\x12\x13\n\x0bnum_samples\x18\x01 \x01(\x03\x12\x15\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x1e\n\x11\x62\x61lanced_accuracy\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x15\n\x08macro_f1\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\x10\n\x03\x65\x63\x65\x18\x05 \x01(\x01H\x03\x88\x01\x01\x42\x0b\n\t_accuracyB\x14\n\x12_balanced_accuracyB\x0b\n\t_macro_f1B\x06\n\x04_ece\"\xe8\x01\n\x14ReportMetricsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x11\n\treport_id\x18\x04 \x01(\t\x12\'\n\x03val\x18\x05 \x01(\x0b\x32\x1a.fedmedclip.v1.EvalMetrics\x12(\n\x04test\x18\x06 \x01(\x0b\x32\x1a.fedmedclip.v1.EvalMetrics\x12\x0c\n\x04head\x18\x07 \x01(\t\x12*\n\x05train\x18\x08 \x01(\x0b\x32\x1b.fedmedclip.v1.TrainSummary\"<\n\x15ReportMetricsResponse\x12\x11\n\treport_id\x18\x01 \x01(\t\x12\x10\n\x08replayed\x18\x02 \x01(\x08*U\n\x08NodeRole\x12\x19\n\x15NODE_ROLE_UNSPECIFIED\x10\x00\x12\x15\n\x11NODE_ROLE_TRAINER\x10\x01\x12\x17\n\x13NODE_ROLE_EVALUATOR\x10\x02*\x9a\x01\n\nRoundPhase\x12\x1b\n\x17ROUND_PHASE_UNSPECIFIED\x10\x00\x12!\n\x1dROUND_PHASE_WAITING_FOR_NODES\x10\x01\x12\x1a\n\x16ROUND_PHASE_COLLECTING\x10\x02\x12\x18\n\x14ROUND_PHASE_FINISHED\x10\x03\x12\x16\n\x12ROUND_PHASE_FAILED\x10\x04\x32\x8c\x04\n\x11\x41ggregatorService\x12K\n\x08Register\x12\x1e.fedmedclip.v1.RegisterRequest\x1a\x1f.fedmedclip.v1.RegisterResponse\x12N\n\tHeartbeat\x12\x1f.fedmedclip.v1.HeartbeatRequest\x1a .fedmedclip.v1.HeartbeatResponse\x12K\n\x08GetRound\x12\x1e.fedmedclip.v1.GetRoundRequest\x1a\x1f.fedmedclip.v1.GetRoundResponse\x12V\n\x0b\x46\x65tchGlobal\x12!.fedmedclip.v1.FetchGlobalRequest\x1a\".fedmedclip.v1.FetchGlobalResponse0\x01\x12Y\n\x0cUploadUpdate\x12\".fedmedclip.v1.UploadUpdateRequest\x1a#.fedmedclip.v1.UploadUpdateResponse(\x01\x12Z\n\rReportMetrics\x12#.fedmedclip.v1.ReportMetricsRequest\x1a$.fedmedclip.v1.ReportMetricsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shared.wire.proto.fedmedclip.v1.aggregator_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_NODEROLE']._serialized_start=2338
-  _globals['_NODEROLE']._serialized_end=2423
-  _globals['_ROUNDPHASE']._serialized_start=2426
-  _globals['_ROUNDPHASE']._serialized_end=2580
+  _globals['_NODEROLE']._serialized_start=2385
+  _globals['_NODEROLE']._serialized_end=2470
+  _globals['_ROUNDPHASE']._serialized_start=2473
+  _globals['_ROUNDPHASE']._serialized_end=2627
   _globals['_ROUNDINFO']._serialized_start=76
-  _globals['_ROUNDINFO']._serialized_end=332
-  _globals['_REGISTERREQUEST']._serialized_start=335
-  _globals['_REGISTERREQUEST']._serialized_end=665
-  _globals['_REGISTERRESPONSE']._serialized_start=668
-  _globals['_REGISTERRESPONSE']._serialized_end=839
-  _globals['_HEARTBEATREQUEST']._serialized_start=841
-  _globals['_HEARTBEATREQUEST']._serialized_end=912
-  _globals['_HEARTBEATRESPONSE']._serialized_start=914
-  _globals['_HEARTBEATRESPONSE']._serialized_end=974
-  _globals['_GETROUNDREQUEST']._serialized_start=976
-  _globals['_GETROUNDREQUEST']._serialized_end=1091
-  _globals['_GETROUNDRESPONSE']._serialized_start=1093
-  _globals['_GETROUNDRESPONSE']._serialized_end=1152
-  _globals['_FETCHGLOBALREQUEST']._serialized_start=1154
-  _globals['_FETCHGLOBALREQUEST']._serialized_end=1224
-  _globals['_PAYLOADHEADER']._serialized_start=1227
-  _globals['_PAYLOADHEADER']._serialized_end=1485
-  _globals['_TRAINSUMMARY']._serialized_start=1487
-  _globals['_TRAINSUMMARY']._serialized_end=1547
-  _globals['_FETCHGLOBALRESPONSE']._serialized_start=1549
-  _globals['_FETCHGLOBALRESPONSE']._serialized_end=1646
-  _globals['_UPLOADUPDATEREQUEST']._serialized_start=1648
-  _globals['_UPLOADUPDATEREQUEST']._serialized_end=1745
-  _globals['_UPLOADUPDATERESPONSE']._serialized_start=1747
-  _globals['_UPLOADUPDATERESPONSE']._serialized_end=1850
-  _globals['_EVALMETRICS']._serialized_start=1853
-  _globals['_EVALMETRICS']._serialized_end=2039
-  _globals['_REPORTMETRICSREQUEST']._serialized_start=2042
-  _globals['_REPORTMETRICSREQUEST']._serialized_end=2274
-  _globals['_REPORTMETRICSRESPONSE']._serialized_start=2276
-  _globals['_REPORTMETRICSRESPONSE']._serialized_end=2336
-  _globals['_AGGREGATORSERVICE']._serialized_start=2583
-  _globals['_AGGREGATORSERVICE']._serialized_end=3107
+  _globals['_ROUNDINFO']._serialized_end=379
+  _globals['_REGISTERREQUEST']._serialized_start=382
+  _globals['_REGISTERREQUEST']._serialized_end=712
+  _globals['_REGISTERRESPONSE']._serialized_start=715
+  _globals['_REGISTERRESPONSE']._serialized_end=886
+  _globals['_HEARTBEATREQUEST']._serialized_start=888
+  _globals['_HEARTBEATREQUEST']._serialized_end=959
+  _globals['_HEARTBEATRESPONSE']._serialized_start=961
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1021
+  _globals['_GETROUNDREQUEST']._serialized_start=1023
+  _globals['_GETROUNDREQUEST']._serialized_end=1138
+  _globals['_GETROUNDRESPONSE']._serialized_start=1140
+  _globals['_GETROUNDRESPONSE']._serialized_end=1199
+  _globals['_FETCHGLOBALREQUEST']._serialized_start=1201
+  _globals['_FETCHGLOBALREQUEST']._serialized_end=1271
+  _globals['_PAYLOADHEADER']._serialized_start=1274
+  _globals['_PAYLOADHEADER']._serialized_end=1532
+  _globals['_TRAINSUMMARY']._serialized_start=1534
+  _globals['_TRAINSUMMARY']._serialized_end=1594
+  _globals['_FETCHGLOBALRESPONSE']._serialized_start=1596
+  _globals['_FETCHGLOBALRESPONSE']._serialized_end=1693
+  _globals['_UPLOADUPDATEREQUEST']._serialized_start=1695
+  _globals['_UPLOADUPDATEREQUEST']._serialized_end=1792
+  _globals['_UPLOADUPDATERESPONSE']._serialized_start=1794
+  _globals['_UPLOADUPDATERESPONSE']._serialized_end=1897
+  _globals['_EVALMETRICS']._serialized_start=1900
+  _globals['_EVALMETRICS']._serialized_end=2086
+  _globals['_REPORTMETRICSREQUEST']._serialized_start=2089
+  _globals['_REPORTMETRICSREQUEST']._serialized_end=2321
+  _globals['_REPORTMETRICSRESPONSE']._serialized_start=2323
+  _globals['_REPORTMETRICSRESPONSE']._serialized_end=2383
+  _globals['_AGGREGATORSERVICE']._serialized_start=2630
+  _globals['_AGGREGATORSERVICE']._serialized_end=3154
 # @@protoc_insertion_point(module_scope)

@@ -30,7 +30,7 @@ ROUND_PHASE_FINISHED: RoundPhase
 ROUND_PHASE_FAILED: RoundPhase
 
 class RoundInfo(_message.Message):
-    __slots__ = ("run_id", "round_id", "global_version", "total_rounds", "phase", "deadline_unix_ms", "update_accepted", "registered_trainers", "updates_received", "message")
+    __slots__ = ("run_id", "round_id", "global_version", "total_rounds", "phase", "deadline_unix_ms", "update_accepted", "registered_trainers", "updates_received", "message", "best_version", "decided_version")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,8 @@ class RoundInfo(_message.Message):
     REGISTERED_TRAINERS_FIELD_NUMBER: _ClassVar[int]
     UPDATES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    BEST_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_VERSION_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round_id: int
     global_version: int
@@ -51,7 +53,9 @@ class RoundInfo(_message.Message):
     registered_trainers: int
     updates_received: int
     message: str
-    def __init__(self, run_id: _Optional[str] = ..., round_id: _Optional[int] = ..., global_version: _Optional[int] = ..., total_rounds: _Optional[int] = ..., phase: _Optional[_Union[RoundPhase, str]] = ..., deadline_unix_ms: _Optional[int] = ..., update_accepted: _Optional[bool] = ..., registered_trainers: _Optional[int] = ..., updates_received: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    best_version: int
+    decided_version: int
+    def __init__(self, run_id: _Optional[str] = ..., round_id: _Optional[int] = ..., global_version: _Optional[int] = ..., total_rounds: _Optional[int] = ..., phase: _Optional[_Union[RoundPhase, str]] = ..., deadline_unix_ms: _Optional[int] = ..., update_accepted: _Optional[bool] = ..., registered_trainers: _Optional[int] = ..., updates_received: _Optional[int] = ..., message: _Optional[str] = ..., best_version: _Optional[int] = ..., decided_version: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("node_id", "role", "backbone_fingerprint", "class_names", "embed_dim", "method", "initial_state_sha256", "num_train_samples", "num_val_samples", "num_test_samples", "software_version", "dry_run", "session_id")
