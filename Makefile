@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM ?= false
 ARGS ?=
 DEMO_ROUNDS ?= 30
 
-.PHONY: help venv system-deps protos lint format test test-fast demo simulate bench bench-rounds bench-load bench-hostile provision deploy-check clean
+.PHONY: help venv system-deps protos lint format test test-fast demo simulate bench bench-layouts bench-rounds bench-load bench-hostile provision deploy-check clean
 
 help:
 	@echo "make demo      a real federation: the aggregator + 3 hospital nodes + the held-out one as processes on loopback"
@@ -27,6 +27,7 @@ help:
 	@echo "make simulate  in-process federation, options via ARGS=\"...\" (see fedmedclip simulate --help)"
 	@echo "make deploy-check  the deployment checks alone: compose, promtool, Kubernetes schemas, a live Prometheus"
 	@echo "make bench     every method, ablation and codec on the full set, 3 seeds (long; not part of test)"
+	@echo "make bench-layouts Dirichlet and natural sites: imbalance handling, the two contrastive terms (long)"
 
 # the pinned dependencies, then the project itself (editable: the `fedmedclip` command runs this checkout)
 $(STAMP): requirements.txt pyproject.toml
@@ -60,6 +61,9 @@ simulate: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run_bench $(ARGS)
+
+bench-layouts: $(STAMP)
+	$(PY) -m bench.layouts $(ARGS)
 
 bench-rounds: $(STAMP) protos
 	$(PY) -m bench.rounds $(ARGS)

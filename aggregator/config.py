@@ -7,6 +7,7 @@ from typing import ClassVar
 
 from shared.codec import CODECS
 from shared.learning.aggregation import AGGREGATION_RULES
+from shared.learning.metrics import SELECT_METRICS
 from shared.learning.training import METHODS
 
 ENV_PREFIX = "FEDMEDCLIP_AGGREGATOR_"
@@ -72,12 +73,15 @@ class AggregatorConfig:
     # weights of the weighted rule (docs/trust-model.md, section 5): a node's count is fixed at its first registration
     max_samples_per_node: int | None = 1_000_000  # a node's stated training samples weigh at most this (None: no cut)
     max_weight_share: float | None = 0.5  # no node's share of the weighted average above this, water-filled (None: off)
+    select_by: str = "accuracy"  # mean val metric that picks the best round: accuracy, balanced_accuracy, macro_f1
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {list(METHODS)}")
         if not METHODS[self.method].federated:
             raise ValueError(f"method {self.method} does not federate an adapter")
+        if self.select_by not in SELECT_METRICS:
+            raise ValueError(f"select_by must be one of {list(SELECT_METRICS)}")
         if self.codec not in CODECS:
             raise ValueError(f"codec must be one of {list(CODECS)}")
         if self.aggregation not in AGGREGATION_RULES:

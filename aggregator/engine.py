@@ -836,6 +836,7 @@ class RoundEngine:
                 nodes={n: rec.to_dict() for n, rec in self.nodes.items()},
                 reports=self.reports,
                 rounds_log=self.rounds_log,
+                select_by=self.cfg.select_by,
                 extra={
                     "codec": self.cfg.codec,
                     "aggregation": self.cfg.aggregation,

@@ -367,6 +367,27 @@ def test_with_no_validation_accuracy_shared_no_round_is_selected_and_the_report_
     assert "No trainer shares its validation accuracy" in eng.markdown()
 
 
+def test_the_aggregator_selects_by_the_configured_metric(tmp_path):
+    eng = finished_engine(tmp_path)  # one round: version 1 only
+    assert eng.report_dict()["select_by"] == "accuracy"
+    bal = make_engine(tmp_path / "bal", rounds=1, select_by="balanced_accuracy")
+    for n in ("h1", "h2"):
+        bal.register(registration(n))
+    bal.step()
+    for n in ("h1", "h2"):
+        p = update(bal.global_state, seed=len(n))
+        bal.submit(header(bal, n, p), p.data)
+    bal.step()
+    bal.report(bal.run_id, "h1", 1, "h1-v1", METRICS | {"balanced_accuracy": 0.3}, METRICS, "ensemble")
+    bal.report(bal.run_id, "h2", 1, "h2-v1", {"n": 20, "accuracy": 0.9}, None, "ensemble")  # no balanced acc.
+    report = bal.report_dict()
+    assert report["select_by"] == "balanced_accuracy" and report["best_mean_val"] == 0.3  # from h1 alone
+    assert report["best_mean_val_accuracy"] == (0.5 + 0.9) / 2
+    assert "Best round 1 by mean val balanced accuracy (0.3000)" in bal.markdown()
+    with pytest.raises(ValueError, match="select_by"):
+        AggregatorConfig(select_by="auc")
+
+
 def test_reports_are_kept_once_appended_as_strict_json_and_survive_a_restart(tmp_path):
     eng = finished_engine(tmp_path)
     empty = {"n": 0, "accuracy": math.nan, "balanced_accuracy": math.nan, "macro_f1": math.nan, "ece": math.nan}

@@ -119,20 +119,25 @@ def build_report(
     reports: Mapping[str, Mapping[str, Any]],
     rounds_log: list[dict[str, Any]],
     extra: Mapping[str, Any] | None = None,
+    select_by: str = "accuracy",
 ) -> dict[str, Any]:
+    """The aggregator's report: per version the trainers' mean val ``select_by`` (over those that share it)
+    once every trainer has reported; the best such version and every node's test metrics there."""
     trainers = sorted(n for n, r in nodes.items() if r["role"] == "trainer")
     evaluators = sorted(n for n, r in nodes.items() if r["role"] == "evaluator")
     history = []
     for version in sorted((int(v) for v in reports), key=int):
         by_node = reports[str(version)]
-        vals = [by_node[n]["val"]["accuracy"] for n in trainers if n in by_node and by_node[n].get("val")]
+        vals = [by_node[n]["val"].get(select_by) for n in trainers if n in by_node and by_node[n].get("val")]
+        accs = [by_node[n]["val"]["accuracy"] for n in trainers if n in by_node and by_node[n].get("val")]
         complete = all(n in by_node for n in trainers)
         log = next((r for r in rounds_log if r["round"] == version), {})
         history.append(
             {
                 "round": version,
                 "complete": complete,
-                "mean_val_accuracy": nanmean(vals) if complete else float("nan"),
+                "mean_val_accuracy": nanmean(accs) if complete else float("nan"),
+                "mean_val": nanmean(vals) if complete else float("nan"),
                 "test_accuracy": {
                     n: by_node[n]["test"]["accuracy"]
                     for n in trainers + evaluators
@@ -149,7 +154,7 @@ def build_report(
                 "traffic_down": (log.get("traffic") or {}).get("down"),
             }
         )
-    candidates = [h for h in history if h["complete"] and not math.isnan(h["mean_val_accuracy"])]
+    candidates = [h for h in history if h["complete"] and not math.isnan(h["mean_val"])]
     report: dict[str, Any] = {
         "run_id": run_id,
         "phase": phase,
@@ -159,13 +164,15 @@ def build_report(
         "trainers": trainers,
         "evaluators": evaluators,
         "nodes": dict(nodes),
+        "select_by": select_by,
         **dict(extra or {}),
     }
     if candidates:
-        best = max(candidates, key=lambda h: (h["mean_val_accuracy"], -h["round"]))
+        best = max(candidates, key=lambda h: (h["mean_val"], -h["round"]))
         per_client = {n: best["test"][n] for n in trainers + evaluators if n in best["test"]}
         report.update(
             best_round=best["round"],
+            best_mean_val=best["mean_val"],
             best_mean_val_accuracy=best["mean_val_accuracy"],
             test=per_client,
             avg=mean_metrics(list(per_client.values())),
@@ -197,7 +204,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if "best_round" in report:
         lines += best_round_table(report)
     elif any(h["complete"] for h in report["history"]):
-        lines.append("No trainer shares its validation accuracy (share_metrics): no round could be selected.")
+        metric = str(report.get("select_by", "accuracy")).replace("_", " ")
+        lines.append(f"No trainer shares its validation {metric} (share_metrics): no round could be selected.")
     else:
         lines.append("No complete round of evaluations yet.")
     lines += [
