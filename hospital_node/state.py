@@ -91,15 +91,9 @@ class StateStore:
     def load(self, path: Path | None = None) -> NodeState | None:
         """The state in ``path`` (default ``state.pt``); None when there is none."""
         path = path or self.path
-        if not path.exists():
+        blob = _read(path)
+        if blob is None:
             return None
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-            raise StateError(f"{path} cannot be read ({exc}); move it away to start this node afresh") from exc
-        if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-            found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
-            raise StateError(f"{path}: unknown state format {found!r}; move it away to start this node afresh")
         pending = blob.get("pending")
         return NodeState(
             run_id=blob["run_id"],
@@ -168,15 +162,9 @@ class StateStore:
     @staticmethod
     def load_snapshot(state_path: Path, version: int) -> Snapshot | None:
         """The snapshot of ``version`` beside the state file ``state_path`` (live or archived); None if absent."""
-        path = state_path.parent / SNAPSHOTS / f"v{version}.pt"
-        if not path.exists():
+        blob = _read(state_path.parent / SNAPSHOTS / f"v{version}.pt")
+        if blob is None:
             return None
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-            raise StateError(f"{path} cannot be read ({exc})") from exc
-        if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-            raise StateError(f"{path}: unknown snapshot format")
         return Snapshot(blob["run_id"], int(blob["version"]), dict(blob["global_state"]), blob.get("learner"))
 
     def archive(self, run_id: str, reason: str) -> Path | None:
@@ -202,3 +190,17 @@ def _save(blob: dict, path: Path) -> None:
     torch.save(blob, buf)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, buf.getvalue())
+
+
+def _read(path: Path) -> dict | None:
+    """A state or snapshot file as saved (tensors and plain containers only); None when there is none."""
+    if not path.exists():
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise StateError(f"{path} cannot be read ({exc}); move it away to start this node afresh") from exc
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
+        raise StateError(f"{path}: unknown state format {found!r}; move it away to start this node afresh")
+    return blob

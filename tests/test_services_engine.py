@@ -307,9 +307,9 @@ def _upload(stub, eng, node, payload, round_id=0, update_id=None, wire_bytes=Non
     return stub.UploadUpdate(iter(messages), timeout=10)
 
 
-def test_grpc_statuses_for_refused_registrations_and_updates(grpc_aggregator):
-    eng, stub, telemetry = grpc_aggregator
-    req = dict(
+def register_fields() -> dict:
+    """A trainer's RegisterRequest fields (all but the node id) that this module's aggregator admits."""
+    return dict(
         role=pb.NODE_ROLE_TRAINER,
         backbone_fingerprint=FP,
         class_names=list(CLASSES),
@@ -318,6 +318,11 @@ def test_grpc_statuses_for_refused_registrations_and_updates(grpc_aggregator):
         initial_state_sha256=state_digest(initial_state()),
         num_train_samples=10,
     )
+
+
+def test_grpc_statuses_for_refused_registrations_and_updates(grpc_aggregator):
+    eng, stub, telemetry = grpc_aggregator
+    req = register_fields()
     for n in ("h1", "h2"):
         stub.Register(pb.RegisterRequest(node_id=n, **req), timeout=10)
     with pytest.raises(grpc.RpcError) as refused:
@@ -484,17 +489,8 @@ def test_a_dry_run_registration_checks_everything_and_registers_nothing(tmp_path
 def test_every_message_is_counted_and_the_node_and_the_aggregator_count_the_same_bytes(tmp_path):
     node = Telemetry("hospital_node")
     with in_process_aggregator(tmp_path, rounds=2, embed_dim=DIM, node_telemetry=node) as (eng, stub, agg):
-        req = pb.RegisterRequest(
-            role=pb.NODE_ROLE_TRAINER,
-            backbone_fingerprint=FP,
-            class_names=list(CLASSES),
-            embed_dim=DIM,
-            method="fedmedclip",
-            initial_state_sha256=state_digest(initial_state()),
-            num_train_samples=10,
-        )
         for n in ("h1", "h2"):
-            stub.Register(pb.RegisterRequest(node_id=n, session_id=n * 8, **_fields(req)), timeout=10)
+            stub.Register(pb.RegisterRequest(node_id=n, session_id=n * 8, **register_fields()), timeout=10)
         stub.Heartbeat(pb.HeartbeatRequest(run_id=eng.run_id, node_id="h1", session_id="h1" * 8), timeout=10)
         with pytest.raises(grpc.RpcError):  # a refusal: the request is counted, no response comes back
             stub.Heartbeat(pb.HeartbeatRequest(run_id=eng.run_id, node_id="h9"), timeout=10)
@@ -511,10 +507,6 @@ def test_every_message_is_counted_and_the_node_and_the_aggregator_count_the_same
     )
     assert counted == sent["by_rpc"]["UploadUpdate"]["up"]
     assert node.traffic.take() == {"up": 0, "down": 0, "by_rpc": {}}  # take() starts a new tally
-
-
-def _fields(message) -> dict:
-    return {f.name: v for f, v in message.ListFields()}
 
 
 def test_the_round_view_names_the_best_and_the_decided_version(tmp_path):
