@@ -268,6 +268,7 @@ class RoundEngine:
             with self._cond:
                 self._open_round()
         self.t.round_current.set(self.version)
+        self.t.run_active.set(0 if self._ended() else 1)
         self.t.nodes_connected.set_function(self.connected_count)
         self._update_registered_gauge()
 
@@ -736,6 +737,7 @@ class RoundEngine:
 
     def _end(self, phase: Phase, message: str) -> None:
         self.phase = phase
+        self.t.run_active.set(0)
         self.status_message = message
         self.ended_at = self.clock()
         (log.info if phase == Phase.FINISHED else log.error)("run %s %s: %s", self.run_id, phase, message)

@@ -371,6 +371,8 @@ def test_the_aggregator_selects_by_the_configured_metric(tmp_path):
     eng = finished_engine(tmp_path)  # one round: version 1 only
     assert eng.report_dict()["select_by"] == "accuracy"
     bal = make_engine(tmp_path / "bal", rounds=1, select_by="balanced_accuracy")
+    assert bal.t.registry.get_sample_value("fedmedclip_run_active") == 1  # waiting for nodes
+    assert eng.t.registry.get_sample_value("fedmedclip_run_active") == 0  # finished
     for n in ("h1", "h2"):
         bal.register(registration(n))
     bal.step()

@@ -131,6 +131,11 @@ class Telemetry:
                 ["method", "reason"],
                 registry=r,
             )
+            self.run_active = Gauge(
+                "fedmedclip_run_active",
+                "1 while the run waits for nodes or collects rounds, 0 once it finished or failed",
+                registry=r,
+            )
             self.nodes_connected = Gauge(
                 "fedmedclip_nodes_connected", "Registered nodes heard from within the liveness window", registry=r
             )
