@@ -48,7 +48,15 @@ _ALL = LossConfig()
 METHODS: dict[str, MethodConfig] = {
     m.name: m
     for m in (
-        MethodConfig("fedmedclip", description="FAM + private MLP, L_con + L_mlp + lambda L_sim, ensemble (the paper)"),
+        MethodConfig(
+            "fedmedclip",
+            loss=replace(_ALL, balance="logit_adjust"),
+            description="the paper's method, its cross-entropy terms logit-adjusted by the local class prior "
+            "(the default: bench/results/layouts.md)",
+        ),
+        MethodConfig(
+            "fedmedclip_paper", description="FAM + private MLP, L_con + L_mlp + lambda L_sim, ensemble (the paper)"
+        ),
         MethodConfig(
             "fedclip",
             adapter="fedclip",
@@ -94,11 +102,6 @@ METHODS: dict[str, MethodConfig] = {
         ),
         MethodConfig(
             "ablation_unmasked", masked=False, description="all terms, plain linear layers (no learned masks)"
-        ),
-        MethodConfig(
-            "fedmedclip_la",
-            loss=replace(_ALL, balance="logit_adjust"),
-            description="FedMedCLIP with logit-adjusted cross-entropy terms (the local class prior; imbalance)",
         ),
         MethodConfig(
             "fedclip_la",
