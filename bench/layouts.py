@@ -218,11 +218,12 @@ def render(results: dict, select_by: str) -> str:
                 f"{_stats([h['balanced_accuracy'] for h in held])} | "
                 f"{_stats([r['held_out_majority'] for r in rows])} |"
             )
-        lines += ["", f"Contrastive term ({layout}, seeds {contrastive_seeds} for both):", ""]
-        lines += ["| contrastive term | AVG acc. | AVG balanced acc. | AVG macro-F1 |", "|---|---|---|---|"]
-        for method, label in CONTRASTIVE_ROWS:
-            rows = _rows(runs, layout, method, select_by, contrastive_seeds)
-            if rows:
+        contrastive = [(label, _rows(runs, layout, m, select_by, contrastive_seeds)) for m, label in CONTRASTIVE_ROWS]
+        if all(rows for _, rows in contrastive):
+            lines += ["", f"Contrastive term ({layout}, seeds {contrastive_seeds} for both):", ""]
+            lines += ["| contrastive term | AVG acc. | AVG balanced acc. | AVG macro-F1 |", "|---|---|---|---|"]
+        for label, rows in contrastive:
+            if rows and all(r for _, r in contrastive):
                 lines.append(
                     f"| {label} | {_stats([r['avg']['accuracy'] for r in rows])} | "
                     f"{_stats([r['avg']['balanced_accuracy'] for r in rows])} | "
