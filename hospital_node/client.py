@@ -423,6 +423,7 @@ class NodeClient:
 
     # -- state -------------------------------------------------------------------------------
     def _load_or_create_state(self) -> NodeState:
+        self.store.unarchive(self.run_id)  # a finished run that the aggregator continues (more rounds)
         state = self.store.load()
         if state is not None and (
             state.run_id != self.run_id

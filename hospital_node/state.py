@@ -167,11 +167,25 @@ class StateStore:
             return None
         return Snapshot(blob["run_id"], int(blob["version"]), dict(blob["global_state"]), blob.get("learner"))
 
+    def _archive_folder(self, run_id: str) -> Path:
+        return self.dir / ARCHIVE / (re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)[:64].lstrip(".") or "unknown-run")
+
+    def unarchive(self, run_id: str) -> bool:
+        """Put the archived state of run ``run_id`` back (a finished run continued with more rounds); True if done."""
+        folder = self._archive_folder(run_id)
+        if self.path.exists() or not (folder / "state.pt").exists():
+            return False
+        (folder / "state.pt").replace(self.path)
+        if (folder / SNAPSHOTS).is_dir() and not (self.dir / SNAPSHOTS).exists():
+            (folder / SNAPSHOTS).replace(self.dir / SNAPSHOTS)
+        log.info("state of run %s taken back from %s: the run goes on", run_id, folder)
+        return True
+
     def archive(self, run_id: str, reason: str) -> Path | None:
         """Move the state of run ``run_id`` to ``<state_dir>/archive/<run_id>/state.pt`` (never overwritten)."""
         if not self.path.exists():
             return None
-        folder = self.dir / ARCHIVE / (re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)[:64].lstrip(".") or "unknown-run")
+        folder = self._archive_folder(run_id)
         folder.mkdir(parents=True, exist_ok=True)
         dest = folder / "state.pt"
         n = 1

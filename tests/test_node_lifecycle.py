@@ -177,3 +177,24 @@ def test_a_node_outlives_its_run_joins_the_next_and_one_process_holds_an_identit
             assert nodes[n].wait(timeout=60) == 0
     finally:
         cluster.close()
+
+
+def test_a_run_continued_after_it_ended_gets_its_archived_state_back(tmp_path):
+    import torch
+
+    from hospital_node.state import NodeState, Snapshot
+
+    store = StateStore(tmp_path)
+    state = NodeState("run1", "h1", "fp", 3, {"w": torch.ones(2)}, best_version=2)
+    store.save(state)
+    store.save_snapshot(Snapshot("run1", 2, {"w": torch.zeros(2)}, None))
+    archived = store.archive("run1", "the run is over")
+    assert archived == tmp_path / "archive" / "run1" / "state.pt" and not store.path.exists()
+    assert store.latest() == archived and StateStore.load_snapshot(archived, 2).version == 2
+    assert not store.unarchive("run2")  # another run: nothing to take back
+    assert store.unarchive("run1") and store.load().global_version == 3  # the aggregator continues run1
+    assert StateStore.load_snapshot(store.path, 2) is not None and not archived.exists()
+    store.save(state)
+    store.archive("run1", "over again")
+    store.save(state)
+    assert store.archive("run1", "and again").name == "state.1.pt"  # never overwritten
