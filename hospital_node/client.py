@@ -702,7 +702,6 @@ class NodeClient:
                 info = self.stub.GetRound(request, timeout=self.cfg.rpc_timeout_s).round
                 if not over or info.phase not in (pb.ROUND_PHASE_FINISHED, pb.ROUND_PHASE_FAILED):
                     return  # the run goes on: join it again
-                attempt = 0
             except grpc.RpcError as exc:
                 reason = reason_of(exc)
                 if reason in (Reason.WRONG_RUN, Reason.UNKNOWN_NODE):
@@ -711,7 +710,7 @@ class NodeClient:
                 if reason is Reason.SESSION_REPLACED or (reason is not None and reason.action is Action.GIVE_UP):
                     raise NodeRefused(reason, f"GetRound: {exc.details()}") from exc
                 log.debug("aggregator not answering (%s); waiting for the next run", exc.code())
-            self._sleep(self.backoff.delay(attempt, self.rng))
+            self._sleep(self.backoff.delay(attempt, self.rng))  # grows to retry_max_s: a poll every few seconds
             attempt += 1
 
     def _follow_run(self) -> int:
