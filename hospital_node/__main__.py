@@ -33,13 +33,14 @@ def _run(cfg: NodeConfig, args: argparse.Namespace) -> int:
     tls = load_material(
         f"node {cfg.node_id}", cfg.aggregator, insecure=cfg.insecure, ca=cfg.tls_ca, cert=cfg.tls_cert, key=cfg.tls_key
     )  # refuses to start without certificates or --insecure
-    for check in preflight.require(cfg):  # seconds, before minutes of encoding; raises on a problem
+    checks = preflight.require(cfg)  # seconds, before minutes of encoding; raises on a problem
+    for check in checks:
         log.info("preflight %s: %s %s", check.name, check.status.value, check.detail)
     with DaemonLock(cfg.state_dir, "node"):  # one node per state folder
-        return _serve(cfg, tls)
+        return _serve(cfg, tls, preflight.listing(checks))
 
 
-def _serve(cfg: NodeConfig, tls) -> int:
+def _serve(cfg: NodeConfig, tls, data) -> int:
     from hospital_node.client import NodeStatus, NodeStopped, load_setup, run_node  # torch: after the cheap checks
     from shared.ops.telemetry import Telemetry, serve_metrics
 
@@ -50,7 +51,9 @@ def _serve(cfg: NodeConfig, tls) -> int:
     try:
         with Shutdown(interrupt=NodeStopped) as shutdown:
             try:
-                setup = load_setup(cfg)  # seconds: then ask the aggregator whether it would admit us, before encoding
+                setup = load_setup(
+                    cfg, data
+                )  # seconds: then ask the aggregator whether it would admit us, before encoding
                 check = preflight.check_registration(cfg, setup, tls)
                 log.info("preflight %s: %s %s", check.name, check.status.value, check.detail)
                 if check.status is preflight.Status.PROBLEM:

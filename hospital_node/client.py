@@ -139,11 +139,13 @@ def backbone_spec(cfg: NodeConfig) -> BackboneSpec:
     )
 
 
-def load_setup(cfg: NodeConfig) -> Setup:
-    """Local data (listed, not read), backbone, prompt features and fingerprint: seconds."""
+def load_setup(cfg: NodeConfig, data: LocalData | None = None) -> Setup:
+    """Local data (listed, not read; ``data`` if the preflight listed it already), backbone, prompt features
+    and fingerprint: seconds."""
     if not cfg.data:
         raise ConfigError("no data: set data (a manifest CSV or an ImageFolder)")
-    data = load_local(cfg.data, cfg.classes, split_seed=cfg.split_seed, evaluator=cfg.role == "evaluator")
+    if data is None:
+        data = load_local(cfg.data, cfg.classes, split_seed=cfg.split_seed, evaluator=cfg.role == "evaluator")
     backbone = load_backbone(backbone_spec(cfg), cfg.device)
     names = data.dataset.class_names
     text = backbone.text_features(names)
@@ -681,7 +683,6 @@ class NodeClient:
             log.error("refused by the aggregator: %s", exc)
             return ExitCode.REFUSED
         finally:
-            self.status.set(phase="stopped")
             self.channel.close()
 
     def _wait_for_next_run(self) -> None:

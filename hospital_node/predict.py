@@ -38,9 +38,9 @@ def _images(folder: Path) -> list[Path]:
     )
 
 
-def chosen_model(cfg: NodeConfig) -> tuple[NodeState, Snapshot, str]:
-    """The saved state (the run going on, else the last run that ended) and the model to predict with: the
-    snapshot of the run's best version, else the last global; and a sentence saying which."""
+def chosen_model(cfg: NodeConfig) -> tuple[NodeState, Path, Snapshot, str]:
+    """The saved state (the run going on, else the last run that ended), its file, and the model to predict
+    with: the snapshot of the run's best version, else the last global; and a sentence saying which."""
     store = StateStore(cfg.state_dir)
     path = store.latest()
     state = store.load(path) if path is not None else None
@@ -50,6 +50,7 @@ def chosen_model(cfg: NodeConfig) -> tuple[NodeState, Snapshot, str]:
     if best is not None:
         return (
             state,
+            path,
             best,
             (
                 f"run {state.run_id}: the global of round {best.version}, the run's best by its selection "
@@ -58,13 +59,12 @@ def chosen_model(cfg: NodeConfig) -> tuple[NodeState, Snapshot, str]:
         )
     last = Snapshot(state.run_id, state.global_version, state.global_state, state.learner)
     why = "the run has selected no round yet" if not state.best_version else "its best round's model is not here"
-    return state, last, f"run {state.run_id}: the last global, round {state.global_version} ({why})"
+    return state, path, last, f"run {state.run_id}: the last global, round {state.global_version} ({why})"
 
 
 def predict_folder(cfg: NodeConfig, images: Path | str, out_csv: Path | str) -> tuple[int, str]:
     """Write ``path,prediction,confidence,p_<class>...``; the number of images classified and which model."""
-    state, model, which = chosen_model(cfg)
-    path = StateStore(cfg.state_dir).latest()
+    state, path, model, which = chosen_model(cfg)
     log.info("predicting with %s", which)
     names = label_space(Path(cfg.data), cfg.classes) if cfg.data else (tuple(cfg.classes) if cfg.classes else None)
     if names is None and cfg.data:

@@ -21,9 +21,10 @@ import datetime as dt
 import socket
 import ssl
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from hospital_node.config import ENV_PREFIX, NodeConfig
 from shared.errors import FedMedCLIPError
@@ -45,6 +46,7 @@ class Check:
     status: Status
     detail: str
     fix: str = ""
+    loaded: Any = field(default=None, compare=False, repr=False)  # what the check read, for the next step
 
     @property
     def ok(self) -> bool:
@@ -171,7 +173,7 @@ def check_data(cfg: NodeConfig) -> Check:
         )
     if missing:
         detail += f"; no images of {missing} here (fine: hospitals differ)"
-    return Check("data", Status.PASSED, detail)
+    return Check("data", Status.PASSED, detail, loaded=local)  # the node goes on with this listing
 
 
 # --------------------------------------------------------------------------- folders
@@ -277,11 +279,11 @@ _REGISTRATION_FIXES = {
 }
 
 
-def check_registration(cfg: NodeConfig, setup=None, tls=None, timeout_s: float = 10.0) -> Check:
+def check_registration(cfg: NodeConfig, setup=None, tls=None, timeout_s: float = 10.0, data=None) -> Check:
     """A dry-run Register: would the aggregator admit this node, with its backbone, classes and counts?
 
-    Loads the backbone (seconds) unless ``setup`` (:class:`hospital_node.client.Setup`) is given; encodes
-    no image. Registers nothing.
+    Loads the backbone (seconds) unless ``setup`` (:class:`hospital_node.client.Setup`) is given, with the
+    data check's listing ``data`` if given; encodes no image. Registers nothing.
     """
     import grpc
 
@@ -292,7 +294,7 @@ def check_registration(cfg: NodeConfig, setup=None, tls=None, timeout_s: float =
 
     if setup is None:
         try:
-            setup = load_setup(cfg)
+            setup = load_setup(cfg, data)
         except FedMedCLIPError as exc:
             return _problem("registration", str(exc), "fix the data or backbone settings named above")
     if tls is None and not cfg.insecure:
@@ -337,8 +339,13 @@ def run_checks(cfg: NodeConfig, *, contact_aggregator: bool = True, dry_run: boo
     if contact_aggregator and checks[0].ok:
         checks.append(check_aggregator(cfg))
         if dry_run and all(c.ok for c in checks):
-            checks.append(check_registration(cfg))
+            checks.append(check_registration(cfg, data=listing(checks)))
     return checks
+
+
+def listing(checks: list[Check]):
+    """The data check's :class:`hospital_node.data.LocalData`, read once for every later step (None: failed)."""
+    return next((c.loaded for c in checks if c.name == "data"), None)
 
 
 def render(checks: list[Check]) -> str:

@@ -365,26 +365,20 @@ def test_testbed_setup_gives_each_hospital_only_its_own_images(tmp_path, brain_t
 
     volumes = tmp_path / "volumes"
     view = tmp_path / "view"  # where a node "mounts" its data volume; a symlink per node stands in for it
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "deploy.testbed_setup",
-            "--data",
-            str(brain_tumor_root),
-            "--volumes",
-            str(volumes),
-            "--per-class",
-            "15",
-            "--node-data-dir",
-            str(view),
-        ],
-        cwd=REPO_ROOT,
-        env=service_env(),
-        check=True,
-        timeout=300,
-        capture_output=True,
-    )
+    setup = [
+        sys.executable,
+        "-m",
+        "deploy.testbed_setup",
+        "--data",
+        str(brain_tumor_root),
+        "--volumes",
+        str(volumes),
+        "--per-class",
+        "15",
+        "--node-data-dir",
+        str(view),
+    ]
+    subprocess.run(setup, cwd=REPO_ROOT, env=service_env(), check=True, timeout=300, capture_output=True)
     names = {}
     for node in SERVICE_OF_NODE:
         data = volumes / node / "data"
@@ -415,26 +409,7 @@ def test_testbed_setup_gives_each_hospital_only_its_own_images(tmp_path, brain_t
     assert not list(volumes.rglob("ca.key")), "the CA key must never reach a volume"
     # idempotent: a second run finds the volumes ready and leaves them alone
     before = (volumes / "hospital_1" / "data" / "hospital_1.csv").stat().st_mtime_ns
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "deploy.testbed_setup",
-            "--data",
-            str(brain_tumor_root),
-            "--volumes",
-            str(volumes),
-            "--per-class",
-            "15",
-            "--node-data-dir",
-            str(view),
-        ],
-        cwd=REPO_ROOT,
-        env=service_env(),
-        check=True,
-        timeout=120,
-        capture_output=True,
-    )
+    subprocess.run(setup, cwd=REPO_ROOT, env=service_env(), check=True, timeout=120, capture_output=True)
     assert (volumes / "hospital_1" / "data" / "hospital_1.csv").stat().st_mtime_ns == before
 
 
