@@ -488,14 +488,16 @@ class RoundEngine:
                 self.published[version] = data
         return data, sha256_hex(data)
 
-    def submit(self, header: UpdateHeader, payload: bytes) -> UpdateAck:
+    def submit(self, header: UpdateHeader, payload: bytes, sha256: str | None = None) -> UpdateAck:
+        """Validate and fold one upload. ``sha256``: the SHA-256 of ``payload`` as its receiver computed it
+        over the very bytes while they arrived (the servicer does); None: hashed here."""
         with self._cond:
             rec = self._check_node(header.run_id, header.node_id)
             if not CLIENT_ID.fullmatch(header.update_id):
                 raise EngineError(Reason.BAD_UPDATE_ID, "update_id must be 1-128 characters of [A-Za-z0-9_.:-]")
             check_round_id(header.round_id, "round")
             # the bytes themselves are hashed: a retry is recognised by what arrived, never by what it claims
-            actual = sha256_hex(payload)
+            actual = sha256 if sha256 is not None else sha256_hex(payload)
             claimed = header.sha256.strip().lower() if isinstance(header.sha256, str) else ""
             if claimed != actual:
                 raise EngineError(
@@ -529,15 +531,19 @@ class RoundEngine:
                 )
             weight = self._weight_of(header.node_id, rec)
             try:
-                if payload_info(payload).codec != header.codec:
+                t0 = time.perf_counter()
+                info = payload_info(payload)
+                if info.codec != header.codec:
                     raise EngineError(
                         Reason.CODEC_MISMATCH,
                         f"header says codec {printable(repr(header.codec), 40)}, the payload another",
                     )
-                t0 = time.perf_counter()
                 with self.t.codec_seconds.labels(operation="decode").time():
-                    # first checks the payload's codec and delta flag against the federation's (wire_mismatch)
-                    fold_update(self.aggregator, payload, actual, self.global_state, weight, self.wire, self.bounds)
+                    # first checks the payload's codec and delta flag against the federation's (wire_mismatch);
+                    # the bytes were hashed and compared above (sha256=None: not hashed twice)
+                    fold_update(
+                        self.aggregator, payload, None, self.global_state, weight, self.wire, self.bounds, info=info
+                    )
                 self.t.aggregate_seconds.labels(step="fold").observe(time.perf_counter() - t0)
             except (CodecError, UpdateOutOfBoundsError, AggregationError) as exc:
                 raise EngineError(exc.reason, f"update refused: {exc}") from exc

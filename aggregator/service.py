@@ -20,6 +20,8 @@ do not parse are refused by :class:`DecodeGuard`, never by grpcio (which would l
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import json
 import logging
 import os
@@ -74,6 +76,13 @@ PHASE_TO_PROTO = {
 ROLE_TO_PROTO = {Role.TRAINER: pb.NODE_ROLE_TRAINER, Role.EVALUATOR: pb.NODE_ROLE_EVALUATOR}
 ROLE_FROM_PROTO = {v: k for k, v in ROLE_TO_PROTO.items()}
 MAX_LONG_POLL_S = 30.0
+#: Per-connection memory at a thousand connections (bench/results/load.md): no BDP probing, so an upload that
+#: waits for its slot buffers at most the initial HTTP/2 window (64 KiB) instead of a window grown to megabytes;
+#: uploads are paced by ``upload_slots`` anyway, so a larger window buys no throughput.
+AGGREGATOR_SERVER_OPTIONS: list[tuple[str, int]] = [("grpc.http2.bdp_probe", 0)]
+#: glibc malloc arenas of the aggregator process (:func:`_limit_malloc_arenas`); mallopt's M_ARENA_MAX is -8
+MALLOC_ARENAS = 2
+_M_ARENA_MAX = -8
 #: What the service's request deserializers give for bytes that are not the message (:class:`DecodeGuard`).
 UNDECODABLE = object()
 
@@ -329,10 +338,10 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
             self.t.upload_slots_in_use.inc()
             try:
                 self.watchdog.resume(transfer)
-                payload = self._receive(request_iterator, transfer, h)
+                payload, sha256 = self._receive(request_iterator, transfer, h)
                 self.watchdog.unwatch(transfer)  # every byte is in: folding is the engine's time, not the stream's
                 self._count_up(h.codec, len(payload), self.engine.raw_bytes)
-                ack = self.engine.submit(header, payload)
+                ack = self.engine.submit(header, payload, sha256)
                 del payload
             finally:
                 self.upload_slots.release()
@@ -367,18 +376,24 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
             raise EngineError(Reason.UNDECODABLE, "an upload message is not a valid UploadUpdateRequest")
         return message
 
-    def _receive(self, request_iterator, transfer: Transfer, h: pb.PayloadHeader) -> bytes:
+    def _receive(self, request_iterator, transfer: Transfer, h: pb.PayloadHeader) -> tuple[bytes, str]:
+        """The payload and its SHA-256, hashed chunk by chunk as they arrive (outside the engine's lock)."""
+        hasher = hashlib.sha256()
+
         def parts():
             for message in request_iterator:
                 if message is UNDECODABLE:
                     raise EngineError(Reason.UNDECODABLE, "an upload message is not a valid UploadUpdateRequest")
                 if message.WhichOneof("content") != "chunk":
                     raise PayloadAssemblyError("a second header inside one upload")
-                transfer.add(len(message.chunk))
-                yield message.chunk
+                chunk = message.chunk
+                transfer.add(len(chunk))
+                hasher.update(chunk)
+                yield chunk
 
         try:
-            return assemble(parts(), h.wire_bytes, MAX_PAYLOAD_BYTES)
+            payload = assemble(parts(), h.wire_bytes, MAX_PAYLOAD_BYTES)
+            return payload, hasher.hexdigest()
         except PayloadAssemblyError as exc:
             self._count_up(h.codec, transfer.bytes, 0)
             self._cut_off(transfer)
@@ -585,8 +600,24 @@ def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials
     return port
 
 
+def _limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
+    """Cap glibc's malloc arenas (``M_ARENA_MAX``) for the threads made from now on; False where not glibc.
+
+    The sync server runs one thread per open call, so one per connected node while it long-polls; glibc gives
+    threads up to 8 arenas per core, and each arena keeps the freed upload buffers its threads held. Two
+    arenas keep the peak resident memory lower at hundreds of nodes (bench/results/load.md) at the price of
+    some lock contention inside malloc, which the engine's lock serialises anyway.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(_M_ARENA_MAX, arenas))
+    except (OSError, AttributeError):
+        return False
+
+
 def serve(cfg: AggregatorConfig) -> int:
     """Run the aggregator until its rounds are done (``exit_when_done``) or SIGTERM/SIGINT; the exit code."""
+    _limit_malloc_arenas()
     tls = load_material(
         "the aggregator", cfg.listen, insecure=cfg.insecure, ca=cfg.tls_ca, cert=cfg.tls_cert, key=cfg.tls_key
     )
@@ -622,7 +653,7 @@ def serve(cfg: AggregatorConfig) -> int:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=cfg.max_workers),
         interceptors=[MetricsInterceptor(telemetry), DecodeGuard(servicer)],
-        options=server_options(),
+        options=server_options() + AGGREGATOR_SERVER_OPTIONS,
         maximum_concurrent_rpcs=cfg.max_concurrent_rpcs or 4 * cfg.max_workers,
     )
     pb_grpc.add_AggregatorServiceServicer_to_server(servicer, server)

@@ -442,7 +442,7 @@ class NodeClient:
                 global_version=0,
                 global_state={k: v.clone() for k, v in self.initial.items()},
             )
-            self.store.save(state)
+            self.store.save(state, wait=True)
             return state
         if state.learner is not None:
             self.learner.load_private_state(state.learner)
@@ -684,6 +684,7 @@ class NodeClient:
             return ExitCode.REFUSED
         finally:
             self.channel.close()
+            self.store.flush()  # the saves still in the background land before the process ends
 
     def _wait_for_next_run(self) -> None:
         """Wait (for as long as it takes) until the aggregator serves a run this node can join: another run,

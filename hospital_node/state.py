@@ -1,13 +1,24 @@
 """A node's private state on disk, so a restarted node resumes where it stopped.
 
-One file, ``<state_dir>/state.pt``, written atomically after every step that changes it: the
-learner's private state (MLP, both optimisers, batch-order RNG: :meth:`HospitalLearner.private_state`),
-the last global adapter the node decoded and its version, the round it last trained, and the
-update of that round until the round is closed (a restarted node re-sends the same bytes under the
-same update id, which the aggregator recognises). When a run ends, or the file belongs to another run,
-it is archived (:meth:`StateStore.archive`), never overwritten. Read back with ``torch.load(weights_only=True)``:
-tensors and plain containers only, never arbitrary objects. It stays on the node; nothing in it
-goes on the wire except the pending update. A file this code cannot read is a :class:`StateError`.
+``<state_dir>/state.pt`` holds the learner's private state (MLP, both optimisers, batch-order RNG:
+:meth:`HospitalLearner.private_state`), the last global adapter the node decoded and its version, the
+round it last trained, and the update of that round until the round is closed. It is written atomically
+(temp file, fsync, rename) by a background thread, from a copy taken when :meth:`StateStore.save` is
+called, so a round's 16 MB save and the snapshots stay off the round's critical path; writes land in the
+order they were asked for.
+
+One write is synchronous: ``<state_dir>/pending.pt``, the journal of the update a node is about to
+upload (about half a megabyte), is durable before the upload starts. A node killed after uploading
+re-sends the same bytes under the same update id, which the aggregator recognises; it never trains
+that round again. If it was killed before the background write of ``state.pt`` landed, it resumes with
+its private MLP as it was before that round's training (one round of private training lost; the shared
+update is never lost or changed).
+
+When a run ends, or the file belongs to another run, it is archived (:meth:`StateStore.archive`), never
+overwritten. Read back with ``torch.load(weights_only=True)``: tensors and plain containers only, never
+arbitrary objects. It stays on the node; nothing in it goes on the wire except the pending update. A
+file this code cannot read is a :class:`StateError`; a background write that failed is raised as one at
+the next save or :meth:`StateStore.flush`.
 """
 
 from __future__ import annotations
@@ -15,7 +26,9 @@ from __future__ import annotations
 import io
 import logging
 import pickle
+import queue
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +43,7 @@ log = logging.getLogger("fedmedclip.node")
 
 FORMAT = 1
 ARCHIVE = "archive"  # <state_dir>/archive/<run_id>/state.pt: the state of each run that ended
+JOURNAL = "pending.pt"  # beside state.pt: the update about to be uploaded, written before the upload
 SNAPSHOTS = "snapshots"  # beside state.pt: v<version>.pt, the model behind an evaluation (best, undecided)
 
 
@@ -76,25 +90,100 @@ class Snapshot:
     learner: dict[str, Any] | None  # HospitalLearner.private_state() without the optimisers; None: evaluator
 
 
+class _Writer:
+    """One background thread that runs file operations in the order they were submitted."""
+
+    def __init__(self) -> None:
+        self.ops: queue.Queue = queue.Queue()
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def submit(self, op: Callable[[], None]) -> None:
+        self.raise_error()
+        if self.thread is None or not self.thread.is_alive():
+            self.thread = threading.Thread(target=self._run, name="state-writer", daemon=True)
+            self.thread.start()
+        self.ops.put(op)
+
+    def flush(self) -> None:
+        """Wait until every submitted operation is done; raise the first one that failed."""
+        self.ops.join()
+        self.raise_error()
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise StateError(f"a background save of the node's state failed: {error}") from error
+
+    def _run(self) -> None:
+        while True:
+            op = self.ops.get()
+            try:
+                op()
+            except BaseException as exc:  # noqa: BLE001 (kept and raised in the node's thread)
+                if self.error is None:
+                    self.error = exc
+                log.error("background save failed: %s", exc)
+            finally:
+                self.ops.task_done()
+
+
+def _copy(value: Any) -> Any:
+    """A copy of a state blob whose tensors the node may change while the copy is being written."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copy(v) for v in value)
+    return value
+
+
 class StateStore:
     def __init__(self, state_dir: Path | str) -> None:
         self.dir = Path(state_dir)
         self.path = self.dir / "state.pt"
+        self.journal = self.dir / JOURNAL
+        self.writer = _Writer()
+        self._journaled: str | None = None  # the update id pending.pt holds
+
+    def flush(self) -> None:
+        """Wait until every save asked for is on disk (durable); raise a :class:`StateError` if one failed."""
+        self.writer.flush()
 
     def latest(self) -> Path | None:
         """The state a prediction should use: ``state.pt`` (a run going on), else the last run archived."""
+        self.flush()
         if self.path.exists():
             return self.path
         archived = sorted((self.dir / ARCHIVE).glob("*/state*.pt"), key=lambda f: f.stat().st_mtime)
         return archived[-1] if archived else None
 
     def load(self, path: Path | None = None) -> NodeState | None:
-        """The state in ``path`` (default ``state.pt``); None when there is none."""
+        """The state in ``path`` (default ``state.pt``, with the journal of an update not yet in it); None when
+        there is none."""
+        self.flush()
+        live = path is None or Path(path) == self.path
         path = path or self.path
         blob = _read(path)
         if blob is None:
             return None
         pending = blob.get("pending")
+        journal = _read(path.parent / JOURNAL) if live else None
+        if (
+            journal is not None
+            and (journal["run_id"], journal["node_id"]) == (blob["run_id"], blob["node_id"])
+            and int(journal["pending"]["round_id"]) > int(blob["trained_round"])
+        ):  # killed after the journal, before state.pt caught up: the update goes out as it was
+            pending = journal["pending"]
+            blob["trained_round"] = int(pending["round_id"])
+            log.warning(
+                "%s is older than the update of round %d in %s: that update will be re-sent as it was; "
+                "the private model resumes from before that round's training",
+                path,
+                int(pending["round_id"]) + 1,
+                JOURNAL,
+            )
         return NodeState(
             run_id=blob["run_id"],
             node_id=blob["node_id"],
@@ -118,7 +207,9 @@ class StateStore:
             else None,
         )
 
-    def save(self, state: NodeState) -> None:
+    def save(self, state: NodeState, *, wait: bool = False) -> None:
+        """Save ``state``: a copy now, written in the background (``wait``: durable before returning). A new
+        pending update is journaled (durable) first, so it survives whatever happens to the rest."""
         pending = None
         if state.pending is not None:
             p = state.pending
@@ -144,20 +235,33 @@ class StateStore:
             "pending": pending,
             "best_version": state.best_version,
         }
-        _save(blob, self.path)
+        if pending is not None and state.pending.update_id != self._journaled:
+            journal = {"format": FORMAT, "run_id": state.run_id, "node_id": state.node_id, "pending": pending}
+            _save(journal, self.journal)
+            self._journaled = state.pending.update_id
+        blob = _copy(blob)
+        self.writer.submit(lambda: _save(blob, self.path))
+        if wait:
+            self.flush()
 
     # -- snapshots: <state_dir>/snapshots/v<version>.pt, beside the state they belong to ------------
     def save_snapshot(self, snap: Snapshot) -> None:
         blob = {"format": FORMAT, "run_id": snap.run_id, "version": snap.version, "global_state": snap.global_state}
         blob["learner"] = snap.learner
-        _save(blob, self.dir / SNAPSHOTS / f"v{snap.version}.pt")
+        blob = _copy(blob)
+        path = self.dir / SNAPSHOTS / f"v{snap.version}.pt"
+        self.writer.submit(lambda: _save(blob, path))
 
     def keep_snapshots(self, keep: Callable[[int], bool]) -> None:
-        """Delete every snapshot whose version ``keep`` rejects."""
-        for path in (self.dir / SNAPSHOTS).glob("v*.pt"):
-            version = path.stem[1:]
-            if version.isdigit() and not keep(int(version)):
-                path.unlink(missing_ok=True)
+        """Delete every snapshot whose version ``keep`` rejects (after the writes asked for before)."""
+
+        def prune() -> None:
+            for path in (self.dir / SNAPSHOTS).glob("v*.pt"):
+                version = path.stem[1:]
+                if version.isdigit() and not keep(int(version)):
+                    path.unlink(missing_ok=True)
+
+        self.writer.submit(prune)
 
     @staticmethod
     def load_snapshot(state_path: Path, version: int) -> Snapshot | None:
@@ -172,6 +276,7 @@ class StateStore:
 
     def unarchive(self, run_id: str) -> bool:
         """Put the archived state of run ``run_id`` back (a finished run continued with more rounds); True if done."""
+        self.flush()
         folder = self._archive_folder(run_id)
         if self.path.exists() or not (folder / "state.pt").exists():
             return False
@@ -183,6 +288,9 @@ class StateStore:
 
     def archive(self, run_id: str, reason: str) -> Path | None:
         """Move the state of run ``run_id`` to ``<state_dir>/archive/<run_id>/state.pt`` (never overwritten)."""
+        self.flush()
+        self.journal.unlink(missing_ok=True)  # state.pt, now on disk, holds everything the journal did
+        self._journaled = None
         if not self.path.exists():
             return None
         folder = self._archive_folder(run_id)

@@ -109,6 +109,8 @@ __all__ = [
     "ReferenceRequiredError",
     "EncodedPayload",
     "DecodedState",
+    "DecodedRows",
+    "decode_rows",
     "encode_state",
     "decode_state",
     "payload_codec",
@@ -614,45 +616,14 @@ def _check_mapping_against_template(
             raise ShapeMismatchError(f"{what}: tensor {n!r} has shape {names_shapes[n]}, template says {shape}")
 
 
-def decode_state(
-    data: bytes,
-    *,
-    sha256: str | None,
-    template: Mapping[str, tuple[int, ...]],
-    reference: Mapping[str, torch.Tensor] | None = None,
-    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
-    max_decompressed_bytes: int = DEFAULT_MAX_DECOMPRESSED_BYTES,
-) -> DecodedState:
-    """Decode and fully validate a payload made by :func:`encode_state`.
+def _read_streamed(data: bytes, declared: int, tmpl: dict[str, tuple[int, ...]]) -> tuple[bytes, int, dict]:
+    """Steps 3 and 4 through a stream, the header alone first: the reference order of every check.
 
-    Args:
-        data: the wire bytes.
-        sha256: hex SHA-256 that travelled with the payload; None skips the check (only
-            for payloads that never crossed a trust boundary).
-        template: name -> shape the receiver expects; the payload must match it exactly.
-        reference: the state the sender used as reference (required for delta payloads);
-            also the source of rows the payload did not send.
-        max_payload_bytes: cap on ``len(data)``.
-        max_decompressed_bytes: cap on the decompressed size, declared and actual.
-
-    Raises:
-        ChecksumMismatchError, PayloadTooLargeError, MalformedPayloadError,
-        UnknownCodecError, ReferenceRequiredError, ShapeMismatchError, NonFiniteError.
+    :func:`_read_payload` takes a one-shot path for a frame that can be valid; this one serves a frame
+    that declares more than any payload of the template could be, and any frame the one-shot path
+    fails on, so that every refusal is the one, and the same error, that this order gives.
+    Returns the decompressed bytes, the header length and the parsed header.
     """
-    data = _as_bytes(data)
-    # 1. integrity
-    if sha256 is not None:
-        actual = hashlib.sha256(data).hexdigest()
-        claimed = sha256.strip().lower() if isinstance(sha256, str) else ""
-        if not claimed.isascii() or not hmac.compare_digest(actual, claimed):
-            raise ChecksumMismatchError("payload SHA-256 does not match the one sent with it")
-    # 2. sizes
-    if len(data) > max_payload_bytes:
-        raise PayloadTooLargeError(f"payload of {len(data)} bytes is over the limit {max_payload_bytes}")
-    declared = _declared_size(data, max_decompressed_bytes)
-    tmpl = {str(n): _shape_tuple(s, f"template {n!r}") for n, s in template.items()}
-
-    # 3. prefix and header alone
     try:
         reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=False)
         with reader:
@@ -670,11 +641,7 @@ def decode_state(
             # 4. names and shapes against the template, before allocating anything they size; the
             # body can then be no longer than the template's largest, whatever the frame declares
             _check_mapping_against_template("payload", {e["name"]: tuple(e["shape"]) for e in entries}, tmpl)
-            bound = start + hlen + max_body_nbytes(tmpl)
-            if declared > bound:
-                raise PayloadTooLargeError(
-                    f"payload declares {declared} decompressed bytes; the template allows at most {bound}"
-                )
+            _check_declared_bound(declared, start + hlen, tmpl)
             rest = _read_up_to(reader, declared - start - hlen + 1)
     except zstandard.ZstdError as exc:
         raise MalformedPayloadError(f"corrupt zstd data: {exc}") from exc
@@ -685,8 +652,118 @@ def decode_state(
             "(truncated, corrupt or lying)"
         )
     _check_single_frame(data)  # bounded: the frame's output is `declared` bytes, at most `bound`
-    raw = head + blob + rest
-    offset = start + hlen
+    return head + blob + rest, hlen, header
+
+
+def _check_declared_bound(declared: int, head_nbytes: int, tmpl: dict[str, tuple[int, ...]]) -> None:
+    bound = head_nbytes + max_body_nbytes(tmpl)
+    if declared > bound:
+        raise PayloadTooLargeError(
+            f"payload declares {declared} decompressed bytes; the template allows at most {bound}"
+        )
+
+
+def _read_payload(data: bytes, declared: int, tmpl: dict[str, tuple[int, ...]]) -> tuple[bytes, int, dict]:
+    """Steps 3 and 4: the decompressed payload, its header length and its parsed header.
+
+    A frame that declares at most what a payload of ``tmpl`` with the largest header can hold is
+    decompressed in one pass into a buffer of exactly the declared size (zstd refuses a frame whose
+    output differs from its declared size, a truncated frame, a bad checksum; python-zstandard
+    refuses bytes after the frame), then its prefix and header are checked in the reference order.
+    Anything else, and any frame this pass fails on, goes through :func:`_read_streamed`, which
+    raises the error the reference order gives. Memory: at most the declared size either way.
+    """
+    if declared > _PREFIX.size + MAX_HEADER_BYTES + max_body_nbytes(tmpl):
+        _read_streamed(data, declared, tmpl)  # refuses it: the header's error, or the template's bound
+        raise PayloadTooLargeError(f"payload declares {declared} decompressed bytes, more than the template allows")
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(data, allow_extra_data=False)
+    except zstandard.ZstdError:
+        raw = None
+    if raw is None or len(raw) != declared:
+        _read_streamed(data, declared, tmpl)  # raises the reference order's error for this frame
+        raise MalformedPayloadError("corrupt zstd data")  # not reached for a frame that failed above
+    hlen = _parse_prefix(raw)
+    start = _PREFIX.size
+    if start + hlen > declared:
+        raise MalformedPayloadError("payload declares less than its own header")
+    header = _parse_header(raw[start : start + hlen])
+    entries: list[dict] = header["tensors"]  # type: ignore[assignment]
+    _check_mapping_against_template("payload", {e["name"]: tuple(e["shape"]) for e in entries}, tmpl)
+    _check_declared_bound(declared, start + hlen, tmpl)
+    return raw, hlen, header
+
+
+@dataclass(frozen=True)
+class DecodedRows:
+    """What :func:`decode_rows` produces: the rows each tensor sent, and nothing else.
+
+    :func:`decode_state` builds its full tensors from this; the streaming aggregator folds it as it is,
+    without a full-size copy per tensor (:meth:`shared.learning.aggregation.Aggregator.add_rows`).
+    """
+
+    codec: str
+    delta: bool
+    rows: dict[str, torch.Tensor]
+    """float32 ``[n_sent, *shape[1:]]`` per tensor, in template order: the sent rows' values (for a
+    delta payload, reference row + delta, as :func:`decode_state` computes them). Finite."""
+    present: dict[str, torch.Tensor]
+    """bool ``[shape[0]]`` per tensor: which rows were sent."""
+    complete: dict[str, bool]
+    """Per tensor: every row was sent (``rows`` then has the tensor's full shape)."""
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The full (template) shape of tensor ``name``."""
+        return (int(self.present[name].shape[0]), *self.rows[name].shape[1:])
+
+
+def decode_rows(
+    data: bytes,
+    *,
+    sha256: str | None,
+    template: Mapping[str, tuple[int, ...]],
+    reference: Mapping[str, torch.Tensor] | None = None,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    max_decompressed_bytes: int = DEFAULT_MAX_DECOMPRESSED_BYTES,
+    out: Mapping[str, torch.Tensor] | None = None,
+) -> DecodedRows:
+    """Decode and fully validate a payload, as :func:`decode_state` does, giving only the rows it sent.
+
+    Every check of :func:`decode_state` is made, in the same order with the same errors, except the
+    finiteness of the reference's rows that the payload did not send (they are not part of the result).
+    Arguments and errors as :func:`decode_state`, and ``out``: contiguous float32 tensors of the
+    template's shapes, one per name, reused from call to call (the aggregator's workspace); each
+    tensor's rows are then written to the first rows of its buffer and ``rows`` are views of them,
+    valid until the buffers are written again. A payload refused part-way may have written to them.
+    """
+    data = _as_bytes(data)
+    # 1. integrity
+    if sha256 is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        claimed = sha256.strip().lower() if isinstance(sha256, str) else ""
+        if not claimed.isascii() or not hmac.compare_digest(actual, claimed):
+            raise ChecksumMismatchError("payload SHA-256 does not match the one sent with it")
+    # 2. sizes
+    if len(data) > max_payload_bytes:
+        raise PayloadTooLargeError(f"payload of {len(data)} bytes is over the limit {max_payload_bytes}")
+    declared = _declared_size(data, max_decompressed_bytes)
+    tmpl = {str(n): _shape_tuple(s, f"template {n!r}") for n, s in template.items()}
+    if out is not None:
+        for n, shape in tmpl.items():
+            buf = out.get(n)
+            if (
+                not isinstance(buf, torch.Tensor)
+                or buf.dtype != torch.float32
+                or tuple(buf.shape) != shape
+                or not buf.is_contiguous()
+                or buf.device.type != "cpu"
+            ):
+                raise ShapeMismatchError(f"out[{n!r}] must be a contiguous CPU float32 tensor of shape {shape}")
+
+    # 3. prefix and header, 4. names and shapes against the template, then the whole (bounded) frame
+    raw, hlen, header = _read_payload(data, declared, tmpl)
+    entries: list[dict] = header["tensors"]  # type: ignore[assignment]
+    offset = _PREFIX.size + hlen
     is_delta = bool(header["delta"])
     if is_delta and reference is None:
         raise ReferenceRequiredError("payload is a delta; decode it with the same reference")
@@ -712,9 +789,10 @@ def decode_state(
                 raise MalformedPayloadError(f"row bitmap of {name!r} has padding bits set")
             present = torch.from_numpy(bits[:rows].astype(np.bool_))
             offset += nbits
+            n_sent = int(np.count_nonzero(bits[:rows]))
         else:
             present = torch.ones(rows, dtype=torch.bool)
-        n_sent = int(present.sum())
+            n_sent = rows
         size = _section_nbytes(enc, n_sent, row_len)
         if len(raw) < offset + size:
             raise MalformedPayloadError(f"payload is truncated in the values of {name!r}")
@@ -724,52 +802,107 @@ def decode_state(
         raise MalformedPayloadError(f"{len(raw) - offset} unexpected bytes after the body")
 
     # 5. values
-    tensors: dict[str, torch.Tensor] = {}
+    values: dict[str, torch.Tensor] = {}
     presents: dict[str, torch.Tensor] = {}
+    complete: dict[str, bool] = {}
     for name, shape in tmpl.items():
         present, enc, off, n_sent = sections[name]
         row_len = _row_len(shape)
-        sent = _decode_values(raw, name, enc, off, n_sent, row_len).reshape(n_sent, *shape[1:])
+        target = None if out is None else out[name].view(-1)[: n_sent * row_len].numpy()
+        sent = _decode_values(raw, name, enc, off, n_sent, row_len, target).reshape(n_sent, *shape[1:])
         _check_finite(name, sent, "decoded tensor")
-        if ref is not None:
-            full = ref[name].clone()
-        else:
-            full = torch.zeros(shape, dtype=torch.float32)
+        whole = n_sent == shape[0]
         if is_delta:
-            full[present] += sent
-        else:
-            full[present] = sent
-        _check_finite(name, full, "decoded tensor")
-        tensors[name] = full
+            assert ref is not None
+            base = ref[name] if whole else ref[name][present]
+            sent.add_(base)  # float32 sent + base == base + sent, as decode_state's `full[present] += sent`
+            _check_finite(name, sent, "decoded tensor")
+        values[name] = sent
         presents[name] = present
-    return DecodedState(tensors=tensors, present=presents)
+        complete[name] = whole
+    codec = header["codec"]
+    assert isinstance(codec, str)
+    return DecodedRows(codec=codec, delta=is_delta, rows=values, present=presents, complete=complete)
 
 
-def _decode_values(raw: bytes, name: str, enc: str, off: int, n_rows: int, row_len: int) -> torch.Tensor:
-    """Turn one tensor's value section back into float32 ``[n_rows * row_len]``."""
+def decode_state(
+    data: bytes,
+    *,
+    sha256: str | None,
+    template: Mapping[str, tuple[int, ...]],
+    reference: Mapping[str, torch.Tensor] | None = None,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    max_decompressed_bytes: int = DEFAULT_MAX_DECOMPRESSED_BYTES,
+) -> DecodedState:
+    """Decode and fully validate a payload made by :func:`encode_state`.
+
+    Args:
+        data: the wire bytes.
+        sha256: hex SHA-256 that travelled with the payload; None skips the check (only
+            for payloads that never crossed a trust boundary, or whose bytes the caller hashed itself).
+        template: name -> shape the receiver expects; the payload must match it exactly.
+        reference: the state the sender used as reference (required for delta payloads);
+            also the source of rows the payload did not send.
+        max_payload_bytes: cap on ``len(data)``.
+        max_decompressed_bytes: cap on the decompressed size, declared and actual.
+
+    Raises:
+        ChecksumMismatchError, PayloadTooLargeError, MalformedPayloadError,
+        UnknownCodecError, ReferenceRequiredError, ShapeMismatchError, NonFiniteError.
+    """
+    decoded = decode_rows(
+        data,
+        sha256=sha256,
+        template=template,
+        reference=reference,
+        max_payload_bytes=max_payload_bytes,
+        max_decompressed_bytes=max_decompressed_bytes,
+    )
+    tensors: dict[str, torch.Tensor] = {}
+    for name, rows in decoded.rows.items():
+        if decoded.complete[name]:
+            full = rows  # every row sent: already the full tensor, a fresh one
+        else:
+            if reference is not None:
+                full = _as_cpu_float32(name, reference[name], "reference tensor").clone()
+            else:
+                full = torch.zeros(decoded.shape(name), dtype=torch.float32)
+            full[decoded.present[name]] = rows
+            _check_finite(name, full, "decoded tensor")  # the reference's rows too
+        tensors[name] = full
+    return DecodedState(tensors=tensors, present=decoded.present)
+
+
+def _decode_values(
+    raw: bytes, name: str, enc: str, off: int, n_rows: int, row_len: int, out: np.ndarray | None = None
+) -> torch.Tensor:
+    """Turn one tensor's value section back into float32 ``[n_rows * row_len]``: written into ``out``
+    (float32, that many elements) when given, else a fresh array."""
     n = n_rows * row_len
-    if enc == "f32":
-        return torch.from_numpy(np.frombuffer(raw, "<f4", n, off).astype(np.float32))
-    if enc == "f16":
-        return torch.from_numpy(np.frombuffer(raw, "<f2", n, off).astype(np.float32))
+    if out is None:
+        out = np.empty(n, dtype=np.float32)
+    if enc in ("f32", "f16"):
+        np.copyto(out, np.frombuffer(raw, "<f4" if enc == "f32" else "<f2", n, off), casting="same_kind")
+        return torch.from_numpy(out)
     scales = np.frombuffer(raw, "<f2", n_rows, off).astype(np.float32)
     if not np.isfinite(scales).all() or (scales < 0).any():
         raise NonFiniteError(f"tensor {name!r} has a non-finite or negative scale")
     off += 2 * n_rows
     if enc == "q8":
         q = np.frombuffer(raw, np.int8, n, off)
-        if (q == -128).any():
+        if n and q.min() == -128:
             raise MalformedPayloadError(f"tensor {name!r} holds the int8 value -128")
-        qf = q.astype(np.float32)
-    else:
-        packed = np.frombuffer(raw, np.uint8, (n + 1) // 2, off)
-        u = np.empty(2 * packed.size, dtype=np.uint8)
-        u[0::2] = packed & 0x0F
-        u[1::2] = packed >> 4
-        if (u > 14).any():
-            raise MalformedPayloadError(f"tensor {name!r} holds an invalid 4-bit value")
-        if u.size > n and u[n] != 7:
-            raise MalformedPayloadError(f"tensor {name!r} has a non-zero 4-bit padding value")
-        qf = u[:n].astype(np.float32) - 7.0
-    out = qf.reshape(n_rows, row_len) * scales[:, None]
-    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32).reshape(-1))
+        # one pass: int8 -> float32 times the row's scale (the same float32 product as a cast, then a multiply)
+        np.multiply(q.reshape(n_rows, row_len), scales[:, None], out=out.reshape(n_rows, row_len), dtype=np.float32)
+        return torch.from_numpy(out)
+    packed = np.frombuffer(raw, np.uint8, (n + 1) // 2, off)
+    u = np.empty(2 * packed.size, dtype=np.uint8)
+    u[0::2] = packed & 0x0F
+    u[1::2] = packed >> 4
+    if (u > 14).any():
+        raise MalformedPayloadError(f"tensor {name!r} holds an invalid 4-bit value")
+    if u.size > n and u[n] != 7:
+        raise MalformedPayloadError(f"tensor {name!r} has a non-zero 4-bit padding value")
+    qf = u[:n].astype(np.float32) - 7.0
+    np.multiply(qf.reshape(n_rows, row_len), scales[:, None], out=out.reshape(n_rows, row_len))
+    return torch.from_numpy(out)

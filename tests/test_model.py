@@ -23,6 +23,36 @@ def test_threshold_receives_gradient_through_straight_through_estimator():
     assert layer.weight.grad.abs().sum() > 0
 
 
+def _masked_linear_by_definition(layer: MaskedLinear, x: torch.Tensor) -> torch.Tensor:
+    """The layer as method.md writes it: ``(W * m) x + b * m``, m hard forward, sigmoid gradient backward."""
+    margin = layer.weight.abs().mean(dim=1) - layer.threshold
+    soft = torch.sigmoid(margin / layer.tau)
+    m = (margin >= 0).float() + soft - soft.detach()
+    return F.linear(x, layer.weight * m[:, None], layer.bias * m)
+
+
+@pytest.mark.parametrize("shape", [(6, 24), (3, 5, 24)])
+def test_fast_masked_linear_equals_the_definition_in_values_and_gradients(shape):
+    torch.manual_seed(1)
+    layer = MaskedLinear(24, 12, tau=0.05)
+    with torch.no_grad():  # some rows off, some near the threshold (non-zero sigmoid gradient)
+        scores = layer.weight.abs().mean(dim=1)
+        layer.threshold.copy_(scores + torch.linspace(-0.08, 0.08, 12))
+    x = torch.randn(*shape, requires_grad=True)
+    target = torch.randn(*shape[:-1], 12)
+    grads = []
+    for forward in (layer, lambda v: _masked_linear_by_definition(layer, v)):
+        layer.zero_grad()
+        x.grad = None
+        out = forward(x)
+        (out - target).pow(2).sum().backward()
+        grads.append((out.detach(), x.grad.clone(), *(p.grad.clone() for p in layer.parameters())))
+    assert 0 < layer.keep_ratio() < 1
+    assert grads[0][-1].abs().sum() > 0, "the thresholds must receive gradient"
+    for fast, reference in zip(*grads):
+        assert torch.allclose(fast, reference, rtol=1e-5, atol=1e-6)
+
+
 def test_forward_uses_the_hard_mask():
     torch.manual_seed(0)
     layer = MaskedLinear(16, 8)

@@ -55,6 +55,7 @@ __all__ = [
     "joiner_weight",
     "WeightedMeanAggregator",
     "MedianAggregator",
+    "Workspace",
     "TrimmedMeanAggregator",
     "make_aggregator",
 ]
@@ -68,6 +69,42 @@ class AggregationError(FedMedCLIPError):
     reason = Reason.AGGREGATION
 
 
+class Workspace:
+    """Buffers reused from one update to the next, so that folding an update allocates (and page-faults)
+    no full-size tensor of its own: each aggregator holds one (:attr:`Aggregator.workspace`), a few
+    buffers per tensor (about 16 MB at D = 512), made at its first update. Not for two threads at once:
+    neither is an aggregator."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, str, tuple[int, ...], torch.dtype], torch.Tensor] = {}
+
+    def buffer(self, role: str, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The contiguous CPU buffer for (``role``, ``name``) of that shape and dtype; contents undefined."""
+        key = (role, name, tuple(shape), dtype)
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = torch.empty(shape, dtype=dtype)
+        return buf
+
+    def buffers(self, role: str, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        """One float32 buffer per name of ``shapes``, for ``role``."""
+        return {n: self.buffer(role, n, shape) for n, shape in shapes.items()}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._buffers.values())
+
+
+def _check_weight(num_samples: object) -> None:
+    if (
+        isinstance(num_samples, bool)
+        or not isinstance(num_samples, (int, float))
+        or not math.isfinite(num_samples)
+        or num_samples <= 0
+    ):
+        raise AggregationError(f"num_samples must be a positive finite number, got {num_samples!r}")
+
+
 class Aggregator:
     """Base class: validation shared by every rule; subclasses fold and combine.
 
@@ -78,6 +115,8 @@ class Aggregator:
     def __init__(self) -> None:
         self._template: dict[str, tuple[int, ...]] | None = None
         self._count = 0
+        #: reusable buffers for decoding and folding updates (:func:`shared.learning.rounds.fold_update`)
+        self.workspace = Workspace()
 
     # -- public API ---------------------------------------------------------------
 
@@ -109,17 +148,59 @@ class Aggregator:
                 samples, or its capped weight from :func:`capped_weights`; the weight of the
                 ``weighted`` rule, ignored by the others but still validated.
         """
-        if (
-            isinstance(num_samples, bool)
-            or not isinstance(num_samples, (int, float))
-            or not math.isfinite(num_samples)
-            or num_samples <= 0
-        ):
-            raise AggregationError(f"num_samples must be a positive finite number, got {num_samples!r}")
+        _check_weight(num_samples)
         values = self._validate_tensors(tensors, "update")
         rows = self._validate_present(present or {}, values)
         self._fold(values, rows, num_samples)
         self._count += 1
+
+    def add_rows(
+        self,
+        rows: Mapping[str, torch.Tensor],
+        present: Mapping[str, torch.Tensor],
+        *,
+        num_samples: float = 1,
+    ) -> None:
+        """Add one node's update given as the rows it sent (:class:`shared.codec.DecodedRows`).
+
+        The same update as ``add(full, present)`` where ``full[n][present[n]] == rows[n]`` (the values of
+        rows not sent do not matter). This base version builds those full tensors (zeros where not sent)
+        and calls :meth:`add`; the streaming rule folds the rows as they are, without the copy.
+
+        Args:
+            rows: name -> float tensor ``[present[n].sum(), *shape[1:]]``, the sent rows in order.
+            present: name -> bool ``[shape[0]]``, every name of ``rows``.
+            num_samples: as in :meth:`add`.
+        """
+        full: dict[str, torch.Tensor] = {}
+        for n, x, p in self._checked_rows(rows, present):
+            if x.shape[0] == p.shape[0]:
+                full[n] = x
+            else:
+                t = torch.zeros((p.shape[0], *x.shape[1:]), dtype=torch.float32)
+                t[p] = x
+                full[n] = t
+        self.add(full, present, num_samples=num_samples)
+
+    def _checked_rows(
+        self, rows: Mapping[str, torch.Tensor], present: Mapping[str, torch.Tensor]
+    ) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(name, rows, present) per tensor, checked against each other: what :meth:`add_rows` folds."""
+        if not isinstance(rows, Mapping) or not isinstance(present, Mapping) or set(rows) != set(present):
+            raise AggregationError("rows and present must be mappings over the same tensor names")
+        out = []
+        for n, x in rows.items():
+            p = present[n]
+            if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() == 0:
+                raise AggregationError(f"update: {n!r} is not a floating-point tensor with a row axis")
+            if not isinstance(p, torch.Tensor) or p.dtype != torch.bool or p.dim() != 1:
+                raise AggregationError(f"present[{n!r}] must be a 1-d bool tensor")
+            p = p.detach().cpu()
+            # every row sent (the common case) needs no count; otherwise the rows must be as many as the flags
+            if x.shape[0] != p.shape[0] and x.shape[0] != int(p.sum()):
+                raise AggregationError(f"update: {n!r} holds {x.shape[0]} rows, present flags {int(p.sum())}")
+            out.append((n, x.detach().to(device="cpu", dtype=torch.float32), p))
+        return out
 
     def result(self, previous: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Return the aggregated state (float32, template order); does not reset.
@@ -213,6 +294,48 @@ class WeightedMeanAggregator(Aggregator):
         self.uniform = uniform
         self._sum: dict[str, torch.Tensor] = {}
         self._weight: dict[str, torch.Tensor] = {}
+
+    def add_rows(
+        self,
+        rows: Mapping[str, torch.Tensor],
+        present: Mapping[str, torch.Tensor],
+        *,
+        num_samples: float = 1,
+    ) -> None:
+        """:meth:`Aggregator.add_rows` without building full tensors: each tensor's sent rows go straight
+        into the running sums (one ``add_`` for a tensor sent whole, one ``index_add_`` otherwise), with the
+        same float64 arithmetic as :meth:`add`, so the result is bit-identical. Everything is checked before
+        anything is folded: an update that fails a check leaves the sums as they were."""
+        _check_weight(num_samples)
+        checked = self._checked_rows(rows, present)
+        shapes = {n: (int(p.shape[0]), *x.shape[1:]) for n, x, p in checked}
+        if self._template is None:
+            if not shapes:
+                raise AggregationError("update holds no tensors")
+            self._template = shapes
+        if set(shapes) != set(self._template):
+            missing = [n for n in self._template if n not in shapes]
+            extra = [n for n in shapes if n not in self._template]
+            raise AggregationError(f"update does not match the template: missing {missing}, extra {extra}")
+        for n, x, _ in checked:
+            if shapes[n] != self._template[n]:
+                raise AggregationError(f"update: {n!r} has shape {shapes[n]}, template has {self._template[n]}")
+            # a finite sum proves every sent row finite in one pass; else check exactly
+            if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+                raise AggregationError(f"update tensor {n!r} holds NaN or Inf in a sent row")
+        w = 1.0 if self.uniform else float(num_samples)
+        for n, x, p in checked:
+            if n not in self._sum:
+                self._sum[n] = torch.zeros(self._template[n], dtype=torch.float64)
+                self._weight[n] = torch.zeros(self._template[n][0], dtype=torch.float64)
+            if x.shape[0] == p.shape[0] and (x.shape[0] == 0 or bool(p.all())):
+                self._sum[n].add_(x, alpha=w)
+            else:
+                sent = p.nonzero().squeeze(1)
+                wide = self.workspace.buffer("fold", n, self._template[n], torch.float64)[: x.shape[0]]
+                self._sum[n].index_add_(0, sent, wide.copy_(x), alpha=w)  # x.to(float64), without a new tensor
+            self._weight[n].add_(p.to(torch.float64) * w)
+        self._count += 1
 
     def _fold(self, values: dict[str, torch.Tensor], rows: dict[str, torch.Tensor], weight: float) -> None:
         w = 1.0 if self.uniform else float(weight)

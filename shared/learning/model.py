@@ -11,6 +11,49 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def row_scores(weight: torch.Tensor) -> torch.Tensor:
+    """``u_i = mean_j |W_ij|``; the layer and the aggregator's row masks both use it (bit-identical masks)."""
+    return weight.abs().mean(dim=1)
+
+
+class _MaskedLinearFn(torch.autograd.Function):
+    """``y = m * (x W^T + b)`` with ``m = 1[u >= k]``, ``u_i = mean_j |W_ij|``, and the straight-through gradient
+    of ``sigmoid((u - k) / tau)`` for the mask (see :class:`MaskedLinear`).
+
+    Masking the output rather than the weight gives the same values and gradients as ``(W * m) x + b * m``
+    without building ``W * m``; the only full-matrix passes per step are ``|W|``'s row means (forward) and
+    ``sign(W)`` for the mask's gradient into the weights (backward), both skipped where nothing needs them.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, threshold, tau: float):  # noqa: ANN001 (autograd signature)
+        margin = row_scores(weight) - threshold
+        hard = (margin >= 0).to(weight.dtype)
+        pre = torch.addmm(bias, x, weight.t()) if x.dim() == 2 else F.linear(x, weight, bias)
+        ctx.save_for_backward(x, weight, hard, margin, pre)
+        ctx.tau = tau
+        return pre * hard
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001
+        x, weight, hard, margin, pre = ctx.saved_tensors
+        g = grad * hard
+        grad_x = g @ weight if ctx.needs_input_grad[0] else None
+        g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+        grad_w = g2.t() @ x2 if ctx.needs_input_grad[1] else None
+        grad_b = g2.sum(0) if ctx.needs_input_grad[2] else None
+        grad_k = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
+            # d loss / d m_i = sum_batch g_i * (x W^T + b)_i; d sigmoid(margin / tau) / d margin
+            soft = torch.sigmoid(margin / ctx.tau)
+            d_margin = (grad * pre).reshape(-1, pre.shape[-1]).sum(0) * soft * (1 - soft) / ctx.tau
+            if ctx.needs_input_grad[3]:
+                grad_k = -d_margin
+            if grad_w is not None:  # d u_i / d W_ij = sign(W_ij) / in
+                grad_w.addcmul_(torch.sign(weight), (d_margin / weight.shape[1])[:, None])
+        return grad_x, grad_w, grad_b, grad_k, None
+
+
 class MaskedLinear(nn.Module):
     """A linear layer whose output units switch off when their weights fall below a learned threshold.
 
@@ -30,31 +73,20 @@ class MaskedLinear(nn.Module):
         self.bias = nn.Parameter(layer.bias.detach().clone())
         self.threshold = nn.Parameter(torch.zeros(out_features), requires_grad=masked)
 
-    def row_scores(self) -> torch.Tensor:
-        return self.weight.abs().mean(dim=1)
-
-    def mask(self) -> torch.Tensor:
-        """The mask used in the forward pass: hard values, sigmoid gradient."""
-        if not self.masked:
-            return torch.ones(self.out_features, device=self.weight.device)
-        margin = self.row_scores() - self.threshold
-        hard = (margin >= 0).to(self.weight.dtype)
-        soft = torch.sigmoid(margin / self.tau)
-        return hard + soft - soft.detach()
-
     def hard_mask(self) -> torch.Tensor:
         """Which output rows are on (bool), as the forward pass sees them."""
         with torch.no_grad():
             if not self.masked:
                 return torch.ones(self.out_features, dtype=torch.bool, device=self.weight.device)
-            return self.row_scores() >= self.threshold
+            return row_scores(self.weight) >= self.threshold
 
     def keep_ratio(self) -> float:
         return float(self.hard_mask().float().mean().item())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.mask()
-        return F.linear(x, self.weight * m[:, None], self.bias * m)
+        if not self.masked:
+            return F.linear(x, self.weight, self.bias)
+        return _MaskedLinearFn.apply(x, self.weight, self.bias, self.threshold, self.tau)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, masked={self.masked}, tau={self.tau}"

@@ -21,14 +21,18 @@ import torch
 from shared.codec import (
     DEFAULT_MAX_DECOMPRESSED_BYTES,
     CodecError,
+    DecodedRows,
     DecodedState,
     EncodedPayload,
+    PayloadInfo,
+    decode_rows,
     decode_state,
     encode_state,
     payload_info,
 )
 from shared.errors import FedMedCLIPError
-from shared.learning.aggregation import Aggregator
+from shared.learning.aggregation import Aggregator, Workspace
+from shared.learning.model import row_scores
 from shared.learning.training import HospitalLearner, RoundStats
 from shared.wire.reasons import Reason
 
@@ -46,7 +50,7 @@ def row_masks_of(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         weight = state.get(f"{prefix}.weight")
         if weight is None:
             continue
-        mask = weight.abs().mean(dim=1) >= threshold
+        mask = row_scores(weight) >= threshold
         masks[f"{prefix}.weight"] = mask
         if f"{prefix}.bias" in state:
             masks[f"{prefix}.bias"] = mask
@@ -80,10 +84,12 @@ class WireMismatchError(CodecError):
     reason = Reason.WIRE_MISMATCH
 
 
-def check_wire(payload: bytes, wire: WireConfig) -> None:
+def check_wire(payload: bytes, wire: WireConfig, info: PayloadInfo | None = None) -> None:
     """Refuse (:class:`WireMismatchError`) a payload whose header names another codec or delta flag than
-    ``wire``; reads only the payload's prefix and header. Both ends call it before decoding."""
-    info = payload_info(payload)
+    ``wire``; reads only the payload's prefix and header (``info``: what :func:`shared.codec.payload_info`
+    already read of this payload). Both ends call it before decoding."""
+    if info is None:
+        info = payload_info(payload)
     if info.codec != wire.codec or info.delta != wire.delta:
         raise WireMismatchError(
             f"payload in codec {info.codec}{' (delta)' if info.delta else ''}, the federation "
@@ -102,6 +108,26 @@ def decode_adapter(
         template=template,
         reference=reference,
         max_decompressed_bytes=wire.max_decompressed_bytes,
+    )
+
+
+def decode_adapter_rows(
+    payload: bytes,
+    sha256: str | None,
+    reference: Mapping[str, torch.Tensor],
+    wire: WireConfig,
+    workspace: Workspace | None = None,
+) -> DecodedRows:
+    """:func:`decode_adapter`'s validation, giving only the rows the payload sent (what a fold needs);
+    with ``workspace``, the rows are written into its buffers (valid until its next use)."""
+    template = {name: tuple(t.shape) for name, t in reference.items()}
+    return decode_rows(
+        payload,
+        sha256=sha256,
+        template=template,
+        reference=reference,
+        max_decompressed_bytes=wire.max_decompressed_bytes,
+        out=None if workspace is None else workspace.buffers("rows", template),
     )
 
 
@@ -154,6 +180,55 @@ def check_bounds(
             )
 
 
+def check_row_bounds(
+    decoded: DecodedRows,
+    reference: Mapping[str, torch.Tensor],
+    bounds: UpdateBounds,
+    workspace: Workspace | None = None,
+) -> None:
+    """:func:`check_bounds` of the full decoded state (rows not sent are the reference's) from the sent rows.
+
+    The same values as :func:`check_bounds` on :func:`decode_adapter`'s tensors: the largest magnitude is
+    taken over the sent rows and the reference's other rows; the norm over the sent rows (the other rows of
+    the update equal the reference's); a tensor sent whole gives the very same float32 norm, one sent in
+    part the same within float32 rounding (the same terms, summed in another order). ``workspace``: where
+    the differences are computed (else fresh tensors).
+    """
+    if bounds.max_abs_value is not None:
+        peak = 0.0
+        for name, x in decoded.rows.items():
+            parts = [x]
+            if not decoded.complete[name]:
+                parts.append(reference[name].index_select(0, (~decoded.present[name]).nonzero().squeeze(1)))
+            for t in parts:
+                if t.numel():
+                    low, high = torch.aminmax(t)
+                    peak = max(peak, -float(low), float(high))
+        if peak > bounds.max_abs_value:
+            raise UpdateValueTooLargeError(
+                f"an update value of magnitude {peak:.4g} is over the bound {bounds.max_abs_value:g}"
+            )
+    if bounds.max_update_norm is not None:  # float32 is exact enough for a bound
+        total = 0.0
+        for name, x in decoded.rows.items():
+            ref = reference[name]
+            diff = (
+                torch.empty_like(x)
+                if workspace is None
+                else workspace.buffer("diff", name, tuple(ref.shape), x.dtype)[: x.shape[0]]
+            )
+            if decoded.complete[name]:
+                torch.sub(x, ref, out=diff)
+            else:  # reference rows - x: the negated difference, the same norm
+                torch.index_select(ref, 0, decoded.present[name].nonzero().squeeze(1), out=diff).sub_(x)
+            total += float(torch.linalg.vector_norm(diff)) ** 2
+        norm = total**0.5
+        if norm > bounds.max_update_norm:
+            raise UpdateNormTooLargeError(
+                f"the update moves the global by an L2 norm of {norm:.4g}, over the bound {bounds.max_update_norm:g}"
+            )
+
+
 def make_update(
     learner: HospitalLearner,
     global_state: Mapping[str, torch.Tensor],
@@ -176,15 +251,26 @@ def fold_update(
     weight: float,
     wire: WireConfig,
     bounds: UpdateBounds = UpdateBounds(),
-) -> DecodedState:
+    *,
+    info: PayloadInfo | None = None,
+) -> None:
     """The aggregator's part for one update: every byte is validated, and the values bounded, before it
     touches the average. ``weight``: the node's weight in the ``weighted`` rule
-    (:func:`shared.learning.aggregation.capped_weights`); its codec and delta flag must be ``wire``'s."""
-    check_wire(payload, wire)
-    decoded = decode_adapter(payload, sha256, global_state, wire)
-    check_bounds(decoded.tensors, global_state, bounds)
-    aggregator.add(decoded.tensors, decoded.present, num_samples=weight)
-    return decoded
+    (:func:`shared.learning.aggregation.capped_weights`); its codec and delta flag must be ``wire``'s.
+    ``sha256``: the hash that travelled with the payload, or None when the caller hashed these very
+    bytes and compared already (the aggregator hashes an upload while its chunks arrive); ``info``: the
+    payload's header as :func:`shared.codec.payload_info` read it, when the caller read it already.
+
+    The update is decoded to the rows it sent (:func:`shared.codec.decode_rows`, no full-size copy per
+    tensor) and folded as rows (:meth:`shared.learning.aggregation.Aggregator.add_rows`): the streaming
+    rules add each tensor's sent rows into their running sums in one vectorised step, the same result
+    as decoding to full tensors and :meth:`~shared.learning.aggregation.Aggregator.add`. The rows are decoded
+    into the aggregator's :class:`~shared.learning.aggregation.Workspace`: nothing full-size is allocated per
+    update. The rules that keep every update (median, trimmed mean) expand the rows to full tensors."""
+    check_wire(payload, wire, info)
+    decoded = decode_adapter_rows(payload, sha256, global_state, wire, aggregator.workspace)
+    check_row_bounds(decoded, global_state, bounds, aggregator.workspace)
+    aggregator.add_rows(decoded.rows, decoded.present, num_samples=weight)
 
 
 def publish_global(
