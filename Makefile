@@ -10,19 +10,21 @@ export TOKENIZERS_PARALLELISM ?= false
 ARGS ?=
 DEMO_ROUNDS ?= 30
 
-.PHONY: help venv system-deps protos lint format test test-fast demo simulate bench bench-layouts bench-rounds bench-load bench-hostile provision deploy-check clean
+.PHONY: help venv system-deps protos lint format test test-fast demo simulate bench bench-layouts bench-protocol bench-rounds bench-encode bench-load bench-hostile provision deploy-check clean
 
 help:
 	@echo "make demo      a real federation: the aggregator + 3 hospital nodes + the held-out one as processes on loopback"
 	@echo "make testbed   the federation in containers (Docker engine, registry-free images); make testbed-down"
 	@echo "make testbed-check the container testbed's end-to-end test alone (part of make test; root)"
 	@echo "make protos    regenerate shared/wire/proto/ from protos/ (grpcio-tools)"
+	@echo "make bench-encode  encoding speed: decode, preprocessing, forward apart; PyTorch vs ONNX Runtime (bench/results/encode.md)"
 	@echo "make bench-rounds  per-round time over gRPC vs in-process, bytes per round by codec (bench/results/rounds.md)"
 	@echo "make test      run the whole test suite (lint first)"
 	@echo "make test-fast the unit tests alone (under a minute)"
 	@echo "make lint      ruff check + ruff format --check"
 	@echo "make provision certificates and configs for a federation: NODES=hospital_1,hospital_2 PKI=pki"
-	@echo "make bench-load    one aggregator against 10, 50, 200 light nodes (bench/results/load.md)"
+	@echo "make bench-protocol the full protocol from cold (no feature cache) to the report, timed (bench/results/protocol.md)"
+	@echo "make bench-load    one aggregator against 10, 50, 200, 500, 1000 light nodes, aggregator and nodes on separate cores (bench/results/load.md)"
 	@echo "make bench-hostile the hostile-input suite, its tally in bench/results/hostile.md"
 	@echo "make simulate  in-process federation, options via ARGS=\"...\" (see fedmedclip simulate --help)"
 	@echo "make deploy-check  the deployment checks alone: compose, promtool, Kubernetes schemas, a live Prometheus"
@@ -67,6 +69,14 @@ bench-layouts: $(STAMP)
 
 bench-rounds: $(STAMP) protos
 	$(PY) -m bench.rounds $(ARGS)
+
+# encoding speed (issue 13): stages apart, forward-only vs end to end, runtimes' cosines on the whole set
+bench-encode: $(STAMP)
+	$(PY) -m bench.encode $(ARGS)
+
+# the whole brain tumor protocol from cold (empty feature cache) to the report: bench/results/protocol.md
+bench-protocol: $(STAMP)
+	$(PY) -m bench.protocol $(ARGS)
 
 bench-load: $(STAMP) protos
 	$(PY) -m bench.load $(ARGS)

@@ -251,7 +251,9 @@ Issued on {date}. Keep this folder private: `key.pem` is the aggregator's identi
 """
 
 
-def _fingerprint(classes: list[str], cfg: ProvisionConfig) -> str:
+def _fingerprint(classes: list[str], cfg: ProvisionConfig) -> tuple[str, str]:
+    """The pinned backbone fingerprint, and the image tower runtime it was made with (``auto`` resolved on a CPU:
+    the nodes' kits name it, since features of two runtimes are never mixed)."""
     from shared.backbone import DEFAULT_TEMPLATES, BackboneSpec, load_backbone  # torch: only when pinning
 
     spec = BackboneSpec(
@@ -259,8 +261,10 @@ def _fingerprint(classes: list[str], cfg: ProvisionConfig) -> str:
         arch=cfg.arch,
         pretrained=cfg.pretrained,
         templates=tuple(cfg.templates) if cfg.templates else DEFAULT_TEMPLATES,
+        runtime=cfg.runtime,
     )
-    return load_backbone(spec, "cpu").fingerprint(classes)
+    backbone = load_backbone(spec, "cpu")
+    return backbone.fingerprint(classes), backbone.runtime
 
 
 def _kit(folder: Path, config_name: str, command: str, lock: str, readme: str) -> None:
@@ -297,7 +301,8 @@ def provision(cfg: ProvisionConfig) -> dict[str, Path]:
     _issue_into(agg, ca_cert, ca_key, "aggregator", server=True, hosts=hosts)
     pins: dict = {}
     if classes:
-        pins = {"class_names": classes, "backbone_fingerprint": _fingerprint(classes, cfg)}
+        fingerprint, runtime = _fingerprint(classes, cfg)
+        pins = {"class_names": classes, "backbone_fingerprint": fingerprint}
     configs["aggregator"] = agg / "aggregator.yaml"
     _write_config(
         configs["aggregator"],
@@ -342,6 +347,7 @@ def provision(cfg: ProvisionConfig) -> dict[str, Path]:
             values["role"] = "evaluator"
         if classes:
             values["classes"] = classes
+            values["runtime"] = runtime  # the runtime behind the pinned fingerprint
         _write_config(configs[node], f"FedMedCLIP node {node}, {stamp}; key.pem is private (mode 0600)", values)
         _kit(
             folder,
@@ -390,6 +396,7 @@ class ProvisionConfig:
     arch: str = "ViT-B-32"  # open_clip architecture (backbone: openclip)
     pretrained: str | None = None  # open_clip pretrained tag or checkpoint (backbone: openclip)
     templates: list[str] | None = None  # prompt templates, as the nodes set them (default: the project's)
+    runtime: str = "auto"  # image tower runtime of every node: auto (onnxruntime on a CPU), torch (GPU nodes too)
 
 
 def _run(cfg: ProvisionConfig, _args: argparse.Namespace) -> int:

@@ -136,6 +136,7 @@ def backbone_spec(cfg: NodeConfig) -> BackboneSpec:
         arch=cfg.arch,
         pretrained=cfg.pretrained,
         templates=tuple(cfg.templates) if cfg.templates else DEFAULT_TEMPLATES,
+        runtime=cfg.runtime,
     )
 
 

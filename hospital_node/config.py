@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from shared.backbone import BACKBONE_KINDS, OFFLINE_DEFAULT
+from shared.backbone import BACKBONE_KINDS, OFFLINE_DEFAULT, RUNTIMES
 from shared.learning.training import METHODS, TrainConfig
 
 ENV_PREFIX = "FEDMEDCLIP_NODE_"
@@ -59,6 +59,7 @@ class NodeConfig:
     arch: str = "ViT-B-32"  # open_clip architecture (backbone: openclip)
     pretrained: str | None = None  # open_clip pretrained tag or a local checkpoint file (air-gapped sites)
     templates: list[str] | None = None  # prompt templates, default "a picture of a {}"
+    runtime: str = "auto"  # image tower: auto (onnxruntime on a CPU, offline backbone), torch or onnxruntime
     device: str = "cpu"  # cpu or cuda (encoding and training)
     threads: int = 0  # torch CPU threads (0: torch's default)
 
@@ -71,6 +72,8 @@ class NodeConfig:
             raise ValueError(f"share_metrics must be one of {list(SHARE_METRICS)}")
         if self.backbone not in BACKBONE_KINDS:
             raise ValueError(f"backbone must be one of {list(BACKBONE_KINDS)}")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {list(RUNTIMES)}")
         for name in (
             "rpc_timeout_s",
             "transfer_timeout_s",

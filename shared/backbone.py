@@ -16,6 +16,18 @@ Two kinds of backbone, both built as open_clip models so the rest of the code se
 
 Every backbone has a fingerprint (architecture, weights, preprocessing, prompt features): two
 hospitals can only federate when their fingerprints are equal.
+
+The image tower runs in one of two runtimes (``BackboneSpec.runtime``):
+
+* ``torch``: eager PyTorch (channels-last on the CPU), any device;
+* ``onnxruntime``: the image tower exported once to ONNX (cached under ``runtime_cache``, keyed by
+  the tower's identity) and run by ONNX Runtime's CPU provider, 2-4x faster than eager PyTorch
+  on a small CPU. Its features match PyTorch's to a cosine above 0.9999 (``make bench-encode``
+  measures it on the whole brain tumor set; each session checks it on a seeded batch when it
+  starts), but they are not bit-identical, so the image fingerprint names the runtime: features
+  made by one runtime are never mixed with another's in a cache or a federation.
+
+``auto`` (the default) is ``onnxruntime`` for the offline backbone on the CPU, ``torch`` otherwise.
 """
 
 from __future__ import annotations
@@ -25,12 +37,16 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
+from filelock import FileLock
 from torch import nn
 
 from shared.errors import FedMedCLIPError
@@ -40,6 +56,12 @@ log = logging.getLogger(__name__)
 OFFLINE_DEFAULT = "effnet-lite0-minilm"
 BACKBONE_KINDS = (OFFLINE_DEFAULT, "openclip")
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a picture of a {}",)
+RUNTIMES = ("auto", "torch", "onnxruntime")
+#: where exported image towers are kept (one file per tower identity); FEDMEDCLIP_RUNTIME_CACHE overrides
+DEFAULT_RUNTIME_CACHE = ".cache/runtime"
+ONNX_OPSET = 17
+#: a runtime's features against eager PyTorch's, on a seeded batch checked when a session starts
+MIN_RUNTIME_COSINE = 0.9999
 
 
 class BackboneError(FedMedCLIPError):
@@ -59,6 +81,7 @@ class BackboneSpec:
     pretrained: str | None = None
     seed: int = 0  # seeds the random projections of the offline backbone
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    runtime: str = "auto"  # image tower runtime: auto | torch | onnxruntime (see the module's docstring)
 
 
 @dataclass
@@ -74,17 +97,52 @@ class Backbone:
     weights_id: str  # what the weights are (file hashes or the pretrained tag)
     preprocess_id: str
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    runtime_cache: Path | None = None  # exported towers (onnxruntime); None: DEFAULT_RUNTIME_CACHE
+    _session: object = field(default=None, init=False, repr=False, compare=False)
+    _session_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     @property
     def logit_scale(self) -> float:
         """CLIP's own temperature, exp of the stored value (about 100 for pretrained CLIP)."""
         return float(self.model.logit_scale.detach().exp().item())
 
-    @torch.no_grad()
+    @property
+    def runtime(self) -> str:
+        """The runtime the image tower runs in: ``torch`` or ``onnxruntime`` (``auto`` resolved)."""
+        return resolve_runtime(self.spec, self.device)
+
     def encode_images(self, batch: torch.Tensor) -> torch.Tensor:
         """Un-normalised float32 image features of a preprocessed batch."""
-        feats = self.model.encode_image(batch.to(self.device))
-        return feats.float().cpu()
+        if self.runtime == "torch":
+            with torch.no_grad():
+                if self.device.type == "cpu" and batch.dim() == 4:
+                    batch = batch.contiguous(memory_format=torch.channels_last)
+                feats = self.model.encode_image(batch.to(self.device))
+                return feats.float().cpu()
+        return torch.from_numpy(self.encode_arrays(batch.detach().cpu().numpy()))
+
+    def encode_arrays(self, batch: np.ndarray) -> np.ndarray:
+        """:meth:`encode_images` on a float32 numpy batch [B, 3, H, W]; float32 [B, D]."""
+        if self.runtime == "torch":
+            return self.encode_images(torch.from_numpy(batch)).numpy()
+        session = self._onnx_session()
+        return np.asarray(session.run(None, {"image": np.ascontiguousarray(batch, dtype=np.float32)})[0], np.float32)
+
+    def __getstate__(self) -> dict:  # a copy or a pickle rebuilds its own session when it needs one
+        state = self.__dict__.copy()
+        state["_session"] = None
+        del state["_session_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._session_lock = threading.Lock()
+
+    def _onnx_session(self):
+        with self._session_lock:
+            if self._session is None:
+                self._session = _onnx_session(self)
+            return self._session
 
     @torch.no_grad()
     def text_features(self, class_names: Sequence[str]) -> torch.Tensor:
@@ -107,20 +165,23 @@ class Backbone:
         finally:
             self.model.to(model_device)
 
-    def image_fingerprint(self) -> str:
-        """Identity of the image side only: what decides whether cached features are still valid."""
-        return _sha(
-            json.dumps(
-                {
-                    "kind": self.spec.kind,
-                    "arch": self.spec.arch,
-                    "weights": self.weights_id,
-                    "image_tower": _state_hash(self.model.visual),
-                    "preprocess": self.preprocess_id,
-                },
-                sort_keys=True,
-            )
-        )
+    def image_fingerprint(self, runtime: str | None = None) -> str:
+        """Identity of the image side only: what decides whether cached features are still valid.
+
+        It names the runtime that makes the features (``runtime``: another one than this backbone's)
+        unless that is eager PyTorch, whose fingerprints, and feature caches, predate the choice.
+        """
+        runtime = runtime or self.runtime
+        identity = {
+            "kind": self.spec.kind,
+            "arch": self.spec.arch,
+            "weights": self.weights_id,
+            "image_tower": _state_hash(self.model.visual),
+            "preprocess": self.preprocess_id,
+        }
+        if runtime != "torch":
+            identity["runtime"] = runtime
+        return _sha(json.dumps(identity, sort_keys=True))
 
     def fingerprint(self, class_names: Sequence[str]) -> str:
         """Identity of everything a federation must share: image side, prompts and their features.
@@ -149,16 +210,57 @@ class Backbone:
             "is_clip": self.is_clip,
             "weights": self.weights_id,
             "preprocess": self.preprocess_id,
+            "runtime": self.runtime,
+            "runtime_version": runtime_version(self.runtime),
             "logit_scale": round(self.logit_scale, 4),
             "image_fingerprint": self.image_fingerprint(),
             "fingerprint": self.fingerprint(class_names),
         }
 
 
-def load_backbone(spec: BackboneSpec | None = None, device: str | torch.device | None = None) -> Backbone:
-    """Build a frozen backbone in eval mode; ``device`` None picks CUDA when available."""
+def resolve_runtime(spec: BackboneSpec, device: str | torch.device) -> str:
+    """``spec.runtime`` with ``auto`` decided: onnxruntime for the offline backbone on the CPU, else torch."""
+    if spec.runtime not in RUNTIMES:
+        raise BackboneError(f"unknown runtime {spec.runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    on_cpu = torch.device(device).type == "cpu"
+    if spec.runtime == "auto":
+        return "onnxruntime" if on_cpu and spec.kind == OFFLINE_DEFAULT and _has_onnxruntime() else "torch"
+    if spec.runtime == "onnxruntime" and not on_cpu:
+        raise BackboneError(f"runtime onnxruntime runs on the CPU; use runtime torch on {device}")
+    return spec.runtime
+
+
+def runtime_version(runtime: str) -> str:
+    """The version of the package that runs the image tower (goes into reports)."""
+    if runtime == "onnxruntime":
+        import onnxruntime
+
+        return f"onnxruntime {onnxruntime.__version__}"
+    return f"torch {torch.__version__}"
+
+
+def _has_onnxruntime() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:  # pragma: no cover - in requirements.txt
+        return False
+    return True
+
+
+def load_backbone(
+    spec: BackboneSpec | None = None,
+    device: str | torch.device | None = None,
+    runtime_cache: str | Path | None = None,
+) -> Backbone:
+    """Build a frozen backbone in eval mode; ``device`` None picks CUDA when available.
+
+    ``spec.runtime`` ``auto`` is resolved here (the returned backbone's spec names the runtime).
+    ``runtime_cache`` holds exported image towers (default ``$FEDMEDCLIP_RUNTIME_CACHE`` or
+    ``.cache/runtime``); the export happens on the first encode, not here.
+    """
     spec = spec or BackboneSpec()
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    spec = replace(spec, runtime=resolve_runtime(spec, dev))
     if spec.kind == OFFLINE_DEFAULT:
         backbone = _load_offline(spec)
     elif spec.kind == "openclip":
@@ -167,8 +269,116 @@ def load_backbone(spec: BackboneSpec | None = None, device: str | torch.device |
         raise BackboneError(f"unknown backbone kind {spec.kind!r}; choose one of {', '.join(BACKBONE_KINDS)}")
     backbone.model.eval().requires_grad_(False)
     backbone.model.to(dev)
+    if dev.type == "cpu":
+        backbone.model.visual.to(memory_format=torch.channels_last)  # 2-4x faster convolutions on a CPU
     backbone.device = dev
+    if runtime_cache is not None:
+        backbone.runtime_cache = Path(runtime_cache)
     return backbone
+
+
+def _onnx_path(backbone: Backbone) -> Path:
+    """Where the exported tower lives: named after what it is (the eager tower's identity) and the exporter."""
+    import onnxruntime
+
+    torch_identity = backbone.image_fingerprint(runtime="torch")
+    key = _sha(
+        json.dumps(
+            {"tower": torch_identity, "torch": torch.__version__, "opset": ONNX_OPSET, "ort": onnxruntime.__version__},
+            sort_keys=True,
+        )
+    )[:32]
+    root = backbone.runtime_cache or Path(os.environ.get("FEDMEDCLIP_RUNTIME_CACHE") or DEFAULT_RUNTIME_CACHE)
+    return Path(root) / "onnxruntime" / key / "image_tower.onnx"
+
+
+def _export_onnx(visual: nn.Module, path: Path) -> None:
+    """Export the image tower (batch dimension dynamic) to ``path``, atomically."""
+    example = torch.zeros(2, 3, _OFFLINE_IMAGE_SIZE, _OFFLINE_IMAGE_SIZE)
+    size = getattr(visual, "image_size", None)
+    if isinstance(size, int):
+        example = torch.zeros(2, 3, size, size)
+    elif isinstance(size, (tuple, list)) and len(size) == 2:
+        example = torch.zeros(2, 3, int(size[0]), int(size[1]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
+    os.close(fd)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                visual,
+                (example,),
+                tmp,
+                input_names=["image"],
+                output_names=["features"],
+                dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}},
+                opset_version=ONNX_OPSET,
+                dynamo=False,
+            )
+        os.chmod(tmp, 0o644)  # other processes, other users of this cache, read it
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _onnx_session(backbone: Backbone):
+    """An ONNX Runtime session of the image tower: exported once per tower identity, then reused.
+
+    The export is done under a file lock, so processes that start together export it once; a cache
+    folder that cannot be written to (a read-only image) gets a private temporary copy instead.
+    Every session is checked against eager PyTorch on a seeded batch before it is used; a cached file
+    that fails to load or to match (truncated, tampered with) is exported again, once.
+    """
+    visual = backbone.model.visual
+    path = _onnx_path(backbone)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock", timeout=300):
+            if not path.exists():
+                log.info("exporting the image tower to %s (once per backbone)", path)
+                _export_onnx(visual, path)
+            try:
+                return _checked_session(path.read_bytes(), visual, path)
+            except Exception as exc:  # onnxruntime raises its own types for a malformed file
+                log.warning("cached image tower %s unusable (%s): exporting it again", path, exc)
+                path.unlink(missing_ok=True)
+                _export_onnx(visual, path)
+                return _checked_session(path.read_bytes(), visual, path)
+    except OSError as exc:
+        log.warning("runtime cache %s not writable (%s): exporting the image tower to a temporary folder", path, exc)
+        with tempfile.TemporaryDirectory() as tmp:
+            _export_onnx(visual, Path(tmp) / "image_tower.onnx")
+            return _checked_session((Path(tmp) / "image_tower.onnx").read_bytes(), visual, path)
+
+
+def _checked_session(model_bytes: bytes, visual: nn.Module, path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(1, torch.get_num_threads())
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    _check_session(session, visual, path)
+    return session
+
+
+def _check_session(session, visual: nn.Module, path: Path) -> None:
+    """The exported tower must give eager PyTorch's features (cosine >= MIN_RUNTIME_COSINE) on a seeded batch."""
+    shape = [d if isinstance(d, int) else 2 for d in session.get_inputs()[0].shape]
+    generator = torch.Generator().manual_seed(0)
+    batch = torch.randn(*shape, generator=generator)
+    with torch.inference_mode():
+        expected = visual(batch.contiguous(memory_format=torch.channels_last)).float().numpy()
+    got = session.run(None, {"image": batch.numpy()})[0]
+    cos = (expected * got).sum(1) / (np.linalg.norm(expected, axis=1) * np.linalg.norm(got, axis=1))
+    if not np.all(cos >= MIN_RUNTIME_COSINE):
+        raise BackboneError(
+            f"the ONNX image tower {path} does not match PyTorch (min cosine {cos.min():.6f} < "
+            f"{MIN_RUNTIME_COSINE}); delete it to export it again, or use runtime torch"
+        )
 
 
 _OFFLINE_IMAGE_SIZE = 224

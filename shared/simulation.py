@@ -1,4 +1,4 @@
-"""In-process federation: N hospitals plus a held-out one, R rounds, one process.
+"""Simulated federation: N hospitals plus a held-out one, R rounds, in one process or on Ray.
 
 It drives the same round steps as the services (:mod:`shared.learning.rounds`): local training, the
 codec in both directions, streaming aggregation, with the aggregator's weights
@@ -13,6 +13,11 @@ Hospitals are drawn from pooled data (Dirichlet label skew or iid, plus a drawn 
 are the sites the data came from (``partition="natural"``: ``ROOT/<site>/<class>/*`` or a manifest with a
 ``site`` column; ``holdout`` names the held-out site).
 
+``backend="ray"`` runs the hospitals' steps and evaluations in Ray actors, one per CPU of the machine or
+cluster (:mod:`shared.simulation_ray`); the updates are still folded here in hospital order, so the
+report equals the in-process one for the same seed. Hospitals without training data (a Dirichlet partition
+into more hospitals than the data fills, ``min_hospital_size=0``) train and send nothing.
+
 Run: ``fedmedclip simulate --help`` (``make simulate``; ``python -m shared.simulation`` too).
 """
 
@@ -20,27 +25,41 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from shared import __version__
-from shared.backbone import BACKBONE_KINDS, Backbone, BackboneSpec, load_backbone
+from shared.backbone import BACKBONE_KINDS, RUNTIMES, Backbone, BackboneSpec, load_backbone
 from shared.codec import CODECS
 from shared.data import Dataset, HospitalData, default_data_root
 from shared.data.features import EncodeStats, encode_samples
 from shared.data.partition import split_class_counts
 from shared.data.pipeline import PARTITIONS, parse_holdout, prepare_federation
 from shared.learning.aggregation import AGGREGATION_RULES, capped_weights, make_aggregator
+from shared.learning.cohort import (
+    Cohort,
+    HospitalEvaluation,
+    HospitalUpdate,
+    LearnerSpec,
+    Member,
+    held_out_by_every_model,
+)
 from shared.learning.metrics import SELECT_METRICS, mean_metrics, nanmean
-from shared.learning.rounds import WireConfig, fold_update, make_update, publish_global
-from shared.learning.training import METHODS, HospitalLearner, MethodConfig, TrainConfig, build_adapter, get_method
+from shared.learning.rounds import WireConfig, fold_update, publish_global
+from shared.learning.training import METHODS, MethodConfig, TrainConfig, build_adapter, get_method
 from shared.ops.command import Command, main_for
 from shared.ops.report import best_round_table, confusion_table, dumps_strict, file_stem, per_class_table
+
+if TYPE_CHECKING:
+    from shared.simulation_ray import RayBackend
 
 log = logging.getLogger("fedmedclip.simulation")
 
@@ -68,6 +87,12 @@ class SimConfig:
     cache_dir: str | None = ".cache/features"
     device: str | None = None
     progress: bool = True
+    min_hospital_size: int = 10  # dirichlet: every hospital holds at least this many images (0: empty ones allowed)
+    backend: str = "inprocess"  # inprocess, or ray (hospitals' steps in Ray actors: shared.simulation_ray)
+    ray_address: str | None = None  # ray: an existing cluster (HOST:6379); None starts Ray on this machine
+    ray_resident_mb: int = 1024  # ray: hospitals' private state each actor keeps in memory; the rest spill to disk
+    ray_spill_dir: str | None = None  # ray: where actors spill hospitals' state (None: the system's temp folder)
+    workers: int = 0  # inprocess on a CPU: threads running hospitals' steps (0: one per core), one torch thread each
 
 
 @dataclass
@@ -95,6 +120,7 @@ def prepare(cfg: SimConfig, backbone: Backbone | None = None) -> Prepared:
         per_class=cfg.per_class,
         holdout=cfg.holdout,
         partition=cfg.partition,
+        min_size=cfg.min_hospital_size,
     )
     ds, hospitals = fed.dataset, fed.hospitals
     backbone = backbone or load_backbone(cfg.backbone, cfg.device)
@@ -113,75 +139,163 @@ def prepare(cfg: SimConfig, backbone: Backbone | None = None) -> Prepared:
     )
 
 
+#: Where the hospitals' steps run: all in this process, or as Ray actors (:mod:`shared.simulation_ray`).
+BACKENDS = ("inprocess", "ray")
+
+
+class InProcessBackend:
+    """Every training hospital in one :class:`~shared.learning.cohort.Cohort` of this process, all in memory.
+
+    On a CPU the hospitals' steps and evaluations run on ``workers`` threads (one per core by default), each
+    hospital's on one torch thread: hospitals are independent within a round (their own learner, batch-order
+    RNG and data; the global is only read), PyTorch and zstd release the GIL while they compute, and the
+    updates are still folded in hospital order. Every hospital computes exactly what it computes alone on one
+    thread, so the report depends neither on ``workers`` nor on the machine's core count (and equals the Ray
+    backend's, whose actors run one thread each).
+    """
+
+    def __init__(self, cohort: Cohort, workers: int = 1) -> None:
+        self.cohort = cohort
+        self.workers = max(1, min(workers, len(cohort.members)))
+        cohort.build_resident()  # learners seed torch's global RNG as they are built: one at a time, here
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="hospital") if self.workers > 1 else None
+
+    def _map(self, fn, indices: list[int]) -> Iterator:
+        return map(fn, indices) if self.pool is None else self.pool.map(fn, indices)  # results in index order
+
+    def set_global(self, state: dict[str, torch.Tensor], round_index: int) -> None:
+        self.cohort.set_global(state, round_index)
+
+    def updates(self, round_index: int, wire: WireConfig) -> Iterator[HospitalUpdate]:
+        return self._map(lambda i: self.cohort.step(i, round_index, wire), sorted(self.cohort.members))
+
+    def evaluations(self, round_index: int) -> list[HospitalEvaluation]:
+        return list(self._map(lambda i: self.cohort.evaluate(i, round_index), sorted(self.cohort.members)))
+
+    def info(self) -> dict:
+        return {"backend": "inprocess", "workers": self.workers, "torch_threads_per_hospital": torch.get_num_threads()}
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        self.cohort.close()
+
+
 def run(cfg: SimConfig, prepared: Prepared | None = None) -> dict:
-    """Run the federation and return the report (also written when ``out_dir`` is given to :func:`main`)."""
+    """Run the federation and return the report (also written when ``out_dir`` is given to :func:`main`).
+
+    Each round: every training hospital's step (:func:`shared.learning.cohort.hospital_step`: load the
+    global, train, encode) on the chosen backend, folded here in hospital order, then the new global and
+    every hospital's evaluation; both backends give the same report for the same seed.
+    """
     if cfg.select_by not in SELECT_METRICS:
         raise ValueError(f"select_by must be one of {list(SELECT_METRICS)}, got {cfg.select_by!r}")
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {cfg.backend!r}")
     t_start = time.perf_counter()
     method = get_method(cfg.method)
     torch.manual_seed(cfg.seed)
     prep = prepared or prepare(cfg)
-    num_classes = len(prep.dataset.class_names)
-    dim = prep.features.shape[1]
     training = [h for h in prep.hospitals if not h.held_out]
     held_out = [h for h in prep.hospitals if h.held_out]
-
-    def part(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.from_numpy(np.array(idx, dtype=np.int64))  # a writable copy
-        return prep.features[index], prep.labels[index]
-
-    learners = [
-        HospitalLearner(
-            method,
-            cfg.train,
-            dim=dim,
-            num_classes=num_classes,
-            text_features=prep.text,
-            logit_scale=prep.backbone.logit_scale,
-            seed=cfg.seed,
-            hospital_index=i,
-            device=prep.backbone.device if cfg.device is None else cfg.device,
-        )
-        for i in range(len(training))
-    ]
-    global_state = build_adapter(method, dim, cfg.train, cfg.seed).travel_state()
-    weights = capped_weights(
-        {h.name: len(h.split.train) for h in training},
-        max_samples=cfg.max_samples_per_node,
-        max_share=cfg.max_weight_share,
+    device = prep.backbone.device if cfg.device is None else cfg.device
+    spec = LearnerSpec(
+        method,
+        cfg.train,
+        dim=prep.features.shape[1],
+        num_classes=len(prep.dataset.class_names),
+        text_features=prep.text,
+        logit_scale=prep.backbone.logit_scale,
+        seed=cfg.seed,
+        device=str(device) if cfg.backend == "inprocess" else "cpu",
     )
+    members = [Member(i, h.name, h.split.train, h.split.val, h.split.test) for i, h in enumerate(training)]
+    held = {h.name: h.split.test for h in held_out}
+    if cfg.backend == "ray":
+        from shared.simulation_ray import RayBackend
+
+        backend = RayBackend(
+            spec,
+            members,
+            prep.features,
+            prep.labels,
+            held,
+            address=cfg.ray_address,
+            resident_mb=cfg.ray_resident_mb,
+            spill_dir=cfg.ray_spill_dir,
+        )
+    else:
+        on_cpu = torch.device(spec.device).type == "cpu"
+        workers = (cfg.workers or os.cpu_count() or 1) if on_cpu else 1
+        backend = InProcessBackend(Cohort(spec, members, prep.features, prep.labels, held), workers)
+    threads = torch.get_num_threads()
+    if cfg.backend == "inprocess" and torch.device(spec.device).type == "cpu":
+        torch.set_num_threads(1)  # one thread per hospital (see InProcessBackend); the process's count comes back
+    try:
+        history = _rounds(cfg, method, spec, training, held_out, backend)
+        info = backend.info()
+    finally:
+        backend.close()
+        torch.set_num_threads(threads)
+    report = _report(cfg, method, prep, history, time.perf_counter() - t_start)
+    report["backend"] = info
+    return report
+
+
+def _rounds(
+    cfg: SimConfig,
+    method: MethodConfig,
+    spec: LearnerSpec,
+    training: list[HospitalData],
+    held_out: list[HospitalData],
+    backend: InProcessBackend | RayBackend,
+) -> list[dict]:
+    """The rounds: the hospitals' steps on ``backend`` folded here in hospital order, the new global, evaluation."""
+    global_state = build_adapter(method, spec.dim, cfg.train, cfg.seed).travel_state()
+    senders = [h for h in training if len(h.split.train) > 0]  # a hospital without training data sends nothing
+    weights = (
+        capped_weights(
+            {h.name: len(h.split.train) for h in senders},
+            max_samples=cfg.max_samples_per_node,
+            max_share=cfg.max_weight_share,
+        )
+        if senders
+        else {}
+    )
+    if method.federated:
+        backend.set_global(global_state, 0)
     rounds = cfg.rounds if method.trains else 1
     history: list[dict] = []
     for r in range(rounds):
         t_round = time.perf_counter()
-        timings = {"local_train": 0.0, "codec": 0.0, "aggregate": 0.0, "validate": 0.0}
+        timings = {"local_train": 0.0, "codec": 0.0, "aggregate": 0.0, "validate": 0.0, "state_io": 0.0}
         bytes_up = bytes_up_raw = bytes_down = bytes_down_raw = 0
         aggregator = make_aggregator(cfg.aggregation)
-        for h, learner in zip(training, learners):
-            feats, labels = part(h.split.train)
-            if method.federated:
-                t0 = time.perf_counter()
-                payload, stats = make_update(learner, global_state, feats, labels, r, cfg.wire)
-                timings["local_train"] += stats.seconds
-                timings["codec"] += time.perf_counter() - t0 - stats.seconds
-                t0 = time.perf_counter()
-                fold_update(aggregator, payload.data, payload.sha256, global_state, weights[h.name], cfg.wire)
-                timings["aggregate"] += time.perf_counter() - t0
-                bytes_up += payload.wire_nbytes
-                bytes_up_raw += payload.raw_nbytes
-            else:
-                timings["local_train"] += learner.train_round(feats, labels, r).seconds
+        for update in backend.updates(r, cfg.wire):
+            timings["local_train"] += update.stats.seconds
+            timings["state_io"] += update.state_seconds
+            if update.payload is None:
+                continue
+            payload = update.payload
+            timings["codec"] += update.seconds - update.stats.seconds
+            t0 = time.perf_counter()
+            name = training[update.index].name
+            fold_update(aggregator, payload.data, payload.sha256, global_state, weights[name], cfg.wire)
+            timings["aggregate"] += time.perf_counter() - t0
+            bytes_up += payload.wire_nbytes
+            bytes_up_raw += payload.raw_nbytes
         if method.federated:
             t0 = time.perf_counter()
             payload, global_state = publish_global(aggregator, global_state, cfg.wire)
             timings["aggregate"] += time.perf_counter() - t0
-            bytes_down = payload.wire_nbytes * len(training)
-            bytes_down_raw = payload.raw_nbytes * len(training)
-            for learner in learners:
-                learner.load_adapter_state(global_state)
+            bytes_down = payload.wire_nbytes * len(senders)
+            bytes_down_raw = payload.raw_nbytes * len(senders)
+            backend.set_global(global_state, r + 1)
         t0 = time.perf_counter()
-        record = _evaluate_round(r, method, training, held_out, learners, part)
+        evaluations = backend.evaluations(r)
+        record = _round_record(r, method, training, held_out, evaluations)
         timings["validate"] = time.perf_counter() - t0
+        timings["state_io"] += sum(e.state_seconds for e in evaluations)
         record.update(
             bytes_up=bytes_up,
             bytes_up_raw=bytes_up_raw,
@@ -189,7 +303,7 @@ def run(cfg: SimConfig, prepared: Prepared | None = None) -> dict:
             bytes_down_raw=bytes_down_raw,
             seconds=time.perf_counter() - t_round,
             timings=timings,
-            keep_ratios=learners[0].keep_ratios() if learners else {},
+            keep_ratios=(evaluations[0].keep_ratios or {}) if evaluations else {},
         )
         history.append(record)
         log.info(
@@ -202,35 +316,26 @@ def run(cfg: SimConfig, prepared: Prepared | None = None) -> dict:
             bytes_down / 1e3,
             record["seconds"],
         )
-    return _report(cfg, method, prep, history, time.perf_counter() - t_start)
+    return history
 
 
-def _evaluate_round(
+def _round_record(
     r: int,
     method: MethodConfig,
     training: list[HospitalData],
     held_out: list[HospitalData],
-    learners: list[HospitalLearner],
-    part,
+    evaluations: list[HospitalEvaluation],
 ) -> dict:
-    clients: dict[str, dict] = {}
-    vals = []
-    for h, learner in zip(training, learners):
-        val = learner.evaluate(*part(h.split.val))
-        heads = (method.head, "clip", "mlp", "ensemble") if method.use_mlp else (method.head,)
-        test = learner.evaluate_heads(*part(h.split.test), heads=tuple(dict.fromkeys(heads)))
-        clients[h.name] = {"val": val, "test": test[method.head]}
-        if method.use_mlp:  # both heads, to check the ensemble against them
-            clients[h.name]["test_heads"] = {head: test[head]["accuracy"] for head in ("clip", "mlp", "ensemble")}
-        vals.append(val)
+    """A round's record from the hospitals' evaluations (in hospital order)."""
+    clients: dict[str, dict] = {h.name: e.client for h, e in zip(training, evaluations)}
+    vals = [e.client["val"] for e in evaluations]
     for h in held_out:
-        feats, labels = part(h.split.test)
-        if method.federated or not learners or not method.trains:
-            # the global FAM and the class prompts alone: a hospital that never trained has no MLP
-            test = learners[0].evaluate(feats, labels, head="clip")
-        else:
+        if held_out_by_every_model(method):
             # nothing global exists: the mean over the training hospitals' own models
-            test = mean_metrics([learner.evaluate(feats, labels) for learner in learners])
+            test = mean_metrics([e.held_out[h.name] for e in evaluations])
+        else:
+            # the global FAM and the class prompts alone (hospital 0's copy): a hospital that never trained has no MLP
+            test = evaluations[0].held_out[h.name]
         clients[h.name] = {"test": test}
     mean_val = {k: nanmean([v[k] for v in vals]) for k in SELECT_METRICS}
     return {"round": r + 1, "mean_val_accuracy": mean_val["accuracy"], "mean_val": mean_val, "clients": clients}
@@ -279,7 +384,8 @@ def _report(cfg: SimConfig, method: MethodConfig, prep: Prepared, history: list[
             "down": nanmean([h["bytes_down"] for h in history]),
             "down_raw": nanmean([h["bytes_down_raw"] for h in history]),
             "per_transfer": (
-                nanmean([h["bytes_up"] for h in history]) / max(1, sum(not h.held_out for h in prep.hospitals))
+                nanmean([h["bytes_up"] for h in history])
+                / max(1, sum(not h.held_out and len(h.split.train) > 0 for h in prep.hospitals))
             ),
         },
         "timings": {
@@ -343,8 +449,30 @@ def confusion_png(name: str) -> str:
     return f"confusion_{file_stem(name)}.png"
 
 
+#: Above this many hospitals, report.md, the confusion PNGs and the accuracy plot show the first
+#: ``DETAIL_SHOWN`` training hospitals and every held-out one; report.json keeps them all.
+DETAIL_LIMIT = 16
+DETAIL_SHOWN = 8
+
+
+def shown_hospitals(report: dict) -> list[str]:
+    """The hospitals report.md and the plots detail (all of them up to ``DETAIL_LIMIT``)."""
+    names = list(report["test"])
+    if len(names) <= DETAIL_LIMIT:
+        return names
+    held = {h["name"] for h in report["hospitals"] if h["held_out"]}
+    return [n for n in names if n not in held][:DETAIL_SHOWN] + [n for n in names if n in held]
+
+
 def render_markdown(report: dict) -> str:
     b = report["backbone"]
+    shown = shown_hospitals(report)
+    full = report
+    report = {
+        **report,
+        "test": {n: report["test"][n] for n in shown},
+        "hospitals": [h for h in report["hospitals"] if h["name"] in set(shown)],
+    }
     lines = [
         f"# FedMedCLIP run: {report['method']}",
         "",
@@ -354,6 +482,15 @@ def render_markdown(report: dict) -> str:
         + ("" if b["is_clip"] else ". Not CLIP: zero-shot accuracy is chance by construction."),
         "",
         *best_round_table(report),
+        *(
+            [
+                "",
+                f"{len(full['test'])} hospitals: the tables show {len(shown)} of them (AVG is over all; "
+                "report.json holds every one).",
+            ]
+            if len(shown) < len(full["test"])
+            else []
+        ),
         "",
         *_hospital_table(report),
         "",
@@ -377,12 +514,26 @@ def render_markdown(report: dict) -> str:
         f"({', '.join(f'{k} {v:.3f}' for k, v in t['phase_seconds_per_round'].items())}); "
         f"encode: {t['encode_images']} images in {t['encode_seconds']:.1f}s on {t['encode_device']}, "
         f"{t['encode_cached']} from cache; wall {t['wall_seconds']:.1f}s.",
+        *_backend_lines(report.get("backend")),
         f"Duplicates removed: {report['duplicates'].get('n_removed')} "
         f"({report['duplicates'].get('n_groups')} groups, {report['duplicates'].get('n_cross_folder_groups')} "
         "across top-level folders).",
         "",
     ]
     return "\n".join(lines)
+
+
+def _backend_lines(info: dict | None) -> list[str]:
+    if not info or info.get("backend") != "ray":
+        return []
+    actors = info["actors"]
+    return [
+        f"Backend: Ray {info['ray_version']}, {len(actors)} actors on {len(info['nodes'])} node(s) "
+        f"({', '.join(info['nodes'])}); hospitals' state in memory {sum(a['resident'] for a in actors)}, "
+        f"spilled to disk {sum(a['spilled'] for a in actors)} "
+        f"({sum(a['bytes_written'] for a in actors) / 1e9:.1f} GB written); "
+        f"peak RSS per actor {max(a['peak_rss_mb'] for a in actors):.0f} MB."
+    ]
 
 
 def _hospital_table(report: dict) -> list[str]:
@@ -405,7 +556,8 @@ def _hospital_table(report: dict) -> list[str]:
 
 
 def plot_confusions(report: dict, out_dir: Path) -> list[Path]:
-    """One PNG per hospital whose test metrics carry a confusion matrix: counts, and recall as the colour."""
+    """One PNG per shown hospital (:func:`shown_hospitals`) whose test metrics carry a confusion matrix: counts,
+    and recall as the colour."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -413,7 +565,8 @@ def plot_confusions(report: dict, out_dir: Path) -> list[Path]:
 
     classes = report["classes"]
     written = []
-    for name, m in report["test"].items():
+    for name in shown_hospitals(report):
+        m = report["test"][name]
         if "confusion" not in m:
             continue
         counts = np.asarray(m["confusion"], dtype=np.float64)
@@ -457,12 +610,22 @@ def plot_history(report: dict, out_dir: Path) -> None:
     hist = report["history"]
     rounds = [h["round"] for h in hist]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name in hist[0]["test_accuracy"]:
+    shown = shown_hospitals(report)
+    for name in shown:
         ax.plot(
             rounds,
             [h["test_accuracy"][name] for h in hist],
             label=f"{name} (test)",
             marker="." if len(hist) < 30 else None,
+        )
+    if len(shown) < len(hist[0]["test_accuracy"]):
+        trainers = [h["name"] for h in report["hospitals"] if not h["held_out"]]
+        ax.plot(
+            rounds,
+            [nanmean([h["test_accuracy"][n] for n in trainers]) for h in hist],
+            "k-",
+            lw=2,
+            label=f"mean of all {len(trainers)} training hospitals (test)",
         )
     select_by = report["select_by"]
     ax.plot(rounds, [h["mean_val"][select_by] for h in hist], "k--", label=f"mean val {select_by} (selection)")
@@ -515,6 +678,13 @@ class SimulateConfig:
     device: str | None = None  # cpu or cuda (default: cuda when available)
     out: str = "runs/simulation"  # output folder: report.json, report.md, accuracy.png, bytes.png, confusion_*.png
     progress: bool = True  # progress bars and per-round log lines
+    min_hospital_size: int = 10  # dirichlet: redraw until every hospital holds this many images (0: allow empty ones)
+    backend: str = "inprocess"  # inprocess (one process) or ray (hospitals in Ray actors, one per CPU)
+    ray_address: str | None = None  # backend ray: HOST:6379 of a running cluster (default: start Ray here)
+    ray_resident_mb: int = 1024  # backend ray: MB of hospital state an actor keeps in memory; the rest spill to disk
+    ray_spill_dir: str | None = None  # backend ray: where actors spill hospital state (default: system temp folder)
+    workers: int = 0  # backend inprocess on a CPU: hospitals trained at once, one torch thread each (0: one per core)
+    runtime: str = "auto"  # image tower: auto (onnxruntime on a CPU, offline backbone), torch or onnxruntime
 
     def __post_init__(self) -> None:
         for name, choices in (
@@ -524,6 +694,7 @@ class SimulateConfig:
             ("backbone", BACKBONE_KINDS),
             ("partition", PARTITIONS),
             ("select_by", SELECT_METRICS),
+            ("backend", BACKENDS),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {list(choices)}")
@@ -531,6 +702,12 @@ class SimulateConfig:
             raise ValueError("max_samples_per_node must be >= 1 (or null: no cut)")
         if self.max_weight_share is not None and not 0.0 < self.max_weight_share <= 1.0:
             raise ValueError("max_weight_share must be in (0, 1] (or null: off)")
+        if self.min_hospital_size < 0 or self.ray_resident_mb < 0 or self.workers < 0:
+            raise ValueError("min_hospital_size, ray_resident_mb and workers must be >= 0")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {list(RUNTIMES)}")
+        if self.ray_address is not None and self.backend != "ray":
+            raise ValueError("ray_address needs backend ray")
 
     def sim_config(self) -> SimConfig:
         return SimConfig(
@@ -548,11 +725,17 @@ class SimulateConfig:
             max_samples_per_node=self.max_samples_per_node,
             max_weight_share=self.max_weight_share,
             seed=self.seed,
-            backbone=BackboneSpec(kind=self.backbone, arch=self.arch, pretrained=self.pretrained),
+            backbone=BackboneSpec(kind=self.backbone, arch=self.arch, pretrained=self.pretrained, runtime=self.runtime),
             train=replace(TrainConfig(), lr_adapter=self.lr_fam, lr_mlp=self.lr_mlp),
             cache_dir=self.cache_dir,
             device=self.device,
             progress=self.progress,
+            min_hospital_size=self.min_hospital_size,
+            backend=self.backend,
+            ray_address=self.ray_address,
+            ray_resident_mb=self.ray_resident_mb,
+            ray_spill_dir=self.ray_spill_dir,
+            workers=self.workers,
         )
 
 
@@ -570,7 +753,7 @@ def _simulate(cfg: SimulateConfig, _args: argparse.Namespace) -> int:
 
 COMMAND = Command(
     name="simulate",
-    help="an in-process federation",
+    help="a simulated federation, in one process or on Ray",
     run=_simulate,
     config=SimulateConfig,
     env_prefix="FEDMEDCLIP_SIMULATE_",

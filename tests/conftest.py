@@ -28,6 +28,8 @@ if str(REPO_ROOT) not in sys.path:  # lets plain `pytest` import `shared` withou
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach a model hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# one folder of exported image towers for the whole suite and its subprocesses (exported once)
+os.environ.setdefault("FEDMEDCLIP_RUNTIME_CACHE", str(REPO_ROOT / ".cache" / "runtime"))
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -45,8 +47,11 @@ MARKERS = {
     "test_backbone.py": "unit",
     "test_codec.py": "unit",
     "test_data.py": "unit",
+    "test_encode_runtime.py": "unit",  # lookup-table preprocessing, the ONNX Runtime tower against PyTorch, its cache
     "test_encode_progress.py": "unit",  # a node's encoding metrics as the demo's launcher reads them
     "test_features.py": "unit",
+    "test_fold_rows.py": "unit",  # the aggregator's fast fold against a plain reference and the full-tensor path
+    "test_load_paths.py": "unit",  # the aggregator's cheaper per-call paths (trainer and handler caches)
     "test_layout.py": "unit",  # one short interpreter per core module (imports only)
     "test_metrics.py": "unit",  # per-class metrics, round selection, report helpers
     "test_model.py": "unit",
@@ -66,6 +71,7 @@ MARKERS = {
     "test_reasons.py": "services",
     "test_services_federation.py": "services",
     "test_simulation.py": "services",  # in-process simulations on real images
+    "test_simulation_ray.py": "services",  # the Ray backend: a local Ray started and stopped per test
     "test_trust.py": "services",
     # deploy: the deployment checks
     "test_deploy.py": "deploy",

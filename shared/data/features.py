@@ -11,6 +11,12 @@ nodes do): a writer merges its new entries into the file as it is on disk now, u
 (``features.npz.lock``), so no process drops another's entries; writes are atomic (temp file, then
 rename), so readers take no lock. An encoder saves what it has every ``save_every_s`` and when it is
 interrupted, so work done is never lost.
+
+Encoding overlaps reading with the forward pass: threads decode the next batches (PIL and numpy
+release the GIL) while the backbone runs the current one, and preprocessing is the backbone's own
+transform with its per-pixel tail replaced by a lookup table (:mod:`shared.data.preprocess`,
+bit-identical tensors). A transform that cannot be split that way, or ``pipeline="dataloader"``,
+takes the former path: a torch DataLoader calling the transform image by image.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,11 +40,13 @@ from tqdm import tqdm
 from shared.backbone import Backbone
 from shared.data import Sample, load_image
 from shared.data.errors import DataError
+from shared.data.preprocess import ArrayPreprocess
 
 log = logging.getLogger(__name__)
 
 LOCK_TIMEOUT_S = 120.0  # a merge takes well under a second; a lock held this long is a stuck process
 SAVE_EVERY_S = 60.0
+PIPELINES = ("auto", "threads", "dataloader")
 
 
 class FeatureCacheBusyError(DataError):
@@ -138,18 +147,26 @@ def encode_samples(
     samples: Sequence[Sample],
     cache_dir: Path | str | None,
     *,
-    batch_size: int = 64,
+    batch_size: int = 32,
     num_workers: int | None = None,
     progress: bool = True,
     on_progress: Callable[[EncodeProgress], None] | None = None,
     save_every_s: float = SAVE_EVERY_S,
+    pipeline: str = "auto",
 ) -> tuple[torch.Tensor, EncodeStats]:
     """Features [N, D] float32 for ``samples``, in order, encoding only what the cache lacks.
 
     ``progress`` shows a progress bar; ``on_progress`` is called once the cache is read and after every
     batch (a node feeds its metrics from it). The cache is read here, as late as possible, so entries
     that other processes saved meanwhile are used.
+
+    ``pipeline``: ``threads`` (what ``auto`` picks when the transform allows it) reads images in
+    ``num_workers`` threads (default: 1 on a CPU, where the forward pass needs the cores, up to 8 on
+    a GPU; 0 reads in the calling thread); ``dataloader`` is the former path, a DataLoader with
+    ``num_workers`` processes (default up to 2) applying the transform image by image.
     """
+    if pipeline not in PIPELINES:
+        raise ValueError(f"pipeline must be one of {', '.join(PIPELINES)}")
     cache = FeatureCache(cache_dir, backbone.image_fingerprint()) if cache_dir is not None else None
     entries = cache.load() if cache else {}
     distinct: dict[str, Sample] = {}  # one sample per content
@@ -161,26 +178,26 @@ def encode_samples(
         on_progress(EncodeProgress(len(distinct), n_found, 0))
     start = time.perf_counter()
     if todo:
-        workers = num_workers if num_workers is not None else min(2, os.cpu_count() or 1)
-        loader = DataLoader(
-            _ImageFiles(todo, backbone.preprocess),
-            batch_size=batch_size,
-            num_workers=workers,
-            pin_memory=backbone.device.type == "cuda",
-        )
+        fast = ArrayPreprocess.from_transform(backbone.preprocess) if pipeline != "dataloader" else None
+        if fast is None:
+            if pipeline == "threads":
+                raise ValueError(f"pipeline threads: cannot split the transform {backbone.preprocess!r}")
+            batches = _dataloader_batches(backbone, todo, batch_size, num_workers)
+        else:
+            batches = _threaded_batches(backbone, fast, todo, batch_size, num_workers)
         done = 0
         unsaved: dict[str, np.ndarray] = {}
         last_save = time.monotonic()
         bar = tqdm(
             total=len(todo),
-            desc=f"encoding images ({backbone.device.type})",
+            desc=f"encoding images ({backbone.device.type}, {backbone.runtime})",
             unit="img",
             disable=not progress,
             dynamic_ncols=True,
         )
         try:
-            for batch in loader:
-                feats = backbone.encode_images(batch).numpy().astype(np.float16)
+            for batch in batches:
+                feats = _encode_batch(backbone, batch).astype(np.float16)
                 for row, sample in zip(feats, todo[done : done + len(feats)]):
                     entries[sample.sha256] = unsaved[sample.sha256] = row
                 done += len(feats)
@@ -192,6 +209,7 @@ def encode_samples(
                     cache.save(to_save)  # a crash loses a minute at most; other processes see these now
                     last_save = time.monotonic()
         finally:
+            batches.close()  # stops the readers
             bar.close()
             if cache and unsaved:
                 cache.save(unsaved)  # also when interrupted: the images encoded so far stay encoded
@@ -217,3 +235,49 @@ def encode_samples(
         seconds,
     )
     return features, stats
+
+
+def _encode_batch(backbone: Backbone, batch: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(batch, np.ndarray):
+        return backbone.encode_arrays(batch)
+    return backbone.encode_images(batch).numpy()
+
+
+def _dataloader_batches(
+    backbone: Backbone, todo: Sequence[Sample], batch_size: int, num_workers: int | None
+) -> Iterator[torch.Tensor]:
+    """The former path: worker processes apply the transform image by image, torch collates."""
+    workers = num_workers if num_workers is not None else min(2, os.cpu_count() or 1)
+    loader = DataLoader(
+        _ImageFiles(todo, backbone.preprocess),
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=backbone.device.type == "cuda",
+    )
+    yield from loader
+
+
+def _threaded_batches(
+    backbone: Backbone, fast: ArrayPreprocess, todo: Sequence[Sample], batch_size: int, num_workers: int | None
+) -> Iterator[np.ndarray]:
+    """float32 batches in order, read by ``num_workers`` threads a few batches ahead of the forward pass."""
+    chunks = [[s.path for s in todo[i : i + batch_size]] for i in range(0, len(todo), batch_size)]
+    if num_workers is None:
+        num_workers = 1 if backbone.device.type == "cpu" else min(8, os.cpu_count() or 1)
+    if num_workers <= 0:
+        for paths in chunks:
+            yield fast(paths)
+        return
+    ahead = num_workers + 1  # batches read or being read while the backbone runs one
+    with ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="encode-read") as pool:
+        pending: list[Future] = []
+        try:
+            for paths in chunks:
+                pending.append(pool.submit(fast, paths))
+                if len(pending) > ahead:
+                    yield pending.pop(0).result()
+            while pending:
+                yield pending.pop(0).result()
+        finally:
+            for future in pending:
+                future.cancel()

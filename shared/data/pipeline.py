@@ -70,12 +70,15 @@ def prepare_federation(
     per_class: int | None = None,
     holdout: bool | str = True,
     partition: str = "dirichlet",
+    min_size: int = 10,
 ) -> Federation:
     """Read ``root``, drop duplicate files, take ``per_class`` images a class if given, and build the hospitals.
 
     ``partition``: ``dirichlet`` (``hospitals`` training hospitals with label skew ``alpha``; iid when
     ``alpha`` is None), ``iid``, or ``natural`` (one hospital per site). ``holdout``: True adds a held-out
     'global' hospital drawn from pooled data, False none, a site name holds that site out (natural).
+    ``min_size``: a Dirichlet draw is repeated until every hospital holds at least this many images; 0 accepts
+    the first draw, empty hospitals included (the only way to a federation of more hospitals than images / 10).
     """
     if partition not in PARTITIONS:
         raise DataConfigError(f"unknown partition {partition!r}; expected one of {list(PARTITIONS)}")
@@ -109,5 +112,6 @@ def prepare_federation(
             holdout=bool(holdout),
             seed=seed,
             partition="iid" if partition == "iid" or alpha is None else "dirichlet",
+            min_size=min_size,
         )
     return Federation(ds, report, parts)

@@ -117,6 +117,13 @@ class Telemetry:
                 buckets=_SECONDS_BUCKETS,
                 registry=r,
             )
+            self.aggregate_cpu = Counter(
+                "fedmedclip_aggregate_cpu_seconds_total",
+                "CPU time of the aggregating thread in each step of fedmedclip_aggregate_duration_seconds "
+                "(its wall time also holds waits for the interpreter and the CPU, which other calls share)",
+                ["step"],
+                registry=r,
+            )
             self.updates_rejected = Counter(
                 "fedmedclip_updates_rejected_total", "Adapter updates refused, by reason", ["reason"], registry=r
             )
@@ -270,11 +277,15 @@ class Traffic:
 
     def __init__(self, counter: Counter) -> None:
         self.counter = counter
+        self._children: dict[tuple[str, str], Any] = {}  # (method, direction) -> the counter's child
         self._lock = threading.Lock()
         self._since: defaultdict[tuple[str, str], int] = defaultdict(int)
 
     def add(self, method: str, direction: str, nbytes: int) -> None:
-        self.counter.labels(grpc_method=method, direction=direction).inc(nbytes)
+        child = self._children.get((method, direction))
+        if child is None:  # labels() takes the metric's lock and builds its key: once per RPC and direction
+            child = self._children[(method, direction)] = self.counter.labels(grpc_method=method, direction=direction)
+        child.inc(nbytes)
         with self._lock:
             self._since[(method, direction)] += nbytes
 
@@ -308,8 +319,22 @@ class MetricsInterceptor(grpc.ServerInterceptor):
     def __init__(self, telemetry: Telemetry, clock: Callable[[], float] = time.perf_counter) -> None:
         self.t = telemetry
         self.clock = clock
+        # method -> the wrapped handler: built once per registered method, not per call (a load of hundreds of
+        # nodes makes thousands of calls a round); unknown methods (None) are never kept, so the map stays bounded
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self._children: dict[tuple[str, ...], tuple[Any, Any]] = {}  # labels -> (handled, seconds) children
 
     def intercept_service(self, continuation, handler_call_details):  # type: ignore[override]
+        full = handler_call_details.method
+        cached = self._handlers.get(full)
+        if cached is not None:
+            return cached
+        wrapped = self._intercept(continuation, handler_call_details)
+        if wrapped is not None:
+            self._handlers[full] = wrapped
+        return wrapped
+
+    def _intercept(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
@@ -373,10 +398,15 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         return serialize
 
     def _observe(self, service: str, method: str, kind: str, code: str, start: float) -> None:
-        self.t.grpc_handled.labels(grpc_service=service, grpc_method=method, grpc_type=kind, grpc_code=code).inc()
-        self.t.grpc_seconds.labels(grpc_service=service, grpc_method=method, grpc_type=kind).observe(
-            self.clock() - start
-        )
+        key = (service, method, kind, code)
+        children = self._children.get(key)
+        if children is None:  # a bounded set: registered methods times status codes
+            children = self._children[key] = (
+                self.t.grpc_handled.labels(grpc_service=service, grpc_method=method, grpc_type=kind, grpc_code=code),
+                self.t.grpc_seconds.labels(grpc_service=service, grpc_method=method, grpc_type=kind),
+            )
+        children[0].inc()
+        children[1].observe(self.clock() - start)
 
     def _wrap_unary(self, behavior, service: str, method: str, kind: str):
         def wrapped(request_or_iterator, context: grpc.ServicerContext):
