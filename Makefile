@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM ?= false
 ARGS ?=
 DEMO_ROUNDS ?= 30
 
-.PHONY: help venv system-deps protos lint format test test-fast demo simulate bench bench-layouts bench-protocol bench-rounds bench-encode bench-load bench-hostile provision deploy-check clean
+.PHONY: help venv system-deps protos lint format test test-fast demo simulate bench bench-layouts bench-protocol bench-training bench-rounds bench-encode bench-load bench-hostile provision deploy-check clean
 
 help:
 	@echo "make demo      a real federation: the aggregator + 3 hospital nodes + the held-out one as processes on loopback"
@@ -23,6 +23,7 @@ help:
 	@echo "make test-fast the unit tests alone (under a minute)"
 	@echo "make lint      ruff check + ruff format --check"
 	@echo "make provision certificates and configs for a federation: NODES=hospital_1,hospital_2 PKI=pki"
+	@echo "make bench-training a round of 4 hospitals and the protocol's accuracy, before and after (bench/results/training.md)"
 	@echo "make bench-protocol the full protocol from cold (no feature cache) to the report, timed (bench/results/protocol.md)"
 	@echo "make bench-load    one aggregator against 10, 50, 200, 500, 1000 light nodes, aggregator and nodes on separate cores (bench/results/load.md)"
 	@echo "make bench-hostile the hostile-input suite, its tally in bench/results/hostile.md"
@@ -73,6 +74,10 @@ bench-rounds: $(STAMP) protos
 # encoding speed (issue 13): stages apart, forward-only vs end to end, runtimes' cosines on the whole set
 bench-encode: $(STAMP)
 	$(PY) -m bench.encode $(ARGS)
+
+# local training before and after (a git revision in a temporary worktree): bench/results/training.md
+bench-training: $(STAMP)
+	$(PY) -m bench.training $(ARGS)
 
 # the whole brain tumor protocol from cold (empty feature cache) to the report: bench/results/protocol.md
 bench-protocol: $(STAMP)
