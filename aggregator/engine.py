@@ -203,6 +203,7 @@ class RoundEngine:
         self.method = get_method(cfg.method)
         self.bounds = UpdateBounds(max_update_norm=cfg.max_update_norm, max_abs_value=cfg.max_abs_value)
         lock = threading.RLock()
+        self._trainers_cache: tuple | None = None  # (key, sorted trainers, their set): _trainers()
         self._cond = threading.Condition(lock)  # wakes the driver (run): submissions, registrations, reports
         self._advanced = threading.Condition(lock)  # wakes long polls: a round opened or the run ended
         initial = build_adapter(self.method, cfg.embed_dim, TrainConfig(), cfg.seed).travel_state()
@@ -280,6 +281,7 @@ class RoundEngine:
         decoded = decode_state(ckpt.global_snapshot, sha256=None, template=self.template)
         self.global_state = decoded.tensors
         self.registry.nodes = {n: NodeRecord.from_dict(rec) for n, rec in ckpt.nodes.items()}
+        self._trainers_cache = None
         self.ledger = Ledger(ckpt.accepted)
         self.rounds_log = ckpt.rounds_log
         if ckpt.signature.get("class_names"):
@@ -315,6 +317,22 @@ class RoundEngine:
         for role in Role:
             self.t.nodes_registered.labels(role=role).set(self.registry.count(role))
 
+    def _trainers(self) -> tuple[list[str], frozenset[str]]:
+        """The registered trainers, sorted and as a set, computed once per change of the node table.
+
+        Every long poll, upload and driver step asks; recomputing it each time (a sort over every node)
+        made a round quadratic in the federation's size (bench/results/load.md). Registrations and a restore
+        invalidate it; a node table replaced or grown behind the engine's back is noticed by identity and size.
+        """
+        nodes = self.registry.nodes
+        key = (id(nodes), len(nodes))
+        cache = self._trainers_cache
+        if cache is None or cache[0] != key:
+            trainers = self.registry.trainers()
+            cache = (key, trainers, frozenset(trainers))
+            self._trainers_cache = cache
+        return cache[1], cache[2]
+
     def _ended(self) -> bool:
         return self.phase in (Phase.FINISHED, Phase.FAILED)
 
@@ -334,7 +352,7 @@ class RoundEngine:
             phase=self.phase,
             deadline_unix_ms=deadline_ms,
             update_accepted=accepted,
-            registered_trainers=len(self.registry.trainers()),
+            registered_trainers=len(self._trainers()[0]),
             updates_received=len(self.ledger.open),
             message=self.status_message,
             **self._selection(),
@@ -415,6 +433,7 @@ class RoundEngine:
                     )
                 return view
             known = self.registry.admit(reg)
+            self._trainers_cache = None  # a new node (the same one again: recomputed once, cheaply)
             self._selection_stale = True  # a new trainer changes which versions are complete
             self._claim_session(reg.node_id, session_id, peer)
             self.last_seen[reg.node_id] = self.clock()
@@ -531,7 +550,7 @@ class RoundEngine:
                 )
             weight = self._weight_of(header.node_id, rec)
             try:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 info = payload_info(payload)
                 if info.codec != header.codec:
                     raise EngineError(
@@ -545,6 +564,7 @@ class RoundEngine:
                         self.aggregator, payload, None, self.global_state, weight, self.wire, self.bounds, info=info
                     )
                 self.t.aggregate_seconds.labels(step="fold").observe(time.perf_counter() - t0)
+                self.t.aggregate_cpu.labels(step="fold").inc(time.thread_time() - c0)
             except (CodecError, UpdateOutOfBoundsError, AggregationError) as exc:
                 raise EngineError(exc.reason, f"update refused: {exc}") from exc
             self.ledger.accept(header.node_id, header.update_id, actual)
@@ -562,7 +582,7 @@ class RoundEngine:
                 weight,
                 loss if isinstance(loss, float) else math.nan,
                 len(self.ledger.open),
-                len(self.registry.trainers()),
+                len(self._trainers()[0]),
             )
             self._cond.notify_all()
             return UpdateAck(header.update_id, self.version, False, len(self.ledger.open))
@@ -650,7 +670,7 @@ class RoundEngine:
         self.phase = Phase.COLLECTING
         self.round_bytes = {"up": 0, "up_raw": 0}
         self.aggregator = self._new_aggregator()
-        counts = {n: self.nodes[n].num_train for n in self.registry.trainers()}
+        counts = {n: self.nodes[n].num_train for n in self._trainers()[0]}
         self.weights = capped_weights(
             counts, max_samples=self.cfg.max_samples_per_node, max_share=self.cfg.max_weight_share
         )
@@ -673,22 +693,23 @@ class RoundEngine:
             "round %d/%d open: %d trainers registered, deadline in %.0fs",
             self.version + 1,
             self.cfg.rounds,
-            len(self.registry.trainers()),
+            len(self._trainers()[0]),
             self.cfg.round_timeout_s,
         )
 
     def _close_round(self) -> None:
         r = self.version
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         payload, decoded = publish_global(self.aggregator, self.global_state, self.wire)
         self.t.aggregate_seconds.labels(step="publish").observe(time.perf_counter() - t0)
+        self.t.aggregate_cpu.labels(step="publish").inc(time.thread_time() - c0)
         snapshot = encode_state(decoded, codec="fp32")  # lossless copy for the checkpoint
         self.store.save_published(r + 1, payload.data)
         self.published[r + 1] = payload.data
         updates = sorted(self.ledger.open)
         self.ledger.close(r)
         seconds = self.clock() - self.round_opened
-        n_trainers = len(self.registry.trainers())
+        n_trainers = len(self._trainers()[0])
         self.rounds_log.append(
             {
                 "round": r + 1,
@@ -708,7 +729,7 @@ class RoundEngine:
         self.version = r + 1
         self.global_state = decoded
         status = "finished" if self.version >= self.cfg.rounds else "running"
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         self.store.save(
             Checkpoint(
                 run_id=self.run_id,
@@ -722,6 +743,7 @@ class RoundEngine:
             )
         )
         self.t.aggregate_seconds.labels(step="checkpoint").observe(time.perf_counter() - t0)
+        self.t.aggregate_cpu.labels(step="checkpoint").inc(time.thread_time() - c0)
         self.t.round_seconds.observe(seconds)
         log.info(
             "round %d/%d closed: %d updates, up %.1f KB, global %.1f KB, %.3fs",
@@ -765,7 +787,7 @@ class RoundEngine:
         now = self.clock()
         cfg = self.cfg
         if self.phase == Phase.WAITING_FOR_NODES:
-            n = len(self.registry.trainers())
+            n = len(self._trainers()[0])
             if n >= cfg.min_nodes:
                 self._open_round()
                 return cfg.round_timeout_s
@@ -777,9 +799,10 @@ class RoundEngine:
                 return 0.0
             return self.reg_deadline - now
         if self.phase == Phase.COLLECTING:
-            got = set(self.ledger.open)
-            trainers = self.registry.trainers()
-            everyone = bool(got) and set(trainers) <= got
+            got = self.ledger.open  # node -> update: a set's worth of membership, not copied per step
+            trainers, trainer_set = self._trainers()
+            # the count first: a round is complete only once as many updates as trainers are in (cheap, per upload)
+            everyone = bool(got) and len(got) >= len(trainer_set) and all(n in got for n in trainer_set)
             if everyone or (now >= self.deadline and len(got) >= cfg.min_nodes):
                 if not everyone:
                     log.warning(
@@ -787,7 +810,7 @@ class RoundEngine:
                         self.version + 1,
                         len(got),
                         len(trainers),
-                        sorted(set(trainers) - got),
+                        sorted(trainer_set - got.keys()),
                     )
                 self._close_round()
                 if self.version >= cfg.rounds:

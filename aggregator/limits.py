@@ -285,6 +285,7 @@ class LoadMonitor:
         self.high_water = max(1, math.ceil(ratio * capacity))
         self.hold_s, self.on_change, self.clock = hold_s, on_change, clock
         self.in_flight, self.overloaded_gauge = in_flight, overloaded_gauge
+        self._in_flight_children: dict[str, Any] = {}
         self.busy = 0
         self.overloaded = False
         self._until = -math.inf  # overloaded until then (the last sign of it, plus hold_s)
@@ -296,14 +297,21 @@ class LoadMonitor:
             self.busy += 1
             self._evaluate()
         if self.in_flight is not None:
-            self.in_flight.labels(method=method).inc()
+            self._gauge(method).inc()
 
     def leave(self, method: str) -> None:
         with self._lock:
             self.busy -= 1
             self._evaluate()
         if self.in_flight is not None:
-            self.in_flight.labels(method=method).dec()
+            self._gauge(method).dec()
+
+    def _gauge(self, method: str) -> Any:
+        """The in-flight gauge's child for ``method``, looked up once (the service's methods: a bounded set)."""
+        child = self._in_flight_children.get(method)
+        if child is None:
+            child = self._in_flight_children[method] = self.in_flight.labels(method=method)
+        return child
 
     def shed(self) -> None:
         """A request was refused for a load limit."""

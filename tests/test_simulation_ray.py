@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import ray
-import torch
 
 from shared import simulation
 from shared.learning.cohort import Cohort, LearnerSpec, Member
@@ -50,13 +50,10 @@ def outcome(report: dict) -> str:
 
 
 def in_process(config: SimConfig, prepared) -> dict:
-    """The reference: one torch thread, as each Ray actor has."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return run(config, prepared)
-    finally:
-        torch.set_num_threads(threads)
+    """The reference: the in-process backend as it runs by default (hospitals on threads, one torch thread each)."""
+    report = run(config, prepared)
+    assert report["backend"]["workers"] == min(os.cpu_count() or 1, config.n_hospitals)
+    return report
 
 
 def spill_dirs(report: dict) -> list[Path]:
