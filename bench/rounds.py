@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench/results/rounds.md")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(1)  # like each node process: the comparison is about the wire, not about threading
+    torch.set_num_threads(1)  # like each node process (the in-process run gives each hospital one thread as well)
     per_class = args.per_class or None
     base = SimConfig(
         per_class=per_class, n_hospitals=args.hospitals, rounds=args.rounds, cache_dir=args.cache_dir, progress=False
@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Rounds: gRPC against in-process, and bytes per round by codec",
         "",
+        "Made by `make bench-rounds`" + (f' ARGS="{" ".join(argv)}"' if argv else "") + ".",
+        "",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"{__import__('os').cpu_count()} cores; Python {platform.python_version()}. "
         f"Data: {n} de-duplicated brain tumor images ({per_class or 'all'} per class), {args.hospitals} training "
@@ -92,9 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     phases = inproc["timings"]["phase_seconds_per_round"]
     lines.append(
-        f"| in-process (one process, {torch.get_num_threads()} threads) | {args.grpc_codec} | {t_in:.3f} | "
-        + ", ".join(f"{k} {v:.3f}" for k, v in phases.items())
-        + " |"
+        f"| in-process (one process, hospitals on {inproc['backend']['workers']} threads, one torch thread each) | "
+        f"{args.grpc_codec} | {t_in:.3f} | " + ", ".join(f"{k} {v:.3f}" for k, v in phases.items()) + " |"
     )
     lines.append(
         f"| gRPC, aggregator + {args.hospitals + 1} node processes on loopback (1 thread each) | "

@@ -161,7 +161,19 @@ class InProcessBackend:
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="hospital") if self.workers > 1 else None
 
     def _map(self, fn, indices: list[int]) -> Iterator:
-        return map(fn, indices) if self.pool is None else self.pool.map(fn, indices)  # results in index order
+        """``fn`` of every index, yielded in index order; on threads, started largest training split first (the
+        round ends with its slowest thread: longest jobs first balances the threads)."""
+        if self.pool is None:
+            yield from map(fn, indices)
+            return
+        by_size = sorted(indices, key=lambda i: -len(self.cohort.members[i].train))
+        futures = {i: self.pool.submit(fn, i) for i in by_size}
+        try:
+            for i in indices:
+                yield futures[i].result()
+        finally:
+            for future in futures.values():
+                future.cancel()
 
     def set_global(self, state: dict[str, torch.Tensor], round_index: int) -> None:
         self.cohort.set_global(state, round_index)
