@@ -457,11 +457,11 @@ class NodeClient:
         )
         return state
 
-    def _save(self) -> None:
+    def _save(self, wait: bool = False) -> None:
         assert self.state is not None
         if not self.evaluator:
             self.state.learner = self.learner.private_state()
-        self.store.save(self.state)
+        self.store.save(self.state, wait=wait)
 
     # -- the steps of a round ----------------------------------------------------------------
     def _catch_up(self, version: int) -> None:
@@ -581,7 +581,9 @@ class NodeClient:
             raw_bytes=payload.raw_nbytes,
             train={"steps": stats.steps, "seconds": stats.seconds, "loss": stats.loss},
         )
-        self._save()  # before the upload: a node killed now re-sends these bytes, it does not retrain
+        # on disk before the upload, with the private model that made it: a node killed now re-sends these
+        # bytes and resumes with that model, it does not retrain
+        self._save(wait=True)
         log.info(
             "round %d: trained %d steps in %.2fs, loss %.4f, update %d bytes",
             round_id + 1,

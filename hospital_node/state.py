@@ -2,17 +2,13 @@
 
 ``<state_dir>/state.pt`` holds the learner's private state (MLP, both optimisers, batch-order RNG:
 :meth:`HospitalLearner.private_state`), the last global adapter the node decoded and its version, the
-round it last trained, and the update of that round until the round is closed. It is written atomically
-(temp file, fsync, rename) by a background thread, from a copy taken when :meth:`StateStore.save` is
-called, so a round's 16 MB save and the snapshots stay off the round's critical path; writes land in the
-order they were asked for.
-
-One write is synchronous: ``<state_dir>/pending.pt``, the journal of the update a node is about to
-upload (about half a megabyte), is durable before the upload starts. A node killed after uploading
-re-sends the same bytes under the same update id, which the aggregator recognises; it never trains
-that round again. If it was killed before the background write of ``state.pt`` landed, it resumes with
-its private MLP as it was before that round's training (one round of private training lost; the shared
-update is never lost or changed).
+round it last trained, and the update of that round until the round is closed (a restarted node re-sends
+the same bytes under the same update id, which the aggregator recognises, and never trains that round
+again). It is written atomically (temp file, fsync, rename) by a background thread, from a copy taken
+when :meth:`StateStore.save` is called, and writes land in the order they were asked for. The save after
+training waits for its write (``wait=True``) before the update is uploaded, so the update and the private
+model that made it are on disk together; the snapshots and an evaluator's saves stay off the round's
+critical path.
 
 When a run ends, or the file belongs to another run, it is archived (:meth:`StateStore.archive`), never
 overwritten. Read back with ``torch.load(weights_only=True)``: tensors and plain containers only, never
@@ -43,7 +39,6 @@ log = logging.getLogger("fedmedclip.node")
 
 FORMAT = 1
 ARCHIVE = "archive"  # <state_dir>/archive/<run_id>/state.pt: the state of each run that ended
-JOURNAL = "pending.pt"  # beside state.pt: the update about to be uploaded, written before the upload
 SNAPSHOTS = "snapshots"  # beside state.pt: v<version>.pt, the model behind an evaluation (best, undecided)
 
 
@@ -143,9 +138,7 @@ class StateStore:
     def __init__(self, state_dir: Path | str) -> None:
         self.dir = Path(state_dir)
         self.path = self.dir / "state.pt"
-        self.journal = self.dir / JOURNAL
         self.writer = _Writer()
-        self._journaled: str | None = None  # the update id pending.pt holds
 
     def flush(self) -> None:
         """Wait until every save asked for is on disk (durable); raise a :class:`StateError` if one failed."""
@@ -160,30 +153,13 @@ class StateStore:
         return archived[-1] if archived else None
 
     def load(self, path: Path | None = None) -> NodeState | None:
-        """The state in ``path`` (default ``state.pt``, with the journal of an update not yet in it); None when
-        there is none."""
+        """The state in ``path`` (default ``state.pt``); None when there is none."""
         self.flush()
-        live = path is None or Path(path) == self.path
         path = path or self.path
         blob = _read(path)
         if blob is None:
             return None
         pending = blob.get("pending")
-        journal = _read(path.parent / JOURNAL) if live else None
-        if (
-            journal is not None
-            and (journal["run_id"], journal["node_id"]) == (blob["run_id"], blob["node_id"])
-            and int(journal["pending"]["round_id"]) > int(blob["trained_round"])
-        ):  # killed after the journal, before state.pt caught up: the update goes out as it was
-            pending = journal["pending"]
-            blob["trained_round"] = int(pending["round_id"])
-            log.warning(
-                "%s is older than the update of round %d in %s: that update will be re-sent as it was; "
-                "the private model resumes from before that round's training",
-                path,
-                int(pending["round_id"]) + 1,
-                JOURNAL,
-            )
         return NodeState(
             run_id=blob["run_id"],
             node_id=blob["node_id"],
@@ -208,8 +184,7 @@ class StateStore:
         )
 
     def save(self, state: NodeState, *, wait: bool = False) -> None:
-        """Save ``state``: a copy now, written in the background (``wait``: durable before returning). A new
-        pending update is journaled (durable) first, so it survives whatever happens to the rest."""
+        """Save ``state``: a copy now, written in the background (``wait``: on disk, durably, before returning)."""
         pending = None
         if state.pending is not None:
             p = state.pending
@@ -235,11 +210,8 @@ class StateStore:
             "pending": pending,
             "best_version": state.best_version,
         }
-        if pending is not None and state.pending.update_id != self._journaled:
-            journal = {"format": FORMAT, "run_id": state.run_id, "node_id": state.node_id, "pending": pending}
-            _save(journal, self.journal)
-            self._journaled = state.pending.update_id
-        blob = _copy(blob)
+        if not wait:  # the node goes on changing its tensors while the write waits its turn
+            blob = _copy(blob)
         self.writer.submit(lambda: _save(blob, self.path))
         if wait:
             self.flush()
@@ -289,8 +261,6 @@ class StateStore:
     def archive(self, run_id: str, reason: str) -> Path | None:
         """Move the state of run ``run_id`` to ``<state_dir>/archive/<run_id>/state.pt`` (never overwritten)."""
         self.flush()
-        self.journal.unlink(missing_ok=True)  # state.pt, now on disk, holds everything the journal did
-        self._journaled = None
         if not self.path.exists():
             return None
         folder = self._archive_folder(run_id)
