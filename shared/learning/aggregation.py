@@ -239,20 +239,24 @@ class Aggregator:
             if t.dim() == 0:
                 raise AggregationError(f"{what}: {name!r} is 0-d; tensors need a row axis")
             out[name] = t.detach().to(device="cpu", dtype=torch.float32)
+        self._match_template({n: tuple(t.shape) for n, t in out.items()}, what, define=define)
+        return {n: out[n] for n in self._template}
+
+    def _match_template(self, shapes: Mapping[str, tuple[int, ...]], what: str, *, define: bool = True) -> None:
+        """Check names and full shapes against the template, fixing it on first use (``define``)."""
         if self._template is None:
             if not define:
                 raise AggregationError("no template yet")
-            if not out:
+            if not shapes:
                 raise AggregationError(f"{what} holds no tensors")
-            self._template = {n: tuple(t.shape) for n, t in out.items()}
-        missing = [n for n in self._template if n not in out]
-        extra = [n for n in out if n not in self._template]
+            self._template = dict(shapes)
+        missing = [n for n in self._template if n not in shapes]
+        extra = [n for n in shapes if n not in self._template]
         if missing or extra:
             raise AggregationError(f"{what} does not match the template: missing {missing}, extra {extra}")
         for n, shape in self._template.items():
-            if tuple(out[n].shape) != shape:
-                raise AggregationError(f"{what}: {n!r} has shape {tuple(out[n].shape)}, template has {shape}")
-        return {n: out[n] for n in self._template}
+            if tuple(shapes[n]) != shape:
+                raise AggregationError(f"{what}: {n!r} has shape {tuple(shapes[n])}, template has {shape}")
 
     def _validate_present(
         self, present: Mapping[str, torch.Tensor], values: dict[str, torch.Tensor]
@@ -308,18 +312,8 @@ class WeightedMeanAggregator(Aggregator):
         anything is folded: an update that fails a check leaves the sums as they were."""
         _check_weight(num_samples)
         checked = self._checked_rows(rows, present)
-        shapes = {n: (int(p.shape[0]), *x.shape[1:]) for n, x, p in checked}
-        if self._template is None:
-            if not shapes:
-                raise AggregationError("update holds no tensors")
-            self._template = shapes
-        if set(shapes) != set(self._template):
-            missing = [n for n in self._template if n not in shapes]
-            extra = [n for n in shapes if n not in self._template]
-            raise AggregationError(f"update does not match the template: missing {missing}, extra {extra}")
+        self._match_template({n: (int(p.shape[0]), *x.shape[1:]) for n, x, p in checked}, "update")
         for n, x, _ in checked:
-            if shapes[n] != self._template[n]:
-                raise AggregationError(f"update: {n!r} has shape {shapes[n]}, template has {self._template[n]}")
             # a finite sum proves every sent row finite in one pass; else check exactly
             if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
                 raise AggregationError(f"update tensor {n!r} holds NaN or Inf in a sent row")

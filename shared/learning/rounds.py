@@ -163,32 +163,15 @@ class UpdateBounds:
 
 
 def check_bounds(
-    state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], bounds: UpdateBounds
-) -> None:
-    """Raise an :class:`UpdateOutOfBoundsError` when ``state`` breaks ``bounds``."""
-    if bounds.max_abs_value is not None:
-        peak = max((max(-float(t.min()), float(t.max())) for t in state.values() if t.numel()), default=0.0)
-        if peak > bounds.max_abs_value:
-            raise UpdateValueTooLargeError(
-                f"an update value of magnitude {peak:.4g} is over the bound {bounds.max_abs_value:g}"
-            )
-    if bounds.max_update_norm is not None:  # float32 is exact enough for a bound
-        norm = sum(float(torch.linalg.vector_norm(state[k] - reference[k])) ** 2 for k in state) ** 0.5
-        if norm > bounds.max_update_norm:
-            raise UpdateNormTooLargeError(
-                f"the update moves the global by an L2 norm of {norm:.4g}, over the bound {bounds.max_update_norm:g}"
-            )
-
-
-def check_row_bounds(
     decoded: DecodedRows,
     reference: Mapping[str, torch.Tensor],
     bounds: UpdateBounds,
     workspace: Workspace | None = None,
 ) -> None:
-    """:func:`check_bounds` of the full decoded state (rows not sent are the reference's) from the sent rows.
+    """Raise an :class:`UpdateOutOfBoundsError` when the decoded update (rows not sent are the reference's)
+    breaks ``bounds``, computed from the sent rows alone.
 
-    The same values as :func:`check_bounds` on :func:`decode_adapter`'s tensors: the largest magnitude is
+    The values are those of the full decoded tensors (:func:`decode_adapter`'s): the largest magnitude is
     taken over the sent rows and the reference's other rows; the norm over the sent rows (the other rows of
     the update equal the reference's); a tensor sent whole gives the very same float32 norm, one sent in
     part the same within float32 rounding (the same terms, summed in another order). ``workspace``: where
@@ -269,7 +252,7 @@ def fold_update(
     update. The rules that keep every update (median, trimmed mean) expand the rows to full tensors."""
     check_wire(payload, wire, info)
     decoded = decode_adapter_rows(payload, sha256, global_state, wire, aggregator.workspace)
-    check_row_bounds(decoded, global_state, bounds, aggregator.workspace)
+    check_bounds(decoded, global_state, bounds, aggregator.workspace)
     aggregator.add_rows(decoded.rows, decoded.present, num_samples=weight)
 
 
