@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=REPO, check=False)
     per_round = {k: statistics.mean(r["timings"]["seconds_per_round"] for r in v) for k, v in reports.items()}
-    phases = {
-        k: {ph: statistics.mean(r["timings"]["phase_seconds_per_round"][ph] for r in v) for ph in ("local_train",)}
+    local = {
+        k: statistics.mean(r["timings"]["phase_seconds_per_round"]["local_train"] for r in v)
         for k, v in reports.items()
     }
     avg = {k: [r["avg"]["accuracy"] for r in v] for k, v in reports.items()}
@@ -101,9 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|",
     ]
     for k in ("before", "after"):
-        lines.append(
-            f"| {k} | {per_round[k]:.3f} | {phases[k]['local_train']:.3f} | {_mean_std(avg[k])} | {_mean_std(bal[k])} |"
-        )
+        lines.append(f"| {k} | {per_round[k]:.3f} | {local[k]:.3f} | {_mean_std(avg[k])} | {_mean_std(bal[k])} |")
     lines += [
         "",
         f"Speed-up per round: {per_round['before'] / per_round['after']:.2f}x. "
