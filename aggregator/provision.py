@@ -398,6 +398,13 @@ class ProvisionConfig:
     templates: list[str] | None = None  # prompt templates, as the nodes set them (default: the project's)
     runtime: str = "auto"  # image tower runtime of every node: auto (onnxruntime on a CPU), torch (GPU nodes too)
 
+    def __post_init__(self) -> None:
+        if self.runtime != "auto":  # the default needs no check, and no torch (shared.backbone imports it)
+            from shared.backbone import RUNTIMES
+
+            if self.runtime not in RUNTIMES:
+                raise ValueError(f"runtime must be one of {list(RUNTIMES)}")
+
 
 def _run(cfg: ProvisionConfig, _args: argparse.Namespace) -> int:
     if not cfg.nodes:

@@ -175,3 +175,16 @@ def test_an_aggregator_without_pinned_classes_and_fingerprint_refuses_to_start(t
     assert done.returncode == 2
     assert "class_names and backbone_fingerprint are not set" in done.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "kits" / "aggregator" / "runs" / "endpoints.json").exists()
+
+
+def test_an_unknown_runtime_is_refused_before_anything_is_written(tmp_path):
+    out = tmp_path / "kits"
+    proc = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "provision", "--nodes", "a,b", "--out", str(out), "--runtime", "tpu"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "runtime must be one of ['auto', 'torch', 'onnxruntime']" in proc.stdout + proc.stderr
+    assert not out.exists()
