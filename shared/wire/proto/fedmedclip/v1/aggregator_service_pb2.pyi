@@ -178,14 +178,18 @@ class PayloadHeader(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., round_id: _Optional[int] = ..., node_id: _Optional[str] = ..., update_id: _Optional[str] = ..., version: _Optional[int] = ..., codec: _Optional[str] = ..., delta: _Optional[bool] = ..., raw_bytes: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., num_train_samples: _Optional[int] = ..., train: _Optional[_Union[TrainSummary, _Mapping]] = ...) -> None: ...
 
 class TrainSummary(_message.Message):
-    __slots__ = ("steps", "seconds", "loss")
+    __slots__ = ("steps", "seconds", "loss", "dp_epsilon", "dp_delta")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
+    DP_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    DP_DELTA_FIELD_NUMBER: _ClassVar[int]
     steps: int
     seconds: float
     loss: float
-    def __init__(self, steps: _Optional[int] = ..., seconds: _Optional[float] = ..., loss: _Optional[float] = ...) -> None: ...
+    dp_epsilon: float
+    dp_delta: float
+    def __init__(self, steps: _Optional[int] = ..., seconds: _Optional[float] = ..., loss: _Optional[float] = ..., dp_epsilon: _Optional[float] = ..., dp_delta: _Optional[float] = ...) -> None: ...
 
 class FetchGlobalResponse(_message.Message):
     __slots__ = ("header", "chunk")
