@@ -111,20 +111,37 @@ def clean_metrics(metrics: dict | None, what: str) -> dict[str, Any] | None:
     return out
 
 
+TRAIN_KEYS = {"steps", "seconds", "loss", "dp_epsilon", "dp_delta"}
+
+
 def clean_train(train: dict | None) -> dict[str, Any]:
     """A training summary (steps, seconds, loss), validated; a NaN loss is stored as None."""
     if not train:
         return {}
-    if not isinstance(train, dict) or set(train) != {"steps", "seconds", "loss"}:
-        raise EngineError(Reason.BAD_REPORT, "train must hold steps, seconds and loss")
+    if not isinstance(train, dict) or not {"steps", "seconds", "loss"} <= set(train) <= TRAIN_KEYS:
+        raise EngineError(
+            Reason.BAD_REPORT,
+            "train must hold steps, seconds and loss, and may hold dp_epsilon and dp_delta",
+        )
     steps = train["steps"]
     if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps < 2**31:
         raise EngineError(Reason.BAD_REPORT, "train steps must be an int in [0, 2**31)")
-    return {
+    clean = {
         "steps": steps,
         "seconds": _number(train["seconds"], "train seconds", high=MAX_TRAIN_SECONDS),
         "loss": _number(train["loss"], "train loss", low=-math.inf, high=math.inf, nan_ok=True),
     }
+    return clean | privacy_of(train)
+
+
+def privacy_of(train: dict) -> dict[str, float]:
+    """The differential privacy a node states with its training summary (epsilon spent, delta), validated."""
+    out = {}
+    if "dp_epsilon" in train:
+        out["dp_epsilon"] = _number(train["dp_epsilon"], "dp_epsilon", high=1e6)
+    if "dp_delta" in train:
+        out["dp_delta"] = _number(train["dp_delta"], "dp_delta", high=1.0)
+    return out
 
 
 def check_round_id(value: int, what: str) -> None:
@@ -260,6 +277,7 @@ class RoundEngine:
         self.weights: dict[str, float] = {}  # the open round's weight of each trainer (fixed at its opening)
         self.weights_open_total = 0.0
         self.folded_weights: dict[str, float] = {}  # the weights the open round's updates were folded with
+        self.round_privacy: dict[str, dict[str, float]] = {}  # the open round's nodes' stated DP (epsilon, delta)
         self.round_opened = self.clock()
         self.deadline = 0.0
         self.reg_deadline = self.clock() + cfg.registration_timeout_s
@@ -548,6 +566,7 @@ class RoundEngine:
                     Reason.BAD_SAMPLE_COUNT,
                     f"the update states {header.num_train} training samples, the node registered {rec.num_train}",
                 )
+            privacy = privacy_of(header.train)  # a malformed statement is refused before anything is folded
             weight = self._weight_of(header.node_id, rec)
             try:
                 t0, c0 = time.perf_counter(), time.thread_time()
@@ -569,6 +588,8 @@ class RoundEngine:
                 raise EngineError(exc.reason, f"update refused: {exc}") from exc
             self.ledger.accept(header.node_id, header.update_id, actual)
             self.folded_weights[header.node_id] = weight
+            if privacy:
+                self.round_privacy[header.node_id] = privacy
             self.round_bytes["up"] += len(payload)
             self.round_bytes["up_raw"] += self.raw_bytes
             self.t.updates_accepted.inc()
@@ -676,6 +697,7 @@ class RoundEngine:
         )
         self.weights_open_total = sum(self.weights.values())
         self.folded_weights = {}
+        self.round_privacy = {}
         capped = {n: w for n, w in self.weights.items() if w < counts[n]}
         if capped:
             log.warning(
@@ -722,6 +744,8 @@ class RoundEngine:
                 "bytes_down_raw": payload.raw_nbytes * n_trainers,
                 "global_wire_bytes": payload.wire_nbytes,
                 "weights": {n: self.folded_weights[n] for n in updates if n in self.folded_weights},
+                # differential privacy as each node stated it with its update (nodes without it: absent)
+                "privacy": {n: self.round_privacy[n] for n in updates if n in self.round_privacy},
                 # every RPC's message bytes since the last round closed (the first round: since start-up)
                 "traffic": self.t.traffic.take(),
             }

@@ -115,6 +115,15 @@ def round_info(view: RoundView) -> pb.RoundInfo:
     )
 
 
+def train_summary(msg: pb.TrainSummary) -> dict:
+    """A TrainSummary as the engine takes it; the differential privacy fields only when the node set them."""
+    train: dict = {"steps": msg.steps, "seconds": msg.seconds, "loss": msg.loss}
+    for name in ("dp_epsilon", "dp_delta"):
+        if msg.HasField(name):
+            train[name] = getattr(msg, name)
+    return train
+
+
 class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
     def __init__(
         self, engine: RoundEngine, cfg: AggregatorConfig, telemetry: Telemetry, *, tls: bool, on_overload=None
@@ -334,9 +343,7 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
                 sha256=h.sha256,
                 wire_bytes=h.wire_bytes,
                 num_train=h.num_train_samples,
-                train={"steps": h.train.steps, "seconds": h.train.seconds, "loss": h.train.loss}
-                if h.HasField("train")
-                else {},  # a node keeping its training summary (share_metrics) sends none
+                train=train_summary(h.train) if h.HasField("train") else {},  # none: kept by the node (share_metrics)
             )
             self._admissible(header)
             self.watchdog.pause(transfer)  # waiting for a slot reads nothing: not the node's slowness
@@ -445,11 +452,7 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
     ) -> pb.ReportMetricsResponse:
         val = metrics_from_proto(request.val) if request.HasField("val") else None
         test = metrics_from_proto(request.test) if request.HasField("test") else None
-        train = (
-            {"steps": request.train.steps, "seconds": request.train.seconds, "loss": request.train.loss}
-            if request.HasField("train")
-            else None
-        )
+        train = train_summary(request.train) if request.HasField("train") else None
         replayed = self._unary(
             context,
             "ReportMetrics",
