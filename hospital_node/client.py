@@ -30,6 +30,7 @@ A refusal is handled by the :class:`~shared.wire.reasons.Reason` the aggregator 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import threading
 import time
@@ -50,6 +51,7 @@ from shared.backbone import DEFAULT_TEMPLATES, Backbone, BackboneSpec, load_back
 from shared.codec import CODECS, CodecError
 from shared.data.features import EncodeProgress, encode_samples
 from shared.errors import FedMedCLIPError
+from shared.learning.privacy import PrivacyBudgetSpent
 from shared.learning.rounds import WireConfig, check_wire, decode_adapter, make_update
 from shared.learning.training import HospitalLearner, TrainConfig, build_adapter, get_method
 from shared.ops.config import ConfigError
@@ -245,6 +247,7 @@ def build_learner(cfg: NodeConfig, prep: Prepared) -> HospitalLearner:
         seed=cfg.seed,
         hospital_index=cfg.hospital_index,
         device=cfg.device,
+        dp=cfg.dp_config(),  # its noise is seeded from the OS: nobody else can know (and subtract) it
     )
 
 
@@ -294,6 +297,7 @@ class NodeClient:
         self.run_over = False  # the run finished, failed or was replaced: the next one may start afresh
         self.wire = WireConfig()
         self.state: NodeState | None = None
+        self.privacy_stopped: str | None = None  # differential privacy: why this node trains no further in this run
         self.heartbeat_interval = 5.0
         self.chunk_bytes = chunk_size(0)
         split = prep.data.split
@@ -436,6 +440,7 @@ class NodeClient:
             self.store.archive(state.run_id, f"it belongs to node {state.node_id} in run {state.run_id}, not this one")
             state = None
         if state is None:
+            self.learner = build_learner(self.cfg, self.prep)  # a new run starts from the seeds, as the simulation
             state = NodeState(
                 run_id=self.run_id,
                 node_id=self.cfg.node_id,
@@ -563,12 +568,44 @@ class NodeClient:
         with open(Path(self.cfg.state_dir) / EVALUATIONS, "a", encoding="utf-8") as f:
             f.write(dumps_strict(line) + "\n")
 
+    def _plan_privacy(self, total_rounds: int) -> None:
+        """Differential privacy: fix this run's noise (a resumed run keeps its plan) and say what it is."""
+        self.privacy_stopped = None
+        if self.evaluator or self.learner.dp is None:
+            return
+        plan = self.learner.plan_privacy(len(self.parts["train"][1]), total_rounds)
+        assert plan is not None
+        spent = self.learner.epsilon() or 0.0
+        self.t.dp_epsilon.labels(node=self.cfg.node_id).set(spent)
+        self.t.dp_delta.labels(node=self.cfg.node_id).set(plan.delta)
+        self.t.dp_epsilon_budget.labels(node=self.cfg.node_id).set(plan.budget if plan.budget is not None else math.inf)
+        self.t.dp_budget_exhausted.labels(node=self.cfg.node_id).set(0)
+        self.status.set(dp_epsilon=spent, dp_budget=plan.budget)
+        log.info(
+            "differential privacy: noise multiplier %.3f, clip %g, Poisson sampling rate %.4f, %d steps a round, "
+            "delta %.2g, %s; epsilon spent so far %.3f",
+            plan.noise_multiplier,
+            plan.clip,
+            plan.sample_rate,
+            plan.steps_per_round,
+            plan.delta,
+            f"budget epsilon {plan.budget:g} over {total_rounds} rounds" if plan.budget is not None else "no budget",
+            spent,
+        )
+
     def _train(self, round_id: int) -> None:
         state = self.state
         assert state is not None
         feats, labels = self.parts["train"]
         t0 = time.perf_counter()
-        payload, stats = make_update(self.learner, state.global_state, feats, labels, round_id, self.wire)
+        try:
+            payload, stats = make_update(self.learner, state.global_state, feats, labels, round_id, self.wire)
+        except PrivacyBudgetSpent as exc:
+            self.privacy_stopped = str(exc)
+            self.t.dp_budget_exhausted.labels(node=self.cfg.node_id).set(1)
+            self.status.set(dp_budget_exhausted=True)
+            log.error("round %d: %s", round_id + 1, exc)
+            return
         self.t.local_train_seconds.observe(stats.seconds)
         self.t.codec_seconds.labels(operation="encode").observe(time.perf_counter() - t0 - stats.seconds)
         state.trained_round = round_id
@@ -579,18 +616,29 @@ class NodeClient:
             sha256=payload.sha256,
             codec=payload.codec,
             raw_bytes=payload.raw_nbytes,
-            train={"steps": stats.steps, "seconds": stats.seconds, "loss": stats.loss},
+            train={"steps": stats.steps, "seconds": stats.seconds, "loss": stats.loss}
+            | (
+                {"dp_epsilon": stats.privacy["epsilon"], "dp_delta": stats.privacy["delta"]}
+                if stats.privacy is not None
+                else {}
+            ),
         )
+        if stats.privacy is not None:
+            self.t.dp_epsilon.labels(node=self.cfg.node_id).set(stats.privacy["epsilon"])
+            self.status.set(dp_epsilon=stats.privacy["epsilon"])
         # on disk before the upload, with the private model that made it: a node killed now re-sends these
         # bytes and resumes with that model, it does not retrain
         self._save(wait=True)
         log.info(
-            "round %d: trained %d steps in %.2fs, loss %.4f, update %d bytes",
+            "round %d: trained %d steps in %.2fs, loss %.4f, update %d bytes%s",
             round_id + 1,
             stats.steps,
             stats.seconds,
             stats.loss,
             len(payload.data),
+            ""
+            if stats.privacy is None
+            else f", epsilon spent {stats.privacy['epsilon']:.3f} (delta {stats.privacy['delta']:.2g})",
         )
 
     def _upload(self, pending: PendingUpdate) -> None:
@@ -610,7 +658,11 @@ class NodeClient:
         if self.cfg.share_metrics == "all":  # steps, seconds and the training loss: metrics too
             header.train.CopyFrom(
                 pb.TrainSummary(
-                    steps=int(pending.train["steps"]), seconds=pending.train["seconds"], loss=pending.train["loss"]
+                    steps=int(pending.train["steps"]),
+                    seconds=pending.train["seconds"],
+                    loss=pending.train["loss"],
+                    dp_epsilon=pending.train.get("dp_epsilon"),
+                    dp_delta=pending.train.get("dp_delta"),
                 )
             )
 
@@ -726,6 +778,7 @@ class NodeClient:
         try:
             first = self._register()
             self.state = self._load_or_create_state()
+            self._plan_privacy(first.round.total_rounds)
             heartbeat = threading.Thread(target=self._heartbeat_loop, args=(done,), name="heartbeat", daemon=True)
             heartbeat.start()
             info = first.round
@@ -765,7 +818,7 @@ class NodeClient:
                 if info.phase != pb.ROUND_PHASE_COLLECTING:
                     wait_for = version + 1
                     continue
-                if not self.evaluator:
+                if not self.evaluator and not self.privacy_stopped:
                     r = info.round_id
                     if self.state.trained_round < r:
                         self._train(r)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from shared.backbone import BACKBONE_KINDS, OFFLINE_DEFAULT, RUNTIMES
+from shared.learning.privacy import DPConfig
 from shared.learning.training import METHODS, TrainConfig
 
 ENV_PREFIX = "FEDMEDCLIP_NODE_"
@@ -62,6 +63,11 @@ class NodeConfig:
     runtime: str = "auto"  # image tower: auto (onnxruntime on a CPU, offline backbone), torch or onnxruntime
     device: str = "cpu"  # cpu or cuda (encoding and training)
     threads: int = 0  # torch CPU threads (0: torch's default)
+    # differential privacy (README, "Privacy and audit"): off unless dp_epsilon or dp_noise_multiplier is set
+    dp_epsilon: float | None = None  # this hospital's epsilon budget for a run: sets the noise; training stops there
+    dp_delta: float | None = None  # delta of the guarantee (default: min(1e-5, 0.1 / training images))
+    dp_noise_multiplier: float | None = None  # noise std / clip, given directly (dp_epsilon, if set too: a cap)
+    dp_clip: float = 1.0  # each training image's gradient is clipped to this L2 norm
 
     def __post_init__(self) -> None:
         if self.role not in ("trainer", "evaluator"):
@@ -72,6 +78,7 @@ class NodeConfig:
             raise ValueError(f"share_metrics must be one of {list(SHARE_METRICS)}")
         if self.backbone not in BACKBONE_KINDS:
             raise ValueError(f"backbone must be one of {list(BACKBONE_KINDS)}")
+        self.dp_config()  # refuses a bad privacy setting at start
         if self.runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {list(RUNTIMES)}")
         for name in (
@@ -84,3 +91,8 @@ class NodeConfig:
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0")
+
+    def dp_config(self) -> DPConfig:
+        return DPConfig(
+            epsilon=self.dp_epsilon, delta=self.dp_delta, noise_multiplier=self.dp_noise_multiplier, clip=self.dp_clip
+        )

@@ -53,6 +53,7 @@ from shared.learning.cohort import (
     held_out_by_every_model,
 )
 from shared.learning.metrics import SELECT_METRICS, mean_metrics, nanmean
+from shared.learning.privacy import DPConfig
 from shared.learning.rounds import WireConfig, fold_update, publish_global
 from shared.learning.training import METHODS, MethodConfig, TrainConfig, build_adapter, get_method
 from shared.ops.command import Command, main_for
@@ -93,6 +94,7 @@ class SimConfig:
     ray_resident_mb: int = 1024  # ray: hospitals' private state each actor keeps in memory; the rest spill to disk
     ray_spill_dir: str | None = None  # ray: where actors spill hospitals' state (None: the system's temp folder)
     workers: int = 0  # inprocess on a CPU: threads running hospitals' steps (0: one per core), one torch thread each
+    dp: DPConfig = field(default_factory=DPConfig)  # differential privacy at every hospital (off by default)
 
 
 @dataclass
@@ -220,6 +222,8 @@ def run(cfg: SimConfig, prepared: Prepared | None = None) -> dict:
         logit_scale=prep.backbone.logit_scale,
         seed=cfg.seed,
         device=str(device) if cfg.backend == "inprocess" else "cpu",
+        dp=cfg.dp if cfg.dp.enabled else None,
+        rounds=cfg.rounds,
     )
     members = [Member(i, h.name, h.split.train, h.split.val, h.split.test) for i, h in enumerate(training)]
     held = {h.name: h.split.test for h in held_out}
@@ -278,16 +282,25 @@ def _rounds(
         backend.set_global(global_state, 0)
     rounds = cfg.rounds if method.trains else 1
     history: list[dict] = []
+    stopped: dict[int, bool] = {}  # hospitals whose privacy budget ended their training
     for r in range(rounds):
         t_round = time.perf_counter()
         timings = {"local_train": 0.0, "codec": 0.0, "aggregate": 0.0, "validate": 0.0, "state_io": 0.0}
         bytes_up = bytes_up_raw = bytes_down = bytes_down_raw = 0
         aggregator = make_aggregator(cfg.aggregation)
+        privacy: dict[str, dict] = {}
+        folded = 0
         for update in backend.updates(r, cfg.wire):
             timings["local_train"] += update.stats.seconds
             timings["state_io"] += update.state_seconds
+            if update.stats.privacy is not None:
+                privacy[training[update.index].name] = update.stats.privacy
+                if update.stats.privacy["stopped"] and not stopped.get(update.index):
+                    stopped[update.index] = True
+                    log.warning("%s: %s", training[update.index].name, update.stats.privacy["stopped"])
             if update.payload is None:
                 continue
+            folded += 1
             payload = update.payload
             timings["codec"] += update.seconds - update.stats.seconds
             t0 = time.perf_counter()
@@ -296,7 +309,10 @@ def _rounds(
             timings["aggregate"] += time.perf_counter() - t0
             bytes_up += payload.wire_nbytes
             bytes_up_raw += payload.raw_nbytes
-        if method.federated:
+        if method.federated and not folded:
+            log.warning("round %d: no hospital sent an update; the global stays as it was", r + 1)
+            backend.set_global(global_state, r + 1)
+        elif method.federated:
             t0 = time.perf_counter()
             payload, global_state = publish_global(aggregator, global_state, cfg.wire)
             timings["aggregate"] += time.perf_counter() - t0
@@ -317,6 +333,8 @@ def _rounds(
             timings=timings,
             keep_ratios=(evaluations[0].keep_ratios or {}) if evaluations else {},
         )
+        if privacy:
+            record["privacy"] = privacy
         history.append(record)
         log.info(
             "round %3d/%d  val acc %.4f  bal. acc %.4f  up %8.1f KB  down %8.1f KB  %.2fs",
@@ -413,6 +431,7 @@ def _report(cfg: SimConfig, method: MethodConfig, prep: Prepared, history: list[
             "wall_seconds": wall,
         },
         "peak_rss_mb": _peak_rss_mb(),
+        "privacy": _privacy_summary(history),
         "hospitals": [
             {
                 "name": h.name,
@@ -431,6 +450,35 @@ def _report(cfg: SimConfig, method: MethodConfig, prep: Prepared, history: list[
         "backbone": prep.backbone_record,
         "config": _jsonable(asdict(cfg)),
     }
+
+
+def _privacy_summary(history: list[dict]) -> dict | None:
+    """Each hospital's last privacy record (epsilon spent in the run, the plan behind it); None without DP."""
+    last: dict[str, dict] = {}
+    for rec in history:
+        last.update(rec.get("privacy", {}))
+    if not last:
+        return None
+    return {"hospitals": last, "max_epsilon": max(p["epsilon"] for p in last.values())}
+
+
+def _privacy_lines(privacy: dict | None) -> list[str]:
+    if not privacy:
+        return []
+    lines = [
+        "",
+        "Differential privacy (record level, per training hospital; add or remove one training image):",
+        "",
+        "| hospital | epsilon spent | delta | budget | noise multiplier | clip | sampling rate | steps | stopped |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, p in privacy["hospitals"].items():
+        lines.append(
+            f"| {name} | {p['epsilon']:.3f} | {p['delta']:.2g} | {p['budget'] if p['budget'] is not None else '-'} "
+            f"| {p['noise_multiplier']:.3f} | {p['clip']:g} | {p['sample_rate']:.4f} | {p['steps']} "
+            f"| {'yes: budget' if p['stopped'] else 'no'} |"
+        )
+    return lines
 
 
 def _peak_rss_mb() -> float:
@@ -527,6 +575,7 @@ def render_markdown(report: dict) -> str:
         f"encode: {t['encode_images']} images in {t['encode_seconds']:.1f}s on {t['encode_device']}, "
         f"{t['encode_cached']} from cache; wall {t['wall_seconds']:.1f}s.",
         *_backend_lines(report.get("backend")),
+        *_privacy_lines(report.get("privacy")),
         f"Duplicates removed: {report['duplicates'].get('n_removed')} "
         f"({report['duplicates'].get('n_groups')} groups, {report['duplicates'].get('n_cross_folder_groups')} "
         "across top-level folders).",
@@ -697,6 +746,10 @@ class SimulateConfig:
     ray_spill_dir: str | None = None  # backend ray: where actors spill hospital state (default: system temp folder)
     workers: int = 0  # backend inprocess on a CPU: hospitals trained at once, one torch thread each (0: one per core)
     runtime: str = "auto"  # image tower: auto (onnxruntime on a CPU, offline backbone), torch or onnxruntime
+    dp_epsilon: float | None = None  # differential privacy: each hospital's epsilon budget for the run (sets the noise)
+    dp_delta: float | None = None  # differential privacy: delta (default: min(1e-5, 0.1 / training images))
+    dp_noise_multiplier: float | None = None  # differential privacy: noise std / clip (with dp_epsilon: a cap)
+    dp_clip: float = 1.0  # differential privacy: per-image gradient norm bound
 
     def __post_init__(self) -> None:
         for name, choices in (
@@ -720,6 +773,7 @@ class SimulateConfig:
             raise ValueError(f"runtime must be one of {list(RUNTIMES)}")
         if self.ray_address is not None and self.backend != "ray":
             raise ValueError("ray_address needs backend ray")
+        self.dp_config()  # refuses a bad privacy setting before anything runs
 
     def sim_config(self) -> SimConfig:
         return SimConfig(
@@ -748,6 +802,12 @@ class SimulateConfig:
             ray_resident_mb=self.ray_resident_mb,
             ray_spill_dir=self.ray_spill_dir,
             workers=self.workers,
+            dp=self.dp_config(),
+        )
+
+    def dp_config(self) -> DPConfig:
+        return DPConfig(
+            epsilon=self.dp_epsilon, delta=self.dp_delta, noise_multiplier=self.dp_noise_multiplier, clip=self.dp_clip
         )
 
 

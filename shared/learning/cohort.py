@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from shared.codec import EncodedPayload
+from shared.learning.privacy import DPConfig, PrivacyBudgetSpent
 from shared.learning.rounds import WireConfig, make_update
 from shared.learning.training import HospitalLearner, MethodConfig, RoundStats, TrainConfig
 
@@ -43,8 +44,11 @@ class LearnerSpec:
     logit_scale: float
     seed: int = 0
     device: str = "cpu"
+    dp: DPConfig | None = None  # differential privacy at every hospital
+    rounds: int = 1  # the run's rounds: differential privacy plans its noise for them
 
     def build(self, index: int) -> HospitalLearner:
+        """Hospital ``index``'s learner; its DP noise is seeded (a simulation is reproducible)."""
         return HospitalLearner(
             self.method,
             self.train,
@@ -55,6 +59,8 @@ class LearnerSpec:
             seed=self.seed,
             hospital_index=index,
             device=self.device,
+            dp=self.dp,
+            noise_seed=self.seed * 1000 + 500 + index,
         )
 
 
@@ -105,17 +111,23 @@ def hospital_step(
     labels: torch.Tensor,
     round_index: int,
     wire: WireConfig,
+    rounds: int,
 ) -> tuple[EncodedPayload | None, RoundStats]:
     """A hospital's part of a round: :func:`make_update` when the method federates, else local training.
 
-    A hospital without training data takes no part (nothing to train on, nothing to send)."""
+    A hospital without training data takes no part (nothing to train on, nothing to send), nor does one
+    whose privacy budget one more round would pass (its stats say so in ``privacy["stopped"]``)."""
     if len(labels) == 0:
         return None, RoundStats(0, 0.0, float("nan"), {}, {})
-    if method.federated:
-        if global_state is None:
-            raise RuntimeError("no global adapter for a federated round (set_global first)")
-        return make_update(learner, global_state, features, labels, round_index, wire)
-    return None, learner.train_round(features, labels, round_index)
+    learner.plan_privacy(len(labels), rounds)
+    try:
+        if method.federated:
+            if global_state is None:
+                raise RuntimeError("no global adapter for a federated round (set_global first)")
+            return make_update(learner, global_state, features, labels, round_index, wire)
+        return None, learner.train_round(features, labels, round_index)
+    except PrivacyBudgetSpent as exc:
+        return None, RoundStats(0, 0.0, float("nan"), {}, {}, privacy=learner.privacy_summary(stopped=str(exc)))
 
 
 def evaluate_hospital(
@@ -285,7 +297,9 @@ class Cohort:
         learner, load_s = self._learner(index)
         features, labels = self.part(member.train)
         t0 = time.perf_counter()
-        payload, stats = hospital_step(learner, self.spec.method, self._global, features, labels, round_index, wire)
+        payload, stats = hospital_step(
+            learner, self.spec.method, self._global, features, labels, round_index, wire, self.spec.rounds
+        )
         seconds = time.perf_counter() - t0
         save_s = self._keep(index, learner, changed=len(labels) > 0)
         return HospitalUpdate(index, payload, stats, seconds, load_s + save_s)

@@ -26,24 +26,36 @@ class _MaskedLinearFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, threshold, tau: float):  # noqa: ANN001 (autograd signature)
-        margin = row_scores(weight) - threshold
-        hard = (margin >= 0).to(weight.dtype)
+    def forward(ctx, x, weight, bias, threshold, tau: float, layer=None, tape=None):  # noqa: ANN001 (autograd)
         pre = torch.addmm(bias, x, weight.t()) if x.dim() == 2 else F.linear(x, weight, bias)
+        if threshold is None:  # an unmasked layer, taped for differential privacy
+            hard = margin = None
+            out = pre
+        else:
+            margin = row_scores(weight) - threshold
+            hard = (margin >= 0).to(weight.dtype)
+            out = pre * hard
         ctx.save_for_backward(x, weight, hard, margin, pre)
-        ctx.tau = tau
-        return pre * hard
+        ctx.tau, ctx.layer, ctx.tape = tau, layer, tape
+        return out
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001
         x, weight, hard, margin, pre = ctx.saved_tensors
-        g = grad * hard
+        g = grad if hard is None else grad * hard
         grad_x = g @ weight if ctx.needs_input_grad[0] else None
+        if ctx.tape is not None:  # differential privacy: per-image pieces; the engine writes the clipped sums
+            v = None  # per image and row: d loss / d margin (the mask's straight-through gradient)
+            if hard is not None and (ctx.needs_input_grad[1] or ctx.needs_input_grad[3]):
+                soft = torch.sigmoid(margin / ctx.tau)
+                v = grad * pre * (soft * (1 - soft) / ctx.tau)
+            ctx.tape.record(ctx.layer, x, g, v)
+            return grad_x, None, None, None, None, None, None
         g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
         grad_w = g2.t() @ x2 if ctx.needs_input_grad[1] else None
         grad_b = g2.sum(0) if ctx.needs_input_grad[2] else None
         grad_k = None
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
+        if hard is not None and (ctx.needs_input_grad[1] or ctx.needs_input_grad[3]):
             # d loss / d m_i = sum_batch g_i * (x W^T + b)_i; d sigmoid(margin / tau) / d margin
             soft = torch.sigmoid(margin / ctx.tau)
             d_margin = (grad * pre).reshape(-1, pre.shape[-1]).sum(0) * soft * (1 - soft) / ctx.tau
@@ -51,7 +63,7 @@ class _MaskedLinearFn(torch.autograd.Function):
                 grad_k = -d_margin
             if grad_w is not None:  # d u_i / d W_ij = sign(W_ij) / in
                 grad_w.addcmul_(torch.sign(weight), (d_margin / weight.shape[1])[:, None])
-        return grad_x, grad_w, grad_b, grad_k, None
+        return grad_x, grad_w, grad_b, grad_k, None, None, None
 
 
 class MaskedLinear(nn.Module):
@@ -83,10 +95,14 @@ class MaskedLinear(nn.Module):
     def keep_ratio(self) -> float:
         return float(self.hard_mask().float().mean().item())
 
+    supports_tape = True  # differential privacy: records its per-image gradient pieces (shared.learning.privacy)
+    tape = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.masked:
+        if self.tape is None and not self.masked:
             return F.linear(x, self.weight, self.bias)
-        return _MaskedLinearFn.apply(x, self.weight, self.bias, self.threshold, self.tau)
+        threshold = self.threshold if self.masked else None
+        return _MaskedLinearFn.apply(x, self.weight, self.bias, threshold, self.tau, self, self.tape)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, masked={self.masked}, tau={self.tau}"
@@ -153,16 +169,27 @@ class IdentityAdapter(Adapter):
 
 
 class PrivateMLP(nn.Module):
-    """``MaskedLinear(D,H) -> BatchNorm -> ReLU`` three times, then ``MaskedLinear(H,C)``. Never travels."""
+    """``MaskedLinear(D,H) -> BatchNorm -> ReLU`` three times, then ``MaskedLinear(H,C)``. Never travels.
+
+    ``per_image_norm``: LayerNorm (no affine) instead of BatchNorm, for differential privacy."""
 
     def __init__(
-        self, dim: int, num_classes: int, *, hidden: int = 512, masked: bool = True, tau: float = 0.01
+        self,
+        dim: int,
+        num_classes: int,
+        *,
+        hidden: int = 512,
+        masked: bool = True,
+        tau: float = 0.01,
+        per_image_norm: bool = False,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         width = dim
         for _ in range(3):
-            layers += [MaskedLinear(width, hidden, masked=masked, tau=tau), nn.BatchNorm1d(hidden), nn.ReLU()]
+            # BatchNorm mixes the images of a batch; differential privacy needs each image on its own
+            norm = nn.LayerNorm(hidden, elementwise_affine=False) if per_image_norm else nn.BatchNorm1d(hidden)
+            layers += [MaskedLinear(width, hidden, masked=masked, tau=tau), norm, nn.ReLU()]
             width = hidden
         layers.append(MaskedLinear(width, num_classes, masked=masked, tau=tau))
         self.net = nn.Sequential(*layers)

@@ -54,24 +54,34 @@ def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return -(p * torch.log(p.clamp_min(1e-12))).sum(dim=dim)
 
 
-def kl_divergence(log_p: torch.Tensor, log_q: torch.Tensor, dim: int) -> torch.Tensor:
-    """Mean over the other axis of KL(p || q) along ``dim``, from log-probabilities."""
-    return (log_p.exp() * (log_p - log_q)).sum(dim=dim).mean()
+def kl_divergence(log_p: torch.Tensor, log_q: torch.Tensor, dim: int, per_sample: bool = False) -> torch.Tensor:
+    """Mean over the other axis of KL(p || q) along ``dim``, from log-probabilities (``per_sample``: not averaged)."""
+    kl = (log_p.exp() * (log_p - log_q)).sum(dim=dim)
+    return kl if per_sample else kl.mean()
 
 
-def mutual_kl(sim: torch.Tensor, z: torch.Tensor, cfg: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """L_sim and its weight w. Gradients flow into both heads; w itself is detached."""
+def mutual_kl(
+    sim: torch.Tensor, z: torch.Tensor, cfg: LossConfig, per_sample: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L_sim and its weight w. Gradients flow into both heads; w itself is detached.
+
+    ``per_sample``: one loss per image, each with its own weight from its own entropies (differential
+    privacy: nothing in an image's loss may depend on another image)."""
     dim = -1 if cfg.kl == "sample" else 0
+    if per_sample and cfg.kl != "sample":
+        raise ValueError("the class-level KL mixes the images of a batch: not available with differential privacy")
     log_pv = F.log_softmax(sim / cfg.tau, dim=dim)
     log_pm = F.log_softmax(z / cfg.tau, dim=dim)
     if cfg.kl_weight == "fixed":
         w = torch.tensor(0.5, device=sim.device)
     else:
         with torch.no_grad():
-            h_v = entropy(log_pv.exp(), dim=dim).mean()
-            h_m = entropy(log_pm.exp(), dim=dim).mean()
+            h_v = entropy(log_pv.exp(), dim=dim)
+            h_m = entropy(log_pm.exp(), dim=dim)
+            if not per_sample:
+                h_v, h_m = h_v.mean(), h_m.mean()
             w = h_v / (h_v + h_m).clamp_min(1e-12)
-    loss = w * kl_divergence(log_pm, log_pv, dim) + (1 - w) * kl_divergence(log_pv, log_pm, dim)
+    loss = w * kl_divergence(log_pm, log_pv, dim, per_sample) + (1 - w) * kl_divergence(log_pv, log_pm, dim, per_sample)
     return loss, w
 
 
@@ -88,12 +98,17 @@ def contrastive_loss(
     scale: float,
     mode: str,
     adjust: torch.Tensor | None = None,
+    per_sample: bool = False,
 ) -> torch.Tensor:
     """Image-to-class-prompt cross-entropy ("class", plus ``adjust`` per class if given) or the reference
     code's in-batch version ("batch")."""
     if mode == "class":
         logits = scale * adapted @ text.t()
-        return F.cross_entropy(logits if adjust is None else logits + adjust, y)
+        return F.cross_entropy(logits if adjust is None else logits + adjust, y, reduction=_reduction(per_sample))
+    if per_sample:
+        raise ValueError(
+            "the in-batch contrastive loss mixes the images of a batch: not available with differential privacy"
+        )
     logits = scale * adapted @ text[y].t()  # [B, B]: repeated classes become false negatives
     return F.cross_entropy(logits, torch.arange(len(y), device=y.device))
 
@@ -106,11 +121,15 @@ def local_loss(
     scale: float,
     cfg: LossConfig,
     prior: torch.Tensor | None = None,
+    per_sample: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The full objective for one batch; returns the loss and its terms for logging. ``prior`` (log class
-    frequencies of the hospital's training split, :func:`log_prior`) is used with ``balance="logit_adjust"``."""
+    frequencies of the hospital's training split, :func:`log_prior`) is used with ``balance="logit_adjust"``.
+
+    ``per_sample``: the loss is a vector, one value per image, each depending on its own image only (the
+    terms logged are their means)."""
     sim = scale * adapted @ text.t()
-    total = torch.zeros((), device=adapted.device)
+    total = torch.zeros(len(y) if per_sample else (), device=adapted.device)
     terms: dict[str, float] = {}
     adjust = None
     if cfg.balance == "logit_adjust":
@@ -118,19 +137,23 @@ def local_loss(
             raise ValueError("balance='logit_adjust' needs the hospital's class prior")
         adjust = cfg.tau_la * prior.to(adapted.device)
     if cfg.use_con:
-        l_con = contrastive_loss(adapted, text, y, scale, cfg.contrastive, adjust)
+        l_con = contrastive_loss(adapted, text, y, scale, cfg.contrastive, adjust, per_sample)
         total = total + l_con
-        terms["con"] = float(l_con.detach())
+        terms["con"] = float(l_con.detach().mean())
     if z is not None and cfg.use_mlp:
-        l_mlp = F.cross_entropy(z if adjust is None else z + adjust, y)
+        l_mlp = F.cross_entropy(z if adjust is None else z + adjust, y, reduction=_reduction(per_sample))
         total = total + l_mlp
-        terms["mlp"] = float(l_mlp.detach())
+        terms["mlp"] = float(l_mlp.detach().mean())
     if z is not None and cfg.use_sim:
-        l_sim, w = mutual_kl(sim, z, cfg)
+        l_sim, w = mutual_kl(sim, z, cfg, per_sample)
         total = total + cfg.lam * l_sim
-        terms["sim"] = float(l_sim.detach())
-        terms["w"] = float(w)
+        terms["sim"] = float(l_sim.detach().mean())
+        terms["w"] = float(w.mean())
     return total, terms
+
+
+def _reduction(per_sample: bool) -> str:
+    return "none" if per_sample else "mean"
 
 
 def ensemble_probs(sim: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

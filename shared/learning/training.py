@@ -7,6 +7,7 @@ and ablations are presets of :class:`MethodConfig` (see :data:`METHODS`).
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass, field, replace
 
@@ -16,6 +17,7 @@ from torch import nn
 from shared.learning.metrics import classification_metrics
 from shared.learning.model import FAM, Adapter, FedCLIPAdapter, IdentityAdapter, PrivateMLP, clip_logits
 from shared.learning.objective import LossConfig, ensemble_probs, local_loss, log_prior
+from shared.learning.privacy import DPSGD, Accountant, DPConfig, PrivacyPlan, noisy_log_prior
 
 ADAPTERS = ("fam", "fedclip", "none")
 HEADS = ("ensemble", "clip", "mlp")
@@ -169,6 +171,7 @@ class RoundStats:
     loss: float
     terms: dict[str, float]
     keep_ratios: dict[str, float]
+    privacy: dict | None = None  # differential privacy: HospitalLearner.privacy_summary() after the round
 
 
 def build_adapter(method: MethodConfig, dim: int, train: TrainConfig, seed: int) -> Adapter:
@@ -211,8 +214,14 @@ class HospitalLearner:
         seed: int = 0,
         hospital_index: int = 0,
         device: str | torch.device = "cpu",
+        dp: DPConfig | None = None,
+        noise_seed: int | None = None,
     ) -> None:
+        """``dp``: train with differential privacy (:mod:`shared.learning.privacy`); then ``noise_seed`` seeds its
+        sampling and noise: given in simulations (reproducible), else drawn from the OS (a node: nobody else
+        may know it, or the noise could be subtracted)."""
         self.method, self.train_cfg = method, train
+        self.dp = dp if dp is not None and dp.enabled else None
         self.device = torch.device(device)
         self.text = text_features.to(self.device, torch.float32)
         self.scale = float(logit_scale)
@@ -223,7 +232,12 @@ class HospitalLearner:
             torch.manual_seed(seed * 1000 + 17 + hospital_index)
             if method.use_mlp:
                 self.mlp = PrivateMLP(
-                    dim, num_classes, hidden=train.mlp_hidden, masked=method.masked, tau=train.mask_tau
+                    dim,
+                    num_classes,
+                    hidden=train.mlp_hidden,
+                    masked=method.masked,
+                    tau=train.mask_tau,
+                    per_image_norm=self.dp is not None,
                 ).to(self.device)
         self.generator = torch.Generator().manual_seed(seed * 1000 + hospital_index)
         opt_kw = {"betas": train.betas, "eps": train.eps, "fused": True}  # one kernel per step: ~20% faster on CPU
@@ -235,6 +249,56 @@ class HospitalLearner:
             else None
         )
         self.rounds_trained = 0
+        self.accountant: Accountant | None = None  # set by plan_privacy
+        self.dp_prior: torch.Tensor | None = None  # the noisy class prior, released once
+        self.dp_generator = torch.Generator().manual_seed(
+            noise_seed if noise_seed is not None else secrets.randbits(63)
+        )
+        self.dp_engine = DPSGD([self.adapter, self.mlp], self.dp_generator) if self.dp else None
+
+    # -- differential privacy ----------------------------------------------------------------
+    def plan_privacy(self, num_train: int, rounds: int) -> PrivacyPlan | None:
+        """Fix this run's noise from the hospital's training-set size and the run's rounds (once: a learner
+        resumed from its private state keeps the plan it had). None without differential privacy."""
+        if self.dp is None:
+            return None
+        if self.accountant is None:
+            plan = self.dp.plan(
+                num_train=num_train,
+                batch_size=self.train_cfg.batch_size,
+                local_epochs=self.train_cfg.local_epochs,
+                rounds=rounds,
+            )
+            self.accountant = Accountant(plan)
+        elif self.accountant.plan.num_train != num_train:
+            raise ValueError(
+                f"differential privacy: the plan is for {self.accountant.plan.num_train} training images, "
+                f"this hospital now has {num_train}"
+            )
+        assert self.dp_engine is not None
+        self.dp_engine.plan = self.accountant.plan
+        return self.accountant.plan
+
+    def epsilon(self) -> float | None:
+        """Epsilon spent in this run so far (None without differential privacy)."""
+        return self.accountant.epsilon() if self.accountant is not None else None
+
+    def privacy_summary(self, stopped: str | None = None) -> dict | None:
+        """Epsilon spent so far with what it was computed from (None without differential privacy); ``stopped``:
+        why training stopped (the budget)."""
+        if self.accountant is None:
+            return None
+        plan = self.accountant.plan
+        return {
+            "epsilon": self.accountant.epsilon(),
+            "delta": plan.delta,
+            "budget": plan.budget,
+            "noise_multiplier": plan.noise_multiplier,
+            "clip": plan.clip,
+            "sample_rate": plan.sample_rate,
+            "steps": self.accountant.steps,
+            "stopped": stopped,
+        }
 
     # -- the adapter that travels ------------------------------------------------------------
     def adapter_state(self) -> dict[str, torch.Tensor]:
@@ -259,7 +323,10 @@ class HospitalLearner:
             self.mlp.train()
         features = features.to(self.device, torch.float32)
         labels = labels.to(self.device)
-        prior = log_prior(labels, self.num_classes) if self.method.loss.balance != "none" else None
+        uses_prior = self.method.loss.balance != "none"
+        if self.dp is not None:
+            return self._train_round_dp(features, labels, start, uses_prior)
+        prior = log_prior(labels, self.num_classes) if uses_prior else None
         steps, loss_sum, term_sums = 0, 0.0, {}
         for _ in range(self.train_cfg.local_epochs):
             order = torch.randperm(len(labels), generator=self.generator).to(self.device)
@@ -273,18 +340,65 @@ class HospitalLearner:
                 loss, terms = local_loss(adapted, z, y, self.text, self.scale, self.method.loss, prior)
                 if not loss.requires_grad:
                     continue
-                for opt in (self.opt_adapter, self.opt_mlp):
-                    if opt is not None:
-                        opt.zero_grad(set_to_none=True)
+                self._zero_grad()
                 loss.backward()
-                if self.method.adapter != "none" and self.opt_adapter is not None:
-                    self.opt_adapter.step()
-                if self.opt_mlp is not None:
-                    self.opt_mlp.step()
+                self._step()
                 steps += 1
                 loss_sum += float(loss.detach())
                 for key, value in terms.items():
                     term_sums[key] = term_sums.get(key, 0.0) + value
+        return self._finish_round(start, steps, loss_sum, term_sums)
+
+    def _zero_grad(self) -> None:
+        for opt in (self.opt_adapter, self.opt_mlp):
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+
+    def _step(self) -> None:
+        if self.method.adapter != "none" and self.opt_adapter is not None:
+            self.opt_adapter.step()
+        if self.opt_mlp is not None:
+            self.opt_mlp.step()
+
+    def _train_round_dp(
+        self, features: torch.Tensor, labels: torch.Tensor, start: float, uses_prior: bool
+    ) -> RoundStats:
+        """DP-SGD: Poisson-sampled batches, per-image clipping, Gaussian noise (:mod:`shared.learning.privacy`)."""
+        if self.accountant is None or self.dp_engine is None:
+            raise RuntimeError("differential privacy: call plan_privacy(num_train, rounds) before training")
+        plan = self.accountant.plan
+        if len(labels) != plan.num_train:
+            raise ValueError(f"differential privacy: planned for {plan.num_train} training images, got {len(labels)}")
+        self.accountant.check_round(uses_prior)  # raises PrivacyBudgetSpent: nothing is trained
+        if uses_prior and self.dp_prior is None:
+            self.dp_prior = noisy_log_prior(labels, self.num_classes, self.dp_generator)
+            self.accountant.prior_released = True
+        prior = self.dp_prior if uses_prior else None
+        steps, loss_sum, term_sums = 0, 0.0, {}
+        for _ in range(plan.steps_per_round):
+            take = torch.rand(len(labels), generator=self.dp_generator) < plan.sample_rate
+            idx = take.nonzero().squeeze(1).to(self.device)
+            self._zero_grad()
+            if len(idx):
+                f, y = features[idx], labels[idx]
+                with self.dp_engine.tape:
+                    adapted = self.adapter(f)
+                    z = self.mlp(adapted) if self.mlp is not None else None
+                    losses, terms = local_loss(
+                        adapted, z, y, self.text, self.scale, self.method.loss, prior, per_sample=True
+                    )
+                    if losses.requires_grad:
+                        losses.sum().backward()
+                loss_sum += float(losses.detach().mean())
+                for key, value in terms.items():
+                    term_sums[key] = term_sums.get(key, 0.0) + value
+            self.dp_engine.write_grads(len(idx))  # an empty batch still takes a step: noise only
+            self._step()
+            steps += 1
+            self.accountant.steps += 1
+        return self._finish_round(start, steps, loss_sum, term_sums)
+
+    def _finish_round(self, start: float, steps: int, loss_sum: float, term_sums: dict[str, float]) -> RoundStats:
         self.rounds_trained += 1
         return RoundStats(
             steps=steps,
@@ -292,6 +406,7 @@ class HospitalLearner:
             loss=loss_sum / max(steps, 1),
             terms={k: v / max(steps, 1) for k, v in term_sums.items()},
             keep_ratios=self.keep_ratios(),
+            privacy=self.privacy_summary(),
         )
 
     def keep_ratios(self) -> dict[str, float]:
@@ -355,6 +470,13 @@ class HospitalLearner:
             "opt_mlp": self.opt_mlp.state_dict() if self.opt_mlp else None,
             "generator": self.generator.get_state(),
             "rounds_trained": self.rounds_trained,
+            "privacy": None
+            if self.dp is None
+            else {
+                "accountant": self.accountant.state() if self.accountant is not None else None,
+                "prior": self.dp_prior,
+                "generator": self.dp_generator.get_state(),
+            },
         }
 
     def load_private_state(self, state: dict) -> None:
@@ -367,3 +489,16 @@ class HospitalLearner:
             self.opt_mlp.load_state_dict(state["opt_mlp"])
         self.generator.set_state(state["generator"])
         self.rounds_trained = int(state["rounds_trained"])
+        privacy = state.get("privacy")
+        if (privacy is not None) != (self.dp is not None):
+            raise ValueError(
+                "the saved state was trained "
+                + ("with" if privacy is not None else "without")
+                + " differential privacy; this node is configured otherwise"
+            )
+        if privacy is not None:
+            self.accountant = Accountant.from_state(privacy["accountant"]) if privacy["accountant"] else None
+            self.dp_prior = privacy["prior"]
+            self.dp_generator.set_state(privacy["generator"])
+            if self.accountant is not None and self.dp_engine is not None:
+                self.dp_engine.plan = self.accountant.plan

@@ -221,6 +221,28 @@ class Telemetry:
                 ["reason"],
                 registry=r,
             )
+            # differential privacy, by node (absent when the node trains without it)
+            self.dp_epsilon = Gauge(
+                "fedmedclip_dp_epsilon",
+                "Differential privacy: epsilon this node has spent in the current run (at fedmedclip_dp_delta)",
+                ["node"],
+                registry=r,
+            )
+            self.dp_delta = Gauge(
+                "fedmedclip_dp_delta", "Differential privacy: delta of the guarantee", ["node"], registry=r
+            )
+            self.dp_epsilon_budget = Gauge(
+                "fedmedclip_dp_epsilon_budget",
+                "Differential privacy: the epsilon budget of the run (+Inf: none); training stops before passing it",
+                ["node"],
+                registry=r,
+            )
+            self.dp_budget_exhausted = Gauge(
+                "fedmedclip_dp_budget_exhausted",
+                "Differential privacy: 1 once one more round would pass the budget (the node trains no further)",
+                ["node"],
+                registry=r,
+            )
 
     def count_payload(self, direction: str, encoding: str, wire_bytes: int, raw_bytes: int) -> None:
         self.update_bytes.labels(direction=direction, encoding=encoding).inc(wire_bytes)
