@@ -208,16 +208,20 @@ class UploadUpdateRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[PayloadHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class UploadUpdateResponse(_message.Message):
-    __slots__ = ("update_id", "round_id", "replayed", "updates_received")
+    __slots__ = ("update_id", "round_id", "replayed", "updates_received", "receipt", "receipt_signature")
     UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
     UPDATES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     update_id: str
     round_id: int
     replayed: bool
     updates_received: int
-    def __init__(self, update_id: _Optional[str] = ..., round_id: _Optional[int] = ..., replayed: _Optional[bool] = ..., updates_received: _Optional[int] = ...) -> None: ...
+    receipt: str
+    receipt_signature: str
+    def __init__(self, update_id: _Optional[str] = ..., round_id: _Optional[int] = ..., replayed: _Optional[bool] = ..., updates_received: _Optional[int] = ..., receipt: _Optional[str] = ..., receipt_signature: _Optional[str] = ...) -> None: ...
 
 class EvalMetrics(_message.Message):
     __slots__ = ("num_samples", "accuracy", "balanced_accuracy", "macro_f1", "ece")
