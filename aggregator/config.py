@@ -16,7 +16,7 @@ ENV_PREFIX = "FEDMEDCLIP_AGGREGATOR_"
 @dataclass(frozen=True)
 class AggregatorConfig:
     # relative paths in a YAML file are relative to that file (a startup kit works wherever it is copied)
-    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("tls_cert", "tls_key", "tls_ca", "out_dir")
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("tls_cert", "tls_key", "tls_ca", "out_dir", "audit_key")
 
     # network
     listen: str = "127.0.0.1:50051"  # host:port the AggregatorService listens on (loopback by default)
@@ -46,6 +46,9 @@ class AggregatorConfig:
     overload_hold_s: float = 5.0  # ... and for this long after that, or after a refusal for a load limit
     # run
     out_dir: str = "runs/aggregator"  # checkpoint, published globals, report
+    # the Ed25519 key that signs the audit log and receipts (docs/audit.md; fedmedclip provision writes audit.key
+    # into the kit and its public half into every node's kit); unset: <out_dir>/audit.key, made on first start
+    audit_key: str | None = None  # the audit log's signing key (PEM, Ed25519); unset: <out_dir>/audit.key
     rounds: int = 50  # communication rounds of the run
     min_nodes: int = 2  # quorum: a round may close at its deadline with this many updates
     round_timeout_s: float = 120.0  # deadline of a round, from its opening

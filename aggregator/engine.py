@@ -56,6 +56,7 @@ from aggregator.errors import EngineError
 from aggregator.ledger import Ledger
 from aggregator.registry import MAX_SAMPLES, NodeRecord, Registration, Registry, Role
 from shared import __version__
+from shared.audit import AuditError, Entry, make_receipt, open_for_aggregator
 from shared.codec import CodecError, decode_state, encode_state, payload_info
 from shared.learning.aggregation import AggregationError, capped_weights, joiner_weight, make_aggregator
 from shared.learning.metrics import METRIC_KEYS
@@ -178,6 +179,8 @@ class UpdateAck:
     round_id: int
     replayed: bool
     updates_received: int
+    receipt: str = ""  # the signed receipt (shared/audit.py): canonical JSON, and its hex signature
+    receipt_signature: str = ""
 
 
 @dataclass(frozen=True)
@@ -272,6 +275,7 @@ class RoundEngine:
             )
         else:
             self._restore(ckpt)
+        self._open_audit(resumed=ckpt is not None)
         self.round_bytes = {"up": 0, "up_raw": 0}
         self.aggregator = self._new_aggregator()
         self.weights: dict[str, float] = {}  # the open round's weight of each trainer (fixed at its opening)
@@ -320,6 +324,105 @@ class RoundEngine:
             self.phase,
             len(self.registry.nodes),
         )
+
+    # -- the audit log (shared/audit.py, docs/audit.md) --------------------------------------
+    def _open_audit(self, resumed: bool) -> None:
+        """Open the audit log beside the checkpoint (recording a torn tail a crash left) and record this start:
+        a new run, or a resume; rounds the checkpoint closed that the log lacks (a crash between the two) are
+        recorded now, marked so. A log that cannot be opened or written stops the aggregator here."""
+        self.audit = open_for_aggregator(self.store.root.parent, self.cfg.audit_key, wall=self.wall)
+        self.receipts: dict[tuple[str, str], tuple[str, str]] = {}  # (node, update id) -> its receipt, for replays
+        existing, self.audit.existing = self.audit.existing, []
+        if not resumed:
+            self._audit(
+                "run_started",
+                {
+                    "run_id": self.run_id,
+                    "rounds": self.cfg.rounds,
+                    "min_nodes": self.cfg.min_nodes,
+                    "software": __version__,
+                    **{k: self.signature[k] for k in ("method", "seed", "codec", "delta", "aggregation")},
+                    "initial_sha256": self.initial_sha256,
+                },
+            )
+        else:
+            published = 0
+            for entry in existing:
+                if entry.data.get("run_id") != self.run_id:
+                    continue
+                if entry.event == "update_accepted":
+                    receipt = make_receipt(self.audit.key, self.run_id, entry)
+                    self.receipts[(entry.data["node"], entry.data["update_id"])] = receipt
+                elif entry.event == "global_published":
+                    published = max(published, int(entry.data["version"]))
+            for version in range(published + 1, self.version + 1):
+                self._audit_round(version - 1, at_resume=True)
+            self._audit("aggregator_resumed", {"run_id": self.run_id, "version": self.version, "phase": self.phase})
+        if self.audit.broken is not None:
+            raise AuditError(f"the audit log {self.audit.path} cannot be written: {self.audit.broken}")
+
+    def _audit(self, event: str, data: dict[str, Any], *, sync: bool = True) -> Entry | None:
+        """Append an entry; a log that cannot be written fails the run, loudly, and gives None."""
+        try:
+            return self.audit.append(event, data, sync=sync)
+        except AuditError as exc:
+            self._audit_failed(exc)
+            return None
+
+    def _audit_failed(self, exc: AuditError) -> None:
+        if not self._ended():
+            self._end(Phase.FAILED, f"{exc}: an aggregator that cannot keep its audit log stops its run")
+
+    def _durable(self) -> None:
+        """Every entry so far on disk (outside the engine's lock: one fsync serves many uploads)."""
+        try:
+            self.audit.sync()
+        except AuditError as exc:
+            with self._cond:
+                self._audit_failed(exc)
+            raise EngineError(Reason.ROUND_NOT_OPEN, f"update not acknowledged: {exc}") from exc
+
+    def _audit_round(self, r: int, at_resume: bool = False) -> None:
+        """``round_closed`` (every folded update: node, update id, SHA-256, weight) and ``global_published``."""
+        logged = next((x for x in reversed(self.rounds_log) if x.get("round") == r + 1), {})
+        weights = logged.get("weights", {})
+        updates = [
+            {
+                "node": node,
+                "update_id": a.update_id,
+                "sha256": a.sha256,
+                "weight": None if weights.get(node) is None else float(weights[node]),
+            }
+            for node, a in sorted(self.ledger.closed.get(r, {}).items())
+        ]
+        closed = {"run_id": self.run_id, "round_id": r, "version": r + 1, "updates": updates}
+        self._audit("round_closed", closed | ({"recorded_at_resume": True} if at_resume else {}), sync=False)
+        payload = self.published.get(r + 1) or self.store.load_published(r + 1)
+        self._audit(
+            "global_published",
+            {
+                "run_id": self.run_id,
+                "version": r + 1,
+                "sha256": None if payload is None else sha256_hex(payload),
+                "wire_bytes": 0 if payload is None else len(payload),
+            },
+        )
+
+    def audit_refusal(self, node_id: str, round_id: int, update_id: str, sha256: str | None, reason: Reason) -> None:
+        """Record a refused upload (the servicer calls this for every refusal past the identity check)."""
+        with self._cond:
+            self._audit(
+                "update_refused",
+                {
+                    "run_id": self.run_id,
+                    "round_id": round_id,
+                    "node": node_id[:64],
+                    "update_id": update_id[:128],
+                    "sha256": sha256,
+                    "reason": reason.value,
+                },
+                sync=False,  # made durable by the next synced entry: a flood of refusals costs no fsync each
+            )
 
     # -- views -------------------------------------------------------------------------------
     @property
@@ -435,8 +538,18 @@ class RoundEngine:
         self.sessions[node_id] = Session(session_id, printable(peer, 80))
 
     # -- RPC entry points --------------------------------------------------------------------
-    def register(self, reg: Registration, *, session_id: str = "", peer: str = "", dry_run: bool = False) -> RoundView:
-        """Admit ``reg`` (EngineError when refused) under the node's new session; with ``dry_run`` check only."""
+    def register(
+        self,
+        reg: Registration,
+        *,
+        session_id: str = "",
+        peer: str = "",
+        dry_run: bool = False,
+        identity: str | None = None,
+    ) -> RoundView:
+        """Admit ``reg`` (EngineError when refused) under the node's new session; with ``dry_run`` check only.
+
+        ``identity``: the verified certificate CN the request came with (None: plaintext), for the audit log."""
         with self._cond:
             if dry_run:
                 self.registry.check(reg)
@@ -464,6 +577,17 @@ class RoundEngine:
                     self.cfg.max_workers,
                 )
             rec = self.nodes[reg.node_id]
+            if not known:
+                self._audit(
+                    "node_registered",
+                    {
+                        "run_id": self.run_id,
+                        "node": reg.node_id,
+                        "role": rec.role.value,
+                        "num_train": rec.num_train,
+                        "certificate": identity,
+                    },
+                )
             log.info(
                 "%s %s (%s, %d train / %d val / %d test samples, version %s)",
                 "re-registered" if known else "registered",
@@ -527,7 +651,15 @@ class RoundEngine:
 
     def submit(self, header: UpdateHeader, payload: bytes, sha256: str | None = None) -> UpdateAck:
         """Validate and fold one upload. ``sha256``: the SHA-256 of ``payload`` as its receiver computed it
-        over the very bytes while they arrived (the servicer does); None: hashed here."""
+        over the very bytes while they arrived (the servicer does); None: hashed here.
+
+        An accepted update is recorded in the audit log (``update_accepted``) and acknowledged with a signed
+        receipt of that entry, only once the entry is on disk; a replay gets the same receipt."""
+        ack = self._submit(header, payload, sha256)
+        self._durable()
+        return ack
+
+    def _submit(self, header: UpdateHeader, payload: bytes, sha256: str | None) -> UpdateAck:
         with self._cond:
             rec = self._check_node(header.run_id, header.node_id)
             if not CLIENT_ID.fullmatch(header.update_id):
@@ -542,7 +674,8 @@ class RoundEngine:
                 )
             replayed = self.ledger.replay(header.node_id, header.update_id, actual, self.version)
             if replayed is not None:  # a retry of an accepted update: the same answer, not counted again
-                return UpdateAck(header.update_id, replayed[0], True, replayed[1])
+                receipt = self.receipts.get((header.node_id, header.update_id), ("", ""))
+                return UpdateAck(header.update_id, replayed[0], True, replayed[1], *receipt)
             if rec.role != Role.TRAINER:
                 raise EngineError(Reason.NOT_TRAINER, f"{header.node_id} is an evaluator")
             if self.phase != Phase.COLLECTING:
@@ -586,6 +719,25 @@ class RoundEngine:
                 self.t.aggregate_cpu.labels(step="fold").inc(time.thread_time() - c0)
             except (CodecError, UpdateOutOfBoundsError, AggregationError) as exc:
                 raise EngineError(exc.reason, f"update refused: {exc}") from exc
+            entry = self._audit(
+                "update_accepted",
+                {
+                    "run_id": self.run_id,
+                    "round_id": self.version,
+                    "node": header.node_id,
+                    "update_id": header.update_id,
+                    "sha256": actual,
+                    "weight": float(weight),
+                    "num_train": rec.num_train,
+                    "wire_bytes": len(payload),
+                },
+                sync=False,  # synced by submit outside the lock, before the receipt leaves
+            )
+            if entry is None:  # the run failed: its folded sum is never published
+                raise EngineError(Reason.ROUND_NOT_OPEN, f"update not accepted: {self.status_message}")
+            receipt = self.receipts[(header.node_id, header.update_id)] = make_receipt(
+                self.audit.key, self.run_id, entry
+            )
             self.ledger.accept(header.node_id, header.update_id, actual)
             self.folded_weights[header.node_id] = weight
             if privacy:
@@ -606,7 +758,7 @@ class RoundEngine:
                 len(self._trainers()[0]),
             )
             self._cond.notify_all()
-            return UpdateAck(header.update_id, self.version, False, len(self.ledger.open))
+            return UpdateAck(header.update_id, self.version, False, len(self.ledger.open), *receipt)
 
     def _weight_of(self, node_id: str, rec: NodeRecord) -> float:
         """The open round's weight of ``node_id``: fixed at the opening, or at its first upload for a joiner."""
@@ -768,6 +920,7 @@ class RoundEngine:
         )
         self.t.aggregate_seconds.labels(step="checkpoint").observe(time.perf_counter() - t0)
         self.t.aggregate_cpu.labels(step="checkpoint").inc(time.thread_time() - c0)
+        self._audit_round(r)  # after the checkpoint: the log records only what a restart resumes from
         self.t.round_seconds.observe(seconds)
         log.info(
             "round %d/%d closed: %d updates, up %.1f KB, global %.1f KB, %.3fs",
@@ -793,6 +946,10 @@ class RoundEngine:
         self.status_message = message
         self.ended_at = self.clock()
         (log.info if phase == Phase.FINISHED else log.error)("run %s %s: %s", self.run_id, phase, message)
+        self._audit(
+            "run_finished" if phase == Phase.FINISHED else "run_failed",
+            {"run_id": self.run_id, "version": self.version, "message": message},
+        )
         self._cond.notify_all()
         self._advanced.notify_all()
 
@@ -837,6 +994,8 @@ class RoundEngine:
                         sorted(trainer_set - got.keys()),
                     )
                 self._close_round()
+                if self._ended():  # the audit log could not be written: the run failed
+                    return 0.0
                 if self.version >= cfg.rounds:
                     self._end(Phase.FINISHED, f"{cfg.rounds} rounds done")
                     return 0.0

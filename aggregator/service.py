@@ -238,7 +238,11 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
             "Register",
             request.node_id,
             lambda: self.engine.register(
-                reg, session_id=request.session_id, peer=context.peer(), dry_run=request.dry_run
+                reg,
+                session_id=request.session_id,
+                peer=context.peer(),
+                dry_run=request.dry_run,
+                identity=request.node_id if self.tls else None,  # _authorize checked the certificate's CN is it
             ),
         )
         return pb.RegisterResponse(
@@ -320,6 +324,7 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
         self.load.enter("UploadUpdate")
         transfer = self.watchdog.watch(context.cancel)
         node_id, held = "", ""
+        h, sha256 = None, None  # the header once its identity is checked; the bytes' SHA-256 once received
         try:
             if self.tls:
                 node_id = self._certified(context)
@@ -328,9 +333,9 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
             first = self._next(request_iterator, transfer)
             if first is None or first.WhichOneof("content") != "header":
                 raise EngineError(Reason.BAD_STREAM, "an upload starts with a header message")
+            node_id = first.header.node_id
+            self._authorize(context, node_id)  # before a single payload byte is read
             h = first.header
-            node_id = h.node_id
-            self._authorize(context, h.node_id)  # before a single payload byte is read
             if not held:
                 self.limits.acquire(node_id, (RPC, STREAM))
                 held = node_id
@@ -365,6 +370,8 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
                 self.upload_slots.release()
                 self.t.upload_slots_in_use.dec()
         except EngineError as exc:
+            if h is not None and exc.reason not in LOAD_REASONS:  # the audit log: refusals of an identified node
+                self.engine.audit_refusal(node_id, h.round_id, h.update_id, sha256, exc.reason)
             self._refuse(context, "UploadUpdate", node_id, exc)
         finally:
             self.watchdog.unwatch(transfer)
@@ -374,7 +381,12 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
         if ack.replayed:
             self.t.updates_replayed.inc()
         return pb.UploadUpdateResponse(
-            update_id=ack.update_id, round_id=ack.round_id, replayed=ack.replayed, updates_received=ack.updates_received
+            update_id=ack.update_id,
+            round_id=ack.round_id,
+            replayed=ack.replayed,
+            updates_received=ack.updates_received,
+            receipt=ack.receipt,
+            receipt_signature=ack.receipt_signature,
         )
 
     @staticmethod
@@ -718,6 +730,12 @@ def serve(cfg: AggregatorConfig) -> int:
     }
     atomic_write(out / "endpoints.json", json.dumps(endpoints, indent=1).encode())
     log.info(
+        "audit log %s, signed with key %s (public key %s)",
+        engine.audit.path,
+        engine.audit.key.public.key_id,
+        cfg.audit_key and Path(cfg.audit_key).with_suffix(".pub") or out / "audit.pub",
+    )
+    log.info(
         "aggregator serving on %s (%s; health %s, metrics :%d%s), run %s",
         endpoints["address"],
         f"mTLS, {len(cfg.allowed_nodes or ())} nodes allowed" if tls else "PLAINTEXT, no identity",
@@ -753,6 +771,7 @@ def serve(cfg: AggregatorConfig) -> int:
             server.stop(cfg.shutdown_grace_s).wait()
             driver.join(timeout=cfg.shutdown_grace_s)
             engine.write_report()
+            engine.audit.close()
             health_server.stop(1.0).wait()
             metrics_server.shutdown()
             if handshakes is not None:

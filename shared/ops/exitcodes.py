@@ -11,6 +11,7 @@ class ExitCode(IntEnum):
     USAGE = 2  # bad input or configuration: a one-line message names it, no traceback
     REFUSED = 3  # the aggregator refused this node for good (its reason is logged)
     RUN_CHANGED = 4  # the aggregator started another run than the one this node's state belongs to
+    AUDIT_FAILED = 5  # fedmedclip audit verify: the audit log or a receipt does not verify (the first problem is named)
 
 
 def describe() -> str:
