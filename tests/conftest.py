@@ -55,6 +55,7 @@ MARKERS = {
     "test_layout.py": "unit",  # one short interpreter per core module (imports only)
     "test_metrics.py": "unit",  # per-class metrics, round selection, report helpers
     "test_model.py": "unit",
+    "test_privacy.py": "unit",  # DP-SGD clipping against per-image gradients, the accountant, the budget
     "test_services_engine.py": "unit",  # the round engine and an in-process gRPC server, no processes
     "test_services_protocol.py": "unit",
     # services: real processes, or more than a few seconds in-process

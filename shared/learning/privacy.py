@@ -136,15 +136,21 @@ def step_event(q: float, sigma: float) -> dp_accounting.DpEvent:
 
 def epsilon_of(q: float, sigma: float, steps: int, delta: float, *, prior: bool = True) -> float:
     """Epsilon of ``steps`` Poisson-sampled Gaussian steps (plus the noisy class histogram when ``prior``),
-    by dp-accounting's RDP accountant. RDP composes by addition, so one step's curve is scaled by ``steps``."""
+    by dp-accounting's RDP accountant."""
     orders, per_step = _rdp(step_event(q, sigma))
-    total = steps * per_step
-    if prior:
-        total = total + _rdp(dp_accounting.GaussianDpEvent(PRIOR_NOISE))[1]
+    return _epsilon(
+        orders, per_step, steps, _rdp(dp_accounting.GaussianDpEvent(PRIOR_NOISE))[1] if prior else None, delta
+    )
+
+
+def _epsilon(orders: np.ndarray, per_step: np.ndarray, steps: int, prior: np.ndarray | None, delta: float) -> float:
+    """RDP composes by addition: one step's curve times ``steps``, plus the histogram's; then to (epsilon, delta)."""
+    total = steps * per_step if steps else np.zeros_like(per_step)  # 0 * inf is not 0 in numpy
+    if prior is not None:
+        total = total + prior
     if not np.any(total > 0):
         return 0.0
-    eps, _ = compute_epsilon(orders, total, delta)
-    return float(eps)
+    return float(compute_epsilon(orders, total, delta)[0])
 
 
 def calibrate_noise(epsilon: float, delta: float, q: float, steps: int) -> float:
@@ -173,10 +179,8 @@ class Accountant:
 
     def epsilon(self, steps: int | None = None, prior: bool | None = None) -> float:
         steps = self.steps if steps is None else steps
-        total = steps * self._per_step + (self._prior if (self.prior_released if prior is None else prior) else 0.0)
-        if not np.any(total > 0):
-            return 0.0
-        return float(compute_epsilon(self._orders, total, self.plan.delta)[0])
+        released = self.prior_released if prior is None else prior
+        return _epsilon(self._orders, self._per_step, steps, self._prior if released else None, self.plan.delta)
 
     def check_round(self, uses_prior: bool) -> None:
         """Raise :class:`PrivacyBudgetSpent` when one more round would pass the budget."""

@@ -480,6 +480,13 @@ class HospitalLearner:
         }
 
     def load_private_state(self, state: dict) -> None:
+        privacy = state.get("privacy")
+        if (privacy is not None) != (self.dp is not None):
+            raise ValueError(
+                "the saved state was trained "
+                + ("with" if privacy is not None else "without")
+                + " differential privacy; this node is configured otherwise"
+            )
         self.adapter.load_state_dict(state["adapter"])
         if self.mlp is not None and state["mlp"] is not None:
             self.mlp.load_state_dict(state["mlp"])
@@ -489,13 +496,6 @@ class HospitalLearner:
             self.opt_mlp.load_state_dict(state["opt_mlp"])
         self.generator.set_state(state["generator"])
         self.rounds_trained = int(state["rounds_trained"])
-        privacy = state.get("privacy")
-        if (privacy is not None) != (self.dp is not None):
-            raise ValueError(
-                "the saved state was trained "
-                + ("with" if privacy is not None else "without")
-                + " differential privacy; this node is configured otherwise"
-            )
         if privacy is not None:
             self.accountant = Accountant.from_state(privacy["accountant"]) if privacy["accountant"] else None
             self.dp_prior = privacy["prior"]
