@@ -8,8 +8,10 @@ One command, in the spirit of NVFlare's startup kits::
 writes, whatever the umask (folders 0700, private keys 0600, scripts 0700, the rest 0644)::
 
     kits-ca/ca.pem, ca.key        the federation's certificate authority (apart from the kits: keep it offline)
-    kits/aggregator/              ca.pem, cert.pem, key.pem, aggregator.yaml, README.md, start.sh, stop.sh
-    kits/<node>/                  ca.pem, cert.pem (CN = node id), key.pem, node.yaml, README.md, start.sh, stop.sh
+    kits/aggregator/              ca.pem, cert.pem, key.pem, audit.key, audit.pub, aggregator.yaml, README.md,
+                                  start.sh, stop.sh
+    kits/<node>/                  ca.pem, cert.pem (CN = node id), key.pem, aggregator_audit.pub, node.yaml,
+                                  README.md, start.sh, stop.sh
 
 Each kit is all that party needs and works wherever it is copied: the paths in its config are
 relative to the config file. Hand ``kits/hospital_1/`` to hospital 1 only. Given the federation's
@@ -18,6 +20,8 @@ can set the label space by registering first; each node's config carries the sam
 The aggregator listens on loopback unless ``--listen`` names a public address. Running the command
 again on the same folders reuses the CA and the existing certificates, issues what is missing and
 rewrites the configs: that is how a hospital is added (list every node again). Keys are ECDSA P-256.
+``audit.key`` (Ed25519) signs the aggregator's audit log and receipts (docs/audit.md); its public half
+goes into every node's kit, so a hospital checks its receipts against a key it got with its kit.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from shared.audit import KEY_NAME as AUDIT_KEY
+from shared.audit import SigningKey
 from shared.ops.command import Command, main_for
 from shared.ops.config import ConfigError
 
@@ -190,6 +196,14 @@ def _issue_into(folder: Path, ca_cert, ca_key, common_name: str, *, server: bool
     return True
 
 
+def _audit_key(folder: Path) -> SigningKey:
+    """The aggregator's audit signing key in its kit (kept when provisioning again), its public half beside it."""
+    path = folder / AUDIT_KEY
+    key = SigningKey.load(path) if path.exists() else SigningKey.generate()
+    key.save(path)  # key 0600, audit.pub 0644, whatever the umask
+    return key
+
+
 def _write_config(path: Path, header: str, values: dict) -> None:
     _write(path, f"# {header}\n" + yaml.safe_dump(values, sort_keys=False), 0o644)
 
@@ -219,6 +233,7 @@ hospital's identity. Everything in `node.yaml` is relative to this folder.
 | `node.yaml` | settings: node id `{node}`, the aggregator `{aggregator}`, certificates{classes_line} |
 | `cert.pem`, `key.pem` | this hospital's certificate (CN = `{node}`) and private key (mode 0600) |
 | `ca.pem` | the federation's certificate authority: only an aggregator it signed is trusted |
+| `aggregator_audit.pub` | the aggregator's audit key (id `{audit_key_id}`): the node checks every receipt with it |
 | `start.sh`, `stop.sh` | start the node daemon in the foreground; stop it (SIGTERM) |
 
 1. Set `data:` in `node.yaml` to this hospital's images: an ImageFolder (`<folder>/<class>/*.png`,
@@ -233,6 +248,9 @@ hospital's identity. Everything in `node.yaml` is relative to this folder.
    classifies images.
 4. `share_metrics:` in `node.yaml` sets which evaluations leave this hospital: `all`, `val_accuracy`
    or `none`; every evaluation stays in `state/evaluations.jsonl` whatever is shared.
+5. Every accepted update comes back with the aggregator's signed receipt, kept in
+   `state/receipts/<run id>/`. `fedmedclip audit verify <the aggregator's audit.log> --key
+   aggregator_audit.pub --receipts state/receipts` checks the aggregator's log against them.
 """
 
 _AGGREGATOR_README = """# FedMedCLIP startup kit: the aggregator
@@ -243,11 +261,13 @@ Issued on {date}. Keep this folder private: `key.pem` is the aggregator's identi
 |---|---|
 | `aggregator.yaml` | settings: listen address `{listen}`, certificates, the allow-list ({n} nodes){pins} |
 | `cert.pem`, `key.pem` | the aggregator's certificate (names: {hosts}) and private key (mode 0600) |
+| `audit.key`, `audit.pub` | the key that signs the audit log and receipts (id `{audit_key_id}`), its public half |
 | `ca.pem` | the federation's certificate authority, which signed every node's certificate |
 | `start.sh`, `stop.sh` | start the aggregator in the foreground; stop it (SIGTERM) |
 
-`./start.sh --rounds 30 --min-nodes 3` runs a federation; its checkpoint, globals and report go to
-`runs/`. A new run needs a new `--out-dir`.
+`./start.sh --rounds 30 --min-nodes 3` runs a federation; its checkpoint, globals, report and signed
+audit log (`runs/audit.log`; `fedmedclip audit verify runs/audit.log --key audit.pub`) go to `runs/`.
+A new run needs a new `--out-dir`.
 """
 
 
@@ -299,6 +319,7 @@ def provision(cfg: ProvisionConfig) -> dict[str, Path]:
     configs: dict[str, Path] = {}
     agg = _party_dir(root, "aggregator")
     _issue_into(agg, ca_cert, ca_key, "aggregator", server=True, hosts=hosts)
+    audit = _audit_key(agg)
     pins: dict = {}
     if classes:
         fingerprint, runtime = _fingerprint(classes, cfg)
@@ -313,6 +334,7 @@ def provision(cfg: ProvisionConfig) -> dict[str, Path]:
             "tls_cert": "cert.pem",
             "tls_key": "key.pem",
             "allowed_nodes": nodes,
+            "audit_key": AUDIT_KEY,
             "out_dir": "runs",
             **pins,
         },
@@ -327,12 +349,14 @@ def provision(cfg: ProvisionConfig) -> dict[str, Path]:
             listen=listen,
             n=len(nodes),
             hosts=", ".join(hosts),
+            audit_key_id=audit.public.key_id,
             pins=f"; the class names {classes} and the backbone fingerprint" if pins else "",
         ),
     )
     for node in nodes:
         folder = _party_dir(root, node)
         _issue_into(folder, ca_cert, ca_key, node, server=False)
+        _write(folder / "aggregator_audit.pub", audit.public.pem(), 0o644)
         configs[node] = folder / "node.yaml"
         values = {
             "node_id": node,
@@ -340,6 +364,7 @@ def provision(cfg: ProvisionConfig) -> dict[str, Path]:
             "tls_ca": "ca.pem",
             "tls_cert": "cert.pem",
             "tls_key": "key.pem",
+            "audit_pub": "aggregator_audit.pub",
             "state_dir": "state",
             "cache_dir": "cache",
         }
@@ -358,6 +383,7 @@ def provision(cfg: ProvisionConfig) -> dict[str, Path]:
                 node=node,
                 date=date,
                 aggregator=values["aggregator"],
+                audit_key_id=audit.public.key_id,
                 classes_line=f", the federation's classes {classes}" if classes else "",
             ),
         )

@@ -47,6 +47,7 @@ from hospital_node.config import NodeConfig
 from hospital_node.data import LocalData, load_local
 from hospital_node.state import NodeState, PendingUpdate, Snapshot, StateStore
 from shared import __version__
+from shared.audit import PublicKey, keep_receipt
 from shared.backbone import DEFAULT_TEMPLATES, Backbone, BackboneSpec, load_backbone
 from shared.codec import CODECS, CodecError
 from shared.data.features import EncodeProgress, encode_samples
@@ -285,6 +286,7 @@ class NodeClient:
         self.learner = build_learner(cfg, prep)
         self.initial = initial_adapter(cfg, prep.dim)
         self.store = StateStore(cfg.state_dir)
+        self.audit_key = PublicKey.from_file(cfg.audit_pub) if cfg.audit_pub else None  # checks receipts
         self.evaluator = cfg.role == "evaluator"
         self.backoff = Backoff(cfg.retry_initial_s, cfg.retry_max_s, give_up_after_s=cfg.give_up_after_s)
         self.rng = random.Random()
@@ -699,6 +701,26 @@ class NodeClient:
             " (replayed)" if ack.replayed else "",
             ack.updates_received,
         )
+        self._keep_receipt(pending, ack)
+
+    def _keep_receipt(self, pending: PendingUpdate, ack: pb.UploadUpdateResponse) -> None:
+        """Check the aggregator's signed receipt of an accepted update and keep it (docs/audit.md)."""
+        if not ack.receipt:
+            log.warning("round %d: the aggregator sent no receipt for the update", pending.round_id + 1)
+            return
+        expected = {
+            "run_id": self.run_id,
+            "round_id": pending.round_id,
+            "node": self.cfg.node_id,
+            "update_id": pending.update_id,
+            "sha256": pending.sha256,
+        }
+        path, problem = keep_receipt(self.cfg.state_dir, ack.receipt, ack.receipt_signature, self.audit_key, expected)
+        round_no, checked = pending.round_id + 1, "verified" if self.audit_key else "kept (no audit_pub to check it)"
+        if problem is not None:
+            log.error("round %d: the aggregator's receipt does not hold (%s); kept in %s", round_no, problem, path)
+        else:
+            log.info("round %d: receipt %s in %s", round_no, checked, path)
 
     # -- heartbeat ---------------------------------------------------------------------------
     def _heartbeat_loop(self, done: threading.Event) -> None:

@@ -19,7 +19,15 @@ _T = TrainConfig()
 @dataclass(frozen=True)
 class NodeConfig:
     # relative paths in a YAML file are relative to that file (a startup kit works wherever it is copied)
-    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("tls_cert", "tls_key", "tls_ca", "data", "state_dir", "cache_dir")
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = (
+        "tls_cert",
+        "tls_key",
+        "tls_ca",
+        "data",
+        "state_dir",
+        "cache_dir",
+        "audit_pub",
+    )
 
     # identity and connection
     node_id: str = "hospital_1"  # this hospital's id: the CN of its certificate, on the aggregator's allow-list
@@ -28,6 +36,7 @@ class NodeConfig:
     tls_cert: str | None = None  # this node's certificate (PEM; CN = node_id)
     tls_key: str | None = None  # its private key (PEM; keep it mode 0600)
     tls_ca: str | None = None  # the federation's CA certificate (PEM)
+    audit_pub: str | None = None  # the aggregator's audit public key (PEM, from the kit): receipts are checked with it
     tls_server_name: str | None = None  # the aggregator's name in its certificate, if not the host dialled
     insecure: bool = False  # plaintext, no identity: tests on one machine only (a loud warning at start)
     role: str = "trainer"  # trainer | evaluator (a held-out hospital: evaluates every global, never trains)

@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "encode": ("build a node's feature cache ahead of time (the slow, one-off part)", "hospital_node.predict:ENCODE"),
     "simulate": ("run a whole federation in one process and write its report", "shared.simulation:COMMAND"),
     "predict": ("classify a folder of images with this hospital's model, write a CSV", "hospital_node.predict:PREDICT"),
+    "audit": ("verify or show the aggregator's signed audit log, and receipts against it", "shared.audit:COMMAND"),
 }
 
 

@@ -58,6 +58,7 @@ MARKERS = {
     "test_privacy.py": "unit",  # DP-SGD clipping against per-image gradients, the accountant, the budget
     "test_services_engine.py": "unit",  # the round engine and an in-process gRPC server, no processes
     "test_services_protocol.py": "unit",
+    "test_audit.py": "unit",  # the signed audit log and receipts: real logs changed byte by byte, an in-process server
     # services: real processes, or more than a few seconds in-process
     "test_cli.py": "services",  # subprocesses of the console script, and two node daemons on one state folder
     "test_dos.py": "services",
@@ -73,6 +74,7 @@ MARKERS = {
     "test_services_federation.py": "services",
     "test_simulation.py": "services",  # in-process simulations on real images
     "test_simulation_ray.py": "services",  # the Ray backend: a local Ray started and stopped per test
+    "test_audit_services.py": "services",  # a real aggregator SIGKILLed, its log torn, restarted on the same chain
     "test_trust.py": "services",
     # deploy: the deployment checks
     "test_deploy.py": "deploy",

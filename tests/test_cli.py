@@ -48,7 +48,7 @@ def test_every_flag_of_every_subcommand_has_a_description(name):
         helps = field_help(cmd.config)
         missing = [f.name for f in dataclasses.fields(cmd.config) if not helps[f.name]]
         assert not missing, f"{name} {cmd.name}: no description for {missing}"
-    extra = {"node": ["run"], "predict": ["--images", "x"]}.get(name, [])
+    extra = {"node": ["run"], "predict": ["--images", "x"], "audit": ["verify", "audit.log"]}.get(name, [])
     args = build_parser(name).parse_args([name, *extra])
     assert args.command.run is not None
 
