@@ -268,6 +268,41 @@ def test_predict_classifies_a_folder_with_the_hospitals_ensemble(federation, par
         assert abs(sum(probs) - 1) < 1e-4 and row["prediction"] == classes[probs.index(max(probs))]
 
 
+def test_every_receipt_of_the_run_verifies_against_the_aggregators_audit_log_and_a_forged_one_fails(
+    federation, tmp_path
+):
+    """Each node checked (audit_pub from its kit) and kept a receipt per accepted update; they all match the log."""
+    import json
+    import shutil
+
+    root, pki = federation["root"], federation["pki"]
+    key = pki / "hospital_1" / "aggregator_audit.pub"  # the key a hospital got with its kit
+
+    def verify(receipts: Path) -> subprocess.CompletedProcess:
+        exe = Path(sys.executable).with_name("fedmedclip")
+        args = [str(exe), "audit", "verify", str(root / "agg" / "audit.log"), "--key", str(key)]
+        return subprocess.run([*args, "--receipts", str(receipts)], capture_output=True, text=True, timeout=60)
+
+    done = verify(root / "state")
+    n = ROUNDS * HOSPITALS
+    assert done.returncode == ExitCode.OK, done.stdout + done.stderr
+    assert f"receipts in {root / 'state'}: {n} checked, {n} match the log" in done.stdout
+    assert "ends with run_finished" in done.stdout or "last event run_finished" in done.stdout
+    for node in TRAINERS:
+        text = next(p for p in federation["cluster"].procs if p.name == node).text()
+        assert text.count("receipt verified") == ROUNDS and "receipt does not hold" not in text, node
+    forged = tmp_path / "receipts"
+    shutil.copytree(root / "state" / "hospital_2" / "receipts", forged)
+    victim = sorted(forged.rglob("*.json"))[1]
+    body = json.loads(victim.read_text())
+    body["receipt"]["sha256"] = "0" * 64  # claims another update than the one accepted
+    victim.write_text(json.dumps(body))
+    done = verify(forged)
+    assert done.returncode == ExitCode.AUDIT_FAILED, done.stdout + done.stderr
+    assert f"FAILED receipt {victim}: the signature does not verify" in done.stdout
+    assert f"{ROUNDS} checked, {ROUNDS - 1} match the log" in done.stdout
+
+
 def test_services_shut_down_cleanly_on_sigterm(federation):
     cluster: Cluster = federation["cluster"]
     for proc in cluster.procs:
