@@ -271,6 +271,7 @@ def service_commands(
     metrics_port: int,
     node_metrics_ports: dict[str, int],
     extra_aggregator: tuple[str, ...] = (),
+    extra_node: tuple[str, ...] = (),
     pki_dir: str | None = None,
 ) -> dict[str, list[str]]:
     """The command of every service of a federation, by service name.
@@ -328,6 +329,7 @@ def service_commands(
             str(threads),
             "--progress",
             "false",
+            *extra_node,
         ]
     return commands
 
@@ -347,6 +349,7 @@ def run_federation(
     threads: int = 1,
     quiet: bool = False,
     extra_aggregator: tuple[str, ...] = (),
+    extra_node: tuple[str, ...] = (),
     tls: bool = True,
     progress_every_s: float = 5.0,
 ) -> dict:
@@ -393,6 +396,7 @@ def run_federation(
         metrics_port=free_port(),
         node_metrics_ports=node_metrics_ports,
         extra_aggregator=extra_aggregator,
+        extra_node=extra_node,
         pki_dir=str(pki) if tls else None,
     )
     try:
@@ -466,6 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", default=".cache/features")
     p.add_argument("--timeout-s", type=float, default=3600.0)
     p.add_argument("--insecure", action="store_true", help="plaintext gRPC without certificates (tests only)")
+    p.add_argument(
+        "--dp-epsilon", type=float, default=None, help="differential privacy: every hospital's epsilon budget"
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(args.out)
@@ -489,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
             cache_dir=args.cache_dir,
             timeout_s=args.timeout_s,
             tls=not args.insecure,
+            extra_node=("--dp-epsilon", str(args.dp_epsilon)) if args.dp_epsilon is not None else (),
         )
     except KeyboardInterrupt:
         print("\ninterrupted: every service was stopped", file=sys.stderr)

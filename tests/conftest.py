@@ -69,6 +69,7 @@ MARKERS = {
     "test_joining.py": "services",  # the README's joining steps: kits, an aggregator and two node daemons
     "test_node_lifecycle.py": "services",  # node daemons across two aggregator runs, two copies of one node
     "test_preflight.py": "services",  # a real aggregator and node daemons
+    "test_privacy_services.py": "services",  # node daemons training with differential privacy over gRPC
     "test_provision.py": "services",  # the console script and a backbone fingerprint per case
     "test_reasons.py": "services",
     "test_services_federation.py": "services",

@@ -268,6 +268,7 @@ def test_dashboard_panels_cover_the_issue_and_name_only_exported_metrics():
         "Validation accuracy per node",
         "Nodes connected",
         "Local train time per node",
+        "Differential privacy: epsilon spent per hospital",
     ):
         assert any(t.startswith(wanted) for t in titles), wanted
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]

@@ -163,6 +163,7 @@ def test_prometheus_evaluates_every_dashboard_panel_and_rule_on_a_live_federatio
         node_metrics_ports=node_ports,
         pki_dir=str(pki),
         extra_aggregator=("--heartbeat-interval-s", "1", "--node-timeout-s", "4", "--exit-when-done", "false"),
+        extra_node=("--dp-epsilon", "8"),  # differential privacy: the privacy panel's series
     )
     config = render_config(
         tmp_path,

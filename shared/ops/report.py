@@ -152,6 +152,8 @@ def build_report(
                 },
                 "traffic_up": (log.get("traffic") or {}).get("up"),
                 "traffic_down": (log.get("traffic") or {}).get("down"),
+                # differential privacy: the epsilon each node stated with its update of this round
+                "dp_epsilon": {n: p["dp_epsilon"] for n, p in (log.get("privacy") or {}).items() if "dp_epsilon" in p},
             }
         )
     candidates = [h for h in history if h["complete"] and not math.isnan(h["mean_val"])]
@@ -217,6 +219,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         kb = [_num(h.get(k) / 1e3 if h.get(k) is not None else None, ".1f") for k in _KB_COLUMNS]
         sec = h.get("seconds")
         lines.append(f"| {h['round']} | {_num(h['mean_val_accuracy'])} | {' | '.join(kb)} | {_num(sec, '.3f')} |")
+    lines += _privacy_table(report)
     b = report.get("bytes_per_round") or {}
     if b:
         lines += [
@@ -226,6 +229,33 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"{_num(report['seconds_per_round'], '.3f')} s per round after the first.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _privacy_table(report: Mapping[str, Any]) -> list[str]:
+    """Epsilon per node and round, as each node stated it with its update (nodes training without DP: absent)."""
+    rows = [h for h in report["history"] if h.get("dp_epsilon")]
+    if not rows:
+        return []
+    nodes = sorted({n for h in rows for n in h["dp_epsilon"]})
+    deltas = sorted(
+        {
+            p["dp_delta"]
+            for r in report.get("rounds_log", [])
+            for p in (r.get("privacy") or {}).values()
+            if "dp_delta" in p
+        }
+    )
+    lines = [
+        "",
+        "Differential privacy: epsilon each node has spent in this run after the round, as it states it "
+        f"(delta {', '.join(f'{d:.2g}' for d in deltas) or '-'}; '-': no update or no DP):",
+        "",
+        f"| round | {' | '.join(nodes)} |",
+        f"|---|{'---|' * len(nodes)}",
+    ]
+    for h in rows:
+        lines.append(f"| {h['round']} | {' | '.join(_num(h['dp_epsilon'].get(n), '.3f') for n in nodes)} |")
+    return lines
 
 
 def write_report(report: Mapping[str, Any], out_dir: Path) -> None:
