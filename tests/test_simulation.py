@@ -230,3 +230,22 @@ def test_natural_partition_without_a_named_holdout_exits_2_and_says_how(natural_
     assert "--holdout SITE" in err and "Traceback" not in err
     code = main(["--partition", "natural", "--data", str(natural_root), "--holdout", "site_x", "--out", str(tmp_path)])
     assert code == 2 and "site_x" in capsys.readouterr().err
+
+
+def test_a_dp_simulation_reports_epsilon_per_hospital_and_round_within_the_budget(config, prepared):
+    """Every training hospital spends at most its budget, round by round, and the report says how."""
+    from shared.learning.privacy import DPConfig
+
+    report = run(replace(config, rounds=4, dp=DPConfig(epsilon=2.0)), prepared)
+    training = [h["name"] for h in report["hospitals"] if not h["held_out"] and h["train"] > 0]
+    per_round = [rec["privacy"] for rec in report["history"]]
+    assert len(per_round) == 4
+    for name in training:
+        spent = [p[name]["epsilon"] for p in per_round]
+        assert all(a < b for a, b in zip(spent, spent[1:])) and spent[-1] <= 2.0
+        assert spent[-1] > 1.9  # calibrated to the run: the budget is what the last round reaches
+        assert per_round[-1][name]["stopped"] is None
+    final = report["privacy"]["hospitals"]
+    assert set(final) == set(training) and report["privacy"]["max_epsilon"] <= 2.0
+    assert all(p["noise_multiplier"] > 0 and p["delta"] <= 1e-5 for p in final.values())
+    assert "Differential privacy (record level" in render_markdown(report)
