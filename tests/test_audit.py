@@ -330,3 +330,20 @@ def test_a_restarted_engine_continues_the_chain_and_gives_the_same_receipt_for_a
     resumed = [e for e in verdict.entries if e.event == "aggregator_resumed"]
     assert len(resumed) == 1 and resumed[0].data == {"run_id": run, "version": 1, "phase": "collecting"}
     assert sum(e.event == "log_opened" for e in verdict.entries) == 1
+
+
+def test_an_audit_log_that_cannot_be_written_fails_the_run_and_the_update_gets_no_receipt(tmp_path):
+    out = tmp_path / "agg"
+    with in_process_aggregator(out, rounds=2, embed_dim=DIM) as (engine, stub, _):
+        run = register(stub, "h1").round.run_id
+        register(stub, "h2")
+        stub.GetRound(pb.GetRoundRequest(run_id=run, node_id="h1", max_wait_ms=5000), timeout=10)
+        (out / "audit.log").rename(out / "audit.log.saved")
+        (out / "audit.log").mkdir()  # every later open for writing fails (EISDIR), as a dead disk would
+        with pytest.raises(grpc.RpcError) as refused:
+            upload(stub, run, "h1", payload(1), 0)
+        assert reason_of(refused.value) is Reason.ROUND_NOT_OPEN
+        assert "audit log" in refused.value.details() and "cannot be written" in refused.value.details()
+        info = stub.GetRound(pb.GetRoundRequest(run_id=run, node_id="h2"), timeout=10).round
+        assert info.phase == pb.ROUND_PHASE_FAILED and "audit log" in info.message
+        assert engine.audit.broken is not None and not engine.ledger.open  # nothing accepted
