@@ -33,6 +33,10 @@ def _run(cfg: NodeConfig, args: argparse.Namespace) -> int:
     tls = load_material(
         f"node {cfg.node_id}", cfg.aggregator, insecure=cfg.insecure, ca=cfg.tls_ca, cert=cfg.tls_cert, key=cfg.tls_key
     )  # refuses to start without certificates or --insecure
+    if cfg.audit_pub:  # the key that checks every receipt: a bad path stops the node now, not after encoding
+        from shared.audit import PublicKey
+
+        PublicKey.from_file(cfg.audit_pub)
     checks = preflight.require(cfg)  # seconds, before minutes of encoding; raises on a problem
     for check in checks:
         log.info("preflight %s: %s %s", check.name, check.status.value, check.detail)

@@ -654,6 +654,7 @@ class ReceiptCheck:
     path: Path
     problem: str | None  # None: signature, form and the log's entry all agree
     skipped: str | None = None  # not held against this log (another run), with why
+    past_bad: bool = False  # names an entry after the log's first bad entry: cannot be checked
 
 
 def check_receipts(paths: Iterable[Path], verdict: Verdict, key: PublicKey) -> list[ReceiptCheck]:
@@ -674,6 +675,14 @@ def check_receipts(paths: Iterable[Path], verdict: Verdict, key: PublicKey) -> l
             continue
         if problem is None:
             entry = by_seq.get(receipt["seq"])
+            if entry is None and verdict.problem is not None and receipt["seq"] > last:
+                where = f"line {verdict.problem.line}"
+                out.append(
+                    ReceiptCheck(
+                        path, f"it names entry {receipt['seq']}, after the first bad entry ({where})", past_bad=True
+                    )
+                )
+                continue
             if entry is None:
                 problem = (
                     f"it names entry {receipt['seq']}, which the log lacks (the log's verified entries end at "
@@ -788,11 +797,14 @@ def _verify(cfg: AuditVerifyConfig, args: argparse.Namespace) -> int:
         checks = check_receipts(receipt_files(root), verdict, key)
         bad = [c for c in checks if c.problem]
         held = [c for c in checks if c.skipped is None]
+        past = [c for c in bad if c.past_bad]
         for c in bad:
-            print(f"FAILED receipt {c.path}: {c.problem}")
+            if not c.past_bad:
+                print(f"FAILED receipt {c.path}: {c.problem}")
         skipped = len(checks) - len(held)
         print(
             f"receipts in {root}: {len(held)} checked, {len(held) - len(bad)} match the log"
+            + (f", {len(past)} name entries after the log's first bad entry (not checkable)" if past else "")
             + (f"; {skipped} of other runs not checked" if skipped else "")
         )
         if bad or not held:
