@@ -375,6 +375,9 @@ def _recovery(lines: list[Line], i: int, data: bytes, key: PublicKey, seq: int, 
     """The ``log_recovered`` entry that records the bad bytes starting at line ``i``, if there is one."""
     start = lines[i].offset
     for j in range(i + 1, len(lines)):
+        candidate = _json_object(lines[j].raw)  # cheap first: only a recovery entry in the right place is checked
+        if candidate is None or candidate.get("event") != "log_recovered" or candidate.get("seq") != seq:
+            continue
         value, problem = _check(lines[j], key, seq, prev)
         if problem is not None or value["event"] != "log_recovered":
             continue
