@@ -11,6 +11,7 @@ differential privacy. Runs in-process with the features cached; writes ``bench/r
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
     text = render(results, epsilons, methods, seeds, args, argv)
     Path(args.out).write_text(text)
+    runs = [{"method": m, "epsilon": None if math.isinf(e) else e, "runs": rs} for (m, e), rs in results.items()]
+    Path(args.out).with_suffix(".json").write_text(json.dumps(runs, indent=1) + "\n")
     plot(results, epsilons, methods, Path(args.out).with_suffix(".png"))
     print(text)
     return 0
@@ -137,6 +140,9 @@ def render(results, epsilons, methods, seeds, args, argv) -> str:
             )
     lines += [
         "",
+        "s / round: the mean wall time of a round, measured while other work shared the machine's 2 cores "
+        "(indicative only). Every run's numbers: privacy.json.",
+        "",
         'What this bounds, and what it does not, is in the README ("Privacy and audit").',
         "",
         "![AVG accuracy against epsilon](privacy.png)",
@@ -165,7 +171,7 @@ def plot(results, epsilons, methods, path: Path) -> None:
     ax.set_xticks(ticks, [_label(e).split(" ")[0] for e in epsilons])
     ax.set_xlabel("target epsilon per hospital for the whole run (∞: no DP)")
     ax.set_ylabel("AVG test accuracy (%)")
-    ax.set_title("Differential privacy: accuracy against epsilon (offline backbone, not CLIP)")
+    ax.set_title("AVG accuracy against epsilon (offline backbone, not CLIP)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
