@@ -474,3 +474,23 @@ def in_process_aggregator(out: Path, *, rounds: int, embed_dim: int, node_teleme
         channel.close()
         server.stop(0).wait()
         driver.join(timeout=5)
+
+
+def initial_adapter_state(dim: int) -> dict:
+    """The initial FAM of method fedmedclip, seed 0, at width ``dim`` (what :func:`in_process_aggregator` serves)."""
+    from shared.learning.training import TrainConfig, build_adapter, get_method
+
+    return build_adapter(get_method("fedmedclip"), dim, TrainConfig(), 0).travel_state()
+
+
+def update_payload(seed: int, dim: int):
+    """A valid update for :func:`initial_adapter_state`: it plus seeded noise, on the wire with the default codec."""
+    import torch
+
+    from shared.learning.rounds import WireConfig, encode_adapter
+
+    g = torch.Generator().manual_seed(seed)
+    base = initial_adapter_state(dim)
+    return encode_adapter(
+        {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}, base, WireConfig()
+    )

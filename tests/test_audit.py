@@ -16,18 +16,15 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
 
 from shared import audit
 from shared.audit import AuditError, AuditLog, PublicKey, SigningKey, keep_receipt, verify_log
-from shared.learning.rounds import WireConfig, encode_adapter
-from shared.learning.training import TrainConfig, build_adapter, get_method
 from shared.ops.exitcodes import ExitCode
 from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
 from shared.wire.protocol import state_digest
 from shared.wire.reasons import Reason, reason_of
 from shared.wire.transport import chunks
-from tests.services_support import REPO_ROOT, in_process_aggregator, service_env
+from tests.services_support import REPO_ROOT, in_process_aggregator, initial_adapter_state, service_env, update_payload
 
 DIM = 16
 FP = "f" * 64
@@ -209,18 +206,6 @@ def test_the_console_script_runs_audit_verify(tmp_path):
 # --------------------------------------------------------------------------- the aggregator and receipts
 
 
-def initial_state() -> dict[str, torch.Tensor]:
-    return build_adapter(get_method("fedmedclip"), DIM, TrainConfig(), 0).travel_state()
-
-
-def payload(seed: int):
-    g = torch.Generator().manual_seed(seed)
-    base = initial_state()
-    return encode_adapter(
-        {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}, base, WireConfig()
-    )
-
-
 def register(stub, node: str) -> pb.RegisterResponse:
     return stub.Register(
         pb.RegisterRequest(
@@ -230,7 +215,7 @@ def register(stub, node: str) -> pb.RegisterResponse:
             class_names=CLASSES,
             embed_dim=DIM,
             method="fedmedclip",
-            initial_state_sha256=state_digest(initial_state()),
+            initial_state_sha256=state_digest(initial_adapter_state(DIM)),
             num_train_samples=10,
         ),
         timeout=10,
@@ -268,13 +253,15 @@ def test_every_event_is_logged_and_receipts_verify_against_the_log(tmp_path):
         stub.GetRound(pb.GetRoundRequest(run_id=run, node_id="h1", max_wait_ms=5000), timeout=10)
         receipts = {}
         for node, seed in (("h1", 1), ("h2", 2)):
-            ack = upload(stub, run, node, payload(seed), 0)
-            receipts[node] = keep(nodes / node, ack, key, run, node, 0, payload(seed))
+            ack = upload(stub, run, node, update_payload(seed, DIM), 0)
+            receipts[node] = keep(nodes / node, ack, key, run, node, 0, update_payload(seed, DIM))
         stub.GetRound(pb.GetRoundRequest(run_id=run, node_id="h1", wait_for_round=1, max_wait_ms=5000), timeout=10)
-        replay = upload(stub, run, "h1", payload(1), 0)  # a retry of round 0's accepted update: the same receipt
+        replay = upload(
+            stub, run, "h1", update_payload(1, DIM), 0
+        )  # a retry of round 0's accepted update: the same receipt
         assert replay.replayed and json.loads(receipts["h1"].read_text())["receipt"] == json.loads(replay.receipt)
         with pytest.raises(grpc.RpcError) as stale:  # refused, and logged with its reason
-            upload(stub, run, "h2", payload(3), 0, update_id="late-h2-r0")
+            upload(stub, run, "h2", update_payload(3, DIM), 0, update_id="late-h2-r0")
         assert reason_of(stale.value) is Reason.STALE_ROUND
         published = (out / "checkpoint" / "globals" / "v000001.fmcs").read_bytes()
     verdict = verify_log((out / "audit.log").read_bytes(), key)
@@ -284,9 +271,13 @@ def test_every_event_is_logged_and_receipts_verify_against_the_log(tmp_path):
     assert events[4:8] == ["update_accepted", "update_accepted", "round_closed", "global_published"]
     closed, globl, refused = verdict.entries[6].data, verdict.entries[7].data, verdict.entries[8].data
     assert [(u["node"], u["weight"]) for u in closed["updates"]] == [("h1", 10.0), ("h2", 10.0)]
-    assert [u["sha256"] for u in closed["updates"]] == [payload(1).sha256, payload(2).sha256]
+    assert [u["sha256"] for u in closed["updates"]] == [update_payload(1, DIM).sha256, update_payload(2, DIM).sha256]
     assert globl == {"run_id": run, "version": 1, "sha256": audit.sha256_hex(published), "wire_bytes": len(published)}
-    assert refused["node"] == "h2" and refused["reason"] == "stale_round" and refused["sha256"] == payload(3).sha256
+    assert (
+        refused["node"] == "h2"
+        and refused["reason"] == "stale_round"
+        and refused["sha256"] == update_payload(3, DIM).sha256
+    )
     assert verdict.entries[2].data["certificate"] is None  # plaintext: no certificate to name
 
     checks = audit.check_receipts(audit.receipt_files(nodes), verdict, key)
@@ -317,12 +308,12 @@ def test_a_restarted_engine_continues_the_chain_and_gives_the_same_receipt_for_a
         run = register(stub, "h1").round.run_id
         register(stub, "h2")
         stub.GetRound(pb.GetRoundRequest(run_id=run, node_id="h1", max_wait_ms=5000), timeout=10)
-        first = upload(stub, run, "h1", payload(1), 0)
-        upload(stub, run, "h2", payload(2), 0)
+        first = upload(stub, run, "h1", update_payload(1, DIM), 0)
+        upload(stub, run, "h2", update_payload(2, DIM), 0)
         stub.GetRound(pb.GetRoundRequest(run_id=run, node_id="h1", wait_for_round=1, max_wait_ms=5000), timeout=10)
     with in_process_aggregator(out, rounds=3, embed_dim=DIM) as (engine, stub, _):  # resumes the checkpoint
         assert engine.run_id == run
-        again = upload(stub, run, "h1", payload(1), 0)
+        again = upload(stub, run, "h1", update_payload(1, DIM), 0)
         assert again.replayed and (again.receipt, again.receipt_signature) == (first.receipt, first.receipt_signature)
     key = PublicKey.from_file(out / "audit.pub")
     verdict = verify_log((out / "audit.log").read_bytes(), key)
@@ -341,7 +332,7 @@ def test_an_audit_log_that_cannot_be_written_fails_the_run_and_the_update_gets_n
         (out / "audit.log").rename(out / "audit.log.saved")
         (out / "audit.log").mkdir()  # every later open for writing fails (EISDIR), as a dead disk would
         with pytest.raises(grpc.RpcError) as refused:
-            upload(stub, run, "h1", payload(1), 0)
+            upload(stub, run, "h1", update_payload(1, DIM), 0)
         assert reason_of(refused.value) is Reason.ROUND_NOT_OPEN
         assert "audit log" in refused.value.details() and "cannot be written" in refused.value.details()
         info = stub.GetRound(pb.GetRoundRequest(run_id=run, node_id="h2"), timeout=10).round

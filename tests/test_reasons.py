@@ -18,7 +18,6 @@ import threading
 
 import grpc
 import pytest
-import torch
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -30,8 +29,7 @@ from hospital_node.client import NodeClient, NodeRefused
 from shared.codec import CodecError
 from shared.errors import FedMedCLIPError
 from shared.learning.aggregation import AggregationError
-from shared.learning.rounds import UpdateOutOfBoundsError, WireConfig, encode_adapter
-from shared.learning.training import TrainConfig, build_adapter, get_method
+from shared.learning.rounds import UpdateOutOfBoundsError
 from shared.ops.config import ConfigError
 from shared.ops.telemetry import Telemetry
 from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
@@ -39,23 +37,18 @@ from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2_grpc as pb_gr
 from shared.wire.protocol import state_digest
 from shared.wire.reasons import DOMAIN, Action, Reason, action_of, reason_of
 from shared.wire.transport import Backoff, PayloadAssemblyError, chunks
-from tests.services_support import REPO_ROOT, free_port, in_process_aggregator, service_env
+from tests.services_support import (
+    REPO_ROOT,
+    free_port,
+    in_process_aggregator,
+    initial_adapter_state,
+    service_env,
+    update_payload,
+)
 
 DIM = 16
 FP = "f" * 64
 CLASSES = ["a", "b", "c"]
-
-
-def initial_state() -> dict[str, torch.Tensor]:
-    return build_adapter(get_method("fedmedclip"), DIM, TrainConfig(), 0).travel_state()
-
-
-def payload(seed: int):
-    g = torch.Generator().manual_seed(seed)
-    base = initial_state()
-    return encode_adapter(
-        {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}, base, WireConfig()
-    )
 
 
 def register_request(node_id: str, **overrides) -> pb.RegisterRequest:
@@ -66,7 +59,7 @@ def register_request(node_id: str, **overrides) -> pb.RegisterRequest:
         class_names=CLASSES,
         embed_dim=DIM,
         method="fedmedclip",
-        initial_state_sha256=state_digest(initial_state()),
+        initial_state_sha256=state_digest(initial_adapter_state(DIM)),
         num_train_samples=10,
     )
     return pb.RegisterRequest(**(fields | overrides))
@@ -165,20 +158,20 @@ def test_refusals_carry_their_reason_in_the_rich_status_and_map_to_the_node_acti
 
     info = stub.GetRound(pb.GetRoundRequest(run_id=run_id, node_id="h1", max_wait_ms=5000), timeout=10).round
     assert info.phase == pb.ROUND_PHASE_COLLECTING and info.round_id == 0
-    bad = payload(1)
+    bad = update_payload(1, DIM)
     checksum = refused(lambda: upload(stub, run_id, "h1", bad, sha256="0" * 64))
     assert checksum.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert reason_of(checksum) is Reason.CHECKSUM_MISMATCH and action_of(checksum) is Action.GIVE_UP
     samples = refused(lambda: upload(stub, run_id, "h1", bad, num_train_samples=11))  # registered 10
     assert reason_of(samples) is Reason.BAD_SAMPLE_COUNT
 
-    upload(stub, run_id, "h1", payload(1), num_train_samples=10)
-    upload(stub, run_id, "h2", payload(2))
+    upload(stub, run_id, "h1", update_payload(1, DIM), num_train_samples=10)
+    upload(stub, run_id, "h2", update_payload(2, DIM))
     info = stub.GetRound(
         pb.GetRoundRequest(run_id=run_id, node_id="h1", wait_for_round=1, max_wait_ms=5000), timeout=10
     ).round
     assert info.round_id == 1
-    stale = refused(lambda: upload(stub, run_id, "h1", payload(3), round_id=0, update_id="h1-late"))
+    stale = refused(lambda: upload(stub, run_id, "h1", update_payload(3, DIM), round_id=0, update_id="h1-late"))
     assert stale.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert reason_of(stale) is Reason.STALE_ROUND and action_of(stale) is Action.RESYNC
 
@@ -261,7 +254,7 @@ def test_the_node_registers_again_gives_up_or_resyncs_by_reason(served):
     stub.Register(register_request("h2"), timeout=10)
     stub.GetRound(pb.GetRoundRequest(run_id=engine.run_id, node_id="h1", max_wait_ms=5000), timeout=10)
     with pytest.raises(grpc.RpcError) as moved_on:  # RESYNC is the caller's: _upload drops the update
-        client._call("UploadUpdate", lambda: upload(stub, engine.run_id, "h1", payload(1), round_id=1))
+        client._call("UploadUpdate", lambda: upload(stub, engine.run_id, "h1", update_payload(1, DIM), round_id=1))
     assert reason_of(moved_on.value) is Reason.FUTURE_ROUND
 
 
@@ -277,12 +270,12 @@ def _checkpoint_made_with_defaults(out) -> None:
             class_names=tuple(CLASSES),
             embed_dim=DIM,
             method="fedmedclip",
-            initial_sha256=state_digest(initial_state()),
+            initial_sha256=state_digest(initial_adapter_state(DIM)),
             num_train=10,
         )
     )
     engine.step()
-    p = payload(1)
+    p = update_payload(1, DIM)
     engine.submit(
         UpdateHeader(
             run_id=engine.run_id,
