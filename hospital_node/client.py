@@ -575,7 +575,10 @@ class NodeClient:
         self.privacy_stopped = None
         if self.evaluator or self.learner.dp is None:
             return
-        plan = self.learner.plan_privacy(len(self.parts["train"][1]), total_rounds)
+        try:
+            plan = self.learner.plan_privacy(len(self.parts["train"][1]), total_rounds)
+        except ValueError as exc:  # preflight checked delta; a resumed plan for other data lands here
+            raise ConfigError(f"differential privacy: {exc}") from exc
         assert plan is not None
         spent = self.learner.epsilon() or 0.0
         self.t.dp_epsilon.labels(node=self.cfg.node_id).set(spent)

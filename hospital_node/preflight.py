@@ -173,6 +173,14 @@ def check_data(cfg: NodeConfig) -> Check:
         )
     if missing:
         detail += f"; no images of {missing} here (fine: hospitals differ)"
+    dp = cfg.dp_config()
+    if dp.enabled and cfg.role == "trainer":
+        try:
+            detail += f"; differential privacy at delta {dp.delta_for(train):.2g}"
+        except ValueError as exc:
+            return _problem(
+                "data", f"{detail}: {exc}", "set dp_delta below 1 / the training images (or leave it unset)"
+            )
     return Check("data", Status.PASSED, detail, loaded=local)  # the node goes on with this listing
 
 

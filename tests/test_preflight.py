@@ -210,3 +210,13 @@ def test_an_unreachable_aggregator_is_reported_as_such(federation, tmp_path):
         f"127.0.0.1:{_free_port()}",
     )
     assert done.returncode == 2 and _rows(done.stdout)["aggregator"] == "UNREACHABLE"
+
+
+def test_a_dp_delta_not_below_one_over_n_is_named_before_any_encoding(federation):
+    kit = federation["root"] / "ours" / "hospital_1"
+    base = ("node", "check", "--config", str(kit / "node.yaml"), "--data", str(federation["images"]))
+    done = _run(*base, "--dp-epsilon", "3", "--dp-delta", "0.5")
+    assert done.returncode == 2 and _rows(done.stdout)["data"] == "PROBLEM"
+    assert "is not below 1/n" in done.stdout and "fix: set dp_delta below" in done.stdout
+    done = _run(*base, "--dp-epsilon", "3")  # the default delta, min(1e-5, 0.1 / n), is always below 1/n
+    assert _rows(done.stdout)["data"] == "PASSED" and "differential privacy at delta 1e-05" in done.stdout

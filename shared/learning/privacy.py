@@ -72,8 +72,8 @@ class DPConfig:
     def enabled(self) -> bool:
         return self.epsilon is not None or self.noise_multiplier is not None
 
-    def plan(self, *, num_train: int, batch_size: int, local_epochs: int, rounds: int) -> PrivacyPlan:
-        """The noise, sampling rate and steps for a hospital of ``num_train`` images over ``rounds`` rounds."""
+    def delta_for(self, num_train: int) -> float:
+        """The delta for a hospital of ``num_train`` training images; ValueError when it is not below 1/n."""
         if num_train < 1:
             raise ValueError("differential privacy needs at least one training image")
         delta = self.delta if self.delta is not None else min(1e-5, DELTA_FRACTION / num_train)
@@ -82,6 +82,11 @@ class DPConfig:
                 f"dp_delta {delta:g} is not below 1/n = {1.0 / num_train:g} for this hospital's {num_train} training "
                 "images: such a delta allows releasing an image outright"
             )
+        return delta
+
+    def plan(self, *, num_train: int, batch_size: int, local_epochs: int, rounds: int) -> PrivacyPlan:
+        """The noise, sampling rate and steps for a hospital of ``num_train`` images over ``rounds`` rounds."""
+        delta = self.delta_for(num_train)
         q = min(1.0, batch_size / num_train)
         steps = local_epochs * math.ceil(num_train / batch_size)
         sigma = self.noise_multiplier
