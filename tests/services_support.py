@@ -494,3 +494,25 @@ def update_payload(seed: int, dim: int):
     return encode_adapter(
         {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}, base, WireConfig()
     )
+
+
+SMALL_FINGERPRINT = "f" * 64  # the backbone a small in-process federation's nodes state (no backbone is loaded)
+SMALL_CLASSES = ["a", "b", "c"]
+
+
+def register_request(node_id: str, dim: int, **overrides):
+    """A trainer's RegisterRequest for a small in-process federation (:func:`initial_adapter_state` at ``dim``)."""
+    from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
+    from shared.wire.protocol import state_digest
+
+    fields = dict(
+        node_id=node_id,
+        role=pb.NODE_ROLE_TRAINER,
+        backbone_fingerprint=SMALL_FINGERPRINT,
+        class_names=SMALL_CLASSES,
+        embed_dim=dim,
+        method="fedmedclip",
+        initial_state_sha256=state_digest(initial_adapter_state(dim)),
+        num_train_samples=10,
+    )
+    return pb.RegisterRequest(**(fields | overrides))

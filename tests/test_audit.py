@@ -21,14 +21,17 @@ from shared import audit
 from shared.audit import AuditError, AuditLog, PublicKey, SigningKey, keep_receipt, verify_log
 from shared.ops.exitcodes import ExitCode
 from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
-from shared.wire.protocol import state_digest
 from shared.wire.reasons import Reason, reason_of
 from shared.wire.transport import chunks
-from tests.services_support import REPO_ROOT, in_process_aggregator, initial_adapter_state, service_env, update_payload
+from tests.services_support import (
+    REPO_ROOT,
+    in_process_aggregator,
+    register_request,
+    service_env,
+    update_payload,
+)
 
 DIM = 16
-FP = "f" * 64
-CLASSES = ["a", "b", "c"]
 
 
 # --------------------------------------------------------------------------- logs
@@ -207,19 +210,7 @@ def test_the_console_script_runs_audit_verify(tmp_path):
 
 
 def register(stub, node: str) -> pb.RegisterResponse:
-    return stub.Register(
-        pb.RegisterRequest(
-            node_id=node,
-            role=pb.NODE_ROLE_TRAINER,
-            backbone_fingerprint=FP,
-            class_names=CLASSES,
-            embed_dim=DIM,
-            method="fedmedclip",
-            initial_state_sha256=state_digest(initial_adapter_state(DIM)),
-            num_train_samples=10,
-        ),
-        timeout=10,
-    )
+    return stub.Register(register_request(node, DIM), timeout=10)
 
 
 def upload(stub, run_id: str, node: str, p, round_id: int, update_id: str = "") -> pb.UploadUpdateResponse:

@@ -39,30 +39,17 @@ from shared.wire.reasons import DOMAIN, Action, Reason, action_of, reason_of
 from shared.wire.transport import Backoff, PayloadAssemblyError, chunks
 from tests.services_support import (
     REPO_ROOT,
+    SMALL_CLASSES,
+    SMALL_FINGERPRINT,
     free_port,
     in_process_aggregator,
     initial_adapter_state,
+    register_request,
     service_env,
     update_payload,
 )
 
 DIM = 16
-FP = "f" * 64
-CLASSES = ["a", "b", "c"]
-
-
-def register_request(node_id: str, **overrides) -> pb.RegisterRequest:
-    fields = dict(
-        node_id=node_id,
-        role=pb.NODE_ROLE_TRAINER,
-        backbone_fingerprint=FP,
-        class_names=CLASSES,
-        embed_dim=DIM,
-        method="fedmedclip",
-        initial_state_sha256=state_digest(initial_adapter_state(DIM)),
-        num_train_samples=10,
-    )
-    return pb.RegisterRequest(**(fields | overrides))
 
 
 def upload(stub, run_id: str, node: str, p, round_id: int = 0, **header):
@@ -135,8 +122,8 @@ def test_each_payload_error_class_names_its_own_reason_with_the_label_it_always_
 
 def test_refusals_carry_their_reason_in_the_rich_status_and_map_to_the_node_action(served):
     engine, stub, telemetry = served
-    stub.Register(register_request("h1"), timeout=10)
-    stub.Register(register_request("h2"), timeout=10)
+    stub.Register(register_request("h1", DIM), timeout=10)
+    stub.Register(register_request("h2", DIM), timeout=10)
     run_id = engine.run_id
 
     unknown = refused(lambda: stub.GetRound(pb.GetRoundRequest(run_id=run_id, node_id="h9"), timeout=10))
@@ -151,7 +138,7 @@ def test_refusals_carry_their_reason_in_the_rich_status_and_map_to_the_node_acti
     assert wrong_run.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert reason_of(wrong_run) is Reason.WRONG_RUN and action_of(wrong_run) is Action.GIVE_UP
 
-    mismatch = refused(lambda: stub.Register(register_request("h3", embed_dim=DIM * 2), timeout=10))
+    mismatch = refused(lambda: stub.Register(register_request("h3", DIM, embed_dim=DIM * 2), timeout=10))
     assert mismatch.code() == grpc.StatusCode.FAILED_PRECONDITION  # the same code as a wrong run...
     assert reason_of(mismatch) is Reason.REGISTRATION_MISMATCH  # ...another reason
     assert action_of(mismatch) is Action.GIVE_UP
@@ -231,7 +218,7 @@ def test_the_node_registers_again_gives_up_or_resyncs_by_reason(served):
 
     def register_h3() -> None:
         registered.append("again")
-        stub.Register(register_request("h3"), timeout=10)
+        stub.Register(register_request("h3", DIM), timeout=10)
 
     client._register = register_h3  # the aggregator forgot h3: one registration and the call goes through
     info = client._call("GetRound", lambda: stub.GetRound(pb.GetRoundRequest(node_id="h3"), timeout=10))
@@ -244,14 +231,16 @@ def test_the_node_registers_again_gives_up_or_resyncs_by_reason(served):
 
     with pytest.raises(NodeRefused) as refused_for_good:
         client._call(
-            "Register", lambda: stub.Register(register_request("h4", method="fedclip"), timeout=10), reregister=False
+            "Register",
+            lambda: stub.Register(register_request("h4", DIM, method="fedclip"), timeout=10),
+            reregister=False,
         )
     assert refused_for_good.value.reason is Reason.REGISTRATION_MISMATCH
     assert isinstance(refused_for_good.value, FedMedCLIPError)
     assert "FAILED_PRECONDITION" in str(refused_for_good.value)
 
-    stub.Register(register_request("h1"), timeout=10)
-    stub.Register(register_request("h2"), timeout=10)
+    stub.Register(register_request("h1", DIM), timeout=10)
+    stub.Register(register_request("h2", DIM), timeout=10)
     stub.GetRound(pb.GetRoundRequest(run_id=engine.run_id, node_id="h1", max_wait_ms=5000), timeout=10)
     with pytest.raises(grpc.RpcError) as moved_on:  # RESYNC is the caller's: _upload drops the update
         client._call("UploadUpdate", lambda: upload(stub, engine.run_id, "h1", update_payload(1, DIM), round_id=1))
@@ -266,8 +255,8 @@ def _checkpoint_made_with_defaults(out) -> None:
         Registration(
             node_id="h1",
             role=Role.TRAINER,
-            fingerprint=FP,
-            class_names=tuple(CLASSES),
+            fingerprint=SMALL_FINGERPRINT,
+            class_names=tuple(SMALL_CLASSES),
             embed_dim=DIM,
             method="fedmedclip",
             initial_sha256=state_digest(initial_adapter_state(DIM)),
