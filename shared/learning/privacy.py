@@ -320,6 +320,8 @@ class DPSGD:
         sums: dict[nn.Parameter, torch.Tensor] = {p: torch.zeros_like(p) for p in self.params}
         if batch_size == 0 or not self.tape.records:
             return sums
+        if len({id(rec[0]) for rec in self.tape.records}) != len(self.tape.records):
+            raise ValueError("differential privacy: a layer ran twice in one step; its per-image norms would be wrong")
         parts = [_pieces(*rec) for rec in self.tape.records]
         norms = torch.stack([sq for sq, _ in parts]).sum(0).sqrt()
         c = (self.plan.clip / (norms + 1e-6)).clamp(max=1.0).to(torch.float32)
