@@ -88,7 +88,7 @@ def test_dp_nodes_state_their_epsilon_and_a_capped_node_stops_at_its_budget(
                 *dp[node],
             )
 
-        start("hospital_3")  # registered before the first round opens: it trains from round 1
+        start("hospital_3")  # registered before the first round opens: it trains from round 1 (its cap: 2 rounds)
         wait_for(
             lambda: total(scrape_or_none(ports["metrics"]) or {}, "fedmedclip_nodes_registered", role="trainer") >= 1,
             START_TIMEOUT,
@@ -105,11 +105,18 @@ def test_dp_nodes_state_their_epsilon_and_a_capped_node_stops_at_its_budget(
         report = wait_for(done, START_TIMEOUT, "the DP federation to finish", cluster.procs)
         log = report["rounds_log"]
         assert [r["round"] for r in log] == list(range(1, ROUNDS + 1))
-        for node in ("hospital_1", "hospital_2"):
-            spent = [r["privacy"][node]["dp_epsilon"] for r in log]
+        # the first round opens once two trainers are registered (hospital_3 and the first of the other two):
+        # the last one to register may join a round or two later, then takes part in every round
+        joined = {n: next(i for i, r in enumerate(log) if n in r["nodes"]) for n in ("hospital_1", "hospital_2")}
+        assert min(joined.values()) == 0 and max(joined.values()) <= ROUNDS - 2, joined
+        for node, first in joined.items():
+            assert all(node in r["privacy"] for r in log[first:]), (node, log)
+            spent = [r["privacy"][node]["dp_epsilon"] for r in log[first:]]
             assert all(0 < a < b for a, b in zip(spent, spent[1:])), spent  # grows every round it trains
-            assert spent[-1] <= BUDGET and spent[-1] > 0.5 * BUDGET  # calibrated to the run: most of it spent
-            assert all(0 < r["privacy"][node]["dp_delta"] <= 1e-5 for r in log)
+            assert spent[-1] <= BUDGET  # never past its budget
+            if first == 0:  # calibrated to the run: a node in every round spends most of its budget
+                assert spent[-1] > 0.5 * BUDGET, spent
+            assert all(0 < r["privacy"][node]["dp_delta"] <= 1e-5 for r in log[first:])
         third = [r["privacy"]["hospital_3"]["dp_epsilon"] for r in log if "hospital_3" in r["privacy"]]
         assert len(third) == 2 and third[-1] <= cap, third
         assert all("hospital_3" not in r["nodes"] for r in log[2:])  # no update past its cap
