@@ -64,7 +64,7 @@ def test_clipped_sum_equals_the_sum_of_each_images_own_clipped_gradient(method):
     f, y = data(9)
     with engine.tape:
         per_image_losses(lrn, f, y).sum().backward()
-    sums = engine.clipped_sums(len(y))
+    sums = engine.clipped_sums(len(y), 0.05)
 
     expected = {p: torch.zeros_like(p) for p in engine.params}
     clipped = 0
@@ -91,8 +91,8 @@ def test_the_noise_has_the_stated_scale_and_covers_every_trained_parameter():
     f, y = data(32)
     with engine.tape:
         per_image_losses(lrn, f, y).sum().backward()
-    clean = {p: s / plan.expected_batch for p, s in engine.clipped_sums(32).items()}
-    engine.write_grads(32)
+    clean = {p: s / plan.expected_batch for p, s in engine.clipped_sums(32, plan.clip).items()}
+    engine.write_grads(32, plan)
     noise = torch.cat([(p.grad - clean[p]).flatten() for p in engine.params])
     want = plan.noise_multiplier * plan.clip / plan.expected_batch
     assert noise.numel() > 8_000

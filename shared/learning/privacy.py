@@ -275,10 +275,10 @@ def _pieces(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, v: torch.Tensor 
     threshold = getattr(layer, "threshold", None)
     sq = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
     gg = (g * g).sum(1)
+    sign = torch.sign(weight.detach()) if weight.requires_grad and v is not None else None
     if weight.requires_grad:
         sq += (gg * (x * x).sum(1)).double()
-        if v is not None:
-            sign = torch.sign(weight.detach())
+        if sign is not None:
             vv = v / weight.shape[1]  # d u_r / d W_rj = sign(W_rj) / in
             sq += ((vv * vv) @ sign.abs().sum(1)).double()
             sq += (2 * ((g * vv) * (x @ sign.t())).sum(1)).double()
@@ -292,8 +292,8 @@ def _pieces(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, v: torch.Tensor 
         cg = g * c[:, None]
         if weight.requires_grad:
             w = cg.t() @ x
-            if v is not None:
-                w.addcmul_(torch.sign(weight.detach()), ((c @ v) / weight.shape[1])[:, None])
+            if sign is not None:
+                w.addcmul_(sign, ((c @ v) / weight.shape[1])[:, None])
             out[weight] = w
         if bias is not None and bias.requires_grad:
             out[bias] = cg.sum(0)
@@ -310,13 +310,11 @@ class DPSGD:
     def __init__(self, modules: Sequence[nn.Module | None], generator: torch.Generator) -> None:
         self.modules = [m for m in modules if m is not None]
         self.generator = generator
-        self.plan: PrivacyPlan | None = None  # set once the hospital's plan is known
         self.tape = Tape(self.modules)
         self.params = [p for m in self.modules for p in m.parameters() if p.requires_grad]
 
-    def clipped_sums(self, batch_size: int) -> dict[nn.Parameter, torch.Tensor]:
+    def clipped_sums(self, batch_size: int, clip: float) -> dict[nn.Parameter, torch.Tensor]:
         """Sum over the batch of each image's gradient scaled to norm at most ``clip`` (no noise)."""
-        assert self.plan is not None, "no privacy plan"
         sums: dict[nn.Parameter, torch.Tensor] = {p: torch.zeros_like(p) for p in self.params}
         if batch_size == 0 or not self.tape.records:
             return sums
@@ -324,7 +322,7 @@ class DPSGD:
             raise ValueError("differential privacy: a layer ran twice in one step; its per-image norms would be wrong")
         parts = [_pieces(*rec) for rec in self.tape.records]
         norms = torch.stack([sq for sq, _ in parts]).sum(0).sqrt()
-        c = (self.plan.clip / (norms + 1e-6)).clamp(max=1.0).to(torch.float32)
+        c = (clip / (norms + 1e-6)).clamp(max=1.0).to(torch.float32)
         for _, fn in parts:
             for p, s in fn(c).items():
                 if p not in sums:
@@ -332,9 +330,8 @@ class DPSGD:
                 sums[p] += s
         return sums
 
-    def write_grads(self, batch_size: int) -> None:
-        assert self.plan is not None, "no privacy plan"
-        std = self.plan.noise_multiplier * self.plan.clip
-        for p, s in self.clipped_sums(batch_size).items():
+    def write_grads(self, batch_size: int, plan: PrivacyPlan) -> None:
+        std = plan.noise_multiplier * plan.clip
+        for p, s in self.clipped_sums(batch_size, plan.clip).items():
             noise = torch.randn(p.shape, generator=self.generator, dtype=p.dtype) * std
-            p.grad = (s + noise.to(p.device)) / self.plan.expected_batch
+            p.grad = (s + noise.to(p.device)) / plan.expected_batch

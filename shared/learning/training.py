@@ -275,8 +275,6 @@ class HospitalLearner:
                 f"differential privacy: the plan is for {self.accountant.plan.num_train} training images, "
                 f"this hospital now has {num_train}"
             )
-        assert self.dp_engine is not None
-        self.dp_engine.plan = self.accountant.plan
         return self.accountant.plan
 
     def epsilon(self) -> float | None:
@@ -392,7 +390,7 @@ class HospitalLearner:
                 loss_sum += float(losses.detach().mean())
                 for key, value in terms.items():
                     term_sums[key] = term_sums.get(key, 0.0) + value
-            self.dp_engine.write_grads(len(idx))  # an empty batch still takes a step: noise only
+            self.dp_engine.write_grads(len(idx), plan)  # an empty batch still takes a step: noise only
             self._step()
             steps += 1
             self.accountant.steps += 1
@@ -500,5 +498,3 @@ class HospitalLearner:
             self.accountant = Accountant.from_state(privacy["accountant"]) if privacy["accountant"] else None
             self.dp_prior = privacy["prior"]
             self.dp_generator.set_state(privacy["generator"])
-            if self.accountant is not None and self.dp_engine is not None:
-                self.dp_engine.plan = self.accountant.plan
