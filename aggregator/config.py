@@ -77,6 +77,11 @@ class AggregatorConfig:
     max_samples_per_node: int | None = 1_000_000  # a node's stated training samples weigh at most this (None: no cut)
     max_weight_share: float | None = 0.5  # no node's share of the weighted average above this, water-filled (None: off)
     select_by: str = "accuracy"  # mean val metric that picks the best round: accuracy, balanced_accuracy, macro_f1
+    # secure aggregation (docs/secure-aggregation.md): the aggregator sees only the sum of the updates
+    secure_aggregation: bool = False  # every node must run it too (checked at registration); needs mTLS
+    secagg_clip: float = 1.0  # each value of (update - global) is clipped to this at the node before masking
+    secagg_threshold: float = 0.5  # Shamir threshold t: more than this fraction of a round's roster
+    secagg_phase_timeout_s: float = 30.0  # each phase after the keys (shares, masked inputs, unmasking) gets this long
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -119,6 +124,16 @@ class AggregatorConfig:
             raise ValueError("stream_min_rate_bps must be >= 0 (0: no minimum rate)")
         if not 0.0 < self.overload_ratio <= 1.0:
             raise ValueError("overload_ratio must be in (0, 1]")
+        if self.secure_aggregation:
+            if self.aggregation not in ("weighted", "uniform"):
+                raise ValueError(
+                    f"secure aggregation hides every single update, and the {self.aggregation} rule needs to see "
+                    "them: use aggregation weighted or uniform (the update bounds then apply at each node)"
+                )
+            if self.insecure or not self.tls_ca:
+                raise ValueError("secure aggregation needs mTLS: the nodes sign their keys with their certificates")
+        if not self.secagg_clip > 0 or not 0.0 <= self.secagg_threshold < 1.0 or not self.secagg_phase_timeout_s > 0:
+            raise ValueError("secagg_clip and secagg_phase_timeout_s must be > 0, secagg_threshold in [0, 1)")
         if self.rounds < 1 or self.min_nodes < 1:
             raise ValueError("rounds and min_nodes must be >= 1")
         for name in (

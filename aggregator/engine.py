@@ -55,16 +55,25 @@ from aggregator.config import AggregatorConfig
 from aggregator.errors import EngineError
 from aggregator.ledger import Ledger
 from aggregator.registry import MAX_SAMPLES, NodeRecord, Registration, Registry, Role
+from aggregator.secure import SecureRound, SecureSettings, SecureView
 from shared import __version__
 from shared.audit import AuditError, Entry, make_receipt, open_for_aggregator
 from shared.codec import CodecError, decode_state, encode_state, payload_info
 from shared.learning.aggregation import AggregationError, capped_weights, joiner_weight, make_aggregator
 from shared.learning.metrics import METRIC_KEYS
-from shared.learning.rounds import UpdateBounds, UpdateOutOfBoundsError, WireConfig, fold_update, publish_global
+from shared.learning.rounds import (
+    UpdateBounds,
+    UpdateOutOfBoundsError,
+    WireConfig,
+    fold_update,
+    publish_global,
+    publish_state,
+)
 from shared.learning.training import HEADS, TrainConfig, build_adapter, get_method
 from shared.ops.logs import printable
 from shared.ops.report import build_report, render_markdown, write_report
 from shared.ops.telemetry import Telemetry
+from shared.secagg import Advertisement, DealtShares, SecAggError, SecAggMisbehaviour, SignedShare
 from shared.wire.protocol import raw_nbytes, state_digest
 from shared.wire.reasons import Reason
 from shared.wire.transport import sha256_hex
@@ -171,6 +180,7 @@ class UpdateHeader:
     wire_bytes: int
     num_train: int = 0  # the training samples the node states (0: not stated); must be the registered count
     train: dict[str, float] = field(default_factory=dict)
+    secagg_session: str = ""  # codec "secagg": the secure-aggregation session of the masked input
 
 
 @dataclass(frozen=True)
@@ -239,7 +249,25 @@ class RoundEngine:
             "drop_masked_rows": cfg.drop_masked_rows,
             "aggregation": cfg.aggregation,
             "initial_sha256": self.initial_sha256,
-        }
+        } | ({"secure_aggregation": True} if cfg.secure_aggregation else {})
+        self.secure_settings: SecureSettings | None = None
+        self.secure_ca = None
+        if cfg.secure_aggregation:
+            from cryptography import x509
+
+            self.secure_ca = x509.load_pem_x509_certificate(Path(cfg.tls_ca).read_bytes())
+            self.secure_settings = SecureSettings(
+                clip=cfg.secagg_clip,
+                threshold=cfg.secagg_threshold,
+                phase_timeout_s=cfg.secagg_phase_timeout_s,
+                min_nodes=cfg.min_nodes,
+                max_update_norm=cfg.max_update_norm,
+                max_abs_value=cfg.max_abs_value,
+                uniform=cfg.aggregation == "uniform",
+                max_samples=cfg.max_samples_per_node,
+                max_share=cfg.max_weight_share,
+            )
+        self.secure: SecureRound | None = None  # the open round's secure-aggregation state
         self.registry = Registry(
             method=cfg.method,
             embed_dim=cfg.embed_dim,
@@ -546,11 +574,22 @@ class RoundEngine:
         peer: str = "",
         dry_run: bool = False,
         identity: str | None = None,
+        secure_aggregation: bool = False,
     ) -> RoundView:
         """Admit ``reg`` (EngineError when refused) under the node's new session; with ``dry_run`` check only.
 
         ``identity``: the verified certificate CN the request came with (None: plaintext), for the audit log."""
         with self._cond:
+            if secure_aggregation != self.cfg.secure_aggregation:
+                raise EngineError(
+                    Reason.REGISTRATION_MISMATCH,
+                    f"node {reg.node_id} refused: the federation runs "
+                    + (
+                        "secure aggregation and this node does not (set secure_aggregation: true)"
+                        if self.cfg.secure_aggregation
+                        else "without secure aggregation and this node asks for it (set secure_aggregation: false)"
+                    ),
+                )
             if dry_run:
                 self.registry.check(reg)
                 view = self._view(None)
@@ -700,6 +739,12 @@ class RoundEngine:
                     f"the update states {header.num_train} training samples, the node registered {rec.num_train}",
                 )
             privacy = privacy_of(header.train)  # a malformed statement is refused before anything is folded
+            if self.secure is not None:
+                return self._submit_masked(header, payload, actual, rec, privacy)
+            if header.codec == "secagg":
+                raise EngineError(
+                    Reason.CODEC_MISMATCH, "a masked input, and this federation runs no secure aggregation"
+                )
             weight = self._weight_of(header.node_id, rec)
             try:
                 t0, c0 = time.perf_counter(), time.thread_time()
@@ -733,32 +778,68 @@ class RoundEngine:
                 },
                 sync=False,  # synced by submit outside the lock, before the receipt leaves
             )
-            if entry is None:  # the run failed: its folded sum is never published
-                raise EngineError(Reason.ROUND_NOT_OPEN, f"update not accepted: {self.status_message}")
-            receipt = self.receipts[(header.node_id, header.update_id)] = make_receipt(
-                self.audit.key, self.run_id, entry
+            return self._accepted(header, payload, actual, entry, weight, privacy)
+
+    def _accepted(
+        self, header: UpdateHeader, payload: bytes, actual: str, entry: Entry | None, weight: float, privacy: dict
+    ) -> UpdateAck:
+        """Book an update whose audit entry is written: receipt, ledger, the round's records, the log line."""
+        # the caller holds the lock
+        if entry is None:  # the run failed: its folded sum is never published
+            raise EngineError(Reason.ROUND_NOT_OPEN, f"update not accepted: {self.status_message}")
+        receipt = self.receipts[(header.node_id, header.update_id)] = make_receipt(self.audit.key, self.run_id, entry)
+        self.ledger.accept(header.node_id, header.update_id, actual)
+        self.folded_weights[header.node_id] = weight
+        if privacy:
+            self.round_privacy[header.node_id] = privacy
+        self.round_bytes["up"] += len(payload)
+        self.round_bytes["up_raw"] += self.raw_bytes
+        self.t.updates_accepted.inc()
+        loss = header.train.get("loss", math.nan)
+        log.info(
+            "round %d: update %s from %s (%d bytes, weight %.6g, loss %.4f), %d/%d in",
+            self.version + 1,
+            printable(header.update_id),
+            header.node_id,
+            len(payload),
+            weight,
+            loss if isinstance(loss, float) else math.nan,
+            len(self.ledger.open),
+            len(self._trainers()[0]),
+        )
+        self._cond.notify_all()
+        return UpdateAck(header.update_id, self.version, False, len(self.ledger.open), *receipt)
+
+    def _submit_masked(
+        self, header: UpdateHeader, payload: bytes, actual: str, rec: NodeRecord, privacy: dict
+    ) -> UpdateAck:
+        """A masked input of the open secure-aggregation session: checked for session, phase and size (its
+        content is uniform in the ring by design: nothing else about it can be checked), then recorded."""
+        assert self.secure is not None
+        if header.codec != "secagg":
+            raise EngineError(
+                Reason.CODEC_MISMATCH, "this federation runs secure aggregation: updates travel as masked inputs"
             )
-            self.ledger.accept(header.node_id, header.update_id, actual)
-            self.folded_weights[header.node_id] = weight
-            if privacy:
-                self.round_privacy[header.node_id] = privacy
-            self.round_bytes["up"] += len(payload)
-            self.round_bytes["up_raw"] += self.raw_bytes
-            self.t.updates_accepted.inc()
-            loss = header.train.get("loss", math.nan)
-            log.info(
-                "round %d: update %s from %s (%d bytes, weight %.6g, loss %.4f), %d/%d in",
-                self.version + 1,
-                printable(header.update_id),
-                header.node_id,
-                len(payload),
-                weight,
-                loss if isinstance(loss, float) else math.nan,
-                len(self.ledger.open),
-                len(self._trainers()[0]),
-            )
-            self._cond.notify_all()
-            return UpdateAck(header.update_id, self.version, False, len(self.ledger.open), *receipt)
+        vector = self.secure.masked_input(header.node_id, header.secagg_session, payload)
+        weight = self.secure.roster.weights[header.node_id] if self.secure.roster is not None else 0.0
+        entry = self._audit(
+            "update_accepted",
+            {
+                "run_id": self.run_id,
+                "round_id": self.version,
+                "node": header.node_id,
+                "update_id": header.update_id,
+                "sha256": actual,
+                "weight": float(weight),
+                "num_train": rec.num_train,
+                "wire_bytes": len(payload),
+                "secagg_session": self.secure.session,
+            },
+            sync=False,
+        )
+        ack = self._accepted(header, payload, actual, entry, weight, privacy)
+        self.secure.accept_masked(header.node_id, vector)
+        return ack
 
     def _weight_of(self, node_id: str, rec: NodeRecord) -> float:
         """The open round's weight of ``node_id``: fixed at the opening, or at its first upload for a joiner."""
@@ -861,6 +942,16 @@ class RoundEngine:
             )
         self.round_opened = self.clock()
         self.deadline = self.round_opened + self.cfg.round_timeout_s
+        if self.secure_settings is not None:
+            self.secure = SecureRound(
+                self.version,
+                self.secure_settings,
+                self.secure_ca,
+                self.global_state,
+                counts,
+                self.round_opened,
+                self.deadline,
+            )
         self.t.round_current.set(self.version)
         self._advanced.notify_all()
         log.info(
@@ -871,10 +962,15 @@ class RoundEngine:
             self.cfg.round_timeout_s,
         )
 
-    def _close_round(self) -> None:
+    def _close_round(self, secure: tuple[dict, dict] | None = None) -> None:
+        """Publish the next global: the streaming average's, or ``secure``'s (the unmasked average and
+        what the round log keeps of its session)."""
         r = self.version
         t0, c0 = time.perf_counter(), time.thread_time()
-        payload, decoded = publish_global(self.aggregator, self.global_state, self.wire)
+        if secure is not None:
+            payload, decoded = publish_state(secure[0], self.global_state, self.wire)
+        else:
+            payload, decoded = publish_global(self.aggregator, self.global_state, self.wire)
         self.t.aggregate_seconds.labels(step="publish").observe(time.perf_counter() - t0)
         self.t.aggregate_cpu.labels(step="publish").inc(time.thread_time() - c0)
         snapshot = encode_state(decoded, codec="fp32")  # lossless copy for the checkpoint
@@ -901,6 +997,7 @@ class RoundEngine:
                 # every RPC's message bytes since the last round closed (the first round: since start-up)
                 "traffic": self.t.traffic.take(),
             }
+            | ({"secure_aggregation": secure[1]} if secure is not None else {})
         )
         self.version = r + 1
         self.global_state = decoded
@@ -979,6 +1076,8 @@ class RoundEngine:
                 )
                 return 0.0
             return self.reg_deadline - now
+        if self.phase == Phase.COLLECTING and self.secure is not None:
+            return self._step_secure(now)
         if self.phase == Phase.COLLECTING:
             got = self.ledger.open  # node -> update: a set's worth of membership, not copied per step
             trainers, trainer_set = self._trainers()
@@ -993,15 +1092,7 @@ class RoundEngine:
                         len(trainers),
                         sorted(trainer_set - got.keys()),
                     )
-                self._close_round()
-                if self._ended():  # the audit log could not be written: the run failed
-                    return 0.0
-                if self.version >= cfg.rounds:
-                    self._end(Phase.FINISHED, f"{cfg.rounds} rounds done")
-                    return 0.0
-                self._open_round()
-                self._cond.notify_all()
-                return cfg.round_timeout_s
+                return self._close_and_advance()
             if now >= self.deadline + cfg.quorum_timeout_s:
                 self._end(
                     Phase.FAILED,
@@ -1019,6 +1110,124 @@ class RoundEngine:
             self._advanced.notify_all()
             return None
         return self.ended_at + cfg.linger_s - now
+
+    def _close_and_advance(self, secure: tuple[dict, dict] | None = None) -> float:
+        self._close_round(secure)
+        if self._ended():  # the audit log could not be written: the run failed
+            return 0.0
+        if self.version >= self.cfg.rounds:
+            self._end(Phase.FINISHED, f"{self.cfg.rounds} rounds done")
+            return 0.0
+        self._open_round()
+        self._cond.notify_all()
+        return self.cfg.round_timeout_s
+
+    def _step_secure(self, now: float) -> float:
+        """The open round under secure aggregation: advance its session (aggregator/secure.py); unmask and
+        close when it can, start a new session when it missed a quorum or named a node."""
+        sec = self.secure
+        assert sec is not None
+        before = (sec.session, sec.phase)
+        action, wait = sec.step(now, self._trainers()[1])
+        if action == "sum":
+            try:
+                with self.t.aggregate_seconds.labels(step="unmask").time():
+                    result = sec.result(self.global_state)
+            except SecAggMisbehaviour as exc:
+                sec.excluded[exc.node] = exc.what
+                self._audit(
+                    "secagg_node_excluded",
+                    {
+                        "run_id": self.run_id,
+                        "round_id": self.version,
+                        "session": sec.session,
+                        "node": exc.node,
+                        "why": exc.what,
+                    },
+                )
+                log.error("round %d: secure aggregation names %s: %s", self.version + 1, exc.node, exc.what)
+                action, sec.abort_reason = "abort", f"{exc.node} {exc.what}"
+            except SecAggError as exc:
+                action, sec.abort_reason = "abort", str(exc)
+            else:
+                return self._close_and_advance(result)
+        if action == "abort":
+            if now >= self.round_opened + self.cfg.round_timeout_s + self.cfg.quorum_timeout_s:
+                self._end(
+                    Phase.FAILED,
+                    f"round {self.version + 1}: secure aggregation found no quorum "
+                    f"{self.cfg.round_timeout_s + self.cfg.quorum_timeout_s:.0f}s after the round opened "
+                    f"({sec.abort_reason})",
+                )
+                return 0.0
+            record = sec.abort(now, sec.abort_reason)
+            self._audit("secagg_session_aborted", {"run_id": self.run_id, "round_id": self.version} | record)
+            # the ended session's masked inputs can never be unmasked: they no longer count as the round's updates
+            self.ledger.open = {}
+            self.folded_weights = {}
+            self.round_privacy = {}
+            wait = 0.0
+        if (sec.session, sec.phase) != before:
+            self._advanced.notify_all()  # wakes the nodes waiting for the session's next phase
+        return max(wait, 0.0)
+
+    # -- secure aggregation: the nodes' messages ------------------------------------------------
+    def _secure_round(self, run_id: str, node_id: str, round_id: int) -> SecureRound:
+        rec = self._check_node(run_id, node_id)
+        if self.secure_settings is None:
+            raise EngineError(Reason.SECAGG_PHASE, "this federation runs no secure aggregation")
+        if rec.role != Role.TRAINER:
+            raise EngineError(Reason.NOT_TRAINER, f"{node_id} is an evaluator")
+        check_round_id(round_id, "round")
+        if self.phase != Phase.COLLECTING or self.secure is None:
+            raise EngineError(Reason.ROUND_NOT_OPEN, f"no round is open ({self.phase})")
+        if round_id != self.version:
+            raise EngineError(
+                Reason.STALE_ROUND if round_id < self.version else Reason.FUTURE_ROUND,
+                f"round {round_id} is not the open round {self.version}",
+            )
+        return self.secure
+
+    def secagg_advertise(self, run_id: str, node_id: str, round_id: int, session: str, adv: Advertisement) -> tuple:
+        with self._cond:
+            sec = self._secure_round(run_id, node_id, round_id)
+            n = sec.advertise(node_id, session, adv)
+            self._cond.notify_all()
+            return sec.session, sec.phase, n
+
+    def secagg_share(self, run_id: str, node_id: str, round_id: int, session: str, dealt: DealtShares) -> tuple:
+        with self._cond:
+            sec = self._secure_round(run_id, node_id, round_id)
+            n = sec.share(node_id, session, dealt)
+            self._cond.notify_all()
+            return sec.session, sec.phase, n
+
+    def secagg_unmask(self, run_id: str, node_id: str, round_id: int, session: str, shares: list[SignedShare]) -> tuple:
+        with self._cond:
+            sec = self._secure_round(run_id, node_id, round_id)
+            n = sec.unmask_shares(node_id, session, shares)
+            self._cond.notify_all()
+            return sec.session, sec.phase, n
+
+    def secagg_view(
+        self, run_id: str, node_id: str, session: str, wait_for: int, max_wait_s: float, session_id: str = ""
+    ) -> tuple[RoundView, SecureView | None]:
+        """The open session as ``node_id`` may see it; waits (at most ``max_wait_s``) while the session it
+        follows (``session``) is open and still before phase ``wait_for``."""
+        with self._cond:
+            self._check_node(run_id, node_id, session_id)
+            end = self.clock() + max(0.0, min(max_wait_s, 60.0))
+            version = self.version
+            while (
+                self.secure is not None
+                and self.version == version
+                and not self._ended()
+                and (not session or self.secure.session == session)
+                and self.secure.phase < wait_for
+                and self.clock() < end
+            ):
+                self._advanced.wait(timeout=end - self.clock())
+            return self._view(node_id), None if self.secure is None else self.secure.view(node_id)
 
     def run(self, stop: threading.Event) -> None:
         """Drive the state machine until done or ``stop`` is set (wake-ups: notify or deadline)."""

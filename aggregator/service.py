@@ -56,14 +56,22 @@ from aggregator.limits import (
     handshake_failure_reason,
 )
 from aggregator.registry import NodeRecord, Registration, Role
+from aggregator.secure import SecPhase, SecureView
 from shared.ops.atomic import atomic_write
 from shared.ops.config import ConfigError
 from shared.ops.lifecycle import Shutdown
 from shared.ops.logs import printable
 from shared.ops.telemetry import MetricsInterceptor, Telemetry, serve_metrics
+from shared.secagg import DealtShares, SecAggError
 from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
 from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2_grpc as pb_grpc
-from shared.wire.protocol import SERVICE_NAME, metrics_from_proto
+from shared.wire.protocol import (
+    SERVICE_NAME,
+    advertisement_from_proto,
+    member_to_proto,
+    metrics_from_proto,
+    share_from_proto,
+)
 from shared.wire.reasons import Reason, abort
 from shared.wire.tls import load_material, peer_common_name, server_credentials
 from shared.wire.transport import CHUNK_BYTES, MAX_PAYLOAD_BYTES, PayloadAssemblyError, assemble, chunks, server_options
@@ -243,6 +251,7 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
                 peer=context.peer(),
                 dry_run=request.dry_run,
                 identity=request.node_id if self.tls else None,  # _authorize checked the certificate's CN is it
+                secure_aggregation=request.secure_aggregation,
             ),
         )
         return pb.RegisterResponse(
@@ -252,6 +261,7 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
             drop_masked_rows=self.cfg.drop_masked_rows,
             heartbeat_interval_ms=int(self.cfg.heartbeat_interval_s * 1000),
             max_chunk_bytes=CHUNK_BYTES,
+            secure_aggregation=self.cfg.secure_aggregation,
         )
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
@@ -349,6 +359,7 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
                 wire_bytes=h.wire_bytes,
                 num_train=h.num_train_samples,
                 train=train_summary(h.train) if h.HasField("train") else {},  # none: kept by the node (share_metrics)
+                secagg_session=h.secagg_session,
             )
             self._admissible(header)
             self.watchdog.pause(transfer)  # waiting for a slot reads nothing: not the node's slowness
@@ -456,7 +467,7 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
         return rec
 
     def _count_up(self, codec: str, wire: int, raw: int) -> None:
-        encoding = codec if codec in ("fp32", "fp16", "int8", "int4") else "unknown"  # bounded label set
+        encoding = codec if codec in ("fp32", "fp16", "int8", "int4", "secagg") else "unknown"  # bounded label set
         self.t.count_payload("up", encoding, wire, raw)
 
     def ReportMetrics(
@@ -474,6 +485,91 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
             ),
         )
         return pb.ReportMetricsResponse(report_id=request.report_id, replayed=replayed)
+
+    # -- secure aggregation (aggregator/secure.py) -----------------------------------------------
+    def _secagg(self, context, method: str, node_id: str, call) -> pb.SecAggAck:
+        def run():
+            try:
+                session, phase, received = call()
+            except SecAggError as exc:
+                raise EngineError(exc.reason, str(exc)) from exc
+            return pb.SecAggAck(session=session, phase=int(phase), received=received)
+
+        return self._unary(context, method, node_id, run)
+
+    def SecAggAdvertise(self, request: pb.SecAggAdvertiseRequest, context: grpc.ServicerContext) -> pb.SecAggAck:
+        return self._secagg(
+            context,
+            "SecAggAdvertise",
+            request.node_id,
+            lambda: self.engine.secagg_advertise(
+                request.run_id, request.node_id, request.round_id, request.session, advertisement_from_proto(request)
+            ),
+        )
+
+    def SecAggShare(self, request: pb.SecAggShareRequest, context: grpc.ServicerContext) -> pb.SecAggAck:
+        dealt = DealtShares(
+            request.node_id,
+            {holder: bytes(box) for holder, box in request.ciphertexts.items()},
+            request.b_commitment,
+            bytes(request.commitment_signature),
+        )
+        return self._secagg(
+            context,
+            "SecAggShare",
+            request.node_id,
+            lambda: self.engine.secagg_share(request.run_id, request.node_id, request.round_id, request.session, dealt),
+        )
+
+    def SecAggUnmask(self, request: pb.SecAggUnmaskRequest, context: grpc.ServicerContext) -> pb.SecAggAck:
+        return self._secagg(
+            context,
+            "SecAggUnmask",
+            request.node_id,
+            lambda: self.engine.secagg_unmask(
+                request.run_id,
+                request.node_id,
+                request.round_id,
+                request.session,
+                [share_from_proto(s) for s in request.shares],
+            ),
+        )
+
+    def SecAggPoll(self, request: pb.SecAggPollRequest, context: grpc.ServicerContext) -> pb.SecAggState:
+        wait = min(max(request.max_wait_ms, 0) / 1000.0, MAX_LONG_POLL_S)
+        remaining = context.time_remaining()
+        if remaining is not None:
+            wait = max(0.0, min(wait, remaining - 1.0))
+        view, sec = self._unary(
+            context,
+            "SecAggPoll",
+            request.node_id,
+            lambda: self.engine.secagg_view(
+                request.run_id, request.node_id, request.session, request.wait_for_phase, wait, request.session_id
+            ),
+            *((LONG_POLL,) if wait > 0 else ()),
+        )
+        return secagg_state(view, sec, self.cfg)
+
+
+def secagg_state(view: RoundView, sec: SecureView | None, cfg: AggregatorConfig) -> pb.SecAggState:
+    """What a node may see of the open session (SecAggState)."""
+    msg = pb.SecAggState(run_id=view.run_id, round_id=view.round_id, phase=int(SecPhase.CLOSED))
+    if sec is None or view.phase != Phase.COLLECTING:
+        return msg
+    msg.session, msg.phase = sec.session, int(sec.phase)
+    msg.deadline_unix_ms = view.deadline_unix_ms  # the round's; the phase's own is in the engine
+    msg.message = sec.message
+    if sec.roster is not None:
+        msg.roster.extend(member_to_proto(a, sec.roster.weights[n]) for n, a in sorted(sec.roster.members.items()))
+        msg.threshold, msg.clip = sec.roster.threshold, sec.roster.clip
+        msg.max_update_norm = cfg.max_update_norm or 0.0
+        msg.max_abs_value = cfg.max_abs_value or 0.0
+    msg.members.extend(sec.members)
+    for dealer, box in sec.inbox.items():
+        msg.inbox[dealer] = box
+    msg.survivors.extend(sec.survivors)
+    return msg
 
 
 class DecodeGuard(grpc.ServerInterceptor):

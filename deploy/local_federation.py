@@ -473,7 +473,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--dp-epsilon", type=float, default=None, help="differential privacy: every hospital's epsilon budget"
     )
+    p.add_argument(
+        "--secure-aggregation",
+        action="store_true",
+        help="secure aggregation: the aggregator sees only the sum of the updates (needs mTLS)",
+    )
     args = p.parse_args(argv)
+    secure = ("--secure-aggregation", "true") if args.secure_aggregation else ()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(args.out)
     if (out / "aggregator" / "checkpoint").exists():
@@ -496,7 +502,8 @@ def main(argv: list[str] | None = None) -> int:
             cache_dir=args.cache_dir,
             timeout_s=args.timeout_s,
             tls=not args.insecure,
-            extra_node=("--dp-epsilon", str(args.dp_epsilon)) if args.dp_epsilon is not None else (),
+            extra_aggregator=secure,
+            extra_node=(("--dp-epsilon", str(args.dp_epsilon)) if args.dp_epsilon is not None else ()) + secure,
         )
     except KeyboardInterrupt:
         print("\ninterrupted: every service was stopped", file=sys.stderr)

@@ -45,6 +45,7 @@ import torch
 
 from hospital_node.config import NodeConfig
 from hospital_node.data import LocalData, load_local
+from hospital_node.secure import SecureUploader
 from hospital_node.state import NodeState, PendingUpdate, Snapshot, StateStore
 from shared import __version__
 from shared.audit import PublicKey, keep_receipt
@@ -179,6 +180,7 @@ def registration(cfg: NodeConfig, setup: Setup, *, session_id: str = "", dry_run
         software_version=__version__,
         dry_run=dry_run,
         session_id=session_id,
+        secure_aggregation=cfg.secure_aggregation,
     )
 
 
@@ -280,7 +282,7 @@ class NodeClient:
         tls: TlsMaterial | None,
         status: NodeStatus | None = None,
     ) -> None:
-        self.cfg, self.prep, self.t, self.stop = cfg, prep, telemetry, stop
+        self.cfg, self.prep, self.t, self.stop, self.tls = cfg, prep, telemetry, stop, tls
         self.status = status or NodeStatus(cfg.node_id)
         self.method = get_method(cfg.method)
         self.learner = build_learner(cfg, prep)
@@ -646,7 +648,9 @@ class NodeClient:
             else f", epsilon spent {stats.privacy['epsilon']:.3f} (delta {stats.privacy['delta']:.2g})",
         )
 
-    def _upload(self, pending: PendingUpdate) -> None:
+    def _upload(self, pending: PendingUpdate, secagg_session: str = "") -> bool:
+        """Send one update (a masked input when ``secagg_session`` is set); False when the round moved on
+        without it."""
         header = pb.PayloadHeader(
             run_id=self.run_id,
             round_id=pending.round_id,
@@ -659,6 +663,7 @@ class NodeClient:
             wire_bytes=len(pending.payload),
             sha256=pending.sha256,
             num_train_samples=len(self.parts["train"][1]),
+            secagg_session=secagg_session,
         )
         if self.cfg.share_metrics == "all":  # steps, seconds and the training loss: metrics too
             header.train.CopyFrom(
@@ -695,7 +700,7 @@ class NodeClient:
                 raise
             # the round closed without us, or it holds an update of ours already: go on with the current round
             log.warning("update of round %d not taken (%s): %s", pending.round_id + 1, reason, printable(exc.details()))
-            return
+            return False
         self.t.count_payload("up", pending.codec, len(pending.payload), pending.raw_bytes)
         self.t.updates_accepted.inc()
         log.info(
@@ -705,6 +710,7 @@ class NodeClient:
             ack.updates_received,
         )
         self._keep_receipt(pending, ack)
+        return True
 
     def _keep_receipt(self, pending: PendingUpdate, ack: pb.UploadUpdateResponse) -> None:
         """Check the aggregator's signed receipt of an accepted update and keep it (docs/audit.md)."""
@@ -849,7 +855,10 @@ class NodeClient:
                         self._train(r)
                     pending = self.state.pending
                     if pending is not None and pending.round_id == r and not info.update_accepted:
-                        self._upload(pending)
+                        if self.cfg.secure_aggregation:
+                            SecureUploader(self, pending).run()
+                        else:
+                            self._upload(pending)
                 self._log_traffic(f"round {info.round_id + 1}")
                 wait_for = info.round_id + 1
         except GlobalRefused as exc:

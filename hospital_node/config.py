@@ -77,6 +77,8 @@ class NodeConfig:
     dp_delta: float | None = None  # delta of the guarantee (default: min(1e-5, 0.1 / training images))
     dp_noise_multiplier: float | None = None  # noise std / clip, given directly (dp_epsilon, if set too: a cap)
     dp_clip: float = 1.0  # each training image's gradient is clipped to this L2 norm
+    # secure aggregation (docs/secure-aggregation.md): must equal the federation's setting; needs mTLS
+    secure_aggregation: bool = False  # the node's updates travel masked; the aggregator sees only their sum
 
     def __post_init__(self) -> None:
         if self.role not in ("trainer", "evaluator"):
@@ -90,6 +92,8 @@ class NodeConfig:
         self.dp_config()  # refuses a bad privacy setting at start
         if self.runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {list(RUNTIMES)}")
+        if self.secure_aggregation and self.insecure:
+            raise ValueError("secure aggregation needs mTLS: the node signs its keys with its certificate")
         for name in (
             "rpc_timeout_s",
             "transfer_timeout_s",

@@ -13,6 +13,7 @@ decoded value as its reference, so both sides stay bit-identical under lossy cod
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -212,6 +213,27 @@ def check_bounds(
             )
 
 
+def bound_update(
+    update: Mapping[str, torch.Tensor],
+    reference: Mapping[str, torch.Tensor],
+    *,
+    max_update_norm: float | None = None,
+    max_abs_value: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """``update`` brought within the bounds :func:`check_bounds` checks: values clamped to ``max_abs_value``,
+    then the step from ``reference`` scaled down to the norm ``max_update_norm``. A node applies this
+    itself when the aggregator cannot check its update (secure aggregation)."""
+    out = {k: v.detach().float() for k, v in update.items()}
+    if max_abs_value is not None:
+        out = {k: v.clamp(-max_abs_value, max_abs_value) for k, v in out.items()}
+    if max_update_norm is not None:
+        norm = math.sqrt(sum(float(torch.linalg.vector_norm(out[k] - reference[k])) ** 2 for k in out))
+        if norm > max_update_norm:
+            factor = max_update_norm / norm
+            out = {k: reference[k] + (out[k] - reference[k]) * factor for k in out}
+    return out
+
+
 def make_update(
     learner: HospitalLearner,
     global_state: Mapping[str, torch.Tensor],
@@ -260,7 +282,14 @@ def publish_global(
     aggregator: Aggregator, global_state: Mapping[str, torch.Tensor], wire: WireConfig
 ) -> tuple[EncodedPayload, dict[str, torch.Tensor]]:
     """Close a round: the new global's payload, and the decoded value every party will hold."""
-    new_state = aggregator.result(global_state)
+    return publish_state(aggregator.result(global_state), global_state, wire)
+
+
+def publish_state(
+    new_state: Mapping[str, torch.Tensor], global_state: Mapping[str, torch.Tensor], wire: WireConfig
+) -> tuple[EncodedPayload, dict[str, torch.Tensor]]:
+    """The payload of a new global state (however it was computed: the streaming average, or the unmasked
+    sum of secure aggregation), and the decoded value every party will hold."""
     payload = encode_adapter(new_state, global_state, wire)
     decoded = decode_adapter(payload.data, payload.sha256, global_state, wire)
     return payload, decoded.tensors

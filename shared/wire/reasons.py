@@ -118,6 +118,10 @@ class Reason(StrEnum):
     BAD_ROUND_ID = "bad_round_id", "INVALID_ARGUMENT", _A.GIVE_UP  # a round id or version beyond 32 bits
     BAD_REPORT = "bad_report", "INVALID_ARGUMENT", _A.GIVE_UP  # a ReportMetrics field out of its range or format
     CONFLICTING_REPORT = "conflicting_report", "ALREADY_EXISTS", _A.GIVE_UP  # that version has another report of it
+    # secure aggregation (shared/secagg.py, docs/secure-aggregation.md)
+    SECAGG = "secagg", "INVALID_ARGUMENT", _A.GIVE_UP  # a key, share or masked input that does not hold
+    SECAGG_PHASE = "secagg_phase", "FAILED_PRECONDITION", _A.RESYNC  # another session or phase: follow the current one
+    SECAGG_EXCLUDED = "secagg_excluded", "PERMISSION_DENIED", _A.RESYNC  # named for breaking the protocol this round
 
 
 def abort(context: grpc.ServicerContext, reason: Reason, message: str) -> NoReturn:

@@ -65,6 +65,26 @@ class AggregatorServiceStub:
                 request_serializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.ReportMetricsRequest.SerializeToString,
                 response_deserializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.ReportMetricsResponse.FromString,
                 _registered_method=True)
+        self.SecAggAdvertise = channel.unary_unary(
+                '/fedmedclip.v1.AggregatorService/SecAggAdvertise',
+                request_serializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggAdvertiseRequest.SerializeToString,
+                response_deserializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggAck.FromString,
+                _registered_method=True)
+        self.SecAggShare = channel.unary_unary(
+                '/fedmedclip.v1.AggregatorService/SecAggShare',
+                request_serializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggShareRequest.SerializeToString,
+                response_deserializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggAck.FromString,
+                _registered_method=True)
+        self.SecAggUnmask = channel.unary_unary(
+                '/fedmedclip.v1.AggregatorService/SecAggUnmask',
+                request_serializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggUnmaskRequest.SerializeToString,
+                response_deserializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggAck.FromString,
+                _registered_method=True)
+        self.SecAggPoll = channel.unary_unary(
+                '/fedmedclip.v1.AggregatorService/SecAggPoll',
+                request_serializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggPollRequest.SerializeToString,
+                response_deserializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggState.FromString,
+                _registered_method=True)
 
 
 class AggregatorServiceServicer:
@@ -116,6 +136,38 @@ class AggregatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SecAggAdvertise(self, request, context):
+        """Secure aggregation (docs/secure-aggregation.md; only when the federation runs it). One session per
+        round: keys, shares, masked input (an UploadUpdate with codec "secagg"), unmasking. A request for
+        another session or phase than the open one is refused with FAILED_PRECONDITION (SECAGG_PHASE).
+        SecAggAdvertise sends a node's two X25519 public keys, signed with its certificate's key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SecAggShare(self, request, context):
+        """SecAggShare sends the node's encrypted shares, one per other member of the roster.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SecAggUnmask(self, request, context):
+        """SecAggUnmask returns the node's shares of the survivors' self masks and of the dropped nodes' keys.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SecAggPoll(self, request, context):
+        """SecAggPoll returns the open session as the asking node may see it; with wait_for_phase it blocks
+        (at most max_wait_ms) while that session is in an earlier phase.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AggregatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -148,6 +200,26 @@ def add_AggregatorServiceServicer_to_server(servicer, server):
                     servicer.ReportMetrics,
                     request_deserializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.ReportMetricsRequest.FromString,
                     response_serializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.ReportMetricsResponse.SerializeToString,
+            ),
+            'SecAggAdvertise': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecAggAdvertise,
+                    request_deserializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggAdvertiseRequest.FromString,
+                    response_serializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggAck.SerializeToString,
+            ),
+            'SecAggShare': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecAggShare,
+                    request_deserializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggShareRequest.FromString,
+                    response_serializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggAck.SerializeToString,
+            ),
+            'SecAggUnmask': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecAggUnmask,
+                    request_deserializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggUnmaskRequest.FromString,
+                    response_serializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggAck.SerializeToString,
+            ),
+            'SecAggPoll': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecAggPoll,
+                    request_deserializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggPollRequest.FromString,
+                    response_serializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggState.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -313,6 +385,114 @@ class AggregatorService:
             '/fedmedclip.v1.AggregatorService/ReportMetrics',
             shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.ReportMetricsRequest.SerializeToString,
             shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.ReportMetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecAggAdvertise(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedmedclip.v1.AggregatorService/SecAggAdvertise',
+            shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggAdvertiseRequest.SerializeToString,
+            shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecAggShare(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedmedclip.v1.AggregatorService/SecAggShare',
+            shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggShareRequest.SerializeToString,
+            shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecAggUnmask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedmedclip.v1.AggregatorService/SecAggUnmask',
+            shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggUnmaskRequest.SerializeToString,
+            shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecAggPoll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedmedclip.v1.AggregatorService/SecAggPoll',
+            shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggPollRequest.SerializeToString,
+            shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggState.FromString,
             options,
             channel_credentials,
             insecure,
