@@ -660,11 +660,13 @@ class RoundEngine:
         with self._cond:
             self._check_node(run_id, node_id, session_id)
             end = self.clock() + max(0.0, min(max_wait_s, 60.0))
+            session = None if self.secure is None else self.secure.session  # a new one wakes the waiter too
             while (
                 (self.version < wait_for_round or self.phase == Phase.WAITING_FOR_NODES)
                 and not self._ended()
                 and not self.done
                 and self.clock() < end
+                and (self.secure is None or self.secure.session == session)
             ):
                 self._advanced.wait(timeout=end - self.clock())
             return self._view(node_id)
@@ -948,7 +950,7 @@ class RoundEngine:
                 self.secure_settings,
                 self.secure_ca,
                 self.global_state,
-                counts,
+                lambda: {n: self.nodes[n].num_train for n in self._trainers()[0]},
                 self.round_opened,
                 self.deadline,
             )

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -93,6 +93,7 @@ class SecureView:
     members: tuple[str, ...] = ()
     inbox: dict[str, bytes] = field(default_factory=dict)
     survivors: tuple[str, ...] = ()
+    excluded: tuple[str, ...] = ()
     message: str = ""
 
 
@@ -109,13 +110,13 @@ class SecureRound:
         settings: SecureSettings,
         ca: x509.Certificate,
         template: Mapping[str, torch.Tensor],
-        counts: Mapping[str, int],
+        counts: Callable[[], Mapping[str, int]],
         opened: float,
         round_deadline: float,
     ) -> None:
         self.round_id, self.settings, self.ca = round_id, settings, ca
         self.layout = RingLayout.of(template)
-        self.counts = dict(counts)  # registered training samples, for the roster's weights
+        self.counts = counts  # the registered trainers' training samples, read when the roster is fixed
         self.round_deadline = round_deadline
         self.excluded: dict[str, str] = {}  # node -> why (named for breaking the protocol this round)
         self.sessions_started = 0
@@ -235,7 +236,8 @@ class SecureRound:
         if s.uniform:
             raw = dict.fromkeys(nodes, 1.0)
         else:
-            raw = capped_weights({n: self.counts[n] for n in nodes}, max_samples=s.max_samples, max_share=s.max_share)
+            counts = self.counts()
+            raw = capped_weights({n: counts[n] for n in nodes}, max_samples=s.max_samples, max_share=s.max_share)
         total = sum(raw.values())
         self.roster = Roster(
             dict(self.advertised),
@@ -329,7 +331,7 @@ class SecureRound:
         return self.layout.decode(total, reference), info
 
     def view(self, node: str) -> SecureView:
-        v = SecureView(self.round_id, self.session, self.phase, self.deadline)
+        v = SecureView(self.round_id, self.session, self.phase, self.deadline, excluded=tuple(sorted(self.excluded)))
         if self.phase >= SecPhase.SHARES:
             v.roster = self.roster
         if self.phase >= SecPhase.MASKED and self.unmask is not None:

@@ -487,7 +487,7 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
         return pb.ReportMetricsResponse(report_id=request.report_id, replayed=replayed)
 
     # -- secure aggregation (aggregator/secure.py) -----------------------------------------------
-    def _secagg(self, context, method: str, node_id: str, call) -> pb.SecAggAck:
+    def _secagg(self, context, method: str, node_id: str, call):
         def run():
             try:
                 session, phase, received = call()
@@ -495,9 +495,9 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
                 raise EngineError(exc.reason, str(exc)) from exc
             return pb.SecAggAck(session=session, phase=int(phase), received=received)
 
-        return self._unary(context, method, node_id, run)
+        return getattr(pb, f"{method}Response")(ack=self._unary(context, method, node_id, run))
 
-    def SecAggAdvertise(self, request: pb.SecAggAdvertiseRequest, context: grpc.ServicerContext) -> pb.SecAggAck:
+    def SecAggAdvertise(self, request: pb.SecAggAdvertiseRequest, context: grpc.ServicerContext):
         return self._secagg(
             context,
             "SecAggAdvertise",
@@ -507,7 +507,7 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
             ),
         )
 
-    def SecAggShare(self, request: pb.SecAggShareRequest, context: grpc.ServicerContext) -> pb.SecAggAck:
+    def SecAggShare(self, request: pb.SecAggShareRequest, context: grpc.ServicerContext):
         dealt = DealtShares(
             request.node_id,
             {holder: bytes(box) for holder, box in request.ciphertexts.items()},
@@ -521,7 +521,7 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
             lambda: self.engine.secagg_share(request.run_id, request.node_id, request.round_id, request.session, dealt),
         )
 
-    def SecAggUnmask(self, request: pb.SecAggUnmaskRequest, context: grpc.ServicerContext) -> pb.SecAggAck:
+    def SecAggUnmask(self, request: pb.SecAggUnmaskRequest, context: grpc.ServicerContext):
         return self._secagg(
             context,
             "SecAggUnmask",
@@ -535,7 +535,7 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
             ),
         )
 
-    def SecAggPoll(self, request: pb.SecAggPollRequest, context: grpc.ServicerContext) -> pb.SecAggState:
+    def SecAggPoll(self, request: pb.SecAggPollRequest, context: grpc.ServicerContext) -> pb.SecAggPollResponse:
         wait = min(max(request.max_wait_ms, 0) / 1000.0, MAX_LONG_POLL_S)
         remaining = context.time_remaining()
         if remaining is not None:
@@ -549,7 +549,7 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
             ),
             *((LONG_POLL,) if wait > 0 else ()),
         )
-        return secagg_state(view, sec, self.cfg)
+        return pb.SecAggPollResponse(state=secagg_state(view, sec, self.cfg))
 
 
 def secagg_state(view: RoundView, sec: SecureView | None, cfg: AggregatorConfig) -> pb.SecAggState:
@@ -569,6 +569,7 @@ def secagg_state(view: RoundView, sec: SecureView | None, cfg: AggregatorConfig)
     for dealer, box in sec.inbox.items():
         msg.inbox[dealer] = box
     msg.survivors.extend(sec.survivors)
+    msg.excluded.extend(sec.excluded)
     return msg
 
 

@@ -9,14 +9,17 @@ bounds, fold. Hostile tests use :meth:`LightNode.upload_messages` to send anythi
 
 from __future__ import annotations
 
+import random
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
 import grpc
+import numpy as np
 import torch
 
+from hospital_node.secure import Encoder, SecureLink, SecureUploader
 from shared.codec import EncodedPayload
 from shared.learning.rounds import WireConfig, encode_adapter
 from shared.learning.training import TrainConfig, build_adapter, get_method
@@ -24,7 +27,7 @@ from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
 from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2_grpc as pb_grpc
 from shared.wire.protocol import state_digest
 from shared.wire.tls import TlsMaterial, secure_channel
-from shared.wire.transport import CHUNK_BYTES, channel_options, chunks
+from shared.wire.transport import CHUNK_BYTES, Backoff, call_with_retry, channel_options, chunks, sha256_hex
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,8 @@ class LightNode:
     ) -> None:
         self.node_id, self.fed, self.num_train = node_id, fed, num_train
         self.evaluator, self.timeout_s = evaluator, timeout_s
+        self.tls = tls
+        self.secagg_answered: dict[int, frozenset[str]] = {}
         self.channel = secure_channel(address, tls, options or channel_options())
         self.stub = pb_grpc.AggregatorServiceStub(self.channel)
         self.run_id = ""
@@ -141,6 +146,59 @@ class LightNode:
         )
         first = next(stream)
         return first.header, b"".join(m.chunk for m in stream)
+
+    # -- secure aggregation (hospital_node/secure.py runs the sessions) ---------------------------
+    def secure_round(
+        self,
+        round_id: int,
+        encode: Encoder,
+        uploader: type[SecureUploader] = SecureUploader,
+        long_poll_s: float = 5.0,
+    ) -> bool:
+        """Take part in round ``round_id`` under secure aggregation until the round closes: ``encode`` gives
+        this node's ring input for a session (:func:`hospital_node.secure.adapter_encoder`), ``uploader`` may
+        be a subclass that misbehaves or drops out. Sessions that end without the round closing are joined
+        again, as a node daemon does: True when the round closed with this node's input in its sum."""
+        rng = random.Random()
+        backoff = Backoff(0.1, 1.0, give_up_after_s=120.0)
+        link = SecureLink(
+            self.node_id,
+            self.run_id,
+            "",
+            self.stub,
+            self.tls,
+            lambda what, fn: call_with_retry(fn, what, backoff, rng),
+            long_poll_s=long_poll_s,
+            rpc_timeout_s=self.timeout_s,
+            answered=self.secagg_answered,
+        )
+        upload = lambda masked, session: self.upload_masked(masked, session, round_id)  # noqa: E731
+        return uploader(link, round_id, encode, upload).run()
+
+    def masked_header(self, data: bytes, round_id: int, session: str, **overrides) -> pb.PayloadHeader:
+        fields = dict(
+            run_id=self.run_id,
+            round_id=round_id,
+            node_id=self.node_id,
+            update_id=f"{self.run_id}-{self.node_id}-r{round_id}-{session}",
+            version=round_id,
+            codec="secagg",
+            raw_bytes=len(data),
+            wire_bytes=len(data),
+            sha256=sha256_hex(data),
+            num_train_samples=self.num_train,
+            secagg_session=session,
+        )
+        return pb.PayloadHeader(**(fields | overrides))
+
+    def upload_masked(self, masked: np.ndarray, session: str, round_id: int) -> bool:
+        data = masked.astype("<u4").tobytes()
+        head = self.masked_header(data, round_id, session)
+        self.last_masked = data  # what the aggregator received, for the tests
+        self.upload_messages(
+            [pb.UploadUpdateRequest(header=head)] + [pb.UploadUpdateRequest(chunk=c) for c in chunks(data)]
+        )
+        return True
 
 
 def rpc_code(call) -> grpc.StatusCode:

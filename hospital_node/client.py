@@ -45,7 +45,7 @@ import torch
 
 from hospital_node.config import NodeConfig
 from hospital_node.data import LocalData, load_local
-from hospital_node.secure import SecureUploader
+from hospital_node.secure import SecureLink, SecureUploader, adapter_encoder
 from hospital_node.state import NodeState, PendingUpdate, Snapshot, StateStore
 from shared import __version__
 from shared.audit import PublicKey, keep_receipt
@@ -76,6 +76,7 @@ from shared.wire.transport import (
     channel_options,
     chunk_size,
     chunks,
+    sha256_hex,
 )
 
 log = logging.getLogger("fedmedclip.node")
@@ -301,6 +302,7 @@ class NodeClient:
         self.run_over = False  # the run finished, failed or was replaced: the next one may start afresh
         self.wire = WireConfig()
         self.state: NodeState | None = None
+        self.secagg_answered: dict[int, frozenset[str]] = {}  # secure aggregation: hospital_node/secure.py
         self.privacy_stopped: str | None = None  # differential privacy: why this node trains no further in this run
         self.heartbeat_interval = 5.0
         self.chunk_bytes = chunk_size(0)
@@ -712,6 +714,37 @@ class NodeClient:
         self._keep_receipt(pending, ack)
         return True
 
+    def _secure_upload(self, pending: PendingUpdate) -> bool:
+        """The round's update through secure aggregation (hospital_node/secure.py): masked, never in the clear."""
+        if self.tls is None:
+            raise NodeRefused(Reason.SECAGG, "secure aggregation needs this node's certificate and key (mTLS)")
+        link = SecureLink(
+            self.cfg.node_id,
+            self.run_id,
+            self.session_id,
+            self.stub,
+            self.tls,
+            self._call,
+            self.cfg.long_poll_s,
+            self.cfg.rpc_timeout_s,
+            self.secagg_answered,
+        )
+        trained = {k: v.detach().clone() for k, v in self.learner.adapter_state().items()}
+        encode = adapter_encoder(self.cfg.node_id, trained, self.state.global_state, self.wire.drop_masked_rows)
+
+        def upload(masked, session: str) -> bool:
+            data = masked.astype("<u4").tobytes()
+            sent = replace(
+                pending,
+                update_id=f"{pending.update_id}-{session}",
+                payload=data,
+                sha256=sha256_hex(data),
+                codec="secagg",
+            )
+            return self._upload(sent, secagg_session=session)
+
+        return SecureUploader(link, pending.round_id, encode, upload).run()
+
     def _keep_receipt(self, pending: PendingUpdate, ack: pb.UploadUpdateResponse) -> None:
         """Check the aggregator's signed receipt of an accepted update and keep it (docs/audit.md)."""
         if not ack.receipt:
@@ -806,6 +839,7 @@ class NodeClient:
         done = threading.Event()
         heartbeat: threading.Thread | None = None
         self.run_over = False
+        self.secagg_answered = {}  # round ids start again in another run
         try:
             first = self._register()
             self.state = self._load_or_create_state()
@@ -856,7 +890,7 @@ class NodeClient:
                     pending = self.state.pending
                     if pending is not None and pending.round_id == r and not info.update_accepted:
                         if self.cfg.secure_aggregation:
-                            SecureUploader(self, pending).run()
+                            self._secure_upload(pending)
                         else:
                             self._upload(pending)
                 self._log_traffic(f"round {info.round_id + 1}")

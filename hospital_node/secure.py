@@ -11,23 +11,20 @@ Before the update is encoded it is bounded here, at the node, by the federation'
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import numpy as np
 
 from shared.learning.rounds import bound_update, row_masks_of
 from shared.ops.logs import printable
-from shared.secagg import NodeSession, RingLayout, SecAggError, load_signer
+from shared.secagg import NodeSession, RingLayout, Roster, SecAggError, load_signer
 from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
 from shared.wire.protocol import roster_from_proto, share_to_proto
-from shared.wire.reasons import Action, reason_of
-from shared.wire.transport import sha256_hex
-
-if TYPE_CHECKING:
-    from hospital_node.client import NodeClient
-    from hospital_node.state import PendingUpdate
+from shared.wire.reasons import Action, Reason, reason_of
+from shared.wire.tls import TlsMaterial
 
 log = logging.getLogger("fedmedclip.node")
 
@@ -40,30 +37,73 @@ KEYS, SHARES, MASKED, UNMASK, CLOSED = (
 )
 
 
-class SecureUploader:
-    """Runs the sessions of one round for one trained update (:meth:`run`)."""
+@dataclass(frozen=True)
+class SecureLink:
+    """What a session needs of the node it runs for: who it is, its stub and certificate, how it calls
+    (``call(what, fn)``: the node's retries and refusal handling) and how long it waits."""
 
-    def __init__(self, client: NodeClient, pending: PendingUpdate) -> None:
-        if client.tls is None:
-            raise SecAggError("secure aggregation needs the node's certificate and key (mTLS)")
-        self.c, self.pending, self.round_id = client, pending, pending.round_id
-        self.node = client.cfg.node_id
-        self.signer = load_signer(client.tls.key)
-        self.trained = {k: v.detach().clone() for k, v in client.learner.adapter_state().items()}
+    node: str
+    run_id: str
+    session_id: str
+    stub: Any
+    tls: TlsMaterial
+    call: Callable[[str, Callable[[], Any]], Any]
+    long_poll_s: float = 30.0
+    rpc_timeout_s: float = 30.0
+    #: round -> the survivors of the session whose unmasking this node answered: a later session of the same
+    #: round is answered only for those survivors less the nodes the aggregator excluded (else the two sums,
+    #: subtracted, would give away the inputs of the nodes in one and not the other)
+    answered: dict[int, frozenset[str]] = field(default_factory=dict)
+
+
+#: ``encode(roster, state)``: the node's input in the ring for this session (its weight is in the roster)
+#: and how many values the clip cut
+Encoder = Callable[[Roster, pb.SecAggState], tuple[np.ndarray, int]]
+#: ``upload(masked, session)``: send the masked input (an UploadUpdate, codec "secagg"); False: not taken
+Uploader = Callable[[np.ndarray, str], bool]
+
+
+def adapter_encoder(node: str, trained, reference, drop_masked_rows: bool) -> Encoder:
+    """The encoder of a trained adapter: bounded at the node by the federation's update bounds (the
+    aggregator cannot check a masked input), rows its mask switched off left out, clipped, weighted."""
+
+    def encode(roster: Roster, st: pb.SecAggState) -> tuple[np.ndarray, int]:
+        update = bound_update(
+            trained, reference, max_update_norm=st.max_update_norm or None, max_abs_value=st.max_abs_value or None
+        )
+        present = row_masks_of(update) if drop_masked_rows else {}
+        layout = RingLayout.of(reference)
+        return layout.encode(update, reference, present, roster.weights[node], roster.clip, roster.scale)
+
+    return encode
+
+
+class Excluded(Exception):
+    """The aggregator excluded this node from the round (it named it for breaking the protocol)."""
+
+
+class SecureUploader:
+    """Runs the sessions of one round for one node's input (:meth:`run`). Tests and benchmarks make
+    nodes that misbehave or drop out by overriding :meth:`new_session` or :meth:`unmask`."""
+
+    def __init__(self, link: SecureLink, round_id: int, encode: Encoder, upload: Uploader) -> None:
+        self.link, self.round_id, self.encode, self.upload = link, round_id, encode, upload
+        self.node = link.node
+        self.signer = load_signer(link.tls.key)
 
     # -- calls ---------------------------------------------------------------------------------
     def _poll(self, session: str, phase: int, wait: bool) -> pb.SecAggState:
-        c = self.c
-        wait_s = c.cfg.long_poll_s if wait else 0.0
+        link = self.link
+        wait_s = link.long_poll_s if wait else 0.0
         request = pb.SecAggPollRequest(
-            run_id=c.run_id,
+            run_id=link.run_id,
             node_id=self.node,
             session=session,
-            wait_for_phase=int(phase),
+            wait_for_phase=phase,
             max_wait_ms=int(wait_s * 1000),
-            session_id=c.session_id,
+            session_id=link.session_id,
         )
-        return c._call("SecAggPoll", lambda: c.stub.SecAggPoll(request, timeout=wait_s + c.cfg.rpc_timeout_s))
+        return link.call("SecAggPoll", lambda: link.stub.SecAggPoll(request, timeout=wait_s + link.rpc_timeout_s).state)
 
     def _await(self, session: str, phase: int) -> pb.SecAggState:
         """Long-poll until ``session`` reaches ``phase``, or ends, or the round moves on."""
@@ -75,19 +115,28 @@ class SecureUploader:
     def _send(self, what: str, rpc, request) -> bool:
         """Send one message; False when the aggregator has moved on (another session or round)."""
         try:
-            self.c._call(what, lambda: rpc(request, timeout=self.c.cfg.rpc_timeout_s))
+            self.link.call(what, lambda: rpc(request, timeout=self.link.rpc_timeout_s))
         except grpc.RpcError as exc:
             reason = reason_of(exc)
+            if reason is Reason.SECAGG_EXCLUDED:
+                raise Excluded(printable(exc.details())) from exc
             if reason is None or reason.action is not Action.RESYNC:
                 raise
             log.warning("round %d: %s not taken (%s): %s", self.round_id + 1, what, reason, printable(exc.details()))
             return False
         return True
 
+    # -- hooks -----------------------------------------------------------------------------------
+    def new_session(self, session: str) -> NodeSession:
+        return NodeSession(self.node, session, self.signer, self.link.tls.cert, self.link.tls.ca)
+
+    def unmask(self, ns: NodeSession, survivors: list[str]):
+        return ns.unmask(survivors)
+
     # -- the round ------------------------------------------------------------------------------
     def run(self) -> bool:
-        """Take part in the round's sessions until one unmasks with this node's input (True), or the round
-        moves on without it (False)."""
+        """Take part in the round's sessions until the round closes: True when it closed with a session this
+        node answered the unmasking of (its input is in the sum), False when it moved on without it."""
         while True:
             st = self._poll("", KEYS, wait=False)
             if st.round_id != self.round_id or st.phase == CLOSED:
@@ -97,26 +146,26 @@ class SecureUploader:
                 log.info("round %d: session %s is past its keys; waiting for the next", self.round_id + 1, st.session)
                 self._await(st.session, CLOSED)
                 continue
-            outcome = self._session(st.session)
+            try:
+                outcome = self._session(st.session)
+            except Excluded as exc:  # named for breaking the protocol: out of this round, back in the next
+                log.error("round %d: excluded by the aggregator: %s", self.round_id + 1, exc)
+                while st.round_id == self.round_id and st.phase != CLOSED:
+                    st = self._await(st.session, CLOSED)
+                return False
             if outcome is not None:
                 return outcome
 
     def _session(self, session: str) -> bool | None:
         """One session; None when it ended without this node's input unmasked (the caller goes on)."""
-        c, r = self.c, self.round_id
-        ns = NodeSession(self.node, session, self.signer, c.tls.cert, c.tls.ca)
+        link, r = self.link, self.round_id
+        ids = {"run_id": link.run_id, "node_id": self.node, "round_id": r, "session": session}
+        ns = self.new_session(session)
         adv = ns.advertise()
         request = pb.SecAggAdvertiseRequest(
-            run_id=c.run_id,
-            node_id=self.node,
-            round_id=r,
-            session=session,
-            c_public=adv.c_public,
-            s_public=adv.s_public,
-            certificate_pem=adv.cert_pem,
-            signature=adv.signature,
+            **ids, c_public=adv.c_public, s_public=adv.s_public, certificate_pem=adv.cert_pem, signature=adv.signature
         )
-        if not self._send("SecAggAdvertise", c.stub.SecAggAdvertise, request):
+        if not self._send("SecAggAdvertise", link.stub.SecAggAdvertise, request):
             return None
         st = self._await(session, SHARES)
         if st.session != session or st.round_id != r:
@@ -131,15 +180,12 @@ class SecureUploader:
             self._await(session, CLOSED)
             return None
         request = pb.SecAggShareRequest(
-            run_id=c.run_id,
-            node_id=self.node,
-            round_id=r,
-            session=session,
+            **ids,
             ciphertexts=dealt.ciphertexts,
             b_commitment=dealt.b_commitment,
             commitment_signature=dealt.commitment_signature,
         )
-        if not self._send("SecAggShare", c.stub.SecAggShare, request):
+        if not self._send("SecAggShare", link.stub.SecAggShare, request):
             return None
         st = self._await(session, MASKED)
         if st.session != session or st.round_id != r or self.node not in st.members:
@@ -147,23 +193,38 @@ class SecureUploader:
         bad = ns.receive(dict(st.inbox))
         if bad:
             log.error("round %d: the shares of %s do not open or are not theirs", r + 1, ", ".join(sorted(bad)))
-        masked, clipped = self._masked_input(ns, roster, st)
+        vector, clipped = self.encode(roster, st)
         if clipped:
             log.warning("round %d: %d values of the update were clipped to +-%g", r + 1, clipped, roster.clip)
-        if not self._upload(masked, session):
+        if not self.upload(ns.mask(vector, list(st.members)), session):
             return None
         st = self._await(session, UNMASK)
         if st.session != session or st.round_id != r:
             return None
+        survivors = frozenset(st.survivors)
+        before = link.answered.get(r)
+        if before is not None and survivors != before - set(st.excluded):
+            log.error(
+                "round %d: session %s asks to unmask the sum of %s; this node answered the round for %s before, and "
+                "the two sums would give away the difference: not answering",
+                r + 1,
+                session,
+                sorted(survivors),
+                sorted(before),
+            )
+            return None
         try:
-            shares = ns.unmask(list(st.survivors))
+            shares = self.unmask(ns, list(st.survivors))
+            link.answered[r] = survivors
         except SecAggError as exc:
             log.error("round %d: session %s: not unmasking (%s)", r + 1, session, exc)
             return None
-        request = pb.SecAggUnmaskRequest(
-            run_id=c.run_id, node_id=self.node, round_id=r, session=session, shares=[share_to_proto(s) for s in shares]
-        )
-        if not self._send("SecAggUnmask", c.stub.SecAggUnmask, request):
+        request = pb.SecAggUnmaskRequest(**ids, shares=[share_to_proto(s) for s in shares])
+        if not self._send("SecAggUnmask", link.stub.SecAggUnmask, request):
+            return None
+        st = self._await(session, CLOSED)  # the round closes with this session, or it ends and another begins
+        if st.round_id == r and st.phase != CLOSED:
+            log.warning("round %d: session %s ended before the round closed; joining the next", r + 1, session)
             return None
         log.info(
             "round %d: secure aggregation: session %s, %d of %d roster members masked, %d survived, threshold %d",
@@ -175,25 +236,3 @@ class SecureUploader:
             roster.threshold,
         )
         return True
-
-    def _masked_input(self, ns: NodeSession, roster, st: pb.SecAggState) -> tuple[np.ndarray, int]:
-        reference = self.c.state.global_state
-        update = bound_update(
-            self.trained, reference, max_update_norm=st.max_update_norm or None, max_abs_value=st.max_abs_value or None
-        )
-        present = row_masks_of(update) if self.c.wire.drop_masked_rows else {}
-        layout = RingLayout.of(reference)
-        weight = roster.weights[self.node]
-        vector, clipped = layout.encode(update, reference, present, weight, roster.clip, roster.scale)
-        return ns.mask(vector, list(st.members)), clipped
-
-    def _upload(self, masked: np.ndarray, session: str) -> bool:
-        data = masked.astype("<u4").tobytes()
-        pending = replace(
-            self.pending,
-            update_id=f"{self.pending.update_id}-{session}",
-            payload=data,
-            sha256=sha256_hex(data),
-            codec="secagg",
-        )
-        return self.c._upload(pending, secagg_session=session)

@@ -210,14 +210,19 @@ def ring_scale(clip: float, n: int) -> int:
     times a weight, with weights summing to at most 1, stays below ``2^31`` after rounding."""
     if not clip > 0 or n < 1:
         raise SecAggError("the secure-aggregation clip must be > 0 and the roster non-empty")
-    return int(((1 << (RING_BITS - 1)) - 1 - n) // max(clip, 1.0))
+    scale = int(((1 << (RING_BITS - 1)) - 1 - n) // max(clip, 1.0))
+    if scale < 1:  # every value and row weight would encode as 0: the average would silently be the reference
+        raise SecAggError(f"a clip of {clip:g} leaves the ring no fixed-point resolution")
+    return scale
 
 
 def average_error_bound(scale: int, n: int, total_weight: float, magnitude: float) -> float:
     """Largest error of one decoded average against the exact weighted average of the clipped updates:
     each of ``n`` terms and row weights is rounded by at most 1/2, so the decoded ``(A s + E) / (W s + F)``
-    differs from ``A / W`` by at most ``n/2 (1 + |A/W|) / (W s - n/2)``; ``magnitude`` bounds ``|A/W|``."""
-    return 0.5 * n * (1.0 + magnitude) / (total_weight * scale - 0.5 * n)
+    differs from ``A / W`` by at most ``n/2 (1 + |A/W|) / (W s - n/2)``; ``magnitude`` bounds ``|A/W|``.
+    Infinite when ``W s <= n/2`` (a row's rounded weights may sum to 0 there: no bound holds)."""
+    denominator = total_weight * scale - 0.5 * n
+    return 0.5 * n * (1.0 + magnitude) / denominator if denominator > 0 else math.inf
 
 
 @dataclass(frozen=True)
@@ -261,7 +266,7 @@ class RingLayout:
             raise SecAggError(f"a node's weight must lie in [0, 1], got {weight}")
         out = np.zeros(self.length, dtype=np.int64)
         clipped = 0
-        for name, shape, rows, a, b in self._spans():
+        for name, _shape, rows, a, b in self._spans():
             diff = (update[name].detach().double() - reference[name].double()).reshape(rows, -1)
             if not torch.isfinite(diff).all():
                 raise SecAggError(f"{name}: the update is not finite")
@@ -352,9 +357,14 @@ class Advertisement:
         )
 
     def verify(self, session: str, ca: x509.Certificate) -> ec.EllipticCurvePublicKey:
-        """The node's certified key once its certificate and signature hold (else :class:`SecAggError`)."""
-        _x25519_public(self.c_public, f"{self.node}: c key")
-        _x25519_public(self.s_public, f"{self.node}: s key")
+        """The node's certified key once its certificate and signature hold and both its keys can agree a secret
+        (else :class:`SecAggError`)."""
+        for raw, what in ((self.c_public, "c key"), (self.s_public, "s key")):
+            key = _x25519_public(raw, f"{self.node}: {what}")
+            try:  # a low-order point agrees the all-zero secret with every key: X25519 refuses it (ValueError)
+                X25519PrivateKey.generate().exchange(key)
+            except ValueError as exc:
+                raise SecAggError(f"{self.node}: its {what} is a low-order point, no secret can be agreed") from exc
         public = certified_key(self.cert_pem, ca, self.node)
         if not _verify(public, self.signature, self.message(session)):
             raise SecAggError(f"{self.node}: the key advertisement's signature does not verify")
@@ -452,6 +462,10 @@ class NodeSession:
         self._held: dict[str, dict[str, SignedShare]] = {}  # dealer -> kind -> share
         self._unmasked = False
 
+    def _split(self, secret: int, xs: Iterable[int], t: int) -> dict[int, int]:
+        """Shamir shares of one of this node's secrets (:func:`split`; tests make a cheating dealer here)."""
+        return split(secret, xs, t)
+
     def advertise(self) -> Advertisement:
         c, s = _raw_public(self._c), _raw_public(self._s)
         unsigned = Advertisement(self.node, c, s, self._cert_pem, b"")
@@ -478,8 +492,8 @@ class NodeSession:
         self.roster = roster
         xs = {v: roster.x_of(v) for v in roster.members}
         s_int = int.from_bytes(_raw_private(self._s), "big")
-        b_shares = split(self._b, xs.values(), roster.threshold)
-        s_shares = split(s_int, xs.values(), roster.threshold)
+        b_shares = self._split(self._b, xs.values(), roster.threshold)
+        s_shares = self._split(s_int, xs.values(), roster.threshold)
         boxes = {}
         for holder, x in xs.items():
             pair = {
@@ -640,10 +654,8 @@ class UnmaskSession:
             raise SecAggMisbehaviour(forged[0], f"returned a {kind} share of {dealer} that {dealer} did not sign")
         if len(points) < self.roster.threshold:
             raise SecAggError(f"{len(points)} shares of {dealer}'s {kind}, {self.roster.threshold} needed")
-        raise SecAggMisbehaviour(
-            dealer,
-            f"dealt {kind} shares that do not rebuild one secret matching its {'commitment' if kind == 'b' else 'public key'}",
-        )
+        against = "commitment" if kind == "b" else "public key"
+        raise SecAggMisbehaviour(dealer, f"dealt {kind} shares that do not rebuild one secret matching its {against}")
 
     def _matches(self, dealer: str, kind: str, value: int) -> bool:
         if value >= 1 << 256:

@@ -15,8 +15,12 @@ are the sites the data came from (``partition="natural"``: ``ROOT/<site>/<class>
 
 ``backend="ray"`` runs the hospitals' steps and evaluations in Ray actors, one per CPU of the machine or
 cluster (:mod:`shared.simulation_ray`); the updates are still folded here in hospital order, so the
-report equals the in-process one for the same seed. Hospitals without training data (a Dirichlet partition
-into more hospitals than the data fills, ``min_hospital_size=0``) train and send nothing.
+report equals the in-process one for the same seed. ``secure_aggregation`` replaces the fold by secure
+aggregation (:func:`shared.secagg.secure_average`, every party in this process): each hospital's trained adapter,
+clipped to ``secagg_clip`` around the global, enters the round's SecAgg session instead of its codec payload, and
+the new global travels in the codec as before (rules weighted and uniform, in-process backend only). Hospitals
+without training data (a Dirichlet partition into more hospitals than the data fills, ``min_hospital_size=0``)
+train and send nothing.
 
 Run: ``fedmedclip simulate --help`` (``make simulate``; ``python -m shared.simulation`` too).
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -54,7 +59,14 @@ from shared.learning.cohort import (
 )
 from shared.learning.metrics import SELECT_METRICS, mean_metrics, nanmean
 from shared.learning.privacy import DPConfig
-from shared.learning.rounds import WireConfig, fold_update, publish_global
+from shared.learning.rounds import (
+    WireConfig,
+    decode_adapter,
+    encode_adapter,
+    fold_update,
+    publish_global,
+    row_masks_of,
+)
 from shared.learning.training import METHODS, MethodConfig, TrainConfig, build_adapter, get_method
 from shared.ops.command import Command, main_for
 from shared.ops.report import best_round_table, confusion_table, dumps_strict, file_stem, per_class_table
@@ -95,6 +107,30 @@ class SimConfig:
     ray_spill_dir: str | None = None  # ray: where actors spill hospitals' state (None: the system's temp folder)
     workers: int = 0  # inprocess on a CPU: threads running hospitals' steps (0: one per core), one torch thread each
     dp: DPConfig = field(default_factory=DPConfig)  # differential privacy at every hospital (off by default)
+    secure_aggregation: bool = False  # SecAgg (shared.secagg): the aggregator sees only the sum of the updates
+    secagg_clip: float = 1.0  # secure aggregation: every value of a hospital's update is clipped to +-this
+    secagg_threshold: float = 0.5  # secure aggregation: more than this share of the hospitals unmasks a round
+
+
+#: The rules secure aggregation can compute: it reveals a weighted sum, never the updates a median needs.
+SECURE_RULES = ("weighted", "uniform")
+
+
+def check_secure_aggregation(enabled: bool, aggregation: str, backend: str, clip: float, threshold: float) -> None:
+    """Refuse (ValueError) a secure-aggregation setting that cannot run."""
+    if not enabled:
+        return
+    if aggregation not in SECURE_RULES:
+        raise ValueError(
+            f"secure aggregation computes a weighted sum only: aggregation must be one of {list(SECURE_RULES)}, "
+            f"not {aggregation!r} (a median or trimmed mean needs every update in the clear)"
+        )
+    if backend != "inprocess":
+        raise ValueError("secure aggregation runs with backend inprocess only (the Ray backend does not carry it)")
+    if not (math.isfinite(clip) and clip > 0):
+        raise ValueError(f"secagg_clip must be a finite number > 0, got {clip}")
+    if not 0.0 <= threshold < 1.0:
+        raise ValueError(f"secagg_threshold must lie in [0, 1), got {threshold}")
 
 
 @dataclass
@@ -180,8 +216,8 @@ class InProcessBackend:
     def set_global(self, state: dict[str, torch.Tensor], round_index: int) -> None:
         self.cohort.set_global(state, round_index)
 
-    def updates(self, round_index: int, wire: WireConfig) -> Iterator[HospitalUpdate]:
-        return self._map(lambda i: self.cohort.step(i, round_index, wire), sorted(self.cohort.members))
+    def updates(self, round_index: int, wire: WireConfig, keep_state: bool = False) -> Iterator[HospitalUpdate]:
+        return self._map(lambda i: self.cohort.step(i, round_index, wire, keep_state), sorted(self.cohort.members))
 
     def evaluations(self, round_index: int) -> list[HospitalEvaluation]:
         return list(self._map(lambda i: self.cohort.evaluate(i, round_index), sorted(self.cohort.members)))
@@ -206,6 +242,9 @@ def run(cfg: SimConfig, prepared: Prepared | None = None) -> dict:
         raise ValueError(f"select_by must be one of {list(SELECT_METRICS)}, got {cfg.select_by!r}")
     if cfg.backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {cfg.backend!r}")
+    check_secure_aggregation(
+        cfg.secure_aggregation, cfg.aggregation, cfg.backend, cfg.secagg_clip, cfg.secagg_threshold
+    )
     t_start = time.perf_counter()
     method = get_method(cfg.method)
     torch.manual_seed(cfg.seed)
@@ -280,6 +319,16 @@ def _rounds(
     )
     if method.federated:
         backend.set_global(global_state, 0)
+    secure = cfg.secure_aggregation and method.federated
+    identities = None
+    if secure:
+        if len(senders) < 2:
+            raise ValueError(
+                f"secure aggregation needs at least 2 training hospitals with data, this run has {len(senders)}"
+            )
+        from shared.secagg import throwaway_identities
+
+        identities = throwaway_identities([h.name for h in senders])  # one CA and certificate per hospital per run
     rounds = cfg.rounds if method.trains else 1
     history: list[dict] = []
     stopped: dict[int, bool] = {}  # hospitals whose privacy budget ended their training
@@ -290,7 +339,9 @@ def _rounds(
         aggregator = make_aggregator(cfg.aggregation)
         privacy: dict[str, dict] = {}
         folded = 0
-        for update in backend.updates(r, cfg.wire):
+        trained: dict[str, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}  # secure: state, rows sent
+        updates = backend.updates(r, cfg.wire, keep_state=True) if secure else backend.updates(r, cfg.wire)
+        for update in updates:
             timings["local_train"] += update.stats.seconds
             timings["state_io"] += update.state_seconds
             if update.stats.privacy is not None:
@@ -303,18 +354,36 @@ def _rounds(
             folded += 1
             payload = update.payload
             timings["codec"] += update.seconds - update.stats.seconds
-            t0 = time.perf_counter()
             name = training[update.index].name
+            bytes_up_raw += payload.raw_nbytes
+            if secure:  # the codec's payload stays home: the trained adapter goes into the ring (below)
+                assert update.state is not None
+                rows = row_masks_of(update.state) if cfg.wire.drop_masked_rows else {}
+                trained[name] = (update.state, rows)
+                continue
+            t0 = time.perf_counter()
             fold_update(aggregator, payload.data, payload.sha256, global_state, weights[name], cfg.wire)
             timings["aggregate"] += time.perf_counter() - t0
             bytes_up += payload.wire_nbytes
-            bytes_up_raw += payload.raw_nbytes
+        secure_record = None
+        if secure and 0 < folded < 2:
+            log.warning("round %d: one hospital sent an update, secure aggregation needs two; the global stays", r + 1)
+            secure_record = {"skipped": f"{folded} update, secure aggregation needs 2"}
+            folded = 0
         if method.federated and not folded:
             log.warning("round %d: no hospital sent an update; the global stays as it was", r + 1)
             backend.set_global(global_state, r + 1)
         elif method.federated:
             t0 = time.perf_counter()
-            payload, global_state = publish_global(aggregator, global_state, cfg.wire)
+            if secure:
+                assert identities is not None
+                new_state, secure_record = _secure_round(cfg, trained, weights, global_state, identities, r)
+                bytes_up = secure_record["masked_bytes_per_node"] * len(trained)
+                # published as the plain path's publish_global does: the codec's payload, and its decoded value
+                payload = encode_adapter(new_state, global_state, cfg.wire)
+                global_state = decode_adapter(payload.data, payload.sha256, global_state, cfg.wire).tensors
+            else:
+                payload, global_state = publish_global(aggregator, global_state, cfg.wire)
             timings["aggregate"] += time.perf_counter() - t0
             bytes_down = payload.wire_nbytes * len(senders)
             bytes_down_raw = payload.raw_nbytes * len(senders)
@@ -335,6 +404,8 @@ def _rounds(
         )
         if privacy:
             record["privacy"] = privacy
+        if secure_record is not None:
+            record["secure_aggregation"] = secure_record
         history.append(record)
         log.info(
             "round %3d/%d  val acc %.4f  bal. acc %.4f  up %8.1f KB  down %8.1f KB  %.2fs",
@@ -347,6 +418,41 @@ def _rounds(
             record["seconds"],
         )
     return history
+
+
+def _secure_round(
+    cfg: SimConfig,
+    trained: dict[str, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]],
+    weights: dict[str, float],
+    global_state: dict[str, torch.Tensor],
+    identities: tuple,
+    r: int,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """One round's aggregation by secure aggregation (:func:`shared.secagg.secure_average`, every party in this
+    process): the weighted average of the hospitals' clipped updates, per row over the hospitals that sent it,
+    and what the round measured. Each hospital's weight is the plain rule's (capped; 1 for ``uniform``); the
+    simulation has no update bounds (its plain fold runs without them), so the clip alone bounds an update."""
+    from shared.secagg import secure_average
+
+    uniform = cfg.aggregation == "uniform"
+    state, measured = secure_average(
+        trained,
+        global_state,
+        {name: 1.0 if uniform else weights[name] for name in trained},
+        clip=cfg.secagg_clip,
+        threshold_fraction=cfg.secagg_threshold,
+        identities=identities,
+        session=f"simulation-round-{r + 1}",
+    )
+    return state, {
+        "nodes": len(trained),
+        "clip": cfg.secagg_clip,
+        "scale": measured.scale,
+        "threshold": measured.threshold,
+        "error_bound": measured.error_bound,
+        "clipped_values": measured.clipped_values,
+        "masked_bytes_per_node": measured.masked_bytes_per_node,
+    }
 
 
 def _round_record(
@@ -432,6 +538,7 @@ def _report(cfg: SimConfig, method: MethodConfig, prep: Prepared, history: list[
         },
         "peak_rss_mb": _peak_rss_mb(),
         "privacy": _privacy_summary(history),
+        "secure_aggregation": _secure_summary(cfg, history),
         "hospitals": [
             {
                 "name": h.name,
@@ -460,6 +567,32 @@ def _privacy_summary(history: list[dict]) -> dict | None:
     if not last:
         return None
     return {"hospitals": last, "max_epsilon": max(p["epsilon"] for p in last.values())}
+
+
+def _secure_summary(cfg: SimConfig, history: list[dict]) -> dict | None:
+    """The run's secure aggregation: its settings, the rounds it ran, their largest error bound and the values
+    the clip cut; None when it was off."""
+    if not cfg.secure_aggregation:
+        return None
+    done = [rec["secure_aggregation"] for rec in history if "scale" in rec.get("secure_aggregation", {})]
+    return {
+        "clip": cfg.secagg_clip,
+        "threshold_fraction": cfg.secagg_threshold,
+        "rounds": len(done),
+        "max_error_bound": max((d["error_bound"] for d in done), default=None),
+        "clipped_values": sum(d["clipped_values"] for d in done),
+    }
+
+
+def _secure_lines(secure: dict | None) -> list[str]:
+    if not secure:
+        return []
+    bound = secure["max_error_bound"]
+    return [
+        f"Secure aggregation (SecAgg) in {secure['rounds']} rounds: clip {secure['clip']:g}, threshold fraction "
+        f"{secure['threshold_fraction']:g}, largest error bound of the average "
+        f"{'-' if bound is None else f'{bound:.3g}'}, {secure['clipped_values']} values clipped."
+    ]
 
 
 def _privacy_lines(privacy: dict | None) -> list[str]:
@@ -575,6 +708,7 @@ def render_markdown(report: dict) -> str:
         f"encode: {t['encode_images']} images in {t['encode_seconds']:.1f}s on {t['encode_device']}, "
         f"{t['encode_cached']} from cache; wall {t['wall_seconds']:.1f}s.",
         *_backend_lines(report.get("backend")),
+        *_secure_lines(report.get("secure_aggregation")),
         *_privacy_lines(report.get("privacy")),
         f"Duplicates removed: {report['duplicates'].get('n_removed')} "
         f"({report['duplicates'].get('n_groups')} groups, {report['duplicates'].get('n_cross_folder_groups')} "
@@ -750,6 +884,9 @@ class SimulateConfig:
     dp_delta: float | None = None  # differential privacy: delta (default: min(1e-5, 0.1 / training images))
     dp_noise_multiplier: float | None = None  # differential privacy: noise std / clip (with dp_epsilon: a cap)
     dp_clip: float = 1.0  # differential privacy: per-image gradient norm bound
+    secure_aggregation: bool = False  # secure aggregation (SecAgg): the aggregator learns only the sum of the updates
+    secagg_clip: float = 1.0  # secure aggregation: each value of a hospital's update is clipped to +-this
+    secagg_threshold: float = 0.5  # secure aggregation: more than this share of the hospitals must unmask a round
 
     def __post_init__(self) -> None:
         for name, choices in (
@@ -774,6 +911,9 @@ class SimulateConfig:
         if self.ray_address is not None and self.backend != "ray":
             raise ValueError("ray_address needs backend ray")
         self.dp_config()  # refuses a bad privacy setting before anything runs
+        check_secure_aggregation(
+            self.secure_aggregation, self.aggregation, self.backend, self.secagg_clip, self.secagg_threshold
+        )
 
     def sim_config(self) -> SimConfig:
         return SimConfig(
@@ -803,6 +943,9 @@ class SimulateConfig:
             ray_spill_dir=self.ray_spill_dir,
             workers=self.workers,
             dp=self.dp_config(),
+            secure_aggregation=self.secure_aggregation,
+            secagg_clip=self.secagg_clip,
+            secagg_threshold=self.secagg_threshold,
         )
 
     def dp_config(self) -> DPConfig:

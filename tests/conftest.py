@@ -56,6 +56,7 @@ MARKERS = {
     "test_metrics.py": "unit",  # per-class metrics, round selection, report helpers
     "test_model.py": "unit",
     "test_privacy.py": "unit",  # DP-SGD clipping against per-image gradients, the accountant, the budget
+    "test_secagg.py": "unit",  # secure aggregation: Shamir, the exact ring sum under dropouts, misbehaviour named
     "test_services_engine.py": "unit",  # the round engine and an in-process gRPC server, no processes
     "test_services_protocol.py": "unit",
     "test_audit.py": "unit",  # the signed audit log and receipts: real logs changed byte by byte, an in-process server
@@ -75,6 +76,7 @@ MARKERS = {
     "test_services_federation.py": "services",
     "test_simulation.py": "services",  # in-process simulations on real images
     "test_simulation_ray.py": "services",  # the Ray backend: a local Ray started and stopped per test
+    "test_secagg_services.py": "services",  # secure aggregation against a real aggregator: sums, dropouts, cheats, kill -9
     "test_audit_services.py": "services",  # a real aggregator SIGKILLed, its log torn, restarted on the same chain
     "test_trust.py": "services",
     # deploy: the deployment checks

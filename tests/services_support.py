@@ -141,11 +141,13 @@ def start_aggregator_process(
     name: str = "aggregator",
     timeout: float = 120.0,
     env: dict[str, str] | None = None,
+    ports: dict[str, int] | None = None,
 ) -> dict:
-    """A real aggregator process with mTLS on free ports (``env`` on top of the suite's); waits until it serves.
+    """A real aggregator process with mTLS on free ports, or on ``ports`` (a restart where its nodes expect it;
+    ``env`` on top of the suite's); waits until it serves.
 
     Its endpoints and ports."""
-    ports = {"grpc": free_port(), "health": free_port(), "metrics": free_port()}
+    ports = dict(ports) if ports else {"grpc": free_port(), "health": free_port(), "metrics": free_port()}
     endpoints = out / "endpoints.json"
     endpoints.unlink(missing_ok=True)
     # these federations let their first node pin the label space and fingerprint (light clients bring their own);

@@ -94,7 +94,7 @@ FUZZ = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
-METHODS = ["Register", "Heartbeat", "GetRound", "FetchGlobal", "UploadUpdate", "ReportMetrics"]
+METHODS = [m.name for m in pb.DESCRIPTOR.services_by_name["AggregatorService"].methods]  # the SecAgg* RPCs too
 REFUSED = {
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.FAILED_PRECONDITION,

@@ -84,6 +84,7 @@ class HospitalUpdate:
     stats: RoundStats
     seconds: float  # load the global, train, encode
     state_seconds: float  # its private state read from and written to disk
+    state: dict[str, torch.Tensor] | None = None  # the trained adapter itself, when asked (secure aggregation)
 
 
 @dataclass(frozen=True)
@@ -290,8 +291,9 @@ class Cohort:
         return time.perf_counter() - t0
 
     # -- a round ---------------------------------------------------------------------------------
-    def step(self, index: int, round_index: int, wire: WireConfig) -> HospitalUpdate:
-        """Member ``index``'s part of round ``round_index`` (0-based)."""
+    def step(self, index: int, round_index: int, wire: WireConfig, keep_state: bool = False) -> HospitalUpdate:
+        """Member ``index``'s part of round ``round_index`` (0-based); ``keep_state``: the update carries the
+        trained adapter state too (secure aggregation encodes it in its ring instead of the codec's payload)."""
         self._check_round(round_index)
         member = self.members[index]
         learner, load_s = self._learner(index)
@@ -301,8 +303,9 @@ class Cohort:
             learner, self.spec.method, self._global, features, labels, round_index, wire, self.spec.rounds
         )
         seconds = time.perf_counter() - t0
+        state = learner.adapter_state() if keep_state and payload is not None else None
         save_s = self._keep(index, learner, changed=len(labels) > 0)
-        return HospitalUpdate(index, payload, stats, seconds, load_s + save_s)
+        return HospitalUpdate(index, payload, stats, seconds, load_s + save_s, state)
 
     def evaluate(self, index: int, round_index: int) -> HospitalEvaluation:
         """Member ``index`` after round ``round_index`` (0-based), holding that round's new global."""

@@ -369,6 +369,24 @@ class SecAggAck(_message.Message):
     received: int
     def __init__(self, session: _Optional[str] = ..., phase: _Optional[_Union[SecAggPhase, str]] = ..., received: _Optional[int] = ...) -> None: ...
 
+class SecAggAdvertiseResponse(_message.Message):
+    __slots__ = ("ack",)
+    ACK_FIELD_NUMBER: _ClassVar[int]
+    ack: SecAggAck
+    def __init__(self, ack: _Optional[_Union[SecAggAck, _Mapping]] = ...) -> None: ...
+
+class SecAggShareResponse(_message.Message):
+    __slots__ = ("ack",)
+    ACK_FIELD_NUMBER: _ClassVar[int]
+    ack: SecAggAck
+    def __init__(self, ack: _Optional[_Union[SecAggAck, _Mapping]] = ...) -> None: ...
+
+class SecAggUnmaskResponse(_message.Message):
+    __slots__ = ("ack",)
+    ACK_FIELD_NUMBER: _ClassVar[int]
+    ack: SecAggAck
+    def __init__(self, ack: _Optional[_Union[SecAggAck, _Mapping]] = ...) -> None: ...
+
 class SecAggPollRequest(_message.Message):
     __slots__ = ("run_id", "node_id", "session", "wait_for_phase", "max_wait_ms", "session_id")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -384,6 +402,12 @@ class SecAggPollRequest(_message.Message):
     max_wait_ms: int
     session_id: str
     def __init__(self, run_id: _Optional[str] = ..., node_id: _Optional[str] = ..., session: _Optional[str] = ..., wait_for_phase: _Optional[_Union[SecAggPhase, str]] = ..., max_wait_ms: _Optional[int] = ..., session_id: _Optional[str] = ...) -> None: ...
+
+class SecAggPollResponse(_message.Message):
+    __slots__ = ("state",)
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    state: SecAggState
+    def __init__(self, state: _Optional[_Union[SecAggState, _Mapping]] = ...) -> None: ...
 
 class SecAggMember(_message.Message):
     __slots__ = ("node_id", "c_public", "s_public", "certificate_pem", "signature", "weight")
@@ -402,7 +426,7 @@ class SecAggMember(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., c_public: _Optional[bytes] = ..., s_public: _Optional[bytes] = ..., certificate_pem: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class SecAggState(_message.Message):
-    __slots__ = ("run_id", "round_id", "session", "phase", "deadline_unix_ms", "roster", "threshold", "clip", "max_update_norm", "max_abs_value", "members", "inbox", "survivors", "message")
+    __slots__ = ("run_id", "round_id", "session", "phase", "deadline_unix_ms", "roster", "threshold", "clip", "max_update_norm", "max_abs_value", "members", "inbox", "survivors", "message", "excluded")
     class InboxEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -424,6 +448,7 @@ class SecAggState(_message.Message):
     INBOX_FIELD_NUMBER: _ClassVar[int]
     SURVIVORS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDED_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round_id: int
     session: str
@@ -438,4 +463,5 @@ class SecAggState(_message.Message):
     inbox: _containers.ScalarMap[str, bytes]
     survivors: _containers.RepeatedScalarFieldContainer[str]
     message: str
-    def __init__(self, run_id: _Optional[str] = ..., round_id: _Optional[int] = ..., session: _Optional[str] = ..., phase: _Optional[_Union[SecAggPhase, str]] = ..., deadline_unix_ms: _Optional[int] = ..., roster: _Optional[_Iterable[_Union[SecAggMember, _Mapping]]] = ..., threshold: _Optional[int] = ..., clip: _Optional[float] = ..., max_update_norm: _Optional[float] = ..., max_abs_value: _Optional[float] = ..., members: _Optional[_Iterable[str]] = ..., inbox: _Optional[_Mapping[str, bytes]] = ..., survivors: _Optional[_Iterable[str]] = ..., message: _Optional[str] = ...) -> None: ...
+    excluded: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, run_id: _Optional[str] = ..., round_id: _Optional[int] = ..., session: _Optional[str] = ..., phase: _Optional[_Union[SecAggPhase, str]] = ..., deadline_unix_ms: _Optional[int] = ..., roster: _Optional[_Iterable[_Union[SecAggMember, _Mapping]]] = ..., threshold: _Optional[int] = ..., clip: _Optional[float] = ..., max_update_norm: _Optional[float] = ..., max_abs_value: _Optional[float] = ..., members: _Optional[_Iterable[str]] = ..., inbox: _Optional[_Mapping[str, bytes]] = ..., survivors: _Optional[_Iterable[str]] = ..., message: _Optional[str] = ..., excluded: _Optional[_Iterable[str]] = ...) -> None: ...

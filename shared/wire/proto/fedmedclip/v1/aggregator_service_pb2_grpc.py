@@ -68,22 +68,22 @@ class AggregatorServiceStub:
         self.SecAggAdvertise = channel.unary_unary(
                 '/fedmedclip.v1.AggregatorService/SecAggAdvertise',
                 request_serializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggAdvertiseRequest.SerializeToString,
-                response_deserializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggAck.FromString,
+                response_deserializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggAdvertiseResponse.FromString,
                 _registered_method=True)
         self.SecAggShare = channel.unary_unary(
                 '/fedmedclip.v1.AggregatorService/SecAggShare',
                 request_serializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggShareRequest.SerializeToString,
-                response_deserializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggAck.FromString,
+                response_deserializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggShareResponse.FromString,
                 _registered_method=True)
         self.SecAggUnmask = channel.unary_unary(
                 '/fedmedclip.v1.AggregatorService/SecAggUnmask',
                 request_serializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggUnmaskRequest.SerializeToString,
-                response_deserializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggAck.FromString,
+                response_deserializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggUnmaskResponse.FromString,
                 _registered_method=True)
         self.SecAggPoll = channel.unary_unary(
                 '/fedmedclip.v1.AggregatorService/SecAggPoll',
                 request_serializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggPollRequest.SerializeToString,
-                response_deserializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggState.FromString,
+                response_deserializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggPollResponse.FromString,
                 _registered_method=True)
 
 
@@ -204,22 +204,22 @@ def add_AggregatorServiceServicer_to_server(servicer, server):
             'SecAggAdvertise': grpc.unary_unary_rpc_method_handler(
                     servicer.SecAggAdvertise,
                     request_deserializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggAdvertiseRequest.FromString,
-                    response_serializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggAck.SerializeToString,
+                    response_serializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggAdvertiseResponse.SerializeToString,
             ),
             'SecAggShare': grpc.unary_unary_rpc_method_handler(
                     servicer.SecAggShare,
                     request_deserializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggShareRequest.FromString,
-                    response_serializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggAck.SerializeToString,
+                    response_serializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggShareResponse.SerializeToString,
             ),
             'SecAggUnmask': grpc.unary_unary_rpc_method_handler(
                     servicer.SecAggUnmask,
                     request_deserializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggUnmaskRequest.FromString,
-                    response_serializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggAck.SerializeToString,
+                    response_serializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggUnmaskResponse.SerializeToString,
             ),
             'SecAggPoll': grpc.unary_unary_rpc_method_handler(
                     servicer.SecAggPoll,
                     request_deserializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggPollRequest.FromString,
-                    response_serializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggState.SerializeToString,
+                    response_serializer=shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggPollResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -411,7 +411,7 @@ class AggregatorService:
             target,
             '/fedmedclip.v1.AggregatorService/SecAggAdvertise',
             shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggAdvertiseRequest.SerializeToString,
-            shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggAck.FromString,
+            shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggAdvertiseResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -438,7 +438,7 @@ class AggregatorService:
             target,
             '/fedmedclip.v1.AggregatorService/SecAggShare',
             shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggShareRequest.SerializeToString,
-            shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggAck.FromString,
+            shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggShareResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -465,7 +465,7 @@ class AggregatorService:
             target,
             '/fedmedclip.v1.AggregatorService/SecAggUnmask',
             shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggUnmaskRequest.SerializeToString,
-            shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggAck.FromString,
+            shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggUnmaskResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -492,7 +492,7 @@ class AggregatorService:
             target,
             '/fedmedclip.v1.AggregatorService/SecAggPoll',
             shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggPollRequest.SerializeToString,
-            shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggState.FromString,
+            shared_dot_wire_dot_proto_dot_fedmedclip_dot_v1_dot_aggregator__service__pb2.SecAggPollResponse.FromString,
             options,
             channel_credentials,
             insecure,
