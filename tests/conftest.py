@@ -76,7 +76,7 @@ MARKERS = {
     "test_services_federation.py": "services",
     "test_simulation.py": "services",  # in-process simulations on real images
     "test_simulation_ray.py": "services",  # the Ray backend: a local Ray started and stopped per test
-    "test_secagg_services.py": "services",  # secure aggregation against a real aggregator: sums, dropouts, cheats, kill -9
+    "test_secagg_services.py": "services",  # secure aggregation, real processes: sums, dropouts, cheats, kill -9
     "test_audit_services.py": "services",  # a real aggregator SIGKILLed, its log torn, restarted on the same chain
     "test_trust.py": "services",
     # deploy: the deployment checks
