@@ -1052,6 +1052,15 @@ class RoundEngine:
         self._cond.notify_all()
         self._advanced.notify_all()
 
+    def fail(self, message: str) -> None:
+        """End the run as FAILED (the driver calls this when it breaks): nodes see it on their next call."""
+        with self._cond:
+            if not self._ended():
+                self._end(Phase.FAILED, message)
+            self.done = True
+            self._cond.notify_all()
+            self._advanced.notify_all()
+
     def _final_reports_in(self) -> bool:
         if self.phase == Phase.FINISHED:
             final = self.reports.get(str(self.version), {})

@@ -229,7 +229,8 @@ def provision(cfg: ProvisionConfig) -> dict[str, Path]:
             "audit_key": AUDIT_KEY,
             "out_dir": "runs",
             **pins,
-        },
+        }
+        | ({"secure_aggregation": True} if cfg.secure_aggregation else {}),
     )
     _kit(
         agg,
@@ -262,6 +263,8 @@ def provision(cfg: ProvisionConfig) -> dict[str, Path]:
         }
         if node in (cfg.evaluators or ()):
             values["role"] = "evaluator"
+        if cfg.secure_aggregation:
+            values["secure_aggregation"] = True
         if classes:
             values["classes"] = classes
             values["runtime"] = runtime  # the runtime behind the pinned fingerprint
@@ -315,6 +318,7 @@ class ProvisionConfig:
     pretrained: str | None = None  # open_clip pretrained tag or checkpoint (backbone: openclip)
     templates: list[str] | None = None  # prompt templates, as the nodes set them (default: the project's)
     runtime: str = "auto"  # image tower runtime of every node: auto (onnxruntime on a CPU), torch (GPU nodes too)
+    secure_aggregation: bool = False  # every kit runs secure aggregation (docs/secure-aggregation.md)
 
     def __post_init__(self) -> None:
         if self.runtime != "auto":  # the default needs no check, and no torch (shared.backbone imports it)

@@ -848,6 +848,9 @@ def serve(cfg: AggregatorConfig) -> int:
     def drive() -> None:
         try:
             engine.run(stop)
+        except Exception as exc:  # a bug must end the run, visibly, not leave the nodes waiting for ever
+            log.exception("the round driver failed")
+            engine.fail(f"internal error in the round driver: {exc!r}")
         finally:
             finished.set()
 

@@ -188,3 +188,20 @@ def test_an_unknown_runtime_is_refused_before_anything_is_written(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "runtime must be one of ['auto', 'torch', 'onnxruntime']" in proc.stdout + proc.stderr
     assert not out.exists()
+
+
+def test_secure_aggregation_kits_agree_aggregator_and_nodes(tmp_path):
+    """``--secure-aggregation true`` puts the setting in every kit, so the nodes and the aggregator agree (a node
+    that disagrees is refused at registration: tests/test_secagg_services.py)."""
+    from aggregator.provision import ProvisionConfig, provision
+
+    provision(ProvisionConfig(nodes=["hospital_1", "hospital_2"], out=str(tmp_path / "kits"), secure_aggregation=True))
+    agg = load_config(AggregatorConfig, yaml_path=[tmp_path / "kits" / "aggregator" / "aggregator.yaml"], env={})
+    assert agg.secure_aggregation and not agg.insecure
+    for node in ("hospital_1", "hospital_2"):
+        cfg = load_config(NodeConfig, yaml_path=[tmp_path / "kits" / node / "node.yaml"], env={})
+        assert cfg.secure_aggregation
+    provision(ProvisionConfig(nodes=["hospital_3"], out=str(tmp_path / "plain")))
+    assert not load_config(
+        NodeConfig, yaml_path=[tmp_path / "plain" / "hospital_3" / "node.yaml"], env={}
+    ).secure_aggregation
