@@ -486,6 +486,7 @@ def test_a_federation_of_node_daemons_under_secure_aggregation_equals_the_secure
         for r in report["rounds_log"]:
             entry = r["secure_aggregation"]
             assert entry["survivors"] == entry["answered"] == TRAINERS and entry["threshold"] == 2
+        assert "Secure aggregation: the aggregator saw masked inputs only" in (out / "report.md").read_text()
         entries = audit_entries(pki, out)
         accepted = [e["data"] for e in entries if e["event"] == "update_accepted"]
         assert len(accepted) == ROUNDS * HOSPITALS and all(a["secagg_session"] for a in accepted)

@@ -220,6 +220,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         sec = h.get("seconds")
         lines.append(f"| {h['round']} | {_num(h['mean_val_accuracy'])} | {' | '.join(kb)} | {_num(sec, '.3f')} |")
     lines += _privacy_table(report)
+    lines += _secure_table(report)
     b = report.get("bytes_per_round") or {}
     if b:
         lines += [
@@ -229,6 +230,28 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"{_num(report['seconds_per_round'], '.3f')} s per round after the first.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _secure_table(report: Mapping[str, Any]) -> list[str]:
+    """Secure aggregation per round: who was in the roster and in the sum, sessions, exclusions, the error bound."""
+    rows = [(r["round"], r["secure_aggregation"]) for r in report.get("rounds_log", []) if r.get("secure_aggregation")]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "Secure aggregation: the aggregator saw masked inputs only; each round's global is the unmasked weighted "
+        "average of the survivors' updates (error bound: fixed point, against the exact average):",
+        "",
+        "| round | roster | in the sum | not in the sum | sessions | excluded | threshold | error bound |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for round_no, e in rows:
+        dropped = sorted(set(e["roster"]) - set(e["survivors"]))
+        lines.append(
+            f"| {round_no} | {len(e['roster'])} | {len(e['survivors'])} | {', '.join(dropped) or '-'} | "
+            f"{e['sessions']} | {', '.join(sorted(e['excluded'])) or '-'} | {e['threshold']} | {e['error_bound']:.2g} |"
+        )
+    return lines
 
 
 def _privacy_table(report: Mapping[str, Any]) -> list[str]:
