@@ -48,6 +48,7 @@ import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -172,29 +173,56 @@ def split(secret: int, xs: Iterable[int], t: int, rng: secrets.SystemRandom | No
     return out
 
 
-def _lagrange_at(points: list[tuple[int, int]], at: int) -> int:
-    total = 0
-    for i, (xi, yi) in enumerate(points):
+@lru_cache(maxsize=256)
+def _weights_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
+    """The Lagrange weights that give ``f(0)`` from ``f`` at ``xs``: the same for every secret of a round whose
+    shares come from the same holders, so computed once for them."""
+    out = []
+    for i, xi in enumerate(xs):
         num, den = 1, 1
-        for j, (xj, _) in enumerate(points):
+        for j, xj in enumerate(xs):
             if i != j:
-                num = num * (at - xj) % PRIME
+                num = num * -xj % PRIME
                 den = den * (xi - xj) % PRIME
-        total = (total + yi * num * pow(den, -1, PRIME)) % PRIME
-    return total
+        out.append(num * pow(den, -1, PRIME) % PRIME)
+    return tuple(out)
+
+
+@lru_cache(maxsize=256)
+def _parity_check(xs: tuple[int, ...], t: int) -> tuple[int, ...]:
+    """A random word of the dual code: the values ``y`` at ``xs`` of any polynomial of degree below ``t`` have
+    ``sum(c_j y_j) = 0``, and any other ``y`` has it with probability ``1/PRIME``. The dual of the code of such
+    evaluations is the code ``c_j = h(x_j) / prod_{k != j} (x_j - x_k)`` over polynomials ``h`` of degree below
+    ``len(xs) - t``; ``h`` is drawn at random (the dealers cannot know it). One check per secret then costs
+    ``len(xs)`` multiplications instead of a Lagrange evaluation per extra share."""
+    rng = secrets.SystemRandom()
+    h = [rng.randrange(PRIME) for _ in range(len(xs) - t)]
+    out = []
+    for j, xj in enumerate(xs):
+        v = 1
+        for k, xk in enumerate(xs):
+            if k != j:
+                v = v * (xj - xk) % PRIME
+        hx = 0
+        for c in reversed(h):
+            hx = (hx * xj + c) % PRIME
+        out.append(hx * pow(v, -1, PRIME) % PRIME)
+    return tuple(out)
 
 
 def reconstruct(shares: Mapping[int, int], t: int) -> int | None:
     """The secret ``f(0)`` when every share lies on one polynomial of degree ``t - 1``, None when they
-    do not (fewer than ``t`` shares: :class:`SecAggError`)."""
+    do not (fewer than ``t`` shares: :class:`SecAggError`). The check is a random parity check of the
+    dual code (:func:`_parity_check`); it misses inconsistent shares with probability ``1/PRIME``."""
     if len(shares) < t:
         raise SecAggError(f"{len(shares)} shares, {t} needed")
     points = sorted(shares.items())
+    xs = tuple(x for x, _ in points)
+    if len(points) > t and sum(c * y for c, (_, y) in zip(_parity_check(xs, t), points, strict=True)) % PRIME:
+        return None
     base = points[:t]
-    for x, y in points[t:]:
-        if _lagrange_at(base, x) != y:
-            return None
-    return _lagrange_at(base, 0)
+    weights = _weights_at_zero(xs[:t])
+    return sum(w * y for w, (_, y) in zip(weights, base, strict=True)) % PRIME
 
 
 def threshold_for(n: int, fraction: float) -> int:
@@ -460,6 +488,7 @@ class NodeSession:
         self.roster: Roster | None = None
         self._survivors: tuple[str, ...] | None = None
         self._held: dict[str, dict[str, SignedShare]] = {}  # dealer -> kind -> share
+        self._publics: dict[str, ec.EllipticCurvePublicKey] = {}  # the roster's certified keys, once checked
         self._unmasked = False
 
     def _split(self, secret: int, xs: Iterable[int], t: int) -> dict[int, int]:
@@ -485,7 +514,7 @@ class NodeSession:
         for node, adv in roster.members.items():
             if adv.node != node:
                 raise SecAggError(f"roster entry {node} advertises {adv.node}")
-            adv.verify(self.session, self._ca)
+            self._publics[node] = adv.verify(self.session, self._ca)
         own = roster.members[self.node]
         if own.c_public != _raw_public(self._c) or own.s_public != _raw_public(self._s):
             raise SecAggError("the roster carries other keys for this node than it advertised")
@@ -532,7 +561,7 @@ class NodeSession:
                 key = _box_key(self._c, adv.c_public, self.session, dealer, self.node)
                 plain = AESGCM(key).decrypt(box[:12], box[12:], f"{self.session}|{dealer}|{self.node}".encode())
                 pair = {k: SignedShare.from_json(v) for k, v in json.loads(plain).items()}
-                public = adv.verify(self.session, self._ca)
+                public = self._publics[dealer]  # verified when the roster was checked (deal)
                 x = self.roster.x_of(self.node)
                 ok = set(pair) == {"b", "s"} and all(
                     s.dealer == dealer
