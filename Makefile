@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM ?= false
 ARGS ?=
 DEMO_ROUNDS ?= 30
 
-.PHONY: help venv system-deps protos lint format test test-fast demo simulate bench bench-layouts bench-protocol bench-training bench-rounds bench-encode bench-load bench-hostile bench-privacy bench-secagg provision deploy-check clean
+.PHONY: help venv system-deps protos lint format test test-fast demo simulate bench bench-layouts bench-protocol bench-training bench-rounds bench-encode bench-load bench-hostile bench-privacy bench-secagg bench-secagg-accuracy provision deploy-check clean
 
 help:
 	@echo "make demo      a real federation: the aggregator + 3 hospital nodes + the held-out one as processes on loopback"
@@ -29,6 +29,7 @@ help:
 	@echo "make bench-hostile the hostile-input suite, its tally in bench/results/hostile.md"
 	@echo "make bench-privacy the accuracy price of differential privacy, epsilon 1/3/8/inf, 3 seeds (bench/results/privacy.md)"
 	@echo "make bench-secagg  what secure aggregation costs vs plain: 4, 20, 100 light nodes, time, bytes, RPCs (bench/results/secagg.md)"
+	@echo "make bench-secagg-accuracy the protocol with and without secure aggregation, 3 seeds (bench/results/secagg_accuracy.md)"
 	@echo "make simulate  in-process federation, options via ARGS=\"...\" (see fedmedclip simulate --help)"
 	@echo "make deploy-check  the deployment checks alone: compose, promtool, Kubernetes schemas, a live Prometheus"
 	@echo "make bench     every method, ablation and codec on the full set, 3 seeds (long; not part of test)"
@@ -88,6 +89,10 @@ bench-privacy: $(STAMP)
 # secure aggregation against the plain mode, 4 / 20 / 100 light nodes on loopback: bench/results/secagg.md
 bench-secagg: $(STAMP)
 	$(PY) -m bench.secagg $(ARGS)
+
+# the brain tumor protocol with and without secure aggregation, fp32 and int8, 3 seeds: bench/results/secagg_accuracy.md
+bench-secagg-accuracy: $(STAMP)
+	$(PY) -m bench.secagg_accuracy $(ARGS)
 
 # the whole brain tumor protocol from cold (empty feature cache) to the report: bench/results/protocol.md
 bench-protocol: $(STAMP)
