@@ -766,27 +766,35 @@ class RoundEngine:
                 self.t.aggregate_cpu.labels(step="fold").inc(time.thread_time() - c0)
             except (CodecError, UpdateOutOfBoundsError, AggregationError) as exc:
                 raise EngineError(exc.reason, f"update refused: {exc}") from exc
-            entry = self._audit(
-                "update_accepted",
-                {
-                    "run_id": self.run_id,
-                    "round_id": self.version,
-                    "node": header.node_id,
-                    "update_id": header.update_id,
-                    "sha256": actual,
-                    "weight": float(weight),
-                    "num_train": rec.num_train,
-                    "wire_bytes": len(payload),
-                },
-                sync=False,  # synced by submit outside the lock, before the receipt leaves
-            )
-            return self._accepted(header, payload, actual, entry, weight, privacy)
+            return self._accepted(header, payload, actual, rec, weight, privacy)
 
     def _accepted(
-        self, header: UpdateHeader, payload: bytes, actual: str, entry: Entry | None, weight: float, privacy: dict
+        self,
+        header: UpdateHeader,
+        payload: bytes,
+        actual: str,
+        rec: NodeRecord,
+        weight: float,
+        privacy: dict,
+        **audited: str,
     ) -> UpdateAck:
-        """Book an update whose audit entry is written: receipt, ledger, the round's records, the log line."""
-        # the caller holds the lock
+        """Book an accepted update (the caller holds the lock): its audit entry (with ``audited`` besides the
+        usual fields), receipt, ledger, the round's records, the log line."""
+        entry = self._audit(
+            "update_accepted",
+            {
+                "run_id": self.run_id,
+                "round_id": self.version,
+                "node": header.node_id,
+                "update_id": header.update_id,
+                "sha256": actual,
+                "weight": float(weight),
+                "num_train": rec.num_train,
+                "wire_bytes": len(payload),
+                **audited,
+            },
+            sync=False,  # synced by submit outside the lock, before the receipt leaves
+        )
         if entry is None:  # the run failed: its folded sum is never published
             raise EngineError(Reason.ROUND_NOT_OPEN, f"update not accepted: {self.status_message}")
         receipt = self.receipts[(header.node_id, header.update_id)] = make_receipt(self.audit.key, self.run_id, entry)
@@ -824,22 +832,7 @@ class RoundEngine:
             )
         vector = self.secure.masked_input(header.node_id, header.secagg_session, payload)
         weight = self.secure.roster.weights[header.node_id] if self.secure.roster is not None else 0.0
-        entry = self._audit(
-            "update_accepted",
-            {
-                "run_id": self.run_id,
-                "round_id": self.version,
-                "node": header.node_id,
-                "update_id": header.update_id,
-                "sha256": actual,
-                "weight": float(weight),
-                "num_train": rec.num_train,
-                "wire_bytes": len(payload),
-                "secagg_session": self.secure.session,
-            },
-            sync=False,
-        )
-        ack = self._accepted(header, payload, actual, entry, weight, privacy)
+        ack = self._accepted(header, payload, actual, rec, weight, privacy, secagg_session=self.secure.session)
         self.secure.accept_masked(header.node_id, vector)
         return ack
 

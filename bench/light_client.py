@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 
 from hospital_node.secure import Encoder, SecureLink, SecureUploader
 from shared.codec import EncodedPayload
-from shared.learning.rounds import WireConfig, encode_adapter
+from shared.learning.rounds import WireConfig, encode_adapter, row_masks_of
 from shared.learning.training import TrainConfig, build_adapter, get_method
 from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
 from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2_grpc as pb_grpc
@@ -199,6 +200,56 @@ class LightNode:
             [pb.UploadUpdateRequest(header=head)] + [pb.UploadUpdateRequest(chunk=c) for c in chunks(data)]
         )
         return True
+
+
+def aggregator_args(
+    pki: Path, out: Path, port: int, metrics_port: int, rounds: int, min_nodes: int, dim: int, *extra: str
+) -> list[str]:
+    """The flags of an aggregator for light nodes (after ``aggregator``): the kit's certificates, loopback, the
+    first node pins fingerprint and classes (light nodes bring their own), and it serves until stopped."""
+    return [
+        "--config",
+        str(pki / "aggregator" / "aggregator.yaml"),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--health-port",
+        "0",
+        "--metrics-port",
+        str(metrics_port),
+        "--out-dir",
+        str(out),
+        "--rounds",
+        str(rounds),
+        "--min-nodes",
+        str(min_nodes),
+        "--embed-dim",
+        str(dim),
+        "--trust-first-node",
+        "true",
+        "--exit-when-done",
+        "false",
+        *extra,
+    ]
+
+
+def plain_average(updates: dict[str, dict], reference: dict, weights: dict[str, float]) -> dict[str, torch.Tensor]:
+    """The plain rule's weighted average in float64, per row over the nodes that sent the row (rows a node's
+    mask switched off are not sent): what secure aggregation must reproduce within its error bound."""
+    out = {}
+    for name, ref in reference.items():
+        rows = ref.shape[0]
+        num = torch.zeros(rows, ref.numel() // rows, dtype=torch.float64)
+        den = torch.zeros(rows, dtype=torch.float64)
+        for node, state in updates.items():
+            sent = row_masks_of(state).get(name, torch.ones(rows, dtype=torch.bool))
+            diff = (state[name].double() - ref.double()).reshape(rows, -1)
+            num += weights[node] * diff * sent.unsqueeze(1)
+            den += weights[node] * sent
+        mean = ref.double().reshape(rows, -1).clone()
+        has = den > 0
+        mean[has] += num[has] / den[has].unsqueeze(1)
+        out[name] = mean.reshape(ref.shape)
+    return out
 
 
 def rpc_code(call) -> grpc.StatusCode:

@@ -177,6 +177,7 @@ def measure(
     n: int, rounds: int, processes: int, concurrency: int, tmp: Path, pin: str = "split", profile: Path | None = None
 ) -> dict:
     from aggregator.provision import ProvisionConfig, provision
+    from bench.light_client import aggregator_args
 
     agg_cpus, worker_cpus = placement(pin)
 
@@ -192,34 +193,23 @@ def measure(
         [
             *resolve(["fedmedclip"]),
             "aggregator",
-            "--trust-first-node",
-            "true",  # light nodes
-            "--config",
-            str(pki / "aggregator" / "aggregator.yaml"),
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--health-port",
-            "0",
-            "--metrics-port",
-            str(metrics_port),
-            "--out-dir",
-            str(out),
-            "--rounds",
-            str(rounds),
-            "--min-nodes",
-            str(n),
-            "--embed-dim",
-            str(DIM),
-            "--round-timeout-s",
-            "600",
-            "--linger-s",
-            "1",
-            "--registration-timeout-s",
-            "600",
-            "--exit-when-done",
-            "false",
-            "--max-workers",
-            str(n + 32),
+            *aggregator_args(
+                pki,
+                out,
+                port,
+                metrics_port,
+                rounds,
+                n,
+                DIM,
+                "--round-timeout-s",
+                "600",
+                "--linger-s",
+                "1",
+                "--registration-timeout-s",
+                "600",
+                "--max-workers",
+                str(n + 32),
+            ),
         ],
         cwd=REPO_ROOT,
         env=env,

@@ -176,6 +176,7 @@ def _tail(path: Path, n: int = 4000) -> str:
 
 
 def start_aggregator(pki: Path, out: Path, n: int, mode: str, rounds: int, log_path: Path) -> tuple:
+    from bench.light_client import aggregator_args
     from bench.load import _free_port
 
     port, metrics_port = _free_port(), _free_port()
@@ -183,34 +184,23 @@ def start_aggregator(pki: Path, out: Path, n: int, mode: str, rounds: int, log_p
         sys.executable,
         "-m",
         "aggregator",
-        "--config",
-        str(pki / "aggregator" / "aggregator.yaml"),
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--health-port",
-        "0",
-        "--metrics-port",
-        str(metrics_port),
-        "--out-dir",
-        str(out),
-        "--rounds",
-        str(rounds),
-        "--min-nodes",
-        str(n),
-        "--embed-dim",
-        str(DIM),
-        "--trust-first-node",
-        "true",
-        "--exit-when-done",
-        "false",
-        "--round-timeout-s",
-        "300",
-        "--secagg-phase-timeout-s",
-        "120",
-        # every long-polling node holds a server worker (64 by default): 2N + 32 keeps N long polls under the
-        # overload mark (0.75 of the workers), where health would say NOT_SERVING (nothing is refused there)
-        "--max-workers",
-        str(2 * n + 32),
+        *aggregator_args(
+            pki,
+            out,
+            port,
+            metrics_port,
+            rounds,
+            n,
+            DIM,
+            "--round-timeout-s",
+            "300",
+            "--secagg-phase-timeout-s",
+            "120",
+            # every long-polling node holds a server worker (64 by default): 2N + 32 keeps N long polls under the
+            # overload mark (0.75 of the workers), where health would say NOT_SERVING (nothing is refused there)
+            "--max-workers",
+            str(2 * n + 32),
+        ),
     ] + (["--secure-aggregation", "true"] if mode == "secure" else [])
     env = dict(
         os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO)
@@ -343,30 +333,6 @@ def measure(n: int, mode: str, rounds: int, pki: Path, tmp: Path, run_timeout_s:
 # --------------------------------------------------------------------------- verification (secure, round 1)
 
 
-def expected_average(updates: dict[str, dict], reference: dict, weights: dict[str, float]) -> dict:
-    """The plain weighted average in float64, per row over the nodes that sent the row (the plain rule;
-    as tests/test_secagg_services.py computes it)."""
-    import torch
-
-    from shared.learning.rounds import row_masks_of
-
-    out = {}
-    for name, ref in reference.items():
-        rows = ref.shape[0]
-        num = torch.zeros(rows, ref.numel() // rows, dtype=torch.float64)
-        den = torch.zeros(rows, dtype=torch.float64)
-        for node, state in updates.items():
-            sent = row_masks_of(state).get(name, torch.ones(rows, dtype=torch.bool))
-            diff = (state[name].double() - ref.double()).reshape(rows, -1)
-            num += weights[node] * diff * sent.unsqueeze(1)
-            den += weights[node] * sent
-        mean = ref.double().reshape(rows, -1).clone()
-        has = den > 0
-        mean[has] += num[has] / den[has].unsqueeze(1)
-        out[name] = mean.reshape(ref.shape)
-    return out
-
-
 def verify_round_1(report: dict, probe: Probe, initial: dict, names: list[str], node) -> dict:
     """Round 1 under secure aggregation, two checks (a failure raises):
 
@@ -375,6 +341,7 @@ def verify_round_1(report: dict, probe: Probe, initial: dict, names: list[str], 
        rule) within the round log's ``error_bound``;
     2. the aggregator unmasked exactly that sum: its published global (int8, the aggregator's codec) is, byte
        for byte, the payload the bench makes from that average (same encoder, same reference)."""
+    from bench.light_client import plain_average
     from shared.learning.aggregation import capped_weights
     from shared.learning.rounds import WireConfig, decode_adapter, publish_state
     from shared.secagg import RingLayout
@@ -388,7 +355,7 @@ def verify_round_1(report: dict, probe: Probe, initial: dict, names: list[str], 
     layout = RingLayout.of(initial)
     unmasked = layout.decode(probe.ring_sums[session], initial)
     weights = capped_weights(dict.fromkeys(entry["roster"], NUM_TRAIN), max_samples=1_000_000, max_share=0.5)
-    want = expected_average({n: update_of(initial, 0, names.index(n)) for n in survivors}, initial, weights)
+    want = plain_average({n: update_of(initial, 0, names.index(n)) for n in survivors}, initial, weights)
     worst = max(float((unmasked[k].double() - want[k]).abs().max()) for k in want)
     bound = entry["error_bound"]
     # the fixed point's bound, then one rounding to float32 (values ~0.05: < 1e-8)

@@ -194,24 +194,6 @@ def partition_dir(tmp_path_factory, brain_tumor_root) -> Path:
 @pytest.fixture(scope="session")
 def reference(brain_tumor_root, feature_cache) -> dict:
     """The in-process simulation with the small federation's seed and partition (also fills the feature cache)."""
-    import torch
+    from tests.services_support import small_simulation
 
-    from shared.simulation import SimConfig, run
-    from tests.services_support import HOSPITALS, PER_CLASS, ROUNDS
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return run(
-            SimConfig(
-                data_root=str(brain_tumor_root),
-                per_class=PER_CLASS,
-                n_hospitals=HOSPITALS,
-                rounds=ROUNDS,
-                seed=0,
-                cache_dir=str(feature_cache),
-                progress=False,
-            )
-        )
-    finally:
-        torch.set_num_threads(threads)
+    return small_simulation(brain_tumor_root, feature_cache)

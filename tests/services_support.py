@@ -354,6 +354,32 @@ def finished(report_path: Path, nodes: list[str]):
     return report
 
 
+def small_simulation(data_root: Path, feature_cache: Path, **settings) -> dict:
+    """The in-process simulation of the small federation (its seed, partition and rounds; ``settings`` on top),
+    on one torch thread as each node daemon runs: the report a federation of the small set-up must equal."""
+    import torch
+
+    from shared.simulation import SimConfig, run
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run(
+            SimConfig(
+                data_root=str(data_root),
+                per_class=PER_CLASS,
+                n_hospitals=HOSPITALS,
+                rounds=ROUNDS,
+                seed=0,
+                cache_dir=str(feature_cache),
+                progress=False,
+                **settings,
+            )
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+
 def assert_matches_reference(report: dict, ref: dict) -> None:
     """A federation's report equals the in-process simulation's (tolerances: tests/test_services_federation.py)."""
     assert report["best_round"] == ref["best_round"]

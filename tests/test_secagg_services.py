@@ -33,18 +33,17 @@ import numpy as np
 import pytest
 import torch
 
-from bench.light_client import Federation, LightNode, perturbed
+from bench.light_client import Federation, LightNode, perturbed, plain_average
 from hospital_node.secure import SecureUploader, adapter_encoder
 from shared.audit import PublicKey, verify_log
 from shared.learning.aggregation import capped_weights
-from shared.learning.rounds import WireConfig, decode_adapter, row_masks_of
+from shared.learning.rounds import WireConfig, decode_adapter
 from shared.secagg import PRIME, NodeSession, SecAggError
 from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
 from shared.wire.reasons import Reason, reason_of
 from tests.services_support import (
     ALL_NODES,
     HOSPITALS,
-    PER_CLASS,
     ROUNDS,
     START_TIMEOUT,
     TRAINERS,
@@ -54,10 +53,13 @@ from tests.services_support import (
     free_port,
     provision_pki,
     read_json,
+    scrape_or_none,
+    small_simulation,
     start_aggregator,
     start_aggregator_process,
     start_node,
     tls_of,
+    total,
     wait_for,
 )
 
@@ -157,25 +159,6 @@ def roster_weights(entry: dict) -> dict[str, float]:
     return capped_weights({n: COUNTS[n] for n in entry["roster"]}, max_samples=1_000_000, max_share=0.5)
 
 
-def expected_average(updates: dict[str, dict], reference: dict, weights: dict[str, float]) -> dict[str, torch.Tensor]:
-    """The plain weighted average in float64, per row over the nodes that sent the row (the plain rule)."""
-    out = {}
-    for name, ref in reference.items():
-        rows = ref.shape[0]
-        num = torch.zeros(rows, ref.numel() // rows, dtype=torch.float64)
-        den = torch.zeros(rows, dtype=torch.float64)
-        for node, state in updates.items():
-            sent = row_masks_of(state).get(name, torch.ones(rows, dtype=torch.bool))
-            diff = (state[name].double() - ref.double()).reshape(rows, -1)
-            num += weights[node] * diff * sent.unsqueeze(1)
-            den += weights[node] * sent
-        mean = ref.double().reshape(rows, -1).clone()
-        has = den > 0
-        mean[has] += num[has] / den[has].unsqueeze(1)
-        out[name] = mean.reshape(ref.shape)
-    return out
-
-
 def published(node: LightNode, version: int, reference: dict) -> dict[str, torch.Tensor]:
     header, data = node.fetch(version)
     return decode_adapter(data, header.sha256, reference, WireConfig(codec="fp32")).tensors
@@ -224,7 +207,7 @@ def test_secure_rounds_sum_exactly_with_dropouts_and_look_uniform(cluster, kits,
     assert entry["survivors"] == NODES and entry["threshold"] == 3 and entry["aborted"] == []
     g1 = published(nodes["h1"], 1, g0)
     worst = assert_close_to_plain(
-        g1, expected_average({n: update_of(n, 0, g0) for n in NODES}, g0, roster_weights(entry)), entry["error_bound"]
+        g1, plain_average({n: update_of(n, 0, g0) for n in NODES}, g0, roster_weights(entry)), entry["error_bound"]
     )
     print(f"round 1: largest error against the plain average {worst:.3g}, bound {entry['error_bound']:.3g}")
     for name, node in nodes.items():  # what the aggregator received is uniform bytes, unrelated to the input
@@ -249,7 +232,7 @@ def test_secure_rounds_sum_exactly_with_dropouts_and_look_uniform(cluster, kits,
     assert entry["answered"] == ["h1", "h2", "h3"]
     g2 = published(nodes["h1"], 2, g1)
     survivors = {n: update_of(n, 1, g1) for n in ("h1", "h2", "h3", "h5")}
-    worst = assert_close_to_plain(g2, expected_average(survivors, g1, roster_weights(entry)), entry["error_bound"])
+    worst = assert_close_to_plain(g2, plain_average(survivors, g1, roster_weights(entry)), entry["error_bound"])
     print(f"round 2 (h4 dropped before masking, h5 after): largest error {worst:.3g}")
     assert nodes["h1"].round().phase == pb.ROUND_PHASE_FINISHED
     for node in nodes.values():
@@ -335,7 +318,7 @@ def test_cheating_dealer_and_forged_share_are_named_and_rounds_complete(cluster,
     g1 = published(nodes["h1"], 1, g0)
     assert_close_to_plain(
         g1,
-        expected_average({n: update_of(n, 0, g0) for n in ("h1", "h2", "h3")}, g0, roster_weights(entry)),
+        plain_average({n: update_of(n, 0, g0) for n in ("h1", "h2", "h3")}, g0, roster_weights(entry)),
         entry["error_bound"],
     )
     # round 2: h4 is back (exclusion lasts one round); h3 forges a share it returns
@@ -345,7 +328,7 @@ def test_cheating_dealer_and_forged_share_are_named_and_rounds_complete(cluster,
     g2 = published(nodes["h1"], 2, g1)
     assert_close_to_plain(
         g2,
-        expected_average({n: update_of(n, 1, g1) for n in ("h1", "h2", "h4")}, g1, roster_weights(entry)),
+        plain_average({n: update_of(n, 1, g1) for n in ("h1", "h2", "h4")}, g1, roster_weights(entry)),
         entry["error_bound"],
     )
     events = [(e["event"], e["data"].get("node")) for e in audit_entries(kits, out)]
@@ -410,7 +393,7 @@ def test_aggregator_killed_mid_unmasking_redoes_the_round(cluster, kits, tmp_pat
     assert all(u["update_id"].endswith(entry["session"]) for u in closed[0]["updates"])
     g2 = published(nodes["h1"], 2, g1)
     assert_close_to_plain(
-        g2, expected_average({n: update_of(n, 1, g1) for n in names}, g1, roster_weights(entry)), entry["error_bound"]
+        g2, plain_average({n: update_of(n, 1, g1) for n in names}, g1, roster_weights(entry)), entry["error_bound"]
     )
     print(json.dumps({"killed session": sorted(killed), "redone in": entry["session"]}))
     for node in nodes.values():
@@ -447,27 +430,7 @@ def test_a_federation_of_node_daemons_under_secure_aggregation_equals_the_secure
     with secure aggregation and the same seed, round by round: the unmasked sums are exact integers, so the
     two compute the same globals. Every upload the aggregator accepted was a masked input, its audit log
     verifies, and every node's receipts match it."""
-    import torch
-
-    from shared.simulation import SimConfig, run
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        reference = run(
-            SimConfig(
-                data_root=str(brain_tumor_root),
-                per_class=PER_CLASS,
-                n_hospitals=HOSPITALS,
-                rounds=ROUNDS,
-                seed=0,
-                cache_dir=str(feature_cache),
-                progress=False,
-                secure_aggregation=True,
-            )
-        )
-    finally:
-        torch.set_num_threads(threads)
+    reference = small_simulation(brain_tumor_root, feature_cache, secure_aggregation=True)
     cluster = Cluster(tmp_path)
     ports = {"grpc": free_port(), "health": free_port(), "metrics": free_port()}
     out = tmp_path / "agg"
@@ -476,11 +439,20 @@ def test_a_federation_of_node_daemons_under_secure_aggregation_equals_the_secure
             cluster, pki, "aggregator", out, ports["grpc"], ports["health"], ports["metrics"], False, HOSPITALS,
             "--secure-aggregation", "true",
         )  # fmt: skip
-        for node in ALL_NODES:
+        for node in ["global", *TRAINERS]:  # the evaluator first: it must evaluate every version, round 1's too
             start_node(
                 cluster, pki, partition_dir, node, ports["grpc"], free_port(), tmp_path / "state", feature_cache,
                 "--secure-aggregation", "true",
             )  # fmt: skip
+            if node == "global":
+                wait_for(
+                    lambda: total(
+                        scrape_or_none(ports["metrics"]) or {}, "fedmedclip_nodes_registered", role="evaluator"
+                    ),
+                    START_TIMEOUT,
+                    "the evaluator to register",
+                    cluster.procs,
+                )
         report = wait_for(lambda: finished(out / "report.json", ALL_NODES), START_TIMEOUT, "the run", cluster.procs)
         assert_matches_reference(report, reference)
         for r in report["rounds_log"]:
