@@ -73,7 +73,7 @@ from shared.learning.training import HEADS, TrainConfig, build_adapter, get_meth
 from shared.ops.logs import printable
 from shared.ops.report import build_report, render_markdown, write_report
 from shared.ops.telemetry import Telemetry
-from shared.secagg import Advertisement, DealtShares, SecAggError, SecAggMisbehaviour, SignedShare
+from shared.secagg import SecAggError, SecAggMisbehaviour
 from shared.wire.protocol import raw_nbytes, state_digest
 from shared.wire.reasons import Reason
 from shared.wire.transport import sha256_hex
@@ -1192,26 +1192,17 @@ class RoundEngine:
             )
         return self.secure
 
-    def secagg_advertise(self, run_id: str, node_id: str, round_id: int, session: str, adv: Advertisement) -> tuple:
+    def secagg_message(
+        self, run_id: str, node_id: str, round_id: int, deliver: Callable[[SecureRound], int]
+    ) -> tuple[str, int, int]:
+        """A node's key advertisement, shares or unmasking answer for the open round: ``deliver`` hands it to
+        the round's session (:class:`aggregator.secure.SecureRound`) and says how many nodes have sent theirs.
+        The session, its phase and that count."""
         with self._cond:
             sec = self._secure_round(run_id, node_id, round_id)
-            n = sec.advertise(node_id, session, adv)
+            received = deliver(sec)
             self._cond.notify_all()
-            return sec.session, sec.phase, n
-
-    def secagg_share(self, run_id: str, node_id: str, round_id: int, session: str, dealt: DealtShares) -> tuple:
-        with self._cond:
-            sec = self._secure_round(run_id, node_id, round_id)
-            n = sec.share(node_id, session, dealt)
-            self._cond.notify_all()
-            return sec.session, sec.phase, n
-
-    def secagg_unmask(self, run_id: str, node_id: str, round_id: int, session: str, shares: list[SignedShare]) -> tuple:
-        with self._cond:
-            sec = self._secure_round(run_id, node_id, round_id)
-            n = sec.unmask_shares(node_id, session, shares)
-            self._cond.notify_all()
-            return sec.session, sec.phase, n
+            return sec.session, sec.phase, received
 
     def secagg_view(
         self, run_id: str, node_id: str, session: str, wait_for: int, max_wait_s: float, session_id: str = ""

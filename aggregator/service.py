@@ -502,8 +502,11 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
             context,
             "SecAggAdvertise",
             request.node_id,
-            lambda: self.engine.secagg_advertise(
-                request.run_id, request.node_id, request.round_id, request.session, advertisement_from_proto(request)
+            lambda: self.engine.secagg_message(
+                request.run_id,
+                request.node_id,
+                request.round_id,
+                lambda sec: sec.advertise(request.node_id, request.session, advertisement_from_proto(request)),
             ),
         )
 
@@ -518,7 +521,12 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
             context,
             "SecAggShare",
             request.node_id,
-            lambda: self.engine.secagg_share(request.run_id, request.node_id, request.round_id, request.session, dealt),
+            lambda: self.engine.secagg_message(
+                request.run_id,
+                request.node_id,
+                request.round_id,
+                lambda sec: sec.share(request.node_id, request.session, dealt),
+            ),
         )
 
     def SecAggUnmask(self, request: pb.SecAggUnmaskRequest, context: grpc.ServicerContext):
@@ -526,12 +534,13 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
             context,
             "SecAggUnmask",
             request.node_id,
-            lambda: self.engine.secagg_unmask(
+            lambda: self.engine.secagg_message(
                 request.run_id,
                 request.node_id,
                 request.round_id,
-                request.session,
-                [share_from_proto(s) for s in request.shares],
+                lambda sec: sec.unmask_shares(
+                    request.node_id, request.session, [share_from_proto(s) for s in request.shares]
+                ),
             ),
         )
 
