@@ -44,11 +44,11 @@ from shared.secagg import (
     SecAggError,
     SignedShare,
     UnmaskSession,
-    _commit_message,
-    _verify,
     average_error_bound,
     certified_key,
+    commit_message,
     threshold_for,
+    verify_signature,
 )
 from shared.wire.reasons import Reason
 
@@ -197,7 +197,9 @@ class SecureRound:
         if len(dealt.b_commitment) != 64 or any(c not in "0123456789abcdef" for c in dealt.b_commitment):
             raise _refuse("the commitment is a lower-case hex SHA-256")
         public = certified_key(self.roster.members[node].cert_pem, self.ca, node)
-        if not _verify(public, dealt.commitment_signature, _commit_message(self.session, node, dealt.b_commitment)):
+        if not verify_signature(
+            public, dealt.commitment_signature, commit_message(self.session, node, dealt.b_commitment)
+        ):
             raise _refuse(f"{node}'s commitment signature does not verify")
         self.dealt[node] = dealt
         return len(self.dealt)

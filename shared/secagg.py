@@ -70,18 +70,27 @@ __all__ = [
     "RING_BITS",
     "Advertisement",
     "DealtShares",
+    "NodeSession",
     "RingLayout",
+    "Roster",
     "SecAggError",
     "SecAggMisbehaviour",
-    "NodeSession",
+    "SecureRound",
+    "SignedShare",
     "UnmaskSession",
     "average_error_bound",
+    "certified_key",
+    "commit_message",
+    "commitment",
+    "load_signer",
     "prg",
     "reconstruct",
     "ring_scale",
     "secure_average",
     "split",
     "threshold_for",
+    "throwaway_identities",
+    "verify_signature",
 ]
 
 RING_BITS = 32
@@ -337,7 +346,7 @@ def _sign(key: ec.EllipticCurvePrivateKey, message: bytes) -> bytes:
     return key.sign(message, ec.ECDSA(hashes.SHA256()))
 
 
-def _verify(public: ec.EllipticCurvePublicKey, signature: bytes, message: bytes) -> bool:
+def verify_signature(public: ec.EllipticCurvePublicKey, signature: bytes, message: bytes) -> bool:
     try:
         public.verify(signature, message, ec.ECDSA(hashes.SHA256()))
     except (InvalidSignature, ValueError):
@@ -394,7 +403,7 @@ class Advertisement:
             except ValueError as exc:
                 raise SecAggError(f"{self.node}: its {what} is a low-order point, no secret can be agreed") from exc
         public = certified_key(self.cert_pem, ca, self.node)
-        if not _verify(public, self.signature, self.message(session)):
+        if not verify_signature(public, self.signature, self.message(session)):
             raise SecAggError(f"{self.node}: the key advertisement's signature does not verify")
         return public
 
@@ -403,7 +412,7 @@ def _share_message(session: str, dealer: str, holder: str, kind: str, x: int, y:
     return _canonical("share", {"session": session, "dealer": dealer, "holder": holder, "kind": kind, "x": x, "y": y})
 
 
-def _commit_message(session: str, dealer: str, digest: str) -> bytes:
+def commit_message(session: str, dealer: str, digest: str) -> bytes:
     return _canonical("commit", {"session": session, "dealer": dealer, "b": digest})
 
 
@@ -544,7 +553,7 @@ class NodeSession:
             boxes[holder] = nonce + AESGCM(key).encrypt(nonce, plain, f"{self.session}|{self.node}|{holder}".encode())
         digest = commitment(self._b, self.session, self.node)
         return DealtShares(
-            self.node, boxes, digest, _sign(self._signer, _commit_message(self.session, self.node, digest))
+            self.node, boxes, digest, _sign(self._signer, commit_message(self.session, self.node, digest))
         )
 
     def receive(self, inbox: Mapping[str, bytes]) -> list[str]:
@@ -567,7 +576,9 @@ class NodeSession:
                     s.dealer == dealer
                     and s.kind == k
                     and s.x == x
-                    and _verify(public, s.signature, _share_message(self.session, dealer, self.node, k, s.x, s.y))
+                    and verify_signature(
+                        public, s.signature, _share_message(self.session, dealer, self.node, k, s.x, s.y)
+                    )
                     for k, s in pair.items()
                 )
             except (InvalidTag, ValueError, TypeError, SecAggError):
@@ -677,7 +688,7 @@ class UnmaskSession:
         forged = [
             h
             for h, s in shares.items()
-            if not _verify(public, s.signature, _share_message(self.session, dealer, h, kind, s.x, s.y))
+            if not verify_signature(public, s.signature, _share_message(self.session, dealer, h, kind, s.x, s.y))
         ]
         if forged:
             raise SecAggMisbehaviour(forged[0], f"returned a {kind} share of {dealer} that {dealer} did not sign")
