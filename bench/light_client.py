@@ -20,7 +20,7 @@ import grpc
 import numpy as np
 import torch
 
-from hospital_node.secure import Encoder, SecureLink, SecureUploader
+from hospital_node.secure import Answered, Encoder, SecureLink, SecureUploader
 from shared.codec import EncodedPayload
 from shared.learning.rounds import WireConfig, encode_adapter, row_masks_of
 from shared.learning.training import TrainConfig, build_adapter, get_method
@@ -83,7 +83,7 @@ class LightNode:
         self.node_id, self.fed, self.num_train = node_id, fed, num_train
         self.evaluator, self.timeout_s = evaluator, timeout_s
         self.tls = tls
-        self.secagg_answered: dict[int, frozenset[str]] = {}
+        self.secagg_answered = Answered(None, "")  # kept in memory: a light node never restarts
         self.channel = secure_channel(address, tls, options or channel_options())
         self.stub = pb_grpc.AggregatorServiceStub(self.channel)
         self.run_id = ""

@@ -45,7 +45,7 @@ import torch
 
 from hospital_node.config import NodeConfig
 from hospital_node.data import LocalData, load_local
-from hospital_node.secure import SecureLink, SecureUploader, adapter_encoder
+from hospital_node.secure import Answered, SecureLink, SecureUploader, adapter_encoder
 from hospital_node.state import NodeState, PendingUpdate, Snapshot, StateStore
 from shared import __version__
 from shared.audit import PublicKey, keep_receipt
@@ -61,6 +61,7 @@ from shared.ops.exitcodes import ExitCode
 from shared.ops.logs import printable
 from shared.ops.report import dumps_strict
 from shared.ops.telemetry import CountingClientInterceptor, Telemetry
+from shared.secagg import SecAggError
 from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
 from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2_grpc as pb_grpc
 from shared.wire.protocol import metrics_to_proto, state_digest
@@ -302,7 +303,7 @@ class NodeClient:
         self.run_over = False  # the run finished, failed or was replaced: the next one may start afresh
         self.wire = WireConfig()
         self.state: NodeState | None = None
-        self.secagg_answered: dict[int, frozenset[str]] = {}  # secure aggregation: hospital_node/secure.py
+        self.secagg_answered = Answered(None, "")  # secure aggregation: set for each run (_follow_run)
         self.privacy_stopped: str | None = None  # differential privacy: why this node trains no further in this run
         self.heartbeat_interval = 5.0
         self.chunk_bytes = chunk_size(0)
@@ -839,10 +840,15 @@ class NodeClient:
         done = threading.Event()
         heartbeat: threading.Thread | None = None
         self.run_over = False
-        self.secagg_answered = {}  # round ids start again in another run
         try:
             first = self._register()
             self.state = self._load_or_create_state()
+            # secure aggregation: the unmaskings this node answered in this run (hospital_node/secure.py)
+            try:
+                self.secagg_answered = Answered(Path(self.cfg.state_dir) / "secagg_answered.json", self.run_id)
+            except SecAggError as exc:
+                log.error("secure aggregation: %s", exc)
+                return ExitCode.FAILED
             self._plan_privacy(first.round.total_rounds)
             heartbeat = threading.Thread(target=self._heartbeat_loop, args=(done,), name="heartbeat", daemon=True)
             heartbeat.start()

@@ -10,15 +10,18 @@ Before the update is encoded it is bounded here, at the node, by the federation'
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 
 from shared.learning.rounds import bound_update, row_masks_of
+from shared.ops.atomic import atomic_write
 from shared.ops.logs import printable
 from shared.secagg import NodeSession, RingLayout, Roster, SecAggError, load_signer
 from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
@@ -37,6 +40,34 @@ KEYS, SHARES, MASKED, UNMASK, CLOSED = (
 )
 
 
+class Answered:
+    """Round -> the survivors of the session whose unmasking this node answered. A later session of the same
+    round is answered only for those survivors less the nodes the aggregator excluded: two unmasked sums over
+    different sets, subtracted, would give away the inputs of the nodes in one and not the other. With a
+    ``path`` it is kept on disk (written before the answer leaves), so a restarted node keeps the guard."""
+
+    def __init__(self, path: Path | None, run_id: str) -> None:
+        self.path, self.run_id = path, run_id
+        self._rounds: dict[int, frozenset[str]] = {}
+        if path is not None and path.is_file():
+            try:
+                data = json.loads(path.read_text())
+                if data.get("run_id") == run_id:
+                    self._rounds = {int(r): frozenset(nodes) for r, nodes in data["rounds"].items()}
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                # a damaged guard file must not silently drop the guard: refuse to go on without it
+                raise SecAggError(f"{path} cannot be read ({exc}); remove it only if no round was answered") from exc
+
+    def get(self, round_id: int) -> frozenset[str] | None:
+        return self._rounds.get(round_id)
+
+    def record(self, round_id: int, survivors: frozenset[str]) -> None:
+        self._rounds[round_id] = survivors
+        if self.path is not None:
+            data = {"run_id": self.run_id, "rounds": {str(r): sorted(n) for r, n in sorted(self._rounds.items())}}
+            atomic_write(self.path, json.dumps(data).encode())
+
+
 @dataclass(frozen=True)
 class SecureLink:
     """What a session needs of the node it runs for: who it is, its stub and certificate, how it calls
@@ -50,10 +81,8 @@ class SecureLink:
     call: Callable[[str, Callable[[], Any]], Any]
     long_poll_s: float = 30.0
     rpc_timeout_s: float = 30.0
-    #: round -> the survivors of the session whose unmasking this node answered: a later session of the same
-    #: round is answered only for those survivors less the nodes the aggregator excluded (else the two sums,
-    #: subtracted, would give away the inputs of the nodes in one and not the other)
-    answered: dict[int, frozenset[str]] = field(default_factory=dict)
+    #: the survivors of the sessions whose unmasking this node answered, by round (:class:`Answered`)
+    answered: Answered = field(default_factory=lambda: Answered(None, ""))
 
 
 #: ``encode(roster, state)``: the node's input in the ring for this session (its weight is in the roster)
@@ -215,7 +244,7 @@ class SecureUploader:
             return None
         try:
             shares = self.unmask(ns, list(st.survivors))
-            link.answered[r] = survivors
+            link.answered.record(r, survivors)  # on disk before the answer leaves
         except SecAggError as exc:
             log.error("round %d: session %s: not unmasking (%s)", r + 1, session, exc)
             return None

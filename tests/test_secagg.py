@@ -554,3 +554,20 @@ def test_n_nodes_at_the_clip_decode_to_the_clip(clip, n):
             bound = average_error_bound(scale, n, float(weights.sum()), clip) + 1e-7 * clip
             for name, t in decoded.items():
                 assert float((t.double() - sign * clip).abs().max()) <= bound, (name, clip, n)
+
+
+def test_a_node_keeps_the_survivors_it_answered_for_on_disk(tmp_path):
+    """The re-session guard survives a node restart: what a node answered is on disk before its answer leaves,
+    read back for the same run only; a damaged file stops the node rather than drop the guard."""
+    from hospital_node.secure import Answered
+
+    path = tmp_path / "secagg_answered.json"
+    first = Answered(path, "run-a")
+    assert first.get(3) is None
+    first.record(3, frozenset({"h1", "h2", "h3"}))
+    assert Answered(path, "run-a").get(3) == frozenset({"h1", "h2", "h3"})  # a restarted node reads it back
+    assert Answered(path, "run-b").get(3) is None  # another run starts with no answers
+    path.write_text('{"run_id": "run-a", "rounds": [1, 2')
+    with pytest.raises(SecAggError, match="cannot be read"):
+        Answered(path, "run-a")
+    assert Answered(None, "run-a").get(3) is None  # in memory only (light nodes)
