@@ -96,6 +96,8 @@ def test_every_reason_has_one_status_code_and_one_action_and_an_aip193_name():
         Reason.FUTURE_ROUND,
         Reason.CONFLICTING_UPDATE,
         Reason.CONFLICTING_REPLAY,
+        Reason.SECAGG_PHASE,  # secure aggregation: another session is open; the node follows it
+        Reason.SECAGG_EXCLUDED,  # named for breaking the protocol: out of this round, back in the next
     }
 
 
