@@ -1222,7 +1222,12 @@ class RoundEngine:
                 and self.clock() < end
             ):
                 self._advanced.wait(timeout=end - self.clock())
-            return self._view(node_id), None if self.secure is None else self.secure.view(node_id)
+            if self.secure is None:
+                return self._view(node_id), None
+            sec = self.secure.view(node_id)
+            # the phase's deadline on the wall clock, as RoundInfo gives the round's
+            sec.deadline_unix_ms = int((self.wall() + (sec.deadline - self.clock())) * 1000)
+            return self._view(node_id), sec
 
     def run(self, stop: threading.Event) -> None:
         """Drive the state machine until done or ``stop`` is set (wake-ups: notify or deadline)."""

@@ -88,12 +88,13 @@ class SecureView:
     round_id: int
     session: str
     phase: SecPhase
-    deadline: float
+    deadline: float  # when the phase closes if enough nodes are in (the engine's clock)
     roster: Roster | None = None
     members: tuple[str, ...] = ()
     inbox: dict[str, bytes] = field(default_factory=dict)
     survivors: tuple[str, ...] = ()
     excluded: tuple[str, ...] = ()
+    deadline_unix_ms: int = 0  # the same on the wall clock (the engine sets it)
     message: str = ""
 
 

@@ -570,7 +570,7 @@ def secagg_state(view: RoundView, sec: SecureView | None, cfg: AggregatorConfig,
     if sec is None or view.phase != Phase.COLLECTING:
         return msg
     msg.session, msg.phase = sec.session, int(sec.phase)
-    msg.deadline_unix_ms = view.deadline_unix_ms  # the round's; the phase's own is in the engine
+    msg.deadline_unix_ms = sec.deadline_unix_ms  # the phase's
     msg.message = sec.message
     if sec.roster is not None:
         msg.threshold, msg.clip = sec.roster.threshold, sec.roster.clip

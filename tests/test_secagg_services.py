@@ -26,6 +26,7 @@ import hashlib
 import json
 import signal
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -199,6 +200,10 @@ def test_secure_rounds_sum_exactly_with_dropouts_and_look_uniform(cluster, kits,
         refused.register()
     assert reason_of(err.value) is Reason.REGISTRATION_MISMATCH and "secure aggregation" in err.value.details()
     nodes = light(agg, kits, NODES)
+    state = nodes["h1"].stub.SecAggPoll(pb.SecAggPollRequest(run_id=nodes["h1"].run_id, node_id="h1"), timeout=10).state
+    now_ms = time.time() * 1000
+    assert state.phase == pb.SEC_AGG_PHASE_KEYS and state.session and not state.roster  # nothing asked, nothing sent
+    assert now_ms < state.deadline_unix_ms <= now_ms + 30_000 + 1_000  # the keys phase ends with the round's deadline
 
     # round 1: everyone in
     g0 = FED.initial_state()
