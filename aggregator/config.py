@@ -9,6 +9,7 @@ from shared.codec import CODECS
 from shared.learning.aggregation import AGGREGATION_RULES
 from shared.learning.metrics import SELECT_METRICS
 from shared.learning.training import METHODS
+from shared.secagg import check_settings
 
 ENV_PREFIX = "FEDMEDCLIP_AGGREGATOR_"
 
@@ -125,15 +126,11 @@ class AggregatorConfig:
         if not 0.0 < self.overload_ratio <= 1.0:
             raise ValueError("overload_ratio must be in (0, 1]")
         if self.secure_aggregation:
-            if self.aggregation not in ("weighted", "uniform"):
-                raise ValueError(
-                    f"secure aggregation hides every single update, and the {self.aggregation} rule needs to see "
-                    "them: use aggregation weighted or uniform (the update bounds then apply at each node)"
-                )
+            check_settings(self.aggregation, self.secagg_clip, self.secagg_threshold)
             if self.insecure or not self.tls_ca:
                 raise ValueError("secure aggregation needs mTLS: the nodes sign their keys with their certificates")
-        if not self.secagg_clip > 0 or not 0.0 <= self.secagg_threshold < 1.0 or not self.secagg_phase_timeout_s > 0:
-            raise ValueError("secagg_clip and secagg_phase_timeout_s must be > 0, secagg_threshold in [0, 1)")
+        if not self.secagg_phase_timeout_s > 0:
+            raise ValueError("secagg_phase_timeout_s must be > 0")
         if self.rounds < 1 or self.min_nodes < 1:
             raise ValueError("rounds and min_nodes must be >= 1")
         for name in (

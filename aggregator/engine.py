@@ -1166,8 +1166,7 @@ class RoundEngine:
                 return 0.0
             record = sec.abort(now, sec.abort_reason)
             self._audit("secagg_session_aborted", {"run_id": self.run_id, "round_id": self.version} | record)
-            # the ended session's masked inputs can never be unmasked: they no longer count as the round's updates
-            self.ledger.open = {}
+            self.ledger.discard_open()
             self.folded_weights = {}
             self.round_privacy = {}
             wait = 0.0

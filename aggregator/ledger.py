@@ -51,6 +51,11 @@ class Ledger:
         """Record an accepted update by the SHA-256 of its bytes (as computed by the caller)."""
         self.open[node_id] = Accepted(update_id, payload_sha256)
 
+    def discard_open(self) -> None:
+        """Forget the open round's updates (secure aggregation: an ended session's masked inputs can never be
+        unmasked, so they are not the round's; their nodes send again in the next session, under new ids)."""
+        self.open = {}
+
     def close(self, round_id: int) -> None:
         """The open round's updates become round ``round_id``'s; the next round starts empty."""
         self.closed[round_id] = self.open

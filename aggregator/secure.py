@@ -33,6 +33,7 @@ from enum import IntEnum
 import numpy as np
 import torch
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from aggregator.errors import EngineError
 from shared.learning.aggregation import capped_weights
@@ -45,7 +46,6 @@ from shared.secagg import (
     SignedShare,
     UnmaskSession,
     average_error_bound,
-    certified_key,
     commit_message,
     threshold_for,
     verify_signature,
@@ -131,6 +131,7 @@ class SecureRound:
         self.phase = SecPhase.KEYS
         self.deadline = max(self.round_deadline, now + self.settings.phase_timeout_s)
         self.advertised: dict[str, Advertisement] = {}
+        self.publics: dict[str, ec.EllipticCurvePublicKey] = {}  # each advertiser's certified key, checked once
         self.roster: Roster | None = None
         self.dealt: dict[str, DealtShares] = {}
         self.unmask: UnmaskSession | None = None
@@ -174,7 +175,7 @@ class SecureRound:
                 return len(self.advertised)
             raise _refuse(f"{node} advertised other keys in this session already")
         try:
-            adv.verify(self.session, self.ca)
+            self.publics[node] = adv.verify(self.session, self.ca)
         except SecAggError as exc:
             raise _refuse(str(exc)) from exc
         self.advertised[node] = adv
@@ -197,7 +198,7 @@ class SecureRound:
             raise _refuse(f"a ciphertext of {node} is outside (28, {MAX_CIPHERTEXT_BYTES}] bytes")
         if len(dealt.b_commitment) != 64 or any(c not in "0123456789abcdef" for c in dealt.b_commitment):
             raise _refuse("the commitment is a lower-case hex SHA-256")
-        public = certified_key(self.roster.members[node].cert_pem, self.ca, node)
+        public = self.publics[node]  # its certificate was checked when it advertised
         if not verify_signature(
             public, dealt.commitment_signature, commit_message(self.session, node, dealt.b_commitment)
         ):

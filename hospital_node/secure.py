@@ -182,6 +182,13 @@ class SecureUploader:
                 while st.round_id == self.round_id and st.phase != CLOSED:
                     st = self._await(st.session, CLOSED)
                 return False
+            except SecAggError as exc:
+                # what the aggregator sent does not hold (a roster naming a node twice, a masking set outside the
+                # roster or below the threshold, weights that are not a share of one): this node takes no part in
+                # the session, keeps its update, and joins the next one
+                log.error("round %d: session %s: %s; not taking part in it", self.round_id + 1, st.session, exc)
+                self._await(st.session, CLOSED)
+                continue
             if outcome is not None:
                 return outcome
 
@@ -202,12 +209,7 @@ class SecureUploader:
         roster = roster_from_proto(st)
         if self.node not in roster.members:
             return None
-        try:
-            dealt = ns.deal(roster)
-        except SecAggError as exc:  # a roster that does not hold: this node takes no part in the session
-            log.error("round %d: session %s: the roster does not hold (%s); not taking part", r + 1, session, exc)
-            self._await(session, CLOSED)
-            return None
+        dealt = ns.deal(roster)  # a roster that does not hold: SecAggError (run takes it)
         request = pb.SecAggShareRequest(
             **ids,
             ciphertexts=dealt.ciphertexts,
@@ -242,12 +244,8 @@ class SecureUploader:
                 sorted(before),
             )
             return None
-        try:
-            shares = self.unmask(ns, list(st.survivors))
-            link.answered.record(r, survivors)  # on disk before the answer leaves
-        except SecAggError as exc:
-            log.error("round %d: session %s: not unmasking (%s)", r + 1, session, exc)
-            return None
+        shares = self.unmask(ns, list(st.survivors))  # fewer survivors than t, or a set not masked with: SecAggError
+        link.answered.record(r, survivors)  # on disk before the answer leaves
         request = pb.SecAggUnmaskRequest(**ids, shares=[share_to_proto(s) for s in shares])
         if not self._send("SecAggUnmask", link.stub.SecAggUnmask, request):
             return None

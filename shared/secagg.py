@@ -78,7 +78,9 @@ __all__ = [
     "SecureRound",
     "SignedShare",
     "UnmaskSession",
+    "SECURE_RULES",
     "average_error_bound",
+    "check_settings",
     "certified_key",
     "commit_message",
     "commitment",
@@ -240,6 +242,23 @@ def threshold_for(n: int, fraction: float) -> int:
 
 
 # -- fixed-point ring encoding -------------------------------------------------------------------
+
+
+#: The rules secure aggregation can compute: it reveals a weighted sum, never the updates a median needs.
+SECURE_RULES = ("weighted", "uniform")
+
+
+def check_settings(aggregation: str, clip: float, threshold: float) -> None:
+    """Refuse (ValueError) settings secure aggregation cannot run with: the aggregator's and the simulation's."""
+    if aggregation not in SECURE_RULES:
+        raise ValueError(
+            f"secure aggregation hides every single update, and the {aggregation} rule needs to see them: use "
+            f"aggregation {' or '.join(SECURE_RULES)} (the update bounds then apply at each node)"
+        )
+    if not (math.isfinite(clip) and clip > 0):
+        raise ValueError(f"secagg_clip must be a finite number > 0, got {clip}")
+    if not 0.0 <= threshold < 1.0:
+        raise ValueError(f"secagg_threshold must lie in [0, 1), got {threshold}")
 
 
 def ring_scale(clip: float, n: int) -> int:

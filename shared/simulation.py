@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -61,10 +60,9 @@ from shared.learning.metrics import SELECT_METRICS, mean_metrics, nanmean
 from shared.learning.privacy import DPConfig
 from shared.learning.rounds import (
     WireConfig,
-    decode_adapter,
-    encode_adapter,
     fold_update,
     publish_global,
+    publish_state,
     row_masks_of,
 )
 from shared.learning.training import METHODS, MethodConfig, TrainConfig, build_adapter, get_method
@@ -112,25 +110,16 @@ class SimConfig:
     secagg_threshold: float = 0.5  # secure aggregation: more than this share of the hospitals unmasks a round
 
 
-#: The rules secure aggregation can compute: it reveals a weighted sum, never the updates a median needs.
-SECURE_RULES = ("weighted", "uniform")
-
-
 def check_secure_aggregation(enabled: bool, aggregation: str, backend: str, clip: float, threshold: float) -> None:
-    """Refuse (ValueError) a secure-aggregation setting that cannot run."""
+    """Refuse (ValueError) a secure-aggregation setting that cannot run (:func:`shared.secagg.check_settings`, as
+    the aggregator checks it, and the in-process backend only)."""
     if not enabled:
         return
-    if aggregation not in SECURE_RULES:
-        raise ValueError(
-            f"secure aggregation computes a weighted sum only: aggregation must be one of {list(SECURE_RULES)}, "
-            f"not {aggregation!r} (a median or trimmed mean needs every update in the clear)"
-        )
+    from shared.secagg import check_settings
+
+    check_settings(aggregation, clip, threshold)
     if backend != "inprocess":
         raise ValueError("secure aggregation runs with backend inprocess only (the Ray backend does not carry it)")
-    if not (math.isfinite(clip) and clip > 0):
-        raise ValueError(f"secagg_clip must be a finite number > 0, got {clip}")
-    if not 0.0 <= threshold < 1.0:
-        raise ValueError(f"secagg_threshold must lie in [0, 1), got {threshold}")
 
 
 @dataclass
@@ -379,9 +368,7 @@ def _rounds(
                 assert identities is not None
                 new_state, secure_record = _secure_round(cfg, trained, weights, global_state, identities, r)
                 bytes_up = secure_record["masked_bytes_per_node"] * len(trained)
-                # published as the plain path's publish_global does: the codec's payload, and its decoded value
-                payload = encode_adapter(new_state, global_state, cfg.wire)
-                global_state = decode_adapter(payload.data, payload.sha256, global_state, cfg.wire).tensors
+                payload, global_state = publish_state(new_state, global_state, cfg.wire)
             else:
                 payload, global_state = publish_global(aggregator, global_state, cfg.wire)
             timings["aggregate"] += time.perf_counter() - t0
