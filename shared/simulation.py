@@ -103,7 +103,7 @@ class SimConfig:
     ray_address: str | None = None  # ray: an existing cluster (HOST:6379); None starts Ray on this machine
     ray_resident_mb: int = 1024  # ray: hospitals' private state each actor keeps in memory; the rest spill to disk
     ray_spill_dir: str | None = None  # ray: where actors spill hospitals' state (None: the system's temp folder)
-    workers: int = 0  # inprocess on a CPU: threads running hospitals' steps (0: one per core), one torch thread each
+    workers: int = 0  # threads running hospitals' steps (0: one per core on a CPU, one per hospital on a GPU)
     dp: DPConfig = field(default_factory=DPConfig)  # differential privacy at every hospital (off by default)
     secure_aggregation: bool = False  # SecAgg (shared.secagg): the aggregator sees only the sum of the updates
     secagg_clip: float = 1.0  # secure aggregation: every value of a hospital's update is clipped to +-this
@@ -135,10 +135,12 @@ class Prepared:
     text: torch.Tensor
     encode: EncodeStats
     backbone_record: dict
+    seconds: dict[str, float] = field(default_factory=dict)  # data (scan, de-duplicate, partition), backbone load
 
 
 def prepare(cfg: SimConfig, backbone: Backbone | None = None) -> Prepared:
     """Scan, de-duplicate, encode (cached) and partition the data for ``cfg``."""
+    start = time.perf_counter()
     fed = prepare_federation(
         cfg.data_root,
         hospitals=cfg.n_hospitals,
@@ -150,7 +152,10 @@ def prepare(cfg: SimConfig, backbone: Backbone | None = None) -> Prepared:
         min_size=cfg.min_hospital_size,
     )
     ds, hospitals = fed.dataset, fed.hospitals
+    loaded = time.perf_counter()
     backbone = backbone or load_backbone(cfg.backbone, cfg.device)
+    text = backbone.text_features(ds.class_names)  # the first call on a GPU also pays for the device's start
+    seconds = {"data_seconds": loaded - start, "backbone_seconds": time.perf_counter() - loaded}
     features, enc = encode_samples(backbone, ds.samples, cfg.cache_dir, progress=cfg.progress)
     dup = {k: v for k, v in asdict(fed.duplicates).items() if isinstance(v, (int, float, str))}
     return Prepared(
@@ -160,9 +165,10 @@ def prepare(cfg: SimConfig, backbone: Backbone | None = None) -> Prepared:
         features=features,
         labels=torch.from_numpy(ds.labels()),
         hospitals=hospitals,
-        text=backbone.text_features(ds.class_names),
+        text=text,
         encode=enc,
         backbone_record=backbone.record(ds.class_names),
+        seconds=seconds,
     )
 
 
@@ -173,12 +179,12 @@ BACKENDS = ("inprocess", "ray")
 class InProcessBackend:
     """Every training hospital in one :class:`~shared.learning.cohort.Cohort` of this process, all in memory.
 
-    On a CPU the hospitals' steps and evaluations run on ``workers`` threads (one per core by default), each
-    hospital's on one torch thread: hospitals are independent within a round (their own learner, batch-order
-    RNG and data; the global is only read), PyTorch and zstd release the GIL while they compute, and the
-    updates are still folded in hospital order. Every hospital computes exactly what it computes alone on one
-    thread, so the report depends neither on ``workers`` nor on the machine's core count (and equals the Ray
-    backend's, whose actors run one thread each).
+    The hospitals' steps and evaluations run on ``workers`` threads (on a CPU one per core by default, each
+    hospital's on one torch thread; on a GPU one per hospital, whose kernel launches then overlap): hospitals
+    are independent within a round (their own learner, batch-order RNG and data; the global is only read),
+    PyTorch and zstd release the GIL while they compute, and the updates are still folded in hospital order.
+    Every hospital computes exactly what it computes alone on one thread, so the report depends neither on
+    ``workers`` nor on the machine's core count (and equals the Ray backend's, whose actors run one thread each).
     """
 
     def __init__(self, cohort: Cohort, workers: int = 1) -> None:
@@ -269,8 +275,10 @@ def run(cfg: SimConfig, prepared: Prepared | None = None) -> dict:
             spill_dir=cfg.ray_spill_dir,
         )
     else:
+        # CPU: one thread per core, one torch thread each. GPU: one thread per hospital, so that one hospital's
+        # kernel launches (CPU work, GIL released) overlap another's instead of the GPU waiting on one thread
         on_cpu = torch.device(spec.device).type == "cpu"
-        workers = (cfg.workers or os.cpu_count() or 1) if on_cpu else 1
+        workers = cfg.workers or ((os.cpu_count() or 1) if on_cpu else len(members))
         backend = InProcessBackend(Cohort(spec, members, prep.features, prep.labels, held), workers)
     threads = torch.get_num_threads()
     if cfg.backend == "inprocess" and torch.device(spec.device).type == "cpu":
@@ -517,6 +525,8 @@ def _report(cfg: SimConfig, method: MethodConfig, prep: Prepared, history: list[
             "encode_cached": prep.encode.n_cached,
             "encode_images_per_second": prep.encode.images_per_second,
             "encode_device": prep.encode.device,
+            **prep.seconds,
+            "rounds_seconds": float(sum(h["seconds"] for h in history)),
             "seconds_per_round": nanmean([h["seconds"] for h in rounds_after_first]),
             "phase_seconds_per_round": {
                 k: nanmean([h["timings"][k] for h in rounds_after_first]) for k in history[0]["timings"]
@@ -865,7 +875,7 @@ class SimulateConfig:
     ray_address: str | None = None  # backend ray: HOST:6379 of a running cluster (default: start Ray here)
     ray_resident_mb: int = 1024  # backend ray: MB of hospital state an actor keeps in memory; the rest spill to disk
     ray_spill_dir: str | None = None  # backend ray: where actors spill hospital state (default: system temp folder)
-    workers: int = 0  # backend inprocess on a CPU: hospitals trained at once, one torch thread each (0: one per core)
+    workers: int = 0  # backend inprocess: hospitals trained at once (0: one per CPU core, one per hospital on GPU)
     runtime: str = "auto"  # image tower: auto (onnxruntime on a CPU, offline backbone), torch or onnxruntime
     dp_epsilon: float | None = None  # differential privacy: each hospital's epsilon budget for the run (sets the noise)
     dp_delta: float | None = None  # differential privacy: delta (default: min(1e-5, 0.1 / training images))

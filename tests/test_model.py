@@ -150,7 +150,7 @@ def test_loss_switches_remove_terms():
     y = torch.randint(0, 4, (8,))
     full, terms = local_loss(adapted, z, y, text, 14.3, LossConfig())
     assert set(terms) == {"con", "mlp", "sim", "w"}
-    assert float(full) == pytest.approx(terms["con"] + terms["mlp"] + 0.04 * terms["sim"], rel=1e-5)
+    assert float(full) == pytest.approx(float(terms["con"] + terms["mlp"] + 0.04 * terms["sim"]), rel=1e-5)
     _, terms = local_loss(adapted, z, y, text, 14.3, LossConfig(use_sim=False, use_mlp=False))
     assert set(terms) == {"con"}
     batch, _ = local_loss(adapted, None, y, text, 14.3, LossConfig(contrastive="batch"))

@@ -122,15 +122,17 @@ def local_loss(
     cfg: LossConfig,
     prior: torch.Tensor | None = None,
     per_sample: bool = False,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The full objective for one batch; returns the loss and its terms for logging. ``prior`` (log class
-    frequencies of the hospital's training split, :func:`log_prior`) is used with ``balance="logit_adjust"``.
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The full objective for one batch; returns the loss and its terms for logging (detached scalar tensors
+    on the loss's device: reading them is left to the caller, once per round, so a GPU step never waits for
+    the device). ``prior`` (log class frequencies of the hospital's training split, :func:`log_prior`) is used
+    with ``balance="logit_adjust"``.
 
     ``per_sample``: the loss is a vector, one value per image, each depending on its own image only (the
     terms logged are their means)."""
     sim = scale * adapted @ text.t()
     total = torch.zeros(len(y) if per_sample else (), device=adapted.device)
-    terms: dict[str, float] = {}
+    terms: dict[str, torch.Tensor] = {}
     adjust = None
     if cfg.balance == "logit_adjust":
         if prior is None:
@@ -139,16 +141,16 @@ def local_loss(
     if cfg.use_con:
         l_con = contrastive_loss(adapted, text, y, scale, cfg.contrastive, adjust, per_sample)
         total = total + l_con
-        terms["con"] = float(l_con.detach().mean())
+        terms["con"] = l_con.detach().mean()
     if z is not None and cfg.use_mlp:
         l_mlp = F.cross_entropy(z if adjust is None else z + adjust, y, reduction=_reduction(per_sample))
         total = total + l_mlp
-        terms["mlp"] = float(l_mlp.detach().mean())
+        terms["mlp"] = l_mlp.detach().mean()
     if z is not None and cfg.use_sim:
         l_sim, w = mutual_kl(sim, z, cfg, per_sample)
         total = total + cfg.lam * l_sim
-        terms["sim"] = float(l_sim.detach().mean())
-        terms["w"] = float(w.mean())
+        terms["sim"] = l_sim.detach().mean()
+        terms["w"] = w.detach().mean()
     return total, terms
 
 

@@ -164,6 +164,11 @@ class TrainConfig:
     mask_tau: float = 0.01
 
 
+def _add_terms(sums: dict[str, torch.Tensor], terms: dict[str, torch.Tensor]) -> None:
+    for key, value in terms.items():
+        sums[key] = sums[key] + value if key in sums else value
+
+
 @dataclass(frozen=True)
 class RoundStats:
     steps: int
@@ -325,7 +330,7 @@ class HospitalLearner:
         if self.dp is not None:
             return self._train_round_dp(features, labels, start, uses_prior)
         prior = log_prior(labels, self.num_classes) if uses_prior else None
-        steps, loss_sum, term_sums = 0, 0.0, {}
+        steps, loss_sum, term_sums = 0, torch.zeros((), device=self.device), {}
         for _ in range(self.train_cfg.local_epochs):
             order = torch.randperm(len(labels), generator=self.generator).to(self.device)
             for start_i in range(0, len(order), self.train_cfg.batch_size):
@@ -342,9 +347,8 @@ class HospitalLearner:
                 loss.backward()
                 self._step()
                 steps += 1
-                loss_sum += float(loss.detach())
-                for key, value in terms.items():
-                    term_sums[key] = term_sums.get(key, 0.0) + value
+                loss_sum += loss.detach()  # summed on the device: read once, at the end of the round
+                _add_terms(term_sums, terms)
         return self._finish_round(start, steps, loss_sum, term_sums)
 
     def _zero_grad(self) -> None:
@@ -372,7 +376,7 @@ class HospitalLearner:
             self.dp_prior = noisy_log_prior(labels, self.num_classes, self.dp_generator)
             self.accountant.prior_released = True
         prior = self.dp_prior if uses_prior else None
-        steps, loss_sum, term_sums = 0, 0.0, {}
+        steps, loss_sum, term_sums = 0, torch.zeros((), device=self.device), {}
         for _ in range(plan.steps_per_round):
             take = torch.rand(len(labels), generator=self.dp_generator) < plan.sample_rate
             idx = take.nonzero().squeeze(1).to(self.device)
@@ -387,22 +391,25 @@ class HospitalLearner:
                     )
                     if losses.requires_grad:
                         losses.sum().backward()
-                loss_sum += float(losses.detach().mean())
-                for key, value in terms.items():
-                    term_sums[key] = term_sums.get(key, 0.0) + value
+                loss_sum += losses.detach().mean()
+                _add_terms(term_sums, terms)
             self.dp_engine.write_grads(len(idx), plan)  # an empty batch still takes a step: noise only
             self._step()
             steps += 1
             self.accountant.steps += 1
         return self._finish_round(start, steps, loss_sum, term_sums)
 
-    def _finish_round(self, start: float, steps: int, loss_sum: float, term_sums: dict[str, float]) -> RoundStats:
+    def _finish_round(
+        self, start: float, steps: int, loss_sum: torch.Tensor, term_sums: dict[str, torch.Tensor]
+    ) -> RoundStats:
         self.rounds_trained += 1
+        names = list(term_sums)
+        sums = torch.stack([loss_sum, *(term_sums[k] for k in names)]).tolist()  # the round's one device read
         return RoundStats(
             steps=steps,
             seconds=time.perf_counter() - start,
-            loss=loss_sum / max(steps, 1),
-            terms={k: v / max(steps, 1) for k, v in term_sums.items()},
+            loss=sums[0] / max(steps, 1),
+            terms={k: v / max(steps, 1) for k, v in zip(names, sums[1:], strict=True)},
             keep_ratios=self.keep_ratios(),
             privacy=self.privacy_summary(),
         )
