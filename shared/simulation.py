@@ -103,7 +103,7 @@ class SimConfig:
     ray_address: str | None = None  # ray: an existing cluster (HOST:6379); None starts Ray on this machine
     ray_resident_mb: int = 1024  # ray: hospitals' private state each actor keeps in memory; the rest spill to disk
     ray_spill_dir: str | None = None  # ray: where actors spill hospitals' state (None: the system's temp folder)
-    workers: int = 0  # threads running hospitals' steps (0: one per core on a CPU, one per hospital on a GPU)
+    workers: int = 0  # inprocess on a CPU: threads running hospitals' steps (0: one per core), one torch thread each
     dp: DPConfig = field(default_factory=DPConfig)  # differential privacy at every hospital (off by default)
     secure_aggregation: bool = False  # SecAgg (shared.secagg): the aggregator sees only the sum of the updates
     secagg_clip: float = 1.0  # secure aggregation: every value of a hospital's update is clipped to +-this
@@ -179,12 +179,13 @@ BACKENDS = ("inprocess", "ray")
 class InProcessBackend:
     """Every training hospital in one :class:`~shared.learning.cohort.Cohort` of this process, all in memory.
 
-    The hospitals' steps and evaluations run on ``workers`` threads (on a CPU one per core by default, each
-    hospital's on one torch thread; on a GPU one per hospital, whose kernel launches then overlap): hospitals
-    are independent within a round (their own learner, batch-order RNG and data; the global is only read),
-    PyTorch and zstd release the GIL while they compute, and the updates are still folded in hospital order.
-    Every hospital computes exactly what it computes alone on one thread, so the report depends neither on
-    ``workers`` nor on the machine's core count (and equals the Ray backend's, whose actors run one thread each).
+    On a CPU the hospitals' steps and evaluations run on ``workers`` threads (one per core by default), each
+    hospital's on one torch thread: hospitals are independent within a round (their own learner, batch-order
+    RNG and data; the global is only read), PyTorch and zstd release the GIL while they compute, and the
+    updates are still folded in hospital order. Every hospital computes exactly what it computes alone on one
+    thread, so the report depends neither on ``workers`` nor on the machine's core count (and equals the Ray
+    backend's, whose actors run one thread each). On a GPU one thread drives every hospital (threads were
+    measured: no faster, the GIL serialises the launches).
     """
 
     def __init__(self, cohort: Cohort, workers: int = 1) -> None:
@@ -275,10 +276,8 @@ def run(cfg: SimConfig, prepared: Prepared | None = None) -> dict:
             spill_dir=cfg.ray_spill_dir,
         )
     else:
-        # CPU: one thread per core, one torch thread each. GPU: one thread per hospital, so that one hospital's
-        # kernel launches (CPU work, GIL released) overlap another's instead of the GPU waiting on one thread
         on_cpu = torch.device(spec.device).type == "cpu"
-        workers = cfg.workers or ((os.cpu_count() or 1) if on_cpu else len(members))
+        workers = (cfg.workers or os.cpu_count() or 1) if on_cpu else 1
         backend = InProcessBackend(Cohort(spec, members, prep.features, prep.labels, held), workers)
     threads = torch.get_num_threads()
     if cfg.backend == "inprocess" and torch.device(spec.device).type == "cpu":
@@ -875,7 +874,7 @@ class SimulateConfig:
     ray_address: str | None = None  # backend ray: HOST:6379 of a running cluster (default: start Ray here)
     ray_resident_mb: int = 1024  # backend ray: MB of hospital state an actor keeps in memory; the rest spill to disk
     ray_spill_dir: str | None = None  # backend ray: where actors spill hospital state (default: system temp folder)
-    workers: int = 0  # backend inprocess: hospitals trained at once (0: one per CPU core, one per hospital on GPU)
+    workers: int = 0  # backend inprocess on a CPU: hospitals trained at once, one torch thread each (0: one per core)
     runtime: str = "auto"  # image tower: auto (onnxruntime on a CPU, offline backbone), torch or onnxruntime
     dp_epsilon: float | None = None  # differential privacy: each hospital's epsilon budget for the run (sets the noise)
     dp_delta: float | None = None  # differential privacy: delta (default: min(1e-5, 0.1 / training images))

@@ -73,7 +73,7 @@ def mutual_kl(
     log_pv = F.log_softmax(sim / cfg.tau, dim=dim)
     log_pm = F.log_softmax(z / cfg.tau, dim=dim)
     if cfg.kl_weight == "fixed":
-        w = torch.tensor(0.5, device=sim.device)
+        w = torch.full((), 0.5, device=sim.device)  # a fill, not a copy from the host: CUDA-graph safe
     else:
         with torch.no_grad():
             h_v = entropy(log_pv.exp(), dim=dim)
