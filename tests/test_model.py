@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -216,3 +217,34 @@ def test_logit_adjustment_raises_balanced_accuracy_on_an_imbalanced_hospital():
             learner.train_round(train_x, train_y, r)
         balanced[name] = learner.evaluate(test_x, test_y)["balanced_accuracy"]
     assert balanced["local_la"] > balanced["local"] + 0.05, balanced
+
+
+def test_a_state_saved_by_a_gpu_learner_resumes_on_a_cpu():
+    """A learner on CUDA saves its optimisers as capturable (CUDA graphs); read on a CPU, it must train on and
+    continue exactly as the learner that never stopped."""
+    from shared.learning.training import HospitalLearner, TrainConfig, get_method
+
+    torch.manual_seed(0)
+    text = F.normalize(torch.randn(4, 16), dim=-1)
+    f, y = torch.randn(70, 16), torch.arange(70) % 4
+
+    def learner() -> HospitalLearner:
+        return HospitalLearner(
+            get_method("fedmedclip"), TrainConfig(mlp_hidden=8), dim=16, num_classes=4, text_features=text,
+            logit_scale=10.0,
+        )  # fmt: skip
+
+    first = learner()
+    first.train_round(f, y, 0)
+    saved = copy.deepcopy(first.private_state())  # as read back from disk: no tensor shared with `first`
+    for key in ("opt_adapter", "opt_mlp"):
+        for group in saved[key]["param_groups"]:
+            assert group["capturable"] is False
+            group["capturable"] = True  # what a learner on CUDA writes
+    resumed = learner()
+    resumed.load_private_state(saved)
+    assert [g["capturable"] for g in resumed.opt_mlp.param_groups] == [False, False]
+    a, b = first.train_round(f, y, 1), resumed.train_round(f, y, 1)
+    assert a.loss == b.loss
+    for p, q in zip(first.mlp.parameters(), resumed.mlp.parameters(), strict=True):
+        assert torch.equal(p, q)

@@ -577,6 +577,9 @@ class HospitalLearner:
             self.opt_adapter.load_state_dict(state["opt_adapter"])
         if self.opt_mlp is not None and state["opt_mlp"] is not None:
             self.opt_mlp.load_state_dict(state["opt_mlp"])
+        for opt in (o for o in (self.opt_adapter, self.opt_mlp) if o is not None):
+            for group in opt.param_groups:  # the saved groups' settings came with the state: one saved on another
+                group["capturable"] = self.graphed  # device (a GPU node's, read on a CPU) keeps this learner's
         self.generator.set_state(state["generator"])
         self.rounds_trained = int(state["rounds_trained"])
         if privacy is not None:
