@@ -91,6 +91,18 @@ class Launcher:
                 proc.wait(timeout=10)
         return {name: proc.returncode for name, proc in self.procs.items()}
 
+    def failed(self) -> str | None:
+        """Why the run cannot finish, when a service other than ``aggregator`` exited with an error: its name,
+        exit code and last log line (a node that stopped at start-up would otherwise leave the aggregator
+        waiting for it until the run's timeout)."""
+        for name, proc in self.procs.items():
+            code = proc.poll()
+            if name != "aggregator" and code not in (None, 0):
+                lines = (self.log_dir / f"{name}.log").read_text(errors="replace").strip().splitlines()
+                last = lines[-1] if lines else "(no output)"
+                return f"{name} exited with code {code}: {last}"
+        return None
+
 
 @dataclass(frozen=True)
 class EncodeCounts:
@@ -445,6 +457,9 @@ def run_federation(
                 shown += 1
             if finished:
                 break
+            failure = launcher.failed()
+            if failure is not None:
+                raise RuntimeError(f"federation failed: {failure} (logs in {launcher.log_dir})")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the federation did not finish within {timeout_s:.0f}s")
             time.sleep(0.5)

@@ -436,3 +436,34 @@ def test_healthcheck_reads_grpc_health_and_fails_on_a_closed_port():
         server.stop(0)
     assert check(["grpc", f"127.0.0.1:{port}"]) == 1
     assert check(["bogus"]) == 2
+
+
+def test_the_demo_stops_with_the_reason_when_a_node_cannot_start(tmp_path, brain_tumor_root, feature_cache):
+    """``make demo``'s launcher: a node that exits with an error (here: asked to run the CPU-only ONNX Runtime
+    tower on CUDA, what a GPU hospital given a CPU kit meets) ends the run at once with that node's own
+    error, instead of the aggregator waiting for it until the run's timeout."""
+    from deploy import local_federation as lf
+
+    with pytest.raises(RuntimeError) as failure:
+        lf.run_federation(
+            tmp_path / "demo",
+            hospitals=2,
+            rounds=2,
+            per_class=8,
+            cache_dir=str(feature_cache),
+            timeout_s=600,
+            quiet=True,
+            extra_node=("--device", "cuda", "--runtime", "onnxruntime"),
+        )
+    message = str(failure.value)
+    assert re.search(r"\b(hospital_1|hospital_2|global) exited with code [1-9]", message), message
+    assert "runtime onnxruntime runs on the CPU; use runtime torch on cuda" in message
+    run = str(tmp_path / "demo")
+    alive = []  # every process of the run was stopped with it
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and run in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                alive.append(proc.name)
+        except OSError:
+            continue  # ended meanwhile
+    assert alive == []
