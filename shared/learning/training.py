@@ -212,7 +212,8 @@ class _GraphedStep:
         else:
             self.inputs[0].copy_(f)
             self.inputs[1].copy_(y)
-        self.graph.replay()
+        with torch.cuda.device(f.device):  # replays on the current stream of the graph's own device
+            self.graph.replay()
         if self.out is None:
             return None
         loss, terms = self.out  # the graph's own outputs, overwritten by the next replay: copied
