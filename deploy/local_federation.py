@@ -236,11 +236,13 @@ def provision_command(
     classes_file: str | None = None,
     evaluators: tuple[str, ...] = ("global",),
     ca_dir: str | None = None,
+    runtime: str = "auto",
 ) -> list[str]:
     """The command that writes the federation's CA and every party's startup kit.
 
     ``classes_file`` (a partition's ``classes.txt``) pins the label space and the backbone fingerprint
-    in the aggregator's config, so no node can set them by registering first.
+    in the aggregator's config, so no node can set them by registering first. ``runtime``: the image tower
+    runtime written into every node's kit (``torch`` where any node runs on a GPU).
     """
     cmd = [
         "fedmedclip",
@@ -256,6 +258,7 @@ def provision_command(
     if held_out:
         cmd += ["--evaluators", ",".join(held_out)]
     cmd += ["--classes-file", classes_file] if classes_file else []
+    cmd += ["--runtime", runtime] if runtime != "auto" else []
     return cmd + (["--ca-dir", ca_dir] if ca_dir else [])
 
 
@@ -364,11 +367,15 @@ def run_federation(
     extra_node: tuple[str, ...] = (),
     tls: bool = True,
     progress_every_s: float = 5.0,
+    runtime: str = "auto",
 ) -> dict:
     """Run one federation to the end; returns the aggregator's report (raises on failure or timeout).
 
-    ``tls=False`` runs plaintext (``--insecure``): no certificates, loud warnings in every log.
+    ``tls=False`` runs plaintext (``--insecure``): no certificates, loud warnings in every log. ``runtime``:
+    every node's image tower runtime (in its kit, or on its command line without one).
     """
+    if not tls and runtime != "auto":
+        extra_node = (*extra_node, "--runtime", runtime)
     out = out.resolve()
     partition_dir = out / "partition"
     cmd = resolve(
@@ -381,7 +388,9 @@ def run_federation(
     pki = out / "pki"
     if tls:
         subprocess.run(
-            resolve(provision_command(str(pki), nodes, classes_file=str(partition_dir / "classes.txt"))),
+            resolve(
+                provision_command(str(pki), nodes, classes_file=str(partition_dir / "classes.txt"), runtime=runtime)
+            ),
             cwd=REPO_ROOT,
             check=True,
             stdout=subprocess.DEVNULL if quiet else None,
@@ -493,6 +502,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="secure aggregation: the aggregator sees only the sum of the updates (needs mTLS)",
     )
+    p.add_argument(
+        "--runtime",
+        default="auto",
+        help="every node's image tower runtime: auto (ONNX Runtime on a CPU) or torch (needed for --device cuda)",
+    )
+    p.add_argument("--device", default="cpu", help="where the nodes encode and train: cpu or cuda")
     args = p.parse_args(argv)
     secure = ("--secure-aggregation", "true") if args.secure_aggregation else ()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -518,7 +533,10 @@ def main(argv: list[str] | None = None) -> int:
             timeout_s=args.timeout_s,
             tls=not args.insecure,
             extra_aggregator=secure,
-            extra_node=(("--dp-epsilon", str(args.dp_epsilon)) if args.dp_epsilon is not None else ()) + secure,
+            extra_node=(("--dp-epsilon", str(args.dp_epsilon)) if args.dp_epsilon is not None else ())
+            + secure
+            + (("--device", args.device) if args.device != "cpu" else ()),
+            runtime=args.runtime,
         )
     except KeyboardInterrupt:
         print("\ninterrupted: every service was stopped", file=sys.stderr)

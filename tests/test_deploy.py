@@ -467,3 +467,18 @@ def test_the_demo_stops_with_the_reason_when_a_node_cannot_start(tmp_path, brain
         except OSError:
             continue  # ended meanwhile
     assert alive == []
+
+
+def test_the_demo_runs_a_federation_with_the_torch_runtime(tmp_path, brain_tumor_root, feature_cache):
+    """``make demo DEMO_ARGS="--runtime torch"`` (what GPU hospitals need, with ``--device cuda``): every kit
+    names the runtime, and the federation runs to its end with it."""
+    from deploy import local_federation as lf
+
+    report = lf.run_federation(
+        tmp_path / "demo", hospitals=2, rounds=2, per_class=8, cache_dir=str(feature_cache), timeout_s=600,
+        quiet=True, runtime="torch",
+    )  # fmt: skip
+    assert report["phase"] == "finished" and len(report["history"]) == 2
+    for node in ("hospital_1", "hospital_2", "global"):
+        kit = yaml.safe_load((tmp_path / "demo" / "pki" / node / "node.yaml").read_text())
+        assert kit["runtime"] == "torch"
