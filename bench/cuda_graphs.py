@@ -33,6 +33,26 @@ def _learner(graphs: bool, device: str, text: torch.Tensor) -> HospitalLearner:
     )  # fmt: skip
 
 
+def _differences(a: HospitalLearner, b: HospitalLearner) -> tuple[float, float]:
+    """The largest difference between two learners' parameters and BatchNorm buffers, and between their
+    optimisers' moments."""
+    params = max(
+        float((x - y).abs().max())
+        for x, y in zip(
+            [*a.adapter.parameters(), *a.mlp.parameters(), *a.mlp.buffers()],
+            [*b.adapter.parameters(), *b.mlp.parameters(), *b.mlp.buffers()],
+            strict=True,
+        )
+    )
+    moments = max(
+        float((sa[k] - sb[k]).abs().max())
+        for opt_a, opt_b in ((a.opt_adapter, b.opt_adapter), (a.opt_mlp, b.opt_mlp))
+        for sa, sb in zip(opt_a.state.values(), opt_b.state.values(), strict=True)
+        for k in ("exp_avg", "exp_avg_sq")
+    )
+    return params, moments
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -64,20 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             _sync(args.device)
             seconds[name].append(time.perf_counter() - start)
         a, b = learners["eager"], learners["graphs"]
-        diff = max(
-            float((x - y).abs().max())
-            for x, y in zip(
-                [*a.adapter.parameters(), *a.mlp.parameters(), *a.mlp.buffers()],
-                [*b.adapter.parameters(), *b.mlp.parameters(), *b.mlp.buffers()],
-                strict=True,
-            )
-        )
-        moments = max(
-            float((sa[k] - sb[k]).abs().max())
-            for opt_a, opt_b in ((a.opt_adapter, b.opt_adapter), (a.opt_mlp, b.opt_mlp))
-            for sa, sb in zip(opt_a.state.values(), opt_b.state.values(), strict=True)
-            for k in ("exp_avg", "exp_avg_sq")
-        )
+        with torch.no_grad():
+            diff, moments = _differences(a, b)
         rounds.append(
             {
                 "round": r,

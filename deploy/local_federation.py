@@ -502,9 +502,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="secure aggregation: the aggregator sees only the sum of the updates (needs mTLS)",
     )
+    from shared.backbone import RUNTIMES  # the one list (provision checks against it too)
+
     p.add_argument(
         "--runtime",
         default="auto",
+        choices=RUNTIMES,
         help="every node's image tower runtime: auto (ONNX Runtime on a CPU) or torch (needed for --device cuda)",
     )
     p.add_argument("--device", default="cpu", help="where the nodes encode and train: cpu or cuda")

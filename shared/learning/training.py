@@ -302,7 +302,6 @@ class HospitalLearner:
                 ).to(self.device)
         self.generator = torch.Generator().manual_seed(seed * 1000 + hospital_index)
         self.graphed = self.device.type == "cuda" and train.cuda_graphs
-        self._graph: _GraphedStep | None = None
         self._graph_stream: torch.cuda.Stream | None = None  # where warm-up and captures run (not the default)
         # fused: one kernel per step (~20% faster on CPU); capturable: its step count on the device, so a CUDA
         # graph can replay the step
@@ -393,27 +392,21 @@ class HospitalLearner:
         prior = log_prior(labels, self.num_classes).to(self.device) if uses_prior else None
         steps, loss_sum, term_sums = 0, torch.zeros((), device=self.device), {}
         batch = self.train_cfg.batch_size
-        if self.graphed:  # this round's rates are baked into the graph: a new one each round
-            self._graph = _GraphedStep(self, prior)
-        try:
-            for _ in range(self.train_cfg.local_epochs):
-                order = torch.randperm(len(labels), generator=self.generator).to(self.device)
-                for start_i in range(0, len(order), batch):
-                    idx = order[start_i : start_i + batch]
-                    if len(idx) < 2 and self.mlp is not None:
-                        continue  # BatchNorm cannot train on a single sample
-                    f, y = features[idx], labels[idx]
-                    if self._graph is not None and len(idx) == batch:
-                        out = self._graph.step(f, y)
-                    else:
-                        out = self._train_step(f, y, prior)
-                    if out is None:
-                        continue
-                    steps += 1
-                    loss_sum += out[0]  # summed on the device: read once, at the end of the round
-                    _add_terms(term_sums, out[1])
-        finally:
-            self._graph = None  # frees the graph and its memory pool
+        # this round's rates are baked into the graph: a new one each round, freed with the round
+        graph = _GraphedStep(self, prior) if self.graphed else None
+        for _ in range(self.train_cfg.local_epochs):
+            order = torch.randperm(len(labels), generator=self.generator).to(self.device)
+            for start_i in range(0, len(order), batch):
+                idx = order[start_i : start_i + batch]
+                if len(idx) < 2 and self.mlp is not None:
+                    continue  # BatchNorm cannot train on a single sample
+                f, y = features[idx], labels[idx]
+                out = graph.step(f, y) if graph is not None and len(idx) == batch else self._train_step(f, y, prior)
+                if out is None:
+                    continue
+                steps += 1
+                loss_sum += out[0]  # summed on the device: read once, at the end of the round
+                _add_terms(term_sums, out[1])
         return self._finish_round(start, steps, loss_sum, term_sums)
 
     def _train_step(
