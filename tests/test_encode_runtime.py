@@ -12,7 +12,7 @@ from PIL import Image
 from shared import backbone as backbone_module
 from shared.backbone import BackboneError, BackboneSpec, load_backbone, resolve_runtime
 from shared.data import deduplicate, load_image, scan_image_folder
-from shared.data.features import encode_samples
+from shared.data.features import default_read_threads, encode_samples
 from shared.data.preprocess import ArrayPreprocess
 
 
@@ -78,6 +78,17 @@ def test_the_threaded_pipeline_gives_the_former_pipelines_features(torch_backbon
     inline, _ = encode_samples(torch_backbone, real_samples, None, batch_size=5, progress=False, num_workers=0)
     assert torch.allclose(former, threaded, atol=1e-3, rtol=1e-3)  # float16 features, same inputs, same tower
     assert torch.equal(threaded, inline)
+
+
+def test_images_are_read_where_the_runtime_leaves_room_for_it(torch_backbone, ort_backbone, real_samples):
+    # ONNX Runtime keeps every core busy: its batches are read between forward passes (bench/results/encode.md)
+    assert default_read_threads(ort_backbone) == 0
+    assert default_read_threads(torch_backbone) == 1
+    on_gpu = replace(torch_backbone, spec=replace(torch_backbone.spec, runtime="torch"), device=torch.device("cuda"))
+    assert default_read_threads(on_gpu) >= 1
+    by_default, _ = encode_samples(ort_backbone, real_samples, None, batch_size=5, progress=False)
+    beside, _ = encode_samples(ort_backbone, real_samples, None, batch_size=5, progress=False, num_workers=1)
+    assert by_default.shape == (len(real_samples), beside.shape[1]) and torch.equal(by_default, beside)
 
 
 def test_the_fingerprint_names_the_runtime(torch_backbone, ort_backbone, backbone):

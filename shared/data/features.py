@@ -161,8 +161,8 @@ def encode_samples(
     that other processes saved meanwhile are used.
 
     ``pipeline``: ``threads`` (what ``auto`` picks when the transform allows it) reads images in
-    ``num_workers`` threads (default: 1 on a CPU, where the forward pass needs the cores, up to 8 on
-    a GPU; 0 reads in the calling thread); ``dataloader`` is the former path, a DataLoader with
+    ``num_workers`` threads (default: :func:`default_read_threads`; 0 reads in the calling thread);
+    ``dataloader`` is the former path, a DataLoader with
     ``num_workers`` processes (default up to 2) applying the transform image by image.
     """
     if pipeline not in PIPELINES:
@@ -257,13 +257,25 @@ def _dataloader_batches(
     yield from loader
 
 
+def default_read_threads(backbone: Backbone) -> int:
+    """Threads reading images beside the forward pass, by default: up to 8 on a GPU; on a CPU one for the
+    torch runtime, none for ONNX Runtime (each batch is then read in the calling thread between forward passes).
+
+    ONNX Runtime splits every operator over all the cores; a reader thread taking a core from one of its
+    threads for a moment stalls the whole operator, which costs more than reading the batch between forward
+    passes (bench/results/encode.md measures both placements for both runtimes)."""
+    if backbone.device.type != "cpu":
+        return min(8, os.cpu_count() or 1)
+    return 0 if backbone.runtime == "onnxruntime" else 1
+
+
 def _threaded_batches(
     backbone: Backbone, fast: ArrayPreprocess, todo: Sequence[Sample], batch_size: int, num_workers: int | None
 ) -> Iterator[np.ndarray]:
     """float32 batches in order, read by ``num_workers`` threads a few batches ahead of the forward pass."""
     chunks = [[s.path for s in todo[i : i + batch_size]] for i in range(0, len(todo), batch_size)]
     if num_workers is None:
-        num_workers = 1 if backbone.device.type == "cpu" else min(8, os.cpu_count() or 1)
+        num_workers = default_read_threads(backbone)
     if num_workers <= 0:
         for paths in chunks:
             yield fast(paths)
