@@ -146,12 +146,14 @@ def play(nodes: dict[str, LightNode], r: int, reference: dict, uploaders: dict |
         except BaseException as exc:  # noqa: BLE001 (reported, and asserted on by the caller)
             errors[name] = exc
 
-    threads = [threading.Thread(target=one, args=item, daemon=True) for item in nodes.items()]
-    for t in threads:
+    threads = {name: threading.Thread(target=one, args=(name, node), daemon=True) for name, node in nodes.items()}
+    for t in threads.values():
         t.start()
-    for t in threads:
-        t.join(timeout=120)
-        assert not t.is_alive(), "a light node did not finish its round"
+    end = time.monotonic() + 120
+    for t in threads.values():
+        t.join(timeout=max(0.0, end - time.monotonic()))
+    running = [name for name, t in threads.items() if t.is_alive()]
+    assert not running, f"{running} did not finish round {r + 1} in 120 s; the others raised {errors!r}"
     return errors
 
 
@@ -365,7 +367,14 @@ def test_aggregator_killed_mid_unmasking_redoes_the_round(cluster, kits, tmp_pat
     assert play(nodes, 0, g0) == {}  # round 1 closes: the checkpoint the restart resumes from
     g1 = published(nodes["h1"], 1, g0)
     result: dict = {}
-    player = threading.Thread(target=lambda: result.update(play(nodes, 1, g1, {"h3": Stalling})), daemon=True)
+
+    def play_round_2() -> None:
+        try:
+            result["errors"] = play(nodes, 1, g1, {"h3": Stalling})
+        except BaseException as exc:  # noqa: BLE001 (asserted on below, with its message)
+            result["raised"] = exc
+
+    player = threading.Thread(target=play_round_2, daemon=True)
     player.start()
     assert Stalling.reached.wait(60), "h3 never reached the unmasking"
     # every masked input of round 2 is in (the unmasking phase has begun), h1 and h2 may have answered it
@@ -386,7 +395,7 @@ def test_aggregator_killed_mid_unmasking_redoes_the_round(cluster, kits, tmp_pat
     )
     Stalling.release.set()
     player.join(180)
-    assert not player.is_alive() and result == {}, result
+    assert not player.is_alive() and result == {"errors": {}}, result
     assert nodes["h1"].round().phase == pb.ROUND_PHASE_FINISHED
     entry = report_round(out, 1)["secure_aggregation"]
     assert len(killed) == 1 and entry["session"] not in killed  # the round was redone in a new session
