@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -27,6 +27,7 @@ from shared.learning.training import TrainConfig, build_adapter, get_method
 from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
 from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2_grpc as pb_grpc
 from shared.wire.protocol import state_digest
+from shared.wire.reasons import Action, reason_of
 from shared.wire.tls import TlsMaterial, secure_channel
 from shared.wire.transport import CHUNK_BYTES, Backoff, call_with_retry, channel_options, chunks, sha256_hex
 
@@ -173,7 +174,7 @@ class LightNode:
             rpc_timeout_s=self.timeout_s,
             answered=self.secagg_answered,
         )
-        upload = lambda masked, session: self.upload_masked(masked, session, round_id)  # noqa: E731
+        upload = lambda masked, session: self.upload_masked(masked, session, round_id, link.call)  # noqa: E731
         return uploader(link, round_id, encode, upload).run()
 
     def masked_header(self, data: bytes, round_id: int, session: str, **overrides) -> pb.PayloadHeader:
@@ -192,13 +193,23 @@ class LightNode:
         )
         return pb.PayloadHeader(**(fields | overrides))
 
-    def upload_masked(self, masked: np.ndarray, session: str, round_id: int) -> bool:
+    def upload_masked(
+        self, masked: np.ndarray, session: str, round_id: int, call: Callable[[str, Callable], object]
+    ) -> bool:
+        """Send a masked input as a node daemon does: through ``call`` (its retries of transient failures: an
+        aggregator that dies before its answer gets the same upload again once it is back); False when the
+        aggregator has moved on (a refusal whose action is RESYNC, such as a session that is no longer open)."""
         data = masked.astype("<u4").tobytes()
         head = self.masked_header(data, round_id, session)
         self.last_masked = data  # what the aggregator received, for the tests
-        self.upload_messages(
-            [pb.UploadUpdateRequest(header=head)] + [pb.UploadUpdateRequest(chunk=c) for c in chunks(data)]
-        )
+        messages = [pb.UploadUpdateRequest(header=head)] + [pb.UploadUpdateRequest(chunk=c) for c in chunks(data)]
+        try:
+            call("UploadUpdate", lambda: self.upload_messages(messages))
+        except grpc.RpcError as exc:
+            reason = reason_of(exc)
+            if reason is None or reason.action is not Action.RESYNC:
+                raise
+            return False
         return True
 
 
