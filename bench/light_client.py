@@ -27,7 +27,6 @@ from shared.learning.training import TrainConfig, build_adapter, get_method
 from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2 as pb
 from shared.wire.proto.fedmedclip.v1 import aggregator_service_pb2_grpc as pb_grpc
 from shared.wire.protocol import state_digest
-from shared.wire.reasons import Action, reason_of
 from shared.wire.tls import TlsMaterial, secure_channel
 from shared.wire.transport import CHUNK_BYTES, Backoff, call_with_retry, channel_options, chunks, sha256_hex
 
@@ -195,22 +194,15 @@ class LightNode:
 
     def upload_masked(
         self, masked: np.ndarray, session: str, round_id: int, call: Callable[[str, Callable], object]
-    ) -> bool:
+    ) -> None:
         """Send a masked input as a node daemon does: through ``call`` (its retries of transient failures: an
-        aggregator that dies before its answer gets the same upload again once it is back); False when the
-        aggregator has moved on (a refusal whose action is RESYNC, such as a session that is no longer open)."""
+        aggregator that dies before its answer gets the same upload again once it is back); a refusal is
+        raised, for :class:`~hospital_node.secure.SecureUploader` to read."""
         data = masked.astype("<u4").tobytes()
         head = self.masked_header(data, round_id, session)
         self.last_masked = data  # what the aggregator received, for the tests
         messages = [pb.UploadUpdateRequest(header=head)] + [pb.UploadUpdateRequest(chunk=c) for c in chunks(data)]
-        try:
-            call("UploadUpdate", lambda: self.upload_messages(messages))
-        except grpc.RpcError as exc:
-            reason = reason_of(exc)
-            if reason is None or reason.action is not Action.RESYNC:
-                raise
-            return False
-        return True
+        call("UploadUpdate", lambda: self.upload_messages(messages))
 
 
 def aggregator_args(

@@ -482,6 +482,17 @@ def run_federation(
     return report
 
 
+def kit_runtime(runtime: str, device: str) -> str:
+    """The runtime the demo writes into every kit for nodes on ``device``: as asked on the CPU; on a GPU what the
+    nodes resolve there (``auto``: torch), and a BackboneError for the CPU-only onnxruntime. Every node must run
+    the runtime behind the federation's pinned fingerprint, so the kits name the GPU's."""
+    if device == "cpu":
+        return runtime
+    from shared.backbone import BackboneSpec, resolve_runtime
+
+    return resolve_runtime(BackboneSpec(runtime=runtime), device)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m deploy.local_federation", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo")
@@ -502,16 +513,21 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="secure aggregation: the aggregator sees only the sum of the updates (needs mTLS)",
     )
-    from shared.backbone import RUNTIMES  # the one list (provision checks against it too)
+    from shared.backbone import RUNTIMES, BackboneError  # the one list (provision checks against it too)
 
     p.add_argument(
         "--runtime",
         default="auto",
         choices=RUNTIMES,
-        help="every node's image tower runtime: auto (ONNX Runtime on a CPU) or torch (needed for --device cuda)",
+        help="every node's image tower runtime: auto (ONNX Runtime with --device cpu, torch on a GPU), torch, "
+        "onnxruntime (CPU only)",
     )
-    p.add_argument("--device", default="cpu", help="where the nodes encode and train: cpu or cuda")
+    p.add_argument("--device", default="cpu", help="where the nodes encode and train: cpu, cuda or cuda:N")
     args = p.parse_args(argv)
+    try:
+        runtime = kit_runtime(args.runtime, args.device)
+    except (BackboneError, RuntimeError) as exc:  # RuntimeError: torch does not know the device
+        p.error(f"--runtime {args.runtime} --device {args.device}: {exc}")
     secure = ("--secure-aggregation", "true") if args.secure_aggregation else ()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(args.out)
@@ -539,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
             extra_node=(("--dp-epsilon", str(args.dp_epsilon)) if args.dp_epsilon is not None else ())
             + secure
             + (("--device", args.device) if args.device != "cpu" else ()),
-            runtime=args.runtime,
+            runtime=runtime,
         )
     except KeyboardInterrupt:
         print("\ninterrupted: every service was stopped", file=sys.stderr)

@@ -88,8 +88,9 @@ class SecureLink:
 #: ``encode(roster, state)``: the node's input in the ring for this session (its weight is in the roster)
 #: and how many values the clip cut
 Encoder = Callable[[Roster, pb.SecAggState], tuple[np.ndarray, int]]
-#: ``upload(masked, session)``: send the masked input (an UploadUpdate, codec "secagg"); False: not taken
-Uploader = Callable[[np.ndarray, str], bool]
+#: ``upload(masked, session)``: send the masked input (an UploadUpdate, codec "secagg") with the node's retries;
+#: False, or a refusal whose action is RESYNC: not taken (the session or round moved on)
+Uploader = Callable[[np.ndarray, str], bool | None]
 
 
 def adapter_encoder(node: str, trained, reference, drop_masked_rows: bool) -> Encoder:
@@ -141,10 +142,11 @@ class SecureUploader:
             if st.session != session or st.round_id != self.round_id or st.phase >= phase:
                 return st
 
-    def _send(self, what: str, rpc, request) -> bool:
-        """Send one message; False when the aggregator has moved on (another session or round)."""
+    def _taken(self, what: str, send: Callable[[], object]) -> bool:
+        """Run ``send`` (one message to the aggregator); False when it was not taken because the aggregator has
+        moved on (``send`` said so, or a refusal whose action is RESYNC: another session or round)."""
         try:
-            self.link.call(what, lambda: rpc(request, timeout=self.link.rpc_timeout_s))
+            result = send()
         except grpc.RpcError as exc:
             reason = reason_of(exc)
             if reason is Reason.SECAGG_EXCLUDED:
@@ -153,7 +155,11 @@ class SecureUploader:
                 raise
             log.warning("round %d: %s not taken (%s): %s", self.round_id + 1, what, reason, printable(exc.details()))
             return False
-        return True
+        return result is not False
+
+    def _send(self, what: str, rpc, request) -> bool:
+        """Send one message through the node's retries (:meth:`_taken`)."""
+        return self._taken(what, lambda: self.link.call(what, lambda: rpc(request, timeout=self.link.rpc_timeout_s)))
 
     # -- hooks -----------------------------------------------------------------------------------
     def new_session(self, session: str) -> NodeSession:
@@ -227,7 +233,8 @@ class SecureUploader:
         vector, clipped = self.encode(roster, st)
         if clipped:
             log.warning("round %d: %d values of the update were clipped to +-%g", r + 1, clipped, roster.clip)
-        if not self.upload(ns.mask(vector, list(st.members)), session):
+        masked = ns.mask(vector, list(st.members))
+        if not self._taken("UploadUpdate", lambda: self.upload(masked, session)):
             return None
         st = self._await(session, UNMASK)
         if st.session != session or st.round_id != r:

@@ -482,3 +482,21 @@ def test_the_demo_runs_a_federation_with_the_torch_runtime(tmp_path, brain_tumor
     for node in ("hospital_1", "hospital_2", "global"):
         kit = yaml.safe_load((tmp_path / "demo" / "pki" / node / "node.yaml").read_text())
         assert kit["runtime"] == "torch"
+
+
+def test_the_demo_provisions_the_runtime_its_gpu_nodes_can_run(capsys):
+    """``make demo DEMO_ARGS="--device cuda"``: the kits name torch (what auto is on a GPU), never the CPU-only
+    ONNX Runtime; asking for it on a GPU, or for a device torch does not know, is a usage error before anything
+    starts."""
+    from deploy import local_federation as lf
+
+    assert lf.kit_runtime("auto", "cpu") == "auto"
+    assert lf.kit_runtime("onnxruntime", "cpu") == "onnxruntime"
+    assert lf.kit_runtime("auto", "cuda") == lf.kit_runtime("torch", "cuda:1") == "torch"
+    for args, said in (
+        (["--device", "cuda", "--runtime", "onnxruntime"], "runs on the CPU"),
+        (["--device", "tpu9"], "--device tpu9"),
+    ):
+        with pytest.raises(SystemExit) as usage:
+            lf.main(args)
+        assert usage.value.code == 2 and said in capsys.readouterr().err
