@@ -133,6 +133,7 @@ def train_config(cfg: NodeConfig) -> TrainConfig:
         lr_mlp=cfg.lr_mlp,
         batch_size=cfg.batch_size,
         local_epochs=cfg.local_epochs,
+        compile=cfg.compile,
     )
 
 

@@ -13,9 +13,10 @@ Hospitals are drawn from pooled data (Dirichlet label skew or iid, plus a drawn 
 are the sites the data came from (``partition="natural"``: ``ROOT/<site>/<class>/*`` or a manifest with a
 ``site`` column; ``holdout`` names the held-out site).
 
-``backend="ray"`` runs the hospitals' steps and evaluations in Ray actors, one per CPU of the machine or
-cluster (:mod:`shared.simulation_ray`); the updates are still folded here in hospital order, so the
-report equals the in-process one for the same seed. ``secure_aggregation`` replaces the fold by secure
+``backend="processes"`` runs the hospitals' steps and evaluations in worker processes of this machine, one per
+core (:mod:`shared.simulation_processes`: no GIL between hospitals), and ``backend="ray"`` in Ray actors, one per
+CPU of the machine or cluster (:mod:`shared.simulation_ray`); the updates are still folded here in hospital order,
+so the report equals the in-process one for the same seed. ``secure_aggregation`` replaces the fold by secure
 aggregation (:func:`shared.secagg.secure_average`, every party in this process): each hospital's trained adapter,
 clipped to ``secagg_clip`` around the global, enters the round's SecAgg session instead of its codec payload, and
 the new global travels in the codec as before (rules weighted and uniform, in-process backend only). Hospitals
@@ -70,6 +71,7 @@ from shared.ops.command import Command, main_for
 from shared.ops.report import best_round_table, confusion_table, dumps_strict, file_stem, per_class_table
 
 if TYPE_CHECKING:
+    from shared.simulation_processes import ProcessBackend
     from shared.simulation_ray import RayBackend
 
 log = logging.getLogger("fedmedclip.simulation")
@@ -99,11 +101,12 @@ class SimConfig:
     device: str | None = None
     progress: bool = True
     min_hospital_size: int = 10  # dirichlet: every hospital holds at least this many images (0: empty ones allowed)
-    backend: str = "inprocess"  # inprocess, or ray (hospitals' steps in Ray actors: shared.simulation_ray)
+    backend: str = "inprocess"  # inprocess, processes (shared.simulation_processes) or ray (shared.simulation_ray)
     ray_address: str | None = None  # ray: an existing cluster (HOST:6379); None starts Ray on this machine
     ray_resident_mb: int = 1024  # ray: hospitals' private state each actor keeps in memory; the rest spill to disk
     ray_spill_dir: str | None = None  # ray: where actors spill hospitals' state (None: the system's temp folder)
-    workers: int = 0  # inprocess on a CPU: threads running hospitals' steps (0: one per core), one torch thread each
+    workers: int = 0  # inprocess on a CPU: threads running hospitals' steps; processes: worker processes (0: one per
+    # core); one torch thread each
     dp: DPConfig = field(default_factory=DPConfig)  # differential privacy at every hospital (off by default)
     secure_aggregation: bool = False  # SecAgg (shared.secagg): the aggregator sees only the sum of the updates
     secagg_clip: float = 1.0  # secure aggregation: every value of a hospital's update is clipped to +-this
@@ -119,7 +122,7 @@ def check_secure_aggregation(enabled: bool, aggregation: str, backend: str, clip
 
     check_settings(aggregation, clip, threshold)
     if backend != "inprocess":
-        raise ValueError("secure aggregation runs with backend inprocess only (the Ray backend does not carry it)")
+        raise ValueError("secure aggregation runs with backend inprocess only (the others do not carry it)")
 
 
 @dataclass
@@ -172,8 +175,9 @@ def prepare(cfg: SimConfig, backbone: Backbone | None = None) -> Prepared:
     )
 
 
-#: Where the hospitals' steps run: all in this process, or as Ray actors (:mod:`shared.simulation_ray`).
-BACKENDS = ("inprocess", "ray")
+#: Where the hospitals' steps run: all in this process, in worker processes of this machine
+#: (:mod:`shared.simulation_processes`), or as Ray actors (:mod:`shared.simulation_ray`).
+BACKENDS = ("inprocess", "processes", "ray")
 
 
 class InProcessBackend:
@@ -275,6 +279,10 @@ def run(cfg: SimConfig, prepared: Prepared | None = None) -> dict:
             resident_mb=cfg.ray_resident_mb,
             spill_dir=cfg.ray_spill_dir,
         )
+    elif cfg.backend == "processes":
+        from shared.simulation_processes import ProcessBackend
+
+        backend = ProcessBackend(spec, members, prep.features, prep.labels, held, workers=cfg.workers)
     else:
         on_cpu = torch.device(spec.device).type == "cpu"
         workers = (cfg.workers or os.cpu_count() or 1) if on_cpu else 1
@@ -299,7 +307,7 @@ def _rounds(
     spec: LearnerSpec,
     training: list[HospitalData],
     held_out: list[HospitalData],
-    backend: InProcessBackend | RayBackend,
+    backend: InProcessBackend | ProcessBackend | RayBackend,
 ) -> list[dict]:
     """The rounds: the hospitals' steps on ``backend`` folded here in hospital order, the new global, evaluation."""
     global_state = build_adapter(method, spec.dim, cfg.train, cfg.seed).travel_state()
@@ -865,16 +873,17 @@ class SimulateConfig:
     pretrained: str | None = None  # open_clip pretrained tag or a local checkpoint file (backbone: openclip)
     lr_fam: float = TrainConfig().lr_adapter  # learning rate of the FAM
     lr_mlp: float = TrainConfig().lr_mlp  # learning rate of the private MLP
+    compile: bool = False  # on a CPU, torch.compile each full batch's forward pass and loss (pays for long runs)
     cache_dir: str | None = ".cache/features"  # feature cache (None: encode every time)
     device: str | None = None  # cpu or cuda (default: cuda when available)
     out: str = "runs/simulation"  # output folder: report.json, report.md, accuracy.png, bytes.png, confusion_*.png
     progress: bool = True  # progress bars and per-round log lines
     min_hospital_size: int = 10  # dirichlet: redraw until every hospital holds this many images (0: allow empty ones)
-    backend: str = "inprocess"  # inprocess (one process) or ray (hospitals in Ray actors, one per CPU)
+    backend: str = "inprocess"  # inprocess (one process), processes (one worker process per core) or ray (Ray actors)
     ray_address: str | None = None  # backend ray: HOST:6379 of a running cluster (default: start Ray here)
     ray_resident_mb: int = 1024  # backend ray: MB of hospital state an actor keeps in memory; the rest spill to disk
     ray_spill_dir: str | None = None  # backend ray: where actors spill hospital state (default: system temp folder)
-    workers: int = 0  # backend inprocess on a CPU: hospitals trained at once, one torch thread each (0: one per core)
+    workers: int = 0  # inprocess on a CPU, or processes: hospitals trained at once, one torch thread each (0: 1/core)
     runtime: str = "auto"  # image tower: auto (onnxruntime on a CPU, offline backbone), torch or onnxruntime
     dp_epsilon: float | None = None  # differential privacy: each hospital's epsilon budget for the run (sets the noise)
     dp_delta: float | None = None  # differential privacy: delta (default: min(1e-5, 0.1 / training images))
@@ -928,7 +937,7 @@ class SimulateConfig:
             max_weight_share=self.max_weight_share,
             seed=self.seed,
             backbone=BackboneSpec(kind=self.backbone, arch=self.arch, pretrained=self.pretrained, runtime=self.runtime),
-            train=replace(TrainConfig(), lr_adapter=self.lr_fam, lr_mlp=self.lr_mlp),
+            train=replace(TrainConfig(), lr_adapter=self.lr_fam, lr_mlp=self.lr_mlp, compile=self.compile),
             cache_dir=self.cache_dir,
             device=self.device,
             progress=self.progress,

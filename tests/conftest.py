@@ -62,6 +62,7 @@ MARKERS = {
     "test_audit.py": "unit",  # the signed audit log and receipts: real logs changed byte by byte, an in-process server
     # services: real processes, or more than a few seconds in-process
     "test_cli.py": "services",  # subprocesses of the console script, and two node daemons on one state folder
+    "test_compile.py": "services",  # torch.compile'd training steps against eager ones (compiling takes seconds)
     "test_dos.py": "services",
     "test_faults.py": "services",
     "test_feature_cache_concurrency.py": "services",  # encoder processes sharing one feature cache folder
@@ -76,6 +77,7 @@ MARKERS = {
     "test_services_federation.py": "services",
     "test_simulation.py": "services",  # in-process simulations on real images
     "test_simulation_ray.py": "services",  # the Ray backend: a local Ray started and stopped per test
+    "test_simulation_processes.py": "services",  # the process backend: worker processes started and stopped per test
     "test_secagg_services.py": "services",  # secure aggregation, real processes: sums, dropouts, cheats, kill -9
     "test_audit_services.py": "services",  # a real aggregator SIGKILLed, its log torn, restarted on the same chain
     "test_trust.py": "services",

@@ -399,6 +399,28 @@ def assert_matches_reference(report: dict, ref: dict) -> None:
         assert math.isclose(report["avg"][key], ref["avg"][key], abs_tol=1e-6)
 
 
+def backend_outcome(report: dict) -> str:
+    """What two simulation backends must agree on, exactly: per-round metrics and bytes, the best round and its
+    test metrics."""
+    from shared.ops.report import dumps_strict
+
+    report = json.loads(dumps_strict(report))  # as report.json holds it (NaN: null)
+    return json.dumps(
+        {
+            "history": [
+                {k: h[k] for k in ("round", "mean_val", "test_accuracy", "test_balanced_accuracy", "bytes_up")}
+                | {"keep_ratios": h["keep_ratios"], "bytes_down": h["bytes_down"]}
+                for h in report["history"]
+            ],
+            "best": (report["best_round"], report["best_mean_val"]),
+            "test": report["test"],
+            "avg": report["avg"],
+            "test_heads": report["test_heads"],
+        },
+        sort_keys=True,
+    )
+
+
 def trainers_only(reference: dict, report: dict) -> dict:
     """The reference without the held-out evaluator, for runs without one (AVG includes the held-out one)."""
     return dict(

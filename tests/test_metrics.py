@@ -36,6 +36,18 @@ def _round(r: int, acc: float, bal: float, f1: float) -> dict:
     return {"round": r, "mean_val": {"accuracy": acc, "balanced_accuracy": bal, "macro_f1": f1}}
 
 
+def test_expected_calibration_error_by_hand():
+    # confidences 0.9, 0.9 (one right, one wrong), 0.7 (right) and 0.5 (wrong), 15 bins (lo, hi]:
+    # bin (13/15, 14/15] holds both 0.9s: share 2/4, |0.9 - 0.5|; bin (10/15, 11/15] the 0.7: 1/4 * |0.7 - 1|;
+    # 0.5 is in bin (7/15, 8/15]: 1/4 * |0.5 - 0|. ECE = 0.2 + 0.075 + 0.125
+    probs = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.3, 0.7], [0.5, 0.5]])
+    labels = torch.tensor([0, 1, 1, 1])  # argmax of the last row is class 0 (the first of a tie): wrong
+    assert classification_metrics(probs, labels, 2)["ece"] == pytest.approx(0.4)
+    # a confidence exactly on a bin's upper edge belongs to that bin; perfectly calibrated certainty costs 0
+    assert classification_metrics(_onehot([0, 1], 2), torch.tensor([0, 1]), 2)["ece"] == pytest.approx(0.0)
+    assert classification_metrics(_onehot([0, 1], 2), torch.tensor([1, 0]), 2)["ece"] == pytest.approx(1.0)
+
+
 def test_best_round_follows_the_selection_metric():
     history = [_round(1, 0.90, 0.50, 0.40), _round(2, 0.85, 0.80, 0.60), _round(3, 0.80, 0.70, 0.75)]
     assert [best_round(history, k)["round"] for k in ("accuracy", "balanced_accuracy", "macro_f1")] == [1, 2, 3]

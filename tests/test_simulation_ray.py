@@ -14,8 +14,8 @@ from shared import simulation
 from shared.learning.cohort import Cohort, LearnerSpec, Member
 from shared.learning.rounds import WireConfig
 from shared.learning.training import build_adapter, get_method
-from shared.ops.report import dumps_strict
 from shared.simulation import SimConfig, main, prepare, render_markdown, run
+from tests.services_support import backend_outcome as outcome
 
 
 @pytest.fixture(autouse=True)
@@ -28,25 +28,6 @@ def no_ray_left_behind():
         if ray.is_initialized():  # the backend failed to shut down the Ray it started: fail, but clean up
             ray.shutdown()
             pytest.fail("the Ray backend left Ray running")
-
-
-def outcome(report: dict) -> str:
-    """What the two backends must agree on, exactly: per-round metrics and bytes, the best round, its test metrics."""
-    report = json.loads(dumps_strict(report))  # as report.json holds it (NaN: null)
-    return json.dumps(
-        {
-            "history": [
-                {k: h[k] for k in ("round", "mean_val", "test_accuracy", "test_balanced_accuracy", "bytes_up")}
-                | {"keep_ratios": h["keep_ratios"], "bytes_down": h["bytes_down"]}
-                for h in report["history"]
-            ],
-            "best": (report["best_round"], report["best_mean_val"]),
-            "test": report["test"],
-            "avg": report["avg"],
-            "test_heads": report["test_heads"],
-        },
-        sort_keys=True,
-    )
 
 
 def in_process(config: SimConfig, prepared) -> dict:

@@ -65,12 +65,14 @@ def classification_metrics(
         2 * precision * full_recall / (precision + full_recall).clamp_min(1e-12),
         torch.zeros_like(tp),
     )
+    # ECE: bins (lo, hi] of the confidence; sum over bins of (bin share) * |mean confidence - accuracy| in the bin,
+    # i.e. |sum of confidences - number correct| in the bin, over n (a confidence of 0 is in no bin)
     edges = torch.linspace(0, 1, ece_bins + 1)
-    ece = torch.zeros(())
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        in_bin = (conf > lo) & (conf <= hi)
-        if in_bin.any():
-            ece += in_bin.float().mean() * (conf[in_bin].mean() - correct[in_bin].mean()).abs()
+    bins = torch.bucketize(conf, edges) - 1  # edges[b] < conf <= edges[b + 1]
+    inside = bins >= 0
+    gap = torch.zeros(ece_bins, dtype=torch.float64)
+    gap.index_add_(0, bins[inside], (conf - correct)[inside].double())
+    ece = gap.abs().sum() / n
     return {
         "n": n,
         "accuracy": float(correct.mean()),

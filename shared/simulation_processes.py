@@ -1,0 +1,142 @@
+"""The simulation's process backend: hospitals' steps and evaluations in worker processes of this machine.
+
+``fedmedclip simulate --backend processes`` (:func:`shared.simulation.run`) starts ``workers`` processes (one
+per core by default), each with one torch thread and a :class:`~shared.learning.cohort.Cohort` of the
+hospitals assigned to it, and keeps every hospital's learner in its process's memory for the whole run. The
+in-process backend's threads share one interpreter, so its hospitals take turns at the GIL between kernels
+(a training step is many small kernels); processes do not, which is what makes a round faster on a CPU with
+more than one core (``bench/results/training.md``). Hospitals are assigned once, largest training split first,
+each to the process with the least training so far, since a round ends with its busiest process.
+
+The driver keeps the aggregator's part, as with the other backends: it hands every process its hospitals'
+calls at once, consumes the results in hospital order, folds them and sends the new global to every process
+once per round. Same steps, same order, one thread per hospital: the report equals the in-process backend's.
+Processes are started with ``spawn`` (a fork of a process that holds torch's thread pools is unsafe) and
+stopped by :meth:`ProcessBackend.close`, errors included. On a GPU, and for thousands of hospitals whose state
+does not fit in memory, use ``inprocess`` or ``ray``.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+
+import numpy as np
+import torch
+
+from shared.learning.cohort import HospitalEvaluation, HospitalUpdate, LearnerSpec, Member
+from shared.learning.rounds import WireConfig
+from shared.simulation_ray import CohortActor
+
+log = logging.getLogger("fedmedclip.simulation")
+
+#: How long a worker may take to drop its hospitals at the end before it is killed.
+CLOSE_TIMEOUT_S = 60.0
+
+_actor: CohortActor | None = None  # in a worker process: its hospitals
+
+
+def _start(*args: object) -> None:
+    global _actor
+    _actor = CohortActor(*args)  # type: ignore[arg-type]
+
+
+def _call(method: str, *args: object) -> object:
+    assert _actor is not None, "worker process not started"
+    return getattr(_actor, method)(*args)
+
+
+def assign(members: Sequence[Member], workers: int) -> list[list[Member]]:
+    """``members`` over at most ``workers`` groups: largest training split first, each to the group with the
+    least training so far (ties: the lowest group); every group non-empty, each in hospital order."""
+    n = max(1, min(workers, len(members)))
+    groups: list[list[Member]] = [[] for _ in range(n)]
+    load = [0] * n
+    for m in sorted(members, key=lambda m: (-len(m.train), m.index)):
+        k = min(range(n), key=lambda j: (load[j], j))
+        groups[k].append(m)
+        load[k] += len(m.train)
+    return [sorted(g, key=lambda m: m.index) for g in groups if g]
+
+
+class ProcessBackend:
+    """The hospitals of a simulation in worker processes of this machine (see the module's description)."""
+
+    def __init__(
+        self,
+        spec: LearnerSpec,
+        members: Sequence[Member],
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        held_out: Mapping[str, np.ndarray],
+        *,
+        workers: int = 0,
+    ) -> None:
+        groups = assign(members, workers or os.cpu_count() or 1)
+        self.indices = [m.index for m in members]
+        self.worker_of = {m.index: k for k, group in enumerate(groups) for m in group}
+        context = multiprocessing.get_context("spawn")
+        feature_array, label_array = features.detach().cpu().numpy(), labels.detach().cpu().numpy()
+        self.pools: list[ProcessPoolExecutor] = []
+        try:
+            for group in groups:  # one process each: a hospital's learner lives in its process for the whole run
+                self.pools.append(
+                    ProcessPoolExecutor(
+                        1,
+                        mp_context=context,
+                        initializer=_start,
+                        initargs=(spec, group, feature_array, label_array, dict(held_out), None, None),
+                    )
+                )
+            self.placement = [f.result() for f in [pool.submit(_call, "where") for pool in self.pools]]
+        except BaseException:
+            self.close()
+            raise
+        log.info(
+            "processes: %d hospitals on %d worker processes (%s training images each)",
+            len(members),
+            len(groups),
+            ", ".join(str(sum(len(m.train) for m in g)) for g in groups),
+        )
+
+    def _in_order(self, method: str, *args: object) -> Iterator:
+        """``method(index, *args)`` of every hospital, all handed out at once, the results in hospital order."""
+        futures: dict[int, Future] = {
+            i: self.pools[self.worker_of[i]].submit(_call, method, i, *args) for i in self.indices
+        }
+        try:
+            for i in self.indices:
+                yield futures[i].result()
+        finally:
+            for future in futures.values():
+                future.cancel()
+
+    def set_global(self, state: dict[str, torch.Tensor], round_index: int) -> None:
+        for future in [pool.submit(_call, "set_global", state, round_index) for pool in self.pools]:
+            future.result()
+
+    def updates(self, round_index: int, wire: WireConfig) -> Iterator[HospitalUpdate]:
+        return self._in_order("step", round_index, wire)
+
+    def evaluations(self, round_index: int) -> list[HospitalEvaluation]:
+        return list(self._in_order("evaluate", round_index))
+
+    def info(self) -> dict:
+        workers = [f.result() for f in [pool.submit(_call, "stats") for pool in self.pools]]
+        return {"backend": "processes", "workers": len(self.pools), "torch_threads_per_hospital": 1, "actors": workers}
+
+    def close(self) -> None:
+        """Stop every worker process (each drops its learners first); a worker that already died is just gone."""
+        for pool in self.pools:
+            processes = list(getattr(pool, "_processes", {}).values())  # the executor's own record of its worker
+            try:
+                pool.submit(_call, "close").result(timeout=CLOSE_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - a broken or stuck worker is stopped below all the same
+                log.warning("processes: a worker could not close its hospitals: %s", exc)
+                for process in processes:
+                    process.kill()
+            pool.shutdown(wait=True, cancel_futures=True)
+        self.pools = []
