@@ -12,8 +12,9 @@ The driver keeps the aggregator's part, as with the other backends: it hands eve
 calls at once, consumes the results in hospital order, folds them and sends the new global to every process
 once per round. Same steps, same order, one thread per hospital: the report equals the in-process backend's.
 Processes are started with ``spawn`` (a fork of a process that holds torch's thread pools is unsafe) and
-stopped by :meth:`ProcessBackend.close`, errors included. On a GPU, and for thousands of hospitals whose state
-does not fit in memory, use ``inprocess`` or ``ray``.
+stopped by :meth:`ProcessBackend.close`, errors and Ctrl-C included (workers leave Ctrl-C to the driver); a
+worker whose driver is gone without stopping it (killed) exits by itself within a second. On a GPU, and for
+thousands of hospitals whose state does not fit in memory, use ``inprocess`` or ``ray``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
+import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 
@@ -35,13 +39,25 @@ log = logging.getLogger("fedmedclip.simulation")
 
 #: How long a worker may take to drop its hospitals at the end before it is killed.
 CLOSE_TIMEOUT_S = 60.0
+#: How often a worker checks that the driver that started it still runs.
+PARENT_POLL_S = 0.5
 
 _actor: CohortActor | None = None  # in a worker process: its hospitals
 
 
-def _start(*args: object) -> None:
+def _start(parent: int, *args: object) -> None:
+    """A worker's start: its hospitals, Ctrl-C left to the driver (which stops the workers), and a watch that
+    ends the worker when the driver is gone (killed, or dead before it could stop them)."""
     global _actor
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_without, args=(parent,), name="driver-watch", daemon=True).start()
     _actor = CohortActor(*args)  # type: ignore[arg-type]
+
+
+def _exit_without(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    os._exit(1)  # orphaned: nobody will ever read this worker's results
 
 
 def _call(method: str, *args: object) -> object:
@@ -88,7 +104,7 @@ class ProcessBackend:
                         1,
                         mp_context=context,
                         initializer=_start,
-                        initargs=(spec, group, feature_array, label_array, dict(held_out), None, None),
+                        initargs=(os.getpid(), spec, group, feature_array, label_array, dict(held_out), None, None),
                     )
                 )
             self.placement = [f.result() for f in [pool.submit(_call, "where") for pool in self.pools]]

@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
 
@@ -15,15 +18,16 @@ import pytest
 from shared import simulation, simulation_processes
 from shared.learning.cohort import Member
 from shared.simulation import SimConfig, main, prepare, run
-from tests.services_support import backend_outcome
+from tests.services_support import backend_outcome, service_env
 
 
 def alive(pid: int) -> bool:
+    """The process runs (a zombie, ended but not yet reaped by whoever inherited it, does not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
         return False
-    return True
+    return state != "Z"
 
 
 @pytest.fixture
@@ -102,6 +106,53 @@ def test_a_worker_killed_mid_run_fails_the_run_and_the_others_are_stopped(config
     with pytest.raises(BrokenProcessPool):  # the next round's steps on the dead worker
         run(replace(config, backend="processes", workers=2), prepared)
     assert len(worker_pids) == 2 and not any(alive(pid) for pid in worker_pids)
+
+
+def spawned_children(parent: int) -> list[int]:
+    """The pids of ``parent``'s worker processes (multiprocessing's spawned children; not its resource tracker)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+                command = open(f"/proc/{entry}/cmdline", "rb").read()
+            except OSError:  # gone meanwhile
+                continue
+            if ppid == parent and b"spawn_main" in command:
+                found.append(int(entry))
+    return found
+
+
+def test_workers_end_when_the_driver_is_killed(config, tmp_path):
+    """SIGKILL leaves the driver no time to stop its workers: each notices it is orphaned and exits."""
+    argv = ["--backend", "processes", "--workers", "2", "--data", config.data_root, "--per-class", "20"]
+    argv += ["--rounds", "100000", "--cache-dir", config.cache_dir, "--device", "cpu", "--progress", "false"]
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "shared.simulation", *argv, "--out", str(tmp_path / "run")],
+        env=service_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers) < 2 and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            workers = spawned_children(driver.pid)
+        assert len(workers) == 2, f"the driver did not start 2 workers (exit code {driver.poll()})"
+        time.sleep(2)  # into their start-up or the rounds: either way they must end
+        driver.kill()
+        driver.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(pid) for pid in workers)
+    finally:
+        driver.kill()
+        driver.wait(timeout=30)
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_hospitals_are_assigned_largest_first_to_the_least_loaded_worker():
