@@ -31,7 +31,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 import numpy as np
 import torch
 
-from shared.learning.cohort import HospitalEvaluation, HospitalUpdate, LearnerSpec, Member
+from shared.learning.cohort import HospitalEvaluation, HospitalUpdate, LearnerSpec, Member, balanced_groups
 from shared.learning.rounds import WireConfig
 from shared.simulation_ray import CohortActor
 
@@ -65,19 +65,6 @@ def _call(method: str, *args: object) -> object:
     return getattr(_actor, method)(*args)
 
 
-def assign(members: Sequence[Member], workers: int) -> list[list[Member]]:
-    """``members`` over at most ``workers`` groups: largest training split first, each to the group with the
-    least training so far (ties: the lowest group); every group non-empty, each in hospital order."""
-    n = max(1, min(workers, len(members)))
-    groups: list[list[Member]] = [[] for _ in range(n)]
-    load = [0] * n
-    for m in sorted(members, key=lambda m: (-len(m.train), m.index)):
-        k = min(range(n), key=lambda j: (load[j], j))
-        groups[k].append(m)
-        load[k] += len(m.train)
-    return [sorted(g, key=lambda m: m.index) for g in groups if g]
-
-
 class ProcessBackend:
     """The hospitals of a simulation in worker processes of this machine (see the module's description)."""
 
@@ -91,7 +78,7 @@ class ProcessBackend:
         *,
         workers: int = 0,
     ) -> None:
-        groups = assign(members, workers or os.cpu_count() or 1)
+        groups = balanced_groups(members, workers or os.cpu_count() or 1)
         self.indices = [m.index for m in members]
         self.worker_of = {m.index: k for k, group in enumerate(groups) for m in group}
         context = multiprocessing.get_context("spawn")

@@ -3,7 +3,8 @@
 ``fedmedclip simulate --backend ray`` (:func:`shared.simulation.run`) hands every training hospital's
 part of a round to an actor: the pool has one actor per CPU Ray offers (this machine's cores, or a
 cluster's with ``--ray-address``), each with one torch thread and a
-:class:`~shared.learning.cohort.Cohort` of the hospitals ``i`` with ``i % actors == k``. The
+:class:`~shared.learning.cohort.Cohort` of the hospitals :func:`~shared.learning.cohort.balanced_groups` gives
+it (largest training split first, to the actor with the least training so far). The
 federation's feature matrix goes into Ray's object store once (``ray.put``) and every actor maps it
 (zero-copy on its node); an actor builds its hospitals' learners and keeps their private state in
 memory up to ``resident_mb``, spilling the rest to its node's disk between uses. The driver keeps the
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 
 from shared.errors import FedMedCLIPError
-from shared.learning.cohort import Cohort, HospitalEvaluation, HospitalUpdate, LearnerSpec, Member
+from shared.learning.cohort import Cohort, HospitalEvaluation, HospitalUpdate, LearnerSpec, Member, balanced_groups
 from shared.learning.rounds import WireConfig
 
 log = logging.getLogger("fedmedclip.simulation")
@@ -162,20 +163,21 @@ class RayBackend:
             self._connected = True
         try:
             cpus = int(ray.available_resources().get("CPU", 0))
-            n_actors = max(1, min(cpus or 1, len(members)))
+            groups = balanced_groups(members, cpus or 1)
+            self.actor_of = {m.index: k for k, group in enumerate(groups) for m in group}
             features_ref, labels_ref = ray.put(feature_array), ray.put(label_array)  # once, not per task
             actor = ray.remote(num_cpus=1)(CohortActor)
             self.actors = [
                 actor.remote(
                     spec,
-                    list(members[k::n_actors]),
+                    group,
                     features_ref,
                     labels_ref,
                     dict(held_out),
                     resident_mb * 1024**2,
                     spill_dir,
                 )
-                for k in range(n_actors)
+                for group in groups
             ]
             self.placement = ray.get([a.where.remote() for a in self.actors])
         except BaseException:
@@ -186,7 +188,7 @@ class RayBackend:
             "ray: %d hospitals on %d actors (%d CPUs offered) on %d node(s): %s; up to %d MB of hospital state "
             "in memory per actor, the rest spilled to disk",
             len(members),
-            n_actors,
+            len(self.actors),
             cpus,
             len(nodes),
             ", ".join(nodes),
@@ -197,14 +199,13 @@ class RayBackend:
         """``actor.method(index, *args)`` for every hospital, results in hospital order, a window in flight."""
         ray = self._ray
         window = WINDOW_PER_ACTOR * len(self.actors)
-        todo = enumerate(self.indices)  # member k of the list lives on actor k % actors (see __init__)
+        todo = iter(self.indices)
         pending: deque = deque()
 
         def submit() -> None:
-            position, index = next(todo, (None, None))
+            index = next(todo, None)
             if index is not None:
-                actor = self.actors[position % len(self.actors)]
-                pending.append(getattr(actor, method).remote(index, *args))
+                pending.append(getattr(self.actors[self.actor_of[index]], method).remote(index, *args))
 
         for _ in range(window):
             submit()

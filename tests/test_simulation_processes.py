@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from shared import simulation, simulation_processes
-from shared.learning.cohort import Member
+from shared.learning.cohort import Member, balanced_groups
 from shared.simulation import SimConfig, main, prepare, run
 from tests.services_support import backend_outcome, service_env
 
@@ -161,7 +161,9 @@ def test_hospitals_are_assigned_largest_first_to_the_least_loaded_worker():
         return Member(i, f"h{i}", np.arange(n), empty, empty)
 
     sizes = [730, 841, 629, 1070]  # the 4 hospitals of the brain tumor protocol, seed 0
-    groups = simulation_processes.assign([member(i, n) for i, n in enumerate(sizes)], 2)
+    groups = balanced_groups([member(i, n) for i, n in enumerate(sizes)], 2)
     assert [[m.index for m in g] for g in groups] == [[2, 3], [0, 1]]  # 1699 and 1571 images; round robin: 1359, 1911
     assert [sum(len(m.train) for m in g) for g in groups] == [1699, 1571]
-    assert [len(g) for g in simulation_processes.assign([member(0, 5)], 8)] == [1]  # never an idle worker
+    assert [len(g) for g in balanced_groups([member(0, 5)], 8)] == [1]  # never an idle worker
+    # hospitals without training data still cost an evaluation: spread by count when the loads tie
+    assert [[m.index for m in g] for g in balanced_groups([member(i, 0) for i in range(4)], 2)] == [[0, 2], [1, 3]]

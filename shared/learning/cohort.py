@@ -158,6 +158,21 @@ def state_nbytes(learner: HospitalLearner) -> int:
     return 3 * params + buffers
 
 
+def balanced_groups(members: Sequence[Member], workers: int) -> list[list[Member]]:
+    """``members`` over at most ``workers`` groups, for processes or actors that each hold one group for a whole
+    run (a round ends with the busiest): largest training split first, each to the group with the least
+    training so far (ties: the fewest hospitals, then the lowest group). Every group is non-empty and in
+    hospital order."""
+    n = max(1, min(workers, len(members)))
+    groups: list[list[Member]] = [[] for _ in range(n)]
+    load = [0] * n
+    for m in sorted(members, key=lambda m: (-len(m.train), m.index)):
+        k = min(range(n), key=lambda j: (load[j], len(groups[j]), j))
+        groups[k].append(m)
+        load[k] += len(m.train)
+    return [sorted(g, key=lambda m: m.index) for g in groups if g]
+
+
 @dataclass
 class CohortStats:
     """What a cohort holds and moved: learners in memory, on disk, bytes written and read, one learner's bytes."""
