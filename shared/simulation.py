@@ -723,6 +723,13 @@ def render_markdown(report: dict) -> str:
 
 
 def _backend_lines(info: dict | None) -> list[str]:
+    if info and info.get("backend") == "processes":
+        workers = info["actors"]
+        return [
+            f"Backend: {len(workers)} worker processes on this machine, "
+            f"{', '.join(str(w['hospitals']) for w in workers)} hospitals each; "
+            f"peak RSS per worker {max(w['peak_rss_mb'] for w in workers):.0f} MB."
+        ]
     if not info or info.get("backend") != "ray":
         return []
     actors = info["actors"]

@@ -134,7 +134,7 @@ class ProcessBackend:
     def close(self) -> None:
         """Stop every worker process (each drops its learners first); a worker that already died is just gone."""
         for pool in self.pools:
-            processes = list(getattr(pool, "_processes", {}).values())  # the executor's own record of its worker
+            processes = list((getattr(pool, "_processes", None) or {}).values())  # the executor's record of its worker
             try:
                 pool.submit(_call, "close").result(timeout=CLOSE_TIMEOUT_S)
             except Exception as exc:  # noqa: BLE001 - a broken or stuck worker is stopped below all the same

@@ -81,6 +81,10 @@ def test_processes_backend_from_the_command_line_gives_the_in_process_report(con
     assert sorted(a["pid"] for a in info["actors"]) == sorted(worker_pids)
     assert not any(alive(pid) for pid in worker_pids)  # stopped at the end of the run
     assert backend_outcome(report) == backend_outcome(reference)  # exactly the in-process report
+    assert (
+        "Backend: 2 worker processes on this machine, 2, 2 hospitals each"
+        in (tmp_path / "run" / "report.md").read_text()
+    )
 
 
 def test_worker_processes_are_stopped_when_the_run_fails(config, prepared, worker_pids, monkeypatch):
