@@ -147,6 +147,22 @@ def feature_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("feature-cache")
 
 
+@pytest.fixture(scope="session")
+def four_hospitals(brain_tumor_root, feature_cache):
+    """A small simulation to compare backends on: 4 hospitals on 80 real images, 3 rounds, on the CPU."""
+    from shared.simulation import SimConfig
+
+    return SimConfig(
+        data_root=str(brain_tumor_root),
+        per_class=20,
+        n_hospitals=4,
+        rounds=3,
+        cache_dir=str(feature_cache),
+        device="cpu",
+        progress=False,
+    )
+
+
 # --------------------------------------------------------------------------- the small federation
 # (tests/services_support.py: its size, how its processes start, how a report is compared)
 

@@ -9,13 +9,12 @@ import torch
 
 from shared.learning import training
 from shared.learning.training import HospitalLearner, TrainConfig, get_method
-from shared.simulation import SimConfig, prepare
+from shared.simulation import prepare
 
 
 @pytest.fixture(scope="module")
-def prepared(brain_tumor_root, feature_cache, backbone):
-    config = SimConfig(data_root=str(brain_tumor_root), per_class=20, cache_dir=str(feature_cache), device="cpu")
-    return prepare(config, backbone=backbone)
+def prepared(four_hospitals, backbone):
+    return prepare(four_hospitals, backbone=backbone)
 
 
 def learner(prepared, compile_: bool) -> HospitalLearner:

@@ -48,16 +48,8 @@ def worker_pids(monkeypatch) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def config(brain_tumor_root, feature_cache) -> SimConfig:
-    return SimConfig(
-        data_root=str(brain_tumor_root),
-        per_class=20,
-        n_hospitals=4,
-        rounds=3,
-        cache_dir=str(feature_cache),
-        device="cpu",
-        progress=False,
-    )
+def config(four_hospitals) -> SimConfig:
+    return four_hospitals
 
 
 @pytest.fixture(scope="module")

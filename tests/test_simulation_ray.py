@@ -42,16 +42,8 @@ def spill_dirs(report: dict) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def config(brain_tumor_root, feature_cache) -> SimConfig:
-    return SimConfig(
-        data_root=str(brain_tumor_root),
-        per_class=20,
-        n_hospitals=4,
-        rounds=3,
-        cache_dir=str(feature_cache),
-        device="cpu",
-        progress=False,
-    )
+def config(four_hospitals) -> SimConfig:
+    return four_hospitals
 
 
 def test_ray_backend_from_the_command_line_gives_the_in_process_report(config, backbone, tmp_path):
