@@ -46,6 +46,9 @@ def test_expected_calibration_error_by_hand():
     # a confidence exactly on a bin's upper edge belongs to that bin; perfectly calibrated certainty costs 0
     assert classification_metrics(_onehot([0, 1], 2), torch.tensor([0, 1]), 2)["ece"] == pytest.approx(0.0)
     assert classification_metrics(_onehot([0, 1], 2), torch.tensor([1, 0]), 2)["ece"] == pytest.approx(1.0)
+    # a mixture's probability may round a hair above 1: in no bin (as a 0 is), never an error
+    above = torch.tensor([[1.0 + 1e-6, 0.0], [0.9, 0.1]])
+    assert classification_metrics(above, torch.tensor([0, 1]), 2)["ece"] == pytest.approx(0.9 / 2)
 
 
 def test_best_round_follows_the_selection_metric():

@@ -66,10 +66,11 @@ def classification_metrics(
         torch.zeros_like(tp),
     )
     # ECE: bins (lo, hi] of the confidence; sum over bins of (bin share) * |mean confidence - accuracy| in the bin,
-    # i.e. |sum of confidences - number correct| in the bin, over n (a confidence of 0 is in no bin)
+    # i.e. |sum of confidences - number correct| in the bin, over n (a confidence of 0, or one rounded above 1,
+    # is in no bin)
     edges = torch.linspace(0, 1, ece_bins + 1)
     bins = torch.bucketize(conf, edges) - 1  # edges[b] < conf <= edges[b + 1]
-    inside = bins >= 0
+    inside = (bins >= 0) & (bins < ece_bins)
     gap = torch.zeros(ece_bins, dtype=torch.float64)
     gap.index_add_(0, bins[inside], (conf - correct)[inside].double())
     ece = gap.abs().sum() / n
