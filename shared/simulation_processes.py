@@ -13,8 +13,9 @@ calls at once, consumes the results in hospital order, folds them and sends the 
 once per round. Same steps, same order, one thread per hospital: the report equals the in-process backend's.
 Processes are started with ``spawn`` (a fork of a process that holds torch's thread pools is unsafe) and
 stopped by :meth:`ProcessBackend.close`, errors and Ctrl-C included (workers leave Ctrl-C to the driver); a
-worker whose driver is gone without stopping it (killed) exits by itself within a second. On a GPU, and for
-thousands of hospitals whose state does not fit in memory, use ``inprocess`` or ``ray``.
+worker whose driver is gone without stopping it (killed) exits by itself within a second. Workers train on the
+CPU, as Ray's actors do (on a GPU, use ``inprocess``), and keep every hospital in memory (for thousands of
+hospitals whose state does not fit, use ``ray``, which spills it to disk).
 """
 
 from __future__ import annotations
