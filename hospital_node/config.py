@@ -65,7 +65,7 @@ class NodeConfig:
     lr_mlp: float = _T.lr_mlp  # learning rate of the private MLP
     batch_size: int = _T.batch_size  # local mini-batch size
     local_epochs: int = _T.local_epochs  # passes over the local training split per round
-    compile: bool = _T.compile  # on a CPU, torch.compile the training step: ~25 % faster steps, seconds to compile
+    compile: bool = _T.compile  # on a CPU, torch.compile the training step: steps a quarter shorter, seconds to compile
     backbone: str = OFFLINE_DEFAULT  # offline (EfficientNet-Lite0 + MiniLM, not CLIP) or openclip
     arch: str = "ViT-B-32"  # open_clip architecture (backbone: openclip)
     pretrained: str | None = None  # open_clip pretrained tag or a local checkpoint file (air-gapped sites)

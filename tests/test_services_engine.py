@@ -435,6 +435,21 @@ def test_config_files_merge_in_order_and_bool_flags_stand_alone(tmp_path):
     assert not load_config(AggregatorConfig, env={}, flags=parser.parse_args(["--insecure", "false"])).insecure
 
 
+def test_a_percent_sign_in_a_settings_description_reaches_the_help_as_written():
+    import argparse
+    import dataclasses
+
+    from shared.ops.config import add_config_flags
+
+    @dataclasses.dataclass
+    class Settings:
+        speed: float = 1.0  # steps ~25 % shorter
+
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, Settings)
+    assert "--speed FLOAT steps ~25 % shorter (default: 1.0)" in " ".join(parser.format_help().split())
+
+
 def _takeovers(eng, node: str) -> float:
     return eng.t.registry.get_sample_value("fedmedclip_session_takeovers_total", {"node": node}) or 0.0
 

@@ -133,7 +133,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[
             dest=f"cfg_{name}",
             default=None,
             metavar=metavar,
-            help=f"{helps[name]} (default: {getattr(defaults, name)!r})".lstrip(),
+            # argparse expands %-formats in help: a literal "%" in a description must reach it as "%%"
+            help=f"{helps[name]} (default: {getattr(defaults, name)!r})".lstrip().replace("%", "%%"),
             **bare,
         )
 
