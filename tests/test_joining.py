@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = str(Path(sys.executable).parent)
 SECTION = "## Joining a federation as a hospital"
@@ -50,9 +52,13 @@ def _copy_images(src: Path, dest: Path, classes: dict[str, int], skip: int = 0) 
 class Shell:
     """Runs README lines one by one, keeping the working folder and the exports between them."""
 
-    def __init__(self, cwd: Path, env: dict[str, str], paths: dict[str, str]) -> None:
-        self.cwd, self.env, self.paths = cwd, env, paths
+    def __init__(self, cwd: Path, env: dict[str, str], paths: dict[str, str], logs: Path) -> None:
+        self.cwd, self.env, self.paths, self.logs = cwd, env, paths, logs
         self.daemons: list[subprocess.Popen] = []
+
+    def log_tail(self, index: int = 0, lines: int = 40) -> str:
+        """The last lines a background command wrote (stdout and stderr), for a failure's message."""
+        return "\n".join((self.logs / f"{self.cwd.name}-{index}.log").read_text().splitlines()[-lines:])
 
     def _literal(self, line: str) -> str:
         for readme_path, real in self.paths.items():
@@ -67,15 +73,17 @@ class Shell:
             self.env[key] = value
             return None
         cd = re.search(r"&& cd (\S+)$", command)
-        if background:
-            proc = subprocess.Popen(
-                ["bash", "-c", command],
-                cwd=self.cwd,
-                env=self.env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+        if background:  # its output in a file beside the test's other folders (never in a kit)
+            self.logs.mkdir(exist_ok=True)
+            with open(self.logs / f"{self.cwd.name}-{len(self.daemons)}.log", "wb") as out:
+                proc = subprocess.Popen(
+                    ["bash", "-c", command],
+                    cwd=self.cwd,
+                    env=self.env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
             self.daemons.append(proc)
             return proc
         done = subprocess.run(
@@ -117,7 +125,7 @@ def test_a_hospital_joins_from_its_kit_alone(tmp_path, brain_tumor_root, feature
     new_images = tmp_path / "new"
     _copy_images(brain_tumor_root / "Testing", new_images, {"glioma": 2, "notumor": 2})
 
-    operator = Shell(tmp_path / "operator", dict(env), {})
+    operator = Shell(tmp_path / "operator", dict(env), {}, tmp_path / "logs")
     operator.cwd.mkdir()
     provision, tar, start_aggregator = operator_lines
     operator.run(provision)
@@ -137,7 +145,9 @@ def test_a_hospital_joins_from_its_kit_alone(tmp_path, brain_tumor_root, feature
         for name in ("hospital_a", "hospital_b"):
             site = data[name].parent
             shutil.copy(operator.cwd / f"{name}.tar", site / f"{name}.tar")  # the kit leaves the operator
-            shell = Shell(site, dict(env), {"/data/mri": str(data[name]), "/data/new": str(new_images)})
+            shell = Shell(
+                site, dict(env), {"/data/mri": str(data[name]), "/data/new": str(new_images)}, tmp_path / "logs"
+            )
             hospitals[name] = shell
             for line in hospital_lines:
                 line = line.replace("hospital_a", name)
@@ -167,7 +177,11 @@ def test_a_hospital_joins_from_its_kit_alone(tmp_path, brain_tumor_root, feature
         for shell in hospitals.values():  # ./stop.sh, as the README says
             stopped = subprocess.run(["./stop.sh"], cwd=shell.cwd, capture_output=True, text=True, timeout=30)
             assert stopped.returncode == 0 and "stopped pid" in stopped.stdout, stopped.stdout
-            assert shell.daemons[0].wait(timeout=60) == 0
+            try:
+                code = shell.daemons[0].wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"{shell.cwd.name} did not stop within 60 s of ./stop.sh; it wrote:\n{shell.log_tail()}")
+            assert code == 0, shell.log_tail()
             assert (shell.cwd / "state" / "node.lock").read_text() == ""
         subprocess.run([str(operator.cwd / "kits" / "aggregator" / "stop.sh")], check=True, timeout=30)
         assert aggregator.wait(timeout=60) in (0, 1)  # stopped mid-run: a clean exit
