@@ -37,7 +37,7 @@ def test_compiled_full_batches_train_as_eager_ones(prepared, monkeypatch):
         batches.append(len(f))
         return real(adapter, mlp, f, *args)
 
-    monkeypatch.setattr(training, "_compiled_forward_loss", counting)
+    monkeypatch.setattr(training, "compiled_forward_loss", lambda: counting)
     features, labels = prepared.features[:80], prepared.labels[:80]  # 2 full batches of 32 and one of 16
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -7,6 +7,7 @@ and ablations are presets of :class:`MethodConfig` (see :data:`METHODS`).
 
 from __future__ import annotations
 
+import functools
 import secrets
 import time
 from dataclasses import dataclass, field, replace
@@ -241,16 +242,11 @@ def _forward_loss(
     return local_loss(adapted, z, y, text, scale, cfg, prior)
 
 
-_compiled_forward_loss = None
-
-
+@functools.cache
 def compiled_forward_loss():  # noqa: ANN201 (torch.compile's wrapper)
     """:func:`_forward_loss` compiled once per process and shared by every learner: the modules are arguments,
     so hospitals of the same shapes reuse one graph (a batch of another size compiles another)."""
-    global _compiled_forward_loss
-    if _compiled_forward_loss is None:
-        _compiled_forward_loss = torch.compile(_forward_loss, dynamic=False)
-    return _compiled_forward_loss
+    return torch.compile(_forward_loss, dynamic=False)
 
 
 def _add_terms(sums: dict[str, torch.Tensor], terms: dict[str, torch.Tensor]) -> None:
