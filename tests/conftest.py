@@ -53,6 +53,7 @@ MARKERS = {
     "test_fold_rows.py": "unit",  # the aggregator's fast fold against a plain reference and the full-tensor path
     "test_load_paths.py": "unit",  # the aggregator's cheaper per-call paths (trainer and handler caches)
     "test_layout.py": "unit",  # one short interpreter per core module (imports only)
+    "test_lifecycle.py": "unit",  # SIGTERM handling of both daemons, each case in a short interpreter of its own
     "test_metrics.py": "unit",  # per-class metrics, round selection, report helpers
     "test_model.py": "unit",
     "test_privacy.py": "unit",  # DP-SGD clipping against per-image gradients, the accountant, the budget
