@@ -62,18 +62,19 @@ def test_interrupt_unwinds_the_main_thread_and_callbacks_run_once_for_two_signal
                     print("not interrupted", flush=True)
                 except Stopped:
                     print("interrupted", flush=True)
-            shutdown.event.wait(10)
-        print("calls", len(calls), "handler restored", signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, flush=True)
-        watchers = [t for t in threading.enumerate() if t.name == "shutdown"]
-        for t in watchers:
+            watchers = [t for t in threading.enumerate() if t.name == "shutdown"]
+            print("set", shutdown.event.wait(10), "watchers", len(watchers), flush=True)
+        for t in watchers:  # leaving the block ends the watcher, once it has run the callbacks
             t.join(10)
-        print("watcher ended", not any(t.is_alive() for t in watchers), flush=True)
+        print("watcher ended", not any(t.is_alive() for t in watchers), "calls", calls, flush=True)
+        print("handler restored", signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, flush=True)
         """
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [
         "interrupted",
         "interrupted",
-        "calls 1 handler restored True",
-        "watcher ended True",
+        "set True watchers 1",
+        "watcher ended True calls ['stop']",
+        "handler restored True",
     ]
