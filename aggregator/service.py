@@ -57,6 +57,7 @@ from aggregator.limits import (
 )
 from aggregator.registry import NodeRecord, Registration, Role
 from aggregator.secure import SecPhase, SecureView
+from shared import kernels
 from shared.ops.atomic import atomic_write
 from shared.ops.config import ConfigError
 from shared.ops.lifecycle import Shutdown
@@ -806,6 +807,7 @@ def serve(cfg: AggregatorConfig) -> int:
     telemetry = Telemetry("aggregator")
     # resumes, if any; a checkpoint it cannot resume stops it here (CheckpointError), before anything listens
     engine = RoundEngine(cfg, CheckpointStore(out, fault=os.environ.get(FAULT_ENV)), telemetry)
+    kernels.warm_up()  # the fold's compiled loops, before the first update (about a second, unless cached)
     metrics_server, metrics_port = serve_metrics(telemetry, cfg.metrics_port, cfg.metrics_addr)
 
     health_servicer = health.HealthServicer()

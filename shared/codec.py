@@ -90,6 +90,7 @@ import numpy as np
 import torch
 import zstandard
 
+from shared import kernels
 from shared.errors import FedMedCLIPError
 from shared.wire.reasons import Reason
 
@@ -889,11 +890,10 @@ def _decode_values(
         raise NonFiniteError(f"tensor {name!r} has a non-finite or negative scale")
     off += 2 * n_rows
     if enc == "q8":
-        q = np.frombuffer(raw, np.int8, n, off)
-        if n and q.min() == -128:
-            raise MalformedPayloadError(f"tensor {name!r} holds the int8 value -128")
+        q = np.frombuffer(raw, np.int8, n, off).reshape(n_rows, row_len)
         # one pass: int8 -> float32 times the row's scale (the same float32 product as a cast, then a multiply)
-        np.multiply(q.reshape(n_rows, row_len), scales[:, None], out=out.reshape(n_rows, row_len), dtype=np.float32)
+        if kernels.dequantize_q8(q, scales, out.reshape(n_rows, row_len)) == -128:
+            raise MalformedPayloadError(f"tensor {name!r} holds the int8 value -128")
         return torch.from_numpy(out)
     packed = np.frombuffer(raw, np.uint8, (n + 1) // 2, off)
     u = np.empty(2 * packed.size, dtype=np.uint8)

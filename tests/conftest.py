@@ -50,6 +50,7 @@ MARKERS = {
     "test_encode_runtime.py": "unit",  # lookup-table preprocessing, the ONNX Runtime tower against PyTorch, its cache
     "test_encode_progress.py": "unit",  # a node's encoding metrics as the demo's launcher reads them
     "test_features.py": "unit",
+    "test_kernels.py": "unit",  # the compiled per-update loops against numpy and torch, and their index guards
     "test_fold_rows.py": "unit",  # the aggregator's fast fold against a plain reference and the full-tensor path
     "test_load_paths.py": "unit",  # the aggregator's cheaper per-call paths (trainer and handler caches)
     "test_layout.py": "unit",  # one short interpreter per core module (imports only)

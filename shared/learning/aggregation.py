@@ -42,8 +42,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 
+from shared import kernels
 from shared.errors import FedMedCLIPError
 from shared.wire.reasons import Reason
 
@@ -71,8 +73,8 @@ class AggregationError(FedMedCLIPError):
 
 class Workspace:
     """Buffers reused from one update to the next, so that folding an update allocates (and page-faults)
-    no full-size tensor of its own: each aggregator holds one (:attr:`Aggregator.workspace`), a few
-    buffers per tensor (about 16 MB at D = 512), made at its first update. Not for two threads at once:
+    no full-size tensor of its own: each aggregator holds one (:attr:`Aggregator.workspace`), the decoded
+    rows of each tensor (about 2 MB at D = 512), made at its first update. Not for two threads at once:
     neither is an aggregator."""
 
     def __init__(self) -> None:
@@ -93,6 +95,17 @@ class Workspace:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._buffers.values())
+
+
+def _sent_rows(x: torch.Tensor, present: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of an update tensor that count, as :mod:`shared.kernels` takes them: (float32 values
+    ``[n_sent, L]``, their row indices). ``x`` holds either every row (a full tensor: its present rows
+    count) or only the sent rows, in order."""
+    if x.shape[0] == present.shape[0]:
+        if bool(present.all()):
+            return kernels.as_rows(x), kernels.all_rows(x.shape[0])
+        x = x[present]
+    return kernels.as_rows(x), present.numpy().nonzero()[0]
 
 
 def _check_weight(num_samples: object) -> None:
@@ -307,44 +320,35 @@ class WeightedMeanAggregator(Aggregator):
         num_samples: float = 1,
     ) -> None:
         """:meth:`Aggregator.add_rows` without building full tensors: each tensor's sent rows go straight
-        into the running sums (one ``add_`` for a tensor sent whole, one ``index_add_`` otherwise), with the
-        same float64 arithmetic as :meth:`add`, so the result is bit-identical. Everything is checked before
-        anything is folded: an update that fails a check leaves the sums as they were."""
+        into the running sums (:func:`shared.kernels.fold_rows`, the same float64 arithmetic as :meth:`add`,
+        so the result is bit-identical). Everything is checked before anything is folded: an update that
+        fails a check leaves the sums as they were."""
         _check_weight(num_samples)
         checked = self._checked_rows(rows, present)
         self._match_template({n: (int(p.shape[0]), *x.shape[1:]) for n, x, p in checked}, "update")
-        for n, x, _ in checked:
-            # a finite sum proves every sent row finite in one pass; else check exactly
-            if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
-                raise AggregationError(f"update tensor {n!r} holds NaN or Inf in a sent row")
-        w = 1.0 if self.uniform else float(num_samples)
+        folds = []
         for n, x, p in checked:
-            if n not in self._sum:
-                self._sum[n] = torch.zeros(self._template[n], dtype=torch.float64)
-                self._weight[n] = torch.zeros(self._template[n][0], dtype=torch.float64)
-            if x.shape[0] == p.shape[0] and (x.shape[0] == 0 or bool(p.all())):
-                self._sum[n].add_(x, alpha=w)
-            else:
-                sent = p.nonzero().squeeze(1)
-                wide = self.workspace.buffer("fold", n, self._template[n], torch.float64)[: x.shape[0]]
-                self._sum[n].index_add_(0, sent, wide.copy_(x), alpha=w)  # x.to(float64), without a new tensor
-            self._weight[n].add_(p.to(torch.float64) * w)
+            values, sent = _sent_rows(x, p)
+            if not kernels.rows_peak(values, kernels.all_rows(values.shape[0]))[0]:
+                raise AggregationError(f"update tensor {n!r} holds NaN or Inf in a sent row")
+            folds.append((n, values, sent))
+        for n, values, sent in folds:
+            self._accumulate(n, values, sent, num_samples)
         self._count += 1
 
     def _fold(self, values: dict[str, torch.Tensor], rows: dict[str, torch.Tensor], weight: float) -> None:
+        for n, x in values.items():  # only the sent rows (x * 0 would still be NaN for a NaN in an unsent row)
+            self._accumulate(n, *_sent_rows(x, rows[n]), weight)
+
+    def _accumulate(self, name: str, values: np.ndarray, sent: np.ndarray, weight: float) -> None:
+        """Fold rows ``values`` (float32 ``[n, L]``, row ``i`` being tensor row ``sent[i]``) into the sums."""
+        shape = self._template[name]
+        if name not in self._sum:
+            self._sum[name] = torch.zeros(shape, dtype=torch.float64)
+            self._weight[name] = torch.zeros(shape[0], dtype=torch.float64)
+        sums = self._sum[name].numpy().reshape(shape[0], math.prod(shape[1:]))  # a view: folded in place
         w = 1.0 if self.uniform else float(weight)
-        for n, x in values.items():
-            p = rows[n]
-            if n not in self._sum:
-                self._sum[n] = torch.zeros(x.shape, dtype=torch.float64)
-                self._weight[n] = torch.zeros(x.shape[0], dtype=torch.float64)
-            pw = p.to(torch.float64) * w
-            if bool(p.all()):
-                self._sum[n].add_(x, alpha=w)
-            else:  # only the sent rows (x * 0 would still be NaN for a NaN in an unsent row)
-                sent = p.nonzero().squeeze(1)
-                self._sum[n].index_add_(0, sent, x.index_select(0, sent).to(torch.float64), alpha=w)
-            self._weight[n].add_(pw)
+        kernels.fold_rows(sums, self._weight[name].numpy(), values, sent, w)
 
     def _combine(self, previous: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}

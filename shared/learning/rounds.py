@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from shared import kernels
 from shared.codec import (
     DEFAULT_MAX_DECOMPRESSED_BYTES,
     CodecError,
@@ -163,49 +164,35 @@ class UpdateBounds:
     max_abs_value: float | None = None
 
 
-def check_bounds(
-    decoded: DecodedRows,
-    reference: Mapping[str, torch.Tensor],
-    bounds: UpdateBounds,
-    workspace: Workspace | None = None,
-) -> None:
+def check_bounds(decoded: DecodedRows, reference: Mapping[str, torch.Tensor], bounds: UpdateBounds) -> None:
     """Raise an :class:`UpdateOutOfBoundsError` when the decoded update (rows not sent are the reference's)
     breaks ``bounds``, computed from the sent rows alone.
 
     The values are those of the full decoded tensors (:func:`decode_adapter`'s): the largest magnitude is
-    taken over the sent rows and the reference's other rows; the norm over the sent rows (the other rows of
-    the update equal the reference's); a tensor sent whole gives the very same float32 norm, one sent in
-    part the same within float32 rounding (the same terms, summed in another order). ``workspace``: where
-    the differences are computed (else fresh tensors).
+    taken over the sent rows and the reference's other rows (exactly); the norm over the sent rows (the other
+    rows of the update equal the reference's), in one pass per tensor (:func:`shared.kernels.row_stats`:
+    float32 squares summed per row, the rows in float64), equal to the norm of the full difference within
+    float32 rounding.
     """
-    if bounds.max_abs_value is not None:
-        peak = 0.0
-        for name, x in decoded.rows.items():
-            parts = [x]
-            if not decoded.complete[name]:
-                parts.append(reference[name].index_select(0, (~decoded.present[name]).nonzero().squeeze(1)))
-            for t in parts:
-                if t.numel():
-                    low, high = torch.aminmax(t)
-                    peak = max(peak, -float(low), float(high))
-        if peak > bounds.max_abs_value:
-            raise UpdateValueTooLargeError(
-                f"an update value of magnitude {peak:.4g} is over the bound {bounds.max_abs_value:g}"
-            )
-    if bounds.max_update_norm is not None:  # float32 is exact enough for a bound
-        total = 0.0
-        for name, x in decoded.rows.items():
-            ref = reference[name]
-            diff = (
-                torch.empty_like(x)
-                if workspace is None
-                else workspace.buffer("diff", name, tuple(ref.shape), x.dtype)[: x.shape[0]]
-            )
-            if decoded.complete[name]:
-                torch.sub(x, ref, out=diff)
-            else:  # reference rows - x: the negated difference, the same norm
-                torch.index_select(ref, 0, decoded.present[name].nonzero().squeeze(1), out=diff).sub_(x)
-            total += float(torch.linalg.vector_norm(diff)) ** 2
+    if bounds.max_abs_value is None and bounds.max_update_norm is None:
+        return
+    peak, total = 0.0, 0.0
+    for name, x in decoded.rows.items():
+        ref = kernels.as_rows(reference[name])
+        if decoded.complete[name]:
+            sent = kernels.all_rows(x.shape[0])
+        else:
+            present = decoded.present[name].numpy()
+            sent = present.nonzero()[0]
+            if bounds.max_abs_value is not None:  # the rows not sent are the reference's
+                peak = max(peak, kernels.rows_peak(ref, (~present).nonzero()[0])[1])
+        _, x_peak, squares = kernels.row_stats(kernels.as_rows(x), ref, sent)  # decoded rows are finite
+        peak, total = max(peak, x_peak), total + squares
+    if bounds.max_abs_value is not None and peak > bounds.max_abs_value:
+        raise UpdateValueTooLargeError(
+            f"an update value of magnitude {peak:.4g} is over the bound {bounds.max_abs_value:g}"
+        )
+    if bounds.max_update_norm is not None:
         norm = total**0.5
         if norm > bounds.max_update_norm:
             raise UpdateNormTooLargeError(
@@ -274,7 +261,7 @@ def fold_update(
     update. The rules that keep every update (median, trimmed mean) expand the rows to full tensors."""
     check_wire(payload, wire, info)
     decoded = decode_adapter_rows(payload, sha256, global_state, wire, aggregator.workspace)
-    check_bounds(decoded, global_state, bounds, aggregator.workspace)
+    check_bounds(decoded, global_state, bounds)
     aggregator.add_rows(decoded.rows, decoded.present, num_samples=weight)
 
 

@@ -1,0 +1,124 @@
+"""The compiled per-update loops (:mod:`shared.kernels`) against the numpy and torch arithmetic they replace.
+
+Dequantisation and the float64 fold must be bit-identical; magnitudes exact; finiteness right for every kind
+of NaN and Inf; the squared norm equal to a float64 reference within float32 rounding. numba checks no
+index, so each kernel's own guards are tested too: a bad index or shape raises and writes nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shared import kernels
+
+F32_MAX = np.finfo(np.float32).max
+
+
+def _rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(0, 40), length=st.integers(1, 70), seed=st.integers(0, 2**31 - 1))
+def test_dequantize_q8_is_numpys_float32_product_bit_for_bit(rows, length, seed):
+    g = _rng(seed)
+    q = g.integers(-127, 128, (rows, length)).astype(np.int8)
+    scales = (g.random(rows) * 3).astype(np.float16).astype(np.float32)
+    out = np.full((rows, length), np.nan, dtype=np.float32)
+    low = kernels.dequantize_q8(q, scales, out)
+    assert np.array_equal(out, np.multiply(q, scales[:, None], dtype=np.float32))
+    assert low == min(0, int(q.min()) if q.size else 0)
+
+
+def test_dequantize_q8_reports_minus_128_and_refuses_mismatched_shapes():
+    q = np.zeros((3, 4), dtype=np.int8)
+    q[2, 1] = -128
+    assert kernels.dequantize_q8(q, np.ones(3, np.float32), np.empty((3, 4), np.float32)) == -128
+    with pytest.raises(ValueError, match="shape"):
+        kernels.dequantize_q8(q, np.ones(3, np.float32), np.empty((3, 5), np.float32))
+    with pytest.raises(ValueError, match="scales"):
+        kernels.dequantize_q8(q, np.ones(2, np.float32), np.empty((3, 4), np.float32))
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 30), sent=st.integers(0, 30), length=st.integers(1, 70), seed=st.integers(0, 2**31 - 1))
+def test_row_stats_gives_the_exact_peak_and_the_norm_of_the_difference(rows, sent, length, seed):
+    g = _rng(seed)
+    reference = g.standard_normal((rows, length)).astype(np.float32)
+    index = np.sort(g.choice(rows, size=min(sent, rows), replace=False)).astype(np.int64)
+    x = (g.standard_normal((index.size, length)) * 10).astype(np.float32)
+    finite, peak, squares = kernels.row_stats(x, reference, index)
+    assert finite
+    assert peak == (np.abs(x).max() if x.size else 0.0)  # exact: magnitudes are compared, not summed
+    expected = ((x.astype(np.float64) - reference[index].astype(np.float64)) ** 2).sum()
+    assert squares == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("bad", [np.nan, -np.nan, np.inf, -np.inf])
+def test_row_stats_and_rows_peak_see_every_nan_and_inf(bad):
+    x = np.ones((4, 9), dtype=np.float32)
+    x[3, 8] = bad
+    rows = kernels.all_rows(4)
+    assert not kernels.row_stats(x, np.zeros((4, 9), np.float32), rows)[0]
+    assert not kernels.rows_peak(x, rows)[0]
+    assert kernels.rows_peak(x, rows[:3]) == (True, 1.0)  # the bad row not among those asked for
+
+
+def test_the_largest_finite_values_and_subnormals_are_finite():
+    x = np.array([[F32_MAX, -F32_MAX, np.float32(1e-45), -0.0]], dtype=np.float32)
+    finite, peak = kernels.rows_peak(x, kernels.all_rows(1))
+    assert finite and peak == F32_MAX
+    assert kernels.row_stats(x, np.zeros_like(x), kernels.all_rows(1))[:2] == (True, F32_MAX)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 30),
+    length=st.integers(1, 40),
+    seed=st.integers(0, 2**31 - 1),
+    weights=st.lists(st.floats(0.01, 1e4), min_size=1, max_size=4),
+)
+def test_fold_rows_is_the_plain_float64_sum_bit_for_bit(rows, length, seed, weights):
+    g = _rng(seed)
+    sums, row_weights = np.zeros((rows, length)), np.zeros(rows)
+    expected, expected_weights = np.zeros((rows, length)), np.zeros(rows)
+    for w in weights:
+        index = np.sort(g.choice(rows, size=int(g.integers(0, rows + 1)), replace=False)).astype(np.int64)
+        x = g.standard_normal((index.size, length)).astype(np.float32)
+        kernels.fold_rows(sums, row_weights, x, index, w)
+        expected[index] += w * x.astype(np.float64)  # a rounded product, then a rounded sum: no fused multiply-add
+        expected_weights[index] += w
+    assert np.array_equal(sums, expected) and np.array_equal(row_weights, expected_weights)
+
+
+def test_a_row_index_outside_the_arrays_raises_and_writes_nothing():
+    sums, weights = np.zeros((3, 2)), np.zeros(3)
+    x = np.ones((2, 2), dtype=np.float32)
+    for index in ([0, 3], [-1, 0]):
+        with pytest.raises(IndexError):
+            kernels.fold_rows(sums, weights, x, np.array(index, dtype=np.int64), 1.0)
+        with pytest.raises(IndexError):
+            kernels.row_stats(x, np.zeros((3, 2), np.float32), np.array(index, dtype=np.int64))
+        with pytest.raises(IndexError):
+            kernels.rows_peak(np.zeros((3, 2), np.float32), np.array(index, dtype=np.int64))
+    assert not sums.any() and not weights.any()
+    with pytest.raises(ValueError):
+        kernels.fold_rows(sums, weights, x, np.array([0], dtype=np.int64), 1.0)  # fewer indices than rows
+    with pytest.raises(ValueError):
+        kernels.fold_rows(sums, weights, np.ones((2, 3), np.float32), np.array([0, 1], dtype=np.int64), 1.0)
+    with pytest.raises(ValueError):
+        kernels.row_stats(x, np.zeros((3, 5), np.float32), np.array([0, 1], dtype=np.int64))
+    assert not sums.any() and not weights.any()
+
+
+def test_as_rows_views_a_tensor_by_its_rows():
+    t = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
+    view = kernels.as_rows(t)
+    assert view.shape == (2, 12) and np.shares_memory(view, t.numpy())
+    assert kernels.as_rows(torch.arange(5, dtype=torch.float32)).shape == (5, 1)
+    assert kernels.as_rows(torch.zeros(0, 7)).shape == (0, 7)
+    assert kernels.as_rows(torch.ones(2, 2, dtype=torch.float64)).dtype == np.float32  # a copy, for reading
