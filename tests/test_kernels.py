@@ -122,3 +122,13 @@ def test_as_rows_views_a_tensor_by_its_rows():
     assert kernels.as_rows(torch.arange(5, dtype=torch.float32)).shape == (5, 1)
     assert kernels.as_rows(torch.zeros(0, 7)).shape == (0, 7)
     assert kernels.as_rows(torch.ones(2, 2, dtype=torch.float64)).dtype == np.float32  # a copy, for reading
+
+
+def test_a_kernel_without_a_writable_cache_location_is_still_compiled():
+    # numba finds no cache location for code without a source file: the case of a read-only install with no
+    # writable home, where the decorator raises; the kernel must then compile in memory instead
+    namespace: dict = {}
+    exec("def double(x):\n    return 2 * x\n", namespace)  # noqa: S102 (a function with no source file)
+    with pytest.raises(RuntimeError, match="cannot cache"):
+        __import__("numba").njit(cache=True)(namespace["double"])
+    assert kernels._compile()(namespace["double"])(21) == 42
