@@ -10,9 +10,9 @@ Arrays are C-contiguous and two-dimensional: a tensor of shape ``[rows, *rest]``
 ``[rows, prod(rest)]`` (a one-dimensional tensor as ``[rows, 1]``), since rows are what a node sends
 or masks. The callers (:mod:`shared.codec`, :mod:`shared.learning.rounds`,
 :mod:`shared.learning.aggregation`) keep every check and error of their own; these functions only
-compute. Results are exact where the callers' were (the dequantised values and the float64 sums are
-bit-identical to the numpy and torch arithmetic they replace); the bounds' norm is summed in another
-order, as any norm may be.
+compute. The dequantised values are bit-identical to numpy's float32 product; the float64 sums are a
+rounded product, then a rounded sum, as numpy computes them (never a fused multiply-add); magnitudes are
+exact; the bounds' norm is summed in another order, as any norm may be (``tests/test_kernels.py``).
 
 Compiled code is cached next to this file, else in numba's user-wide cache; where neither can be
 written it is compiled once per process. :func:`warm_up` compiles every kernel ahead of the first
@@ -119,12 +119,12 @@ def rows_peak(t: np.ndarray, rows: np.ndarray) -> tuple[bool, float]:
 @_compile()
 def fold_rows(sums: np.ndarray, weights: np.ndarray, x: np.ndarray, rows: np.ndarray, w: float) -> None:
     """``sums[rows[i]] += w * float64(x[i])`` and ``weights[rows[i]] += w`` for every row ``i`` of
-    float32 ``x``: the streaming average's fold (float64 ``sums`` ``[R, L]`` and ``weights`` ``[R]``),
-    the same float64 arithmetic as torch's ``index_add_`` with ``alpha=w``."""
+    float32 ``x``: the streaming average's fold (float64 ``sums`` ``[R, L]`` and ``weights`` ``[R]``), a rounded
+    product then a rounded sum. Every index is checked before anything is written."""
     n, length = x.shape
     if rows.shape[0] != n or sums.shape[1] != length or weights.shape[0] != sums.shape[0]:
         raise ValueError("fold_rows: one row index per row of x, sums' rows as long as x's, one weight per row")
-    for i in range(n):  # every index checked before anything is written
+    for i in range(n):
         if rows[i] < 0 or rows[i] >= sums.shape[0]:
             raise IndexError("fold_rows: a row index outside the sums")
     for i in range(n):
@@ -148,8 +148,9 @@ def all_rows(n: int) -> np.ndarray:
 
 
 def warm_up() -> None:
-    """Compile (or load from the cache) every kernel for the types the callers pass."""
-    q = np.zeros((2, 3), dtype=np.int8)
+    """Compile (or load from the cache) every kernel for the types the callers pass (the codec's int8 values
+    are a read-only view of the payload: numba compiles read-only arrays apart)."""
+    q = np.frombuffer(bytes(6), dtype=np.int8).reshape(2, 3)
     x = np.zeros((2, 3), dtype=np.float32)
     rows = np.arange(2, dtype=np.int64)
     dequantize_q8(q, np.ones(2, dtype=np.float32), x)
