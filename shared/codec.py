@@ -727,6 +727,7 @@ def decode_rows(
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
     max_decompressed_bytes: int = DEFAULT_MAX_DECOMPRESSED_BYTES,
     out: Mapping[str, torch.Tensor] | None = None,
+    compiled: bool = False,
 ) -> DecodedRows:
     """Decode and fully validate a payload, as :func:`decode_state` does, giving only the rows it sent.
 
@@ -736,6 +737,8 @@ def decode_rows(
     template's shapes, one per name, reused from call to call (the aggregator's workspace); each
     tensor's rows are then written to the first rows of its buffer and ``rows`` are views of them,
     valid until the buffers are written again. A payload refused part-way may have written to them.
+    ``compiled``: dequantise int8 sections with :func:`shared.kernels.dequantize_q8` (the same values in one
+    pass; it loads numba, so only the aggregator's fold asks for it).
     """
     data = _as_bytes(data)
     # 1. integrity
@@ -810,7 +813,7 @@ def decode_rows(
         present, enc, off, n_sent = sections[name]
         row_len = _row_len(shape)
         target = None if out is None else out[name].view(-1)[: n_sent * row_len].numpy()
-        sent = _decode_values(raw, name, enc, off, n_sent, row_len, target).reshape(n_sent, *shape[1:])
+        sent = _decode_values(raw, name, enc, off, n_sent, row_len, target, compiled).reshape(n_sent, *shape[1:])
         _check_finite(name, sent, "decoded tensor")
         whole = n_sent == shape[0]
         if is_delta:
@@ -875,10 +878,17 @@ def decode_state(
 
 
 def _decode_values(
-    raw: bytes, name: str, enc: str, off: int, n_rows: int, row_len: int, out: np.ndarray | None = None
+    raw: bytes,
+    name: str,
+    enc: str,
+    off: int,
+    n_rows: int,
+    row_len: int,
+    out: np.ndarray | None = None,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """Turn one tensor's value section back into float32 ``[n_rows * row_len]``: written into ``out``
-    (float32, that many elements) when given, else a fresh array."""
+    (float32, that many elements) when given, else a fresh array; ``compiled``: as :func:`decode_rows`."""
     n = n_rows * row_len
     if out is None:
         out = np.empty(n, dtype=np.float32)
@@ -891,8 +901,14 @@ def _decode_values(
     off += 2 * n_rows
     if enc == "q8":
         q = np.frombuffer(raw, np.int8, n, off).reshape(n_rows, row_len)
-        # one pass: int8 -> float32 times the row's scale (the same float32 product as a cast, then a multiply)
-        if kernels.dequantize_q8(q, scales, out.reshape(n_rows, row_len)) == -128:
+        values = out.reshape(n_rows, row_len)
+        if compiled:  # the product and the smallest value in one pass
+            low = kernels.dequantize_q8(q, scales, values)
+        else:  # int8 -> float32 times the row's scale: the same float32 product as a cast, then a multiply
+            low = int(q.min()) if n else 0
+            if low != -128:
+                np.multiply(q, scales[:, None], out=values, dtype=np.float32)
+        if low == -128:
             raise MalformedPayloadError(f"tensor {name!r} holds the int8 value -128")
         return torch.from_numpy(out)
     packed = np.frombuffer(raw, np.uint8, (n + 1) // 2, off)

@@ -1,55 +1,81 @@
 """Compiled loops (numba) for the aggregator's per-update hot path.
 
-An update is about 0.5 M values. Checked and folded with numpy and torch, each step is a pass of its own
-over a float32 or float64 copy: dequantise, look for -128, look for NaN/Inf, find the largest magnitude,
-subtract the reference, take the norm, widen to float64, add. Each kernel here does one of those steps'
-groups in a single pass over the data, without the GIL: :func:`dequantize_q8` (decode),
-:func:`row_stats` (the bounds and finiteness), :func:`fold_rows` (the streaming average).
+An update is about 0.5 M values. Checked and folded with numpy and torch, each step was a pass of its own
+over a float32 or float64 copy: dequantise, look for -128, look for NaN/Inf (twice), find the largest
+magnitude, subtract the reference, take the norm, widen to float64, add. The kernels here do those steps in
+one pass each group, without the GIL: :func:`dequantize_q8` (the fold's decoding), :func:`row_stats` (the
+bounds), :func:`rows_peak` (finiteness, and the magnitude of rows not sent), :func:`fold_rows` (the
+streaming average).
 
 Arrays are C-contiguous and two-dimensional: a tensor of shape ``[rows, *rest]`` is viewed as
 ``[rows, prod(rest)]`` (a one-dimensional tensor as ``[rows, 1]``), since rows are what a node sends
-or masks. The callers (:mod:`shared.codec`, :mod:`shared.learning.rounds`,
-:mod:`shared.learning.aggregation`) keep every check and error of their own; these functions only
-compute. The dequantised values are bit-identical to numpy's float32 product; the float64 sums are a
-rounded product, then a rounded sum, as numpy computes them (never a fused multiply-add); magnitudes are
-exact; the bounds' norm is summed in another order, as any norm may be (``tests/test_kernels.py``).
+or masks (:func:`as_rows`). The callers (:mod:`shared.codec`, :mod:`shared.learning.rounds`,
+:mod:`shared.learning.aggregation`) keep every check and error of their own; these functions only compute,
+and check their own indices (numba checks none). The dequantised values are numpy's float32 product, bit for
+bit; the float64 sums are a rounded product, then a rounded sum, as numpy computes them (never a fused
+multiply-add); magnitudes are exact; the bounds' norm is summed in another order, as any norm may be
+(``tests/test_kernels.py``).
 
-Compiled code is cached next to this file, else in numba's user-wide cache; where neither can be
-written it is compiled once per process. :func:`warm_up` compiles every kernel ahead of the first
-update (the aggregator calls it at start-up).
+numba is imported, and a kernel compiled, at the kernel's first call, not with this module: a process that
+never folds (a hospital node decoding globals, the command line) never loads it (LLVM: about 100 MB). Compiled code is
+cached next to this file, else in ``NUMBA_CACHE_DIR`` or numba's user-wide cache; where none can be written
+it is compiled in memory once per process. :func:`warm_up` compiles every kernel ahead of the first update
+(the aggregator calls it at start-up).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import threading
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
-from numba import njit
 
+_COMPILING = threading.Lock()
 # Reductions may be reordered (vectorised); NaN and Inf keep their meaning (no "nnan"/"ninf"), which
 # the finiteness checks rely on.
 _REORDER = {"reassoc", "nsz", "contract"}
 
 
-def _compile(**options):
-    """``numba.njit`` without the GIL, with an on-disk cache where one can be written."""
+class _Kernel:
+    """A function compiled by ``numba.njit`` (without the GIL) at its first call."""
 
-    def wrap(fn):
-        try:
-            return njit(nogil=True, cache=True, **options)(fn)
-        except RuntimeError:  # no writable cache location (read-only install, no home directory)
-            return njit(nogil=True, cache=False, **options)(fn)
+    def __init__(self, fn: Callable, options: dict[str, Any]) -> None:
+        functools.update_wrapper(self, fn)
+        self._fn, self._options = fn, options
+        self._compiled: Callable | None = None
 
-    return wrap
+    def __call__(self, *args: Any) -> Any:
+        compiled = self._compiled
+        if compiled is None:
+            compiled = self._build()
+        return compiled(*args)
+
+    def _build(self) -> Callable:
+        with _COMPILING:
+            if self._compiled is None:
+                from numba import njit  # here, not at import: see the module's docstring
+
+                try:
+                    self._compiled = njit(nogil=True, cache=True, **self._options)(self._fn)
+                except RuntimeError:  # no writable cache location (read-only install, no home directory)
+                    self._compiled = njit(nogil=True, cache=False, **self._options)(self._fn)
+            return self._compiled
+
+
+def _compile(**options: Any) -> Callable[[Callable], _Kernel]:
+    """Decorator: the function as a :class:`_Kernel` with these ``numba.njit`` options."""
+    return lambda fn: _Kernel(fn, options)
 
 
 @_compile()
 def dequantize_q8(q: np.ndarray, scales: np.ndarray, out: np.ndarray) -> int:
-    """``out[i, j] = float32(q[i, j]) * scales[i]`` (int8 ``q`` and float32 ``scales`` and ``out``);
-    returns the smaller of 0 and ``q``'s smallest value: -128 exactly when ``q`` holds it (a valid section
-    never does)."""
+    """``out[i, j] = float32(q[i, j]) * scales[i]`` (int8 ``q``, float32 ``scales`` and ``out``), the float32
+    product numpy gives; returns the smaller of 0 and ``q``'s smallest value: -128 exactly when ``q`` holds
+    it (a valid section never does)."""
     n, length = q.shape
     if out.shape != q.shape or scales.shape[0] != n:
         raise ValueError("dequantize_q8: out must have q's shape, scales one value per row")
@@ -150,10 +176,9 @@ def all_rows(n: int) -> np.ndarray:
 def warm_up() -> None:
     """Compile (or load from the cache) every kernel for the types the callers pass (the codec's int8 values
     are a read-only view of the payload: numba compiles read-only arrays apart)."""
-    q = np.frombuffer(bytes(6), dtype=np.int8).reshape(2, 3)
     x = np.zeros((2, 3), dtype=np.float32)
     rows = np.arange(2, dtype=np.int64)
-    dequantize_q8(q, np.ones(2, dtype=np.float32), x)
+    dequantize_q8(np.frombuffer(bytes(6), dtype=np.int8).reshape(2, 3), np.ones(2, dtype=np.float32), x)
     row_stats(x, x, rows)
     rows_peak(x, rows)
     fold_rows(np.zeros((2, 3)), np.zeros(2), x, rows, 1.0)

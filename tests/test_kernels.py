@@ -1,19 +1,28 @@
-"""The compiled per-update loops (:mod:`shared.kernels`) against the numpy and torch arithmetic they replace.
+"""The compiled per-update loops (:mod:`shared.kernels`) against the numpy arithmetic they replace.
 
-Dequantisation and the float64 fold must be bit-identical; magnitudes exact; finiteness right for every kind
-of NaN and Inf; the squared norm equal to a float64 reference within float32 rounding. numba checks no
-index, so each kernel's own guards are tested too: a bad index or shape raises and writes nothing.
+The float64 fold must be bit-identical; magnitudes exact; finiteness right for every kind of NaN and Inf;
+the squared norm equal to a float64 reference within float32 rounding. numba checks no index, so each
+kernel's own guards are tested too: a bad index or shape raises and writes nothing. And a process that
+never folds (a node) never loads numba.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared import kernels
+from shared.codec import MalformedPayloadError, decode_rows, encode_state
 
 F32_MAX = np.finfo(np.float32).max
 
@@ -42,6 +51,25 @@ def test_dequantize_q8_reports_minus_128_and_refuses_mismatched_shapes():
         kernels.dequantize_q8(q, np.ones(3, np.float32), np.empty((3, 5), np.float32))
     with pytest.raises(ValueError, match="scales"):
         kernels.dequantize_q8(q, np.ones(2, np.float32), np.empty((3, 4), np.float32))
+
+
+def test_the_compiled_decoding_gives_the_same_rows_and_refuses_the_same_payloads():
+    reference = {"w": torch.randn(6, 5), "b": torch.randn(6)}
+    state = {k: v + 0.1 * torch.randn(v.shape) for k, v in reference.items()}
+    template = {k: tuple(v.shape) for k, v in reference.items()}
+    payload = encode_state(state, codec="int8")
+    numpy_rows = decode_rows(payload.data, sha256=payload.sha256, template=template, reference=reference)
+    compiled_rows = decode_rows(payload.data, sha256=None, template=template, reference=reference, compiled=True)
+    assert all(torch.equal(numpy_rows.rows[k], compiled_rows.rows[k]) for k in template)
+    # one int8 value made -128, and the payload framed again: only that value is wrong (the int8 section of a
+    # lone two-dimensional tensor ends the body)
+    weights = {"w": state["w"]}
+    raw = bytearray(zstandard.ZstdDecompressor().decompress(encode_state(weights, codec="int8").data))
+    raw[-1] = 0x80
+    bad = zstandard.ZstdCompressor(write_content_size=True).compress(bytes(raw))
+    for compiled in (False, True):
+        with pytest.raises(MalformedPayloadError, match="-128"):
+            decode_rows(bad, sha256=None, template={"w": (6, 5)}, compiled=compiled)
 
 
 @settings(max_examples=60, deadline=None)
@@ -132,3 +160,30 @@ def test_a_kernel_without_a_writable_cache_location_is_still_compiled():
     with pytest.raises(RuntimeError, match="cannot cache"):
         __import__("numba").njit(cache=True)(namespace["double"])
     assert kernels._compile()(namespace["double"])(21) == 42
+
+
+def test_a_node_decoding_globals_never_loads_numba():
+    # numba and LLVM cost a process about 100 MB: only a process that folds may load them
+    script = textwrap.dedent(
+        """
+        import sys
+        import hospital_node.client  # everything a node daemon imports
+        from bench.light_client import Federation, encode, perturbed
+        from shared.learning.rounds import WireConfig, decode_adapter
+
+        reference = Federation().initial_state()
+        payload = encode(perturbed(reference, 0.01, 0), reference)
+        decode_adapter(payload.data, payload.sha256, reference, WireConfig())  # what a node does with a global
+        assert "numba" not in sys.modules, "a node loaded numba"
+
+        from shared import kernels
+        kernels.warm_up()  # the aggregator's start-up
+        assert "numba" in sys.modules
+        print("ok")
+        """
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-c", script]
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -120,8 +120,9 @@ def decode_adapter_rows(
     wire: WireConfig,
     workspace: Workspace | None = None,
 ) -> DecodedRows:
-    """:func:`decode_adapter`'s validation, giving only the rows the payload sent (what a fold needs);
-    with ``workspace``, the rows are written into its buffers (valid until its next use)."""
+    """:func:`decode_adapter`'s validation, giving only the rows the payload sent (what a fold needs; its int8
+    values dequantised by the compiled kernel); with ``workspace``, the rows are written into its buffers
+    (valid until its next use)."""
     template = {name: tuple(t.shape) for name, t in reference.items()}
     return decode_rows(
         payload,
@@ -130,6 +131,7 @@ def decode_adapter_rows(
         reference=reference,
         max_decompressed_bytes=wire.max_decompressed_bytes,
         out=None if workspace is None else workspace.buffers("rows", template),
+        compiled=True,
     )
 
 
