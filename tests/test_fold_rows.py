@@ -180,6 +180,10 @@ def test_bounds_from_the_sent_rows_equal_those_of_the_full_decoded_tensors():
                 check_bounds(rows, g0, bounds)
         fine = UpdateBounds(max_abs_value=peak, max_update_norm=norm * (1 + 1e-5))
         check_bounds(rows, g0, fine)
+        name = next(iter(rows.rows))
+        rows.rows[name][0, 0] = float("nan")  # a NaN compares false with any bound: it is refused by name
+        with pytest.raises(UpdateValueTooLargeError, match="NaN or Inf"):
+            check_bounds(rows, g0, fine)
 
 
 def _nan_payload(g0: dict[str, torch.Tensor]) -> bytes:

@@ -188,7 +188,9 @@ def check_bounds(decoded: DecodedRows, reference: Mapping[str, torch.Tensor], bo
             sent = present.nonzero()[0]
             if bounds.max_abs_value is not None:  # the rows not sent are the reference's
                 peak = max(peak, kernels.rows_peak(ref, (~present).nonzero()[0])[1])
-        _, x_peak, squares = kernels.row_stats(kernels.as_rows(x), ref, sent)  # decoded rows are finite
+        finite, x_peak, squares = kernels.row_stats(kernels.as_rows(x), ref, sent)
+        if not finite:  # decoded rows never are; rows from elsewhere must not slip past the bounds as NaN
+            raise UpdateValueTooLargeError(f"update tensor {name!r} holds NaN or Inf")
         peak, total = max(peak, x_peak), total + squares
     if bounds.max_abs_value is not None and peak > bounds.max_abs_value:
         raise UpdateValueTooLargeError(
